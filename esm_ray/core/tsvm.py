@@ -1,0 +1,39 @@
+"""TSV-M: task singular vectors, merged after decorrelating the stacked bases.
+
+Per task, keep the top-k singular triplets of τ_t (k = floor(min(d_out, d_in) / T)), then
+concatenate U_cat = [U_1 .. U_T], S_cat, V_cat = [V_1 .. V_T] and replace both bases by their
+polar factors:  ΔW = polar(U_cat) · diag(S_cat) · polar(V_cat)^T.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from esm_ray.core.linalg import polar, truncated_svd
+
+
+def tsv_rank(shape: tuple[int, int], n_tasks: int) -> int:
+    """Per-task rank k = max(1, floor(min(d_out, d_in) / T))."""
+    return max(1, min(shape) // max(n_tasks, 1))
+
+
+def tsv_truncate(delta: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k singular triplets of one task vector.
+
+    delta: (d_out, d_in) -> U (d_out, k), S (k,), Vh (k, d_in)
+    """
+    return truncated_svd(delta, k)
+
+
+def tsvm_fuse(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor]) -> Tensor:
+    """Merge per-task triplets: polar(U_cat) diag(S_cat) polar(V_cat)^T.
+
+    us[t]: (d_out, k_t), ss[t]: (k_t,), vhs[t]: (k_t, d_in) -> (d_out, d_in)
+    """
+    u_cat = torch.cat(us, dim=1)
+    s_cat = torch.cat(ss)
+    v_cat = torch.cat([vh.T for vh in vhs], dim=1)
+    pu, _ = polar(u_cat)
+    pv, _ = polar(v_cat)
+    return (pu * s_cat) @ pv.T

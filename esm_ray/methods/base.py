@@ -1,0 +1,203 @@
+"""The contract between a merge method and the executors.
+
+A merge runs tensor by tensor. For each tensor the executor calls, on each expert's side
+(in-process or inside that expert's Ray actor), ``prepare`` with the base tensor and that
+expert's tensor, and ships the returned *part* (a compact object: a task vector, sparse
+trimmed values, low-rank factors) to the coordinator, which calls ``fuse`` with the parts of
+all experts and gets the merged update ΔW back. The executor writes ``base + scale * ΔW``.
+Both executors call the same methods in the same order, so they produce the same bytes.
+
+Optional stages:
+- ``needs_stats``: the expert side receives the calibration statistics (LayerStats) of the
+  linear layer the tensor belongs to, computed once per expert and cached.
+- ``layer_scales``: a global pass after all ΔW are known (ESM's inter-layer scaling). The
+  executor spills the ΔW to disk, hands over their Frobenius norms, and applies the returned
+  per-tensor factors when writing.
+- A ``Purifier`` (PAVE) replaces each expert tensor by a purified one before ``prepare``; it
+  may run a pre-pass whose small per-expert summaries are planned on the coordinator.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from esm_ray.core.layerstats import LayerStats
+
+_INDEX = re.compile(r"\.(\d+)\.")
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameter model: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the executor knows about one tensor before reading it.
+
+    name:        state-dict key, e.g. 'encoder.layer.3.attention.self.query.weight'
+    shape:       its shape
+    module:      owning nn.Linear's name when calibration statistics exist for it, else None
+    layer_type:  the key with the block index replaced by '*', e.g.
+                 'encoder.layer.*.attention.self.query.weight' (groups tensors across depth)
+    layer_index: the block index, or None for tensors outside the repeated blocks
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    module: str | None = None
+    layer_type: str = ""
+    layer_index: int | None = None
+
+    @staticmethod
+    def of(name: str, shape: tuple[int, ...], module: str | None = None) -> "TensorInfo":
+        m = _INDEX.search(name)
+        idx = int(m.group(1)) if m else None
+        ltype = _INDEX.sub(".*.", name, count=1) if m else name
+        return TensorInfo(name, tuple(int(s) for s in shape), module, ltype, idx)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class ExpertContext:
+    """Per-expert facts handed to ``prepare``.
+
+    index:   position of the expert in the spec (0-based), T = n_experts
+    name:    the expert's name from the spec
+    weight:  its per-model weight (spec `experts[i].weight`, default 1.0)
+    density: its per-model density override, or None to use the method's
+    stats:   calibration statistics of this tensor's layer in this expert, when the
+             method needs them and the tensor belongs to a hooked linear layer
+    plan:    the purifier's plan for this expert (PAVE rank ratio), if any
+    """
+
+    index: int
+    name: str
+    weight: float = 1.0
+    density: float | None = None
+    stats: LayerStats | None = None
+    plan: Any = None
+
+
+@dataclass
+class Needs:
+    stats: bool = False
+    data: bool = False
+    labels: bool = False
+
+
+class MergeMethod(ABC):
+    """A static merge method. Subclass, set the class attributes, register with @register."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    summary: ClassVar[str] = ""
+    needs_stats: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
+    output_kind: ClassVar[Literal["static", "routed"]] = "static"
+    accepts_purifier: ClassVar[bool] = True
+    needs_layer_scales: ClassVar[bool] = False
+
+    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+        self.params = params
+        self.n_experts = n_experts
+        self.seed = seed
+
+    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        """Expert side: turn (base, expert) float32 tensors into this expert's part.
+
+        The default is the task vector τ = W_t − W_0.
+        """
+        return expert - base
+
+    @abstractmethod
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        """Coordinator side: the merged update ΔW (float32, shape of base) from all parts.
+
+        `ctxs` carry the per-expert weights and densities (without stats).
+        """
+
+    def layer_scales(self, infos: dict[str, TensorInfo], norms: dict[str, float]) -> dict[str, float]:
+        """Global pass: per-tensor factors applied to ΔW before writing (default: none)."""
+        return {}
+
+
+class Purifier(ABC):
+    """Replaces an expert tensor by a purified one before the method's ``prepare``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    summary: ClassVar[str] = ""
+    needs_stats: ClassVar[bool] = True
+
+    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+        self.params = params
+        self.n_experts = n_experts
+        self.seed = seed
+
+    def applies(self, info: TensorInfo) -> bool:
+        """Whether this tensor is purified (default: 2-D weights of hooked linear layers)."""
+        return info.ndim == 2 and info.module is not None
+
+    def prepass(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        """Expert side, optional pre-pass over all applicable tensors (small summary)."""
+        return None
+
+    def plan(self, summaries: dict[str, list[Any]], infos: dict[str, TensorInfo]) -> list[Any]:
+        """Coordinator: per-expert plans from {tensor name: [summary per expert]}."""
+        return [None] * self.n_experts
+
+    @property
+    def has_prepass(self) -> bool:
+        return type(self).prepass is not Purifier.prepass
+
+    @abstractmethod
+    def purify(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Tensor:
+        """Expert side: the purified expert weight (float32, shape of expert)."""
+
+
+@dataclass
+class ParamDoc:
+    name: str
+    type: str
+    default: Any
+    description: str = ""
+
+
+def describe_params(params: type[MethodParams]) -> list[ParamDoc]:
+    out = []
+    for fname, f in params.model_fields.items():
+        ann = f.annotation
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        out.append(ParamDoc(f.alias or fname, tname, f.default, f.description or ""))
+    return out
+
+
+__all__ = [
+    "ExpertContext",
+    "MergeMethod",
+    "MethodParams",
+    "Needs",
+    "ParamDoc",
+    "Purifier",
+    "TensorInfo",
+    "describe_params",
+    "field",
+]

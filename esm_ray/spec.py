@@ -1,0 +1,224 @@
+"""The job spec: pydantic models of a merge job, loaded from YAML or JSON.
+
+Every model is frozen and rejects unknown keys, so a typo fails up front with the field's
+path instead of being silently ignored. Relative local paths are resolved against the
+directory of the spec file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esm_ray.errors import SpecError
+
+DType = Literal["float32", "float16", "bfloat16"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """'500MB' -> 500_000_000; '2GiB' -> 2**31; ints pass through."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"cannot read size {value!r}; use bytes or a number with KB/MB/GB/MiB/GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class S3Options(Frozen):
+    """Where s3:// URIs point. Credentials come from the standard boto3 chain, never from here."""
+
+    endpoint_url: str | None = None  # default: AWS_ENDPOINT_URL or AWS itself
+    region: str | None = None
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    max_attempts: int = Field(default=5, ge=1, le=20)
+
+
+class ExpertSpec(Frozen):
+    """One fine-tuned expert: its weights, its unlabelled calibration data, its merge weight."""
+
+    name: str
+    model: str
+    data: str | None = None
+    weight: float = 1.0
+    density: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"expert name {v!r} must be letters, digits, '_', '-' or '.'")
+        return v
+
+
+class MethodSpec(Frozen):
+    """A merge method by registry name; params are validated by that method's own model."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PurifySpec(Frozen):
+    """Task-vector purification applied before a task-vector method (PAVE)."""
+
+    name: Literal["pave"] = "pave"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class CalibrationSpec(Frozen):
+    """How activation statistics are collected for data-aware methods."""
+
+    samples: int = Field(default=32, ge=1)
+    max_length: int = Field(default=128, ge=4)
+    batch_size: int = Field(default=8, ge=1)
+    seed: int = 0
+    cache_dir: str | None = None  # default: $ESM_RAY_CACHE or ~/.cache/esm-ray
+
+
+class RuntimeSpec(Frozen):
+    """Which executor runs the job: one process, or a Ray cluster."""
+
+    name: Literal["local", "ray"] = "local"
+    address: str | None = None  # auto | ray://host:10001 | local (start a private Ray on 127.0.0.1)
+    num_cpus_per_worker: float = Field(default=1.0, gt=0)
+    num_gpus_per_worker: float | None = Field(default=None, ge=0)  # None: 1 when the cluster has GPUs
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    max_restarts: int = Field(default=2, ge=0)
+
+
+class ServeSpec(Frozen):
+    """How `esm-ray serve` hosts a routed or static model."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_batch_size: int = Field(default=32, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_inputs_per_request: int = Field(default=64, ge=1)
+
+
+class MergeSpec(Frozen):
+    """A whole merge job."""
+
+    base: str
+    experts: list[ExpertSpec] = Field(min_length=1)
+    method: MethodSpec
+    purify: PurifySpec | None = None
+    output: str
+    dtype: DType | None = None  # output dtype; default: the base model's
+    shard_size: int | str = "2GB"
+    overwrite: bool = False
+    seed: int = 0
+    s3: S3Options = Field(default_factory=S3Options)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    serve: ServeSpec | None = None
+
+    @field_validator("shard_size")
+    @classmethod
+    def _shard(cls, v: int | str) -> int | str:
+        if parse_size(v) < 1024:
+            raise ValueError("shard_size must be at least 1KB")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "MergeSpec":
+        names = [e.name for e in self.experts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"expert names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def _resolve(value: str | None, root: Path) -> str | None:
+    if value is None or not _is_local(value):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Make every local path of a raw spec dict absolute, relative to `root`."""
+    out = dict(raw)
+    for key in ("base", "output"):
+        if isinstance(out.get(key), str):
+            out[key] = _resolve(out[key], root)
+    if isinstance(out.get("experts"), list):
+        exps = []
+        for e in out["experts"]:
+            if isinstance(e, dict):
+                e = dict(e)
+                for key in ("model", "data"):
+                    if isinstance(e.get(key), str):
+                        e[key] = _resolve(e[key], root)
+            exps.append(e)
+        out["experts"] = exps
+    cal = out.get("calibration")
+    if isinstance(cal, dict) and isinstance(cal.get("cache_dir"), str):
+        out["calibration"] = {**cal, "cache_dir": _resolve(cal["cache_dir"], root)}
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid merge spec"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  field `{loc}`: {msg}")
+    return "\n".join(lines)
+
+
+def spec_from_dict(raw: Any, source: str = "spec", root: Path | None = None) -> MergeSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a merge spec must be a mapping at the top level, got {type(raw).__name__}")
+    if root is not None:
+        raw = resolve_paths(raw, root)
+    try:
+        return MergeSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, source)) from None
+
+
+def load_spec(path: str | Path) -> MergeSpec:
+    """Read a YAML or JSON spec file; local paths inside are relative to its directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: spec file not found")
+    text = p.read_text()
+    try:
+        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise SpecError(f"{p}: cannot parse spec: {err}") from None
+    return spec_from_dict(raw, source=str(p), root=p.parent.resolve())
+
+
+def dump_spec(spec: MergeSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -138,6 +138,25 @@ class MergeMethod(ABC):
         """Global pass: per-tensor factors applied to ΔW before writing (default: none)."""
         return {}
 
+    # -- optional post stage (routed models): runs after a tensor's merged value is final ---
+    post_stage: ClassVar[bool] = False
+
+    def post_applies(self, info: TensorInfo) -> bool:
+        """Whether the post stage runs for this tensor (e.g. the routed layers)."""
+        return False
+
+    def post_prepare(self, info: TensorInfo, merged: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        """Expert side: a part computed against the final merged tensor (e.g. residual experts)."""
+        raise NotImplementedError
+
+    def post_fuse(self, info: TensorInfo, merged: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> None:
+        """Coordinator: consume the experts' post parts (kept in the method's state)."""
+        raise NotImplementedError
+
+    def artifacts(self) -> dict[str, bytes]:
+        """Extra files written into the output next to the weights, {relative path: bytes}."""
+        return {}
+
 
 class Purifier(ABC):
     """Replaces an expert tensor by a purified one before the method's ``prepare``."""

@@ -1,0 +1,120 @@
+"""`esm-ray`: merge, inspect methods, build the test bed, evaluate, serve, submit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from esm_ray.errors import EsmRayError
+
+log = logging.getLogger("esm_ray")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-5s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("botocore", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from esm_ray.runtime import build_plan, run_merge
+    from esm_ray.spec import load_spec
+
+    spec = load_spec(args.spec)
+    updates = {}
+    if args.output:
+        updates["output"] = args.output
+    if args.overwrite:
+        updates["overwrite"] = True
+    if args.runtime:
+        updates["runtime"] = spec.runtime.model_copy(update={"name": args.runtime})
+    if args.address:
+        updates["runtime"] = updates.get("runtime", spec.runtime).model_copy(update={"address": args.address})
+    if updates:
+        spec = spec.model_copy(update=updates)
+    plan = build_plan(spec)
+    if args.dry_run:
+        print(plan.describe())
+        print("dry run: spec and inputs are valid; nothing was computed")
+        return 0
+    result = run_merge(spec, progress=not args.no_progress, plan=plan)
+    print(f"output: {result.output}")
+    for stage, secs in result.timings.items():
+        print(f"  {stage:<14} {secs:8.2f} s")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from esm_ray.methods import METHODS, PURIFIERS
+    from esm_ray.methods.base import describe_params
+
+    rows = [("method", cls) for cls in METHODS.values()] + [("purifier", cls) for cls in PURIFIERS.values()]
+    if args.json:
+        print(json.dumps({cls.name: {"kind": kind, "summary": cls.summary,
+                                     "params": [p.__dict__ for p in describe_params(cls.Params)]}
+                          for kind, cls in rows}, indent=2, default=str))
+        return 0
+    for kind, cls in sorted(rows, key=lambda r: (r[0] != "method", r[1].name)):
+        needs = []
+        if getattr(cls, "needs_stats", False):
+            needs.append("calibration data")
+        if getattr(cls, "needs_labels", False):
+            needs.append("labels")
+        print(f"{cls.name}  [{kind}{', needs ' + ', '.join(needs) if needs else ''}]  {cls.summary}")
+        for p in describe_params(cls.Params):
+            print(f"    {p.name:<18} {p.type:<14} default={p.default!r:<10} {p.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esm-ray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="run a merge job from a YAML/JSON spec")
+    p.add_argument("spec", help="merge spec file")
+    p.add_argument("--dry-run", action="store_true", help="validate the spec and every input, compute nothing")
+    p.add_argument("--output", help="override the spec's output location")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--runtime", choices=["local", "ray"], help="override the spec's executor")
+    p.add_argument("--address", help="Ray address for --runtime ray (auto, ray://host:10001, local)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    for module in ("esm_ray.zoo.cli", "esm_ray.eval.cli", "esm_ray.serve.cli", "esm_ray.runtime.cli",
+                   "esm_ray.demo"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as err:
+            if err.name and err.name.startswith(module.rsplit(".", 1)[0]):
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except EsmRayError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was committed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

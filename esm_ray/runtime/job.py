@@ -1,0 +1,256 @@
+"""The coordinator's layer loop, shared by every executor.
+
+Stages: calibration (per expert) -> purifier pre-pass (per expert) and plan (here) ->
+merge: per group of tensors, the experts' parts are fused here and streamed to the writer ->
+optional global rescaling pass over spilled updates -> commit (index written last).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import esm_ray
+from esm_ray.io.reader import check_finite, open_model
+from esm_ray.io.writer import ShardedWriter
+from esm_ray.methods import ExpertContext, TensorInfo
+from esm_ray.runtime.plan import MergePlan
+from esm_ray.runtime.pool import ExpertPool
+
+log = logging.getLogger("esm_ray.job")
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class MergeResult:
+    output: str
+    report: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _groups(infos: list[TensorInfo], max_bytes: int) -> Iterator[list[TensorInfo]]:
+    """Consecutive tensors of the same block, up to max_bytes (float32) per group."""
+    group: list[TensorInfo] = []
+    size = 0
+    for info in infos:
+        nbytes = info.numel * 4
+        if group and (info.layer_index != group[-1].layer_index or size + nbytes > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(info)
+        size += nbytes
+    if group:
+        yield group
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    return {"esm_ray": esm_ray.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+class MergeJob:
+    """Runs one validated plan against an expert pool."""
+
+    def __init__(self, plan: MergePlan, pool: ExpertPool, progress: bool = True, group_bytes: int = 64 << 20,
+                 executor: str = "local") -> None:
+        self.plan = plan
+        self.pool = pool
+        self.progress = progress
+        self.group_bytes = group_bytes
+        self.executor = executor
+        self.timings: dict[str, float] = {}
+        self._post: list[tuple[TensorInfo, torch.Tensor]] = []
+        self._ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(plan.spec.experts)]
+
+    def _emit(self, writer: ShardedWriter, info: TensorInfo, merged: torch.Tensor) -> None:
+        """Write one final merged tensor; queue it for the method's post stage if it has one."""
+        out = _finish(merged, info.name, self.plan.out_dtype)
+        writer.add(info.name, out)
+        m = self.plan.method
+        if m.post_stage and m.post_applies(info):
+            # the post stage sees exactly the tensor that was written
+            self._post.append((info, out.to(torch.float32)))
+
+    def _flush_post(self) -> None:
+        if not self._post:
+            return
+        infos = [i for i, _ in self._post]
+        merged = [t for _, t in self._post]
+        parts = self.pool.call("post_prepare", infos, merged)
+        for j, (info, m) in enumerate(self._post):
+            self.plan.method.post_fuse(info, m, [parts[e][j] for e in range(self.plan.n_experts)], self._ctxs)
+        self._post = []
+
+    def _stage(self, name: str, t0: float) -> None:
+        self.timings[name] = round(time.perf_counter() - t0, 4)
+        log.info("stage %s done in %.2fs", name, self.timings[name])
+
+    def run(self) -> MergeResult:
+        plan, spec, method = self.plan, self.plan.spec, self.plan.method
+        t_all = time.perf_counter()
+        base = open_model(spec.base, spec.s3)
+
+        modules: set[str] = set()
+        if plan.needs_stats:
+            t0 = time.perf_counter()
+            log.info("calibration: %d experts", plan.n_experts)
+            per_expert = self.pool.call("calibrate")
+            modules = set(per_expert[0])
+            self._stage("calibration", t0)
+
+        infos = [TensorInfo.of(n, plan.shapes[n], _module(n, modules)) for n in plan.names]
+        floating = [i for i in infos if plan.dtypes[i.name].is_floating_point]
+        is_float = {i.name for i in floating}
+        by_name = {i.name: i for i in infos}
+
+        if plan.purifier is not None and plan.purifier.has_prepass:
+            t0 = time.perf_counter()
+            targets = [i for i in floating if plan.purifier.applies(i)]
+            summaries = self.pool.call("prepass", targets)
+            table = {info.name: [summaries[e][j] for e in range(plan.n_experts)] for j, info in enumerate(targets)}
+            plans = plan.purifier.plan(table, by_name)
+            self.pool.call_each("set_plan", [(p,) for p in plans])
+            self._stage("purify_plan", t0)
+
+        ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(spec.experts)]
+        spill_dir = Path(tempfile.mkdtemp(prefix="esm-ray-spill-")) if method.needs_layer_scales else None
+        norms: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3) as writer:
+                bar = tqdm(total=len(infos), desc=f"merge {method.name}", unit="tensor", disable=not self.progress)
+                fused: dict[str, torch.Tensor] = {}
+                for group in _groups(infos, self.group_bytes):
+                    work = [i for i in group if i.name in is_float]
+                    parts = self.pool.call("prepare", work) if work else [[] for _ in range(plan.n_experts)]
+                    tg = time.perf_counter()
+                    for j, info in enumerate(work):
+                        b = base.get(info.name).to(torch.float32)
+                        delta = method.fuse(info, b, [parts[e][j] for e in range(plan.n_experts)], ctxs)
+                        if tuple(delta.shape) != info.shape:
+                            raise RuntimeError(f"method {method.name!r} returned shape {tuple(delta.shape)} "
+                                               f"for tensor {info.name!r} of shape {info.shape}")
+                        if spill_dir is not None:
+                            norms[info.name] = float(torch.linalg.vector_norm(delta))
+                            fused[info.name] = delta.contiguous()
+                        else:
+                            self._emit(writer, info, b + delta)
+                    if spill_dir is not None and fused:
+                        save_file(fused, str(spill_dir / f"{len(list(spill_dir.iterdir())):05d}.safetensors"))
+                        fused = {}
+                    self._flush_post()
+                    if spill_dir is None:
+                        for info in group:
+                            if info.name not in is_float:
+                                writer.add(info.name, base.get(info.name))
+                    log.debug("group %s (%d tensors) fused in %.3fs", group[0].name, len(group),
+                              time.perf_counter() - tg)
+                    bar.update(len(group))
+                bar.close()
+                if spill_dir is not None:
+                    self._stage("fuse", t0)
+                    t0 = time.perf_counter()
+                    scales = method.layer_scales(by_name, norms)
+                    spilled: dict[str, Path] = {}
+                    for f in sorted(spill_dir.iterdir()):
+                        from safetensors import safe_open
+                        with safe_open(str(f), "pt") as h:
+                            for k in h.keys():
+                                spilled[k] = f
+                    cache: dict[str, torch.Tensor] = {}
+                    current: Path | None = None
+                    for info in infos:
+                        if info.name not in spilled:
+                            writer.add(info.name, base.get(info.name))
+                            continue
+                        if spilled[info.name] != current:
+                            current = spilled[info.name]
+                            cache = load_file(str(current))
+                        delta = cache.pop(info.name) * scales.get(info.name, 1.0)
+                        b = base.get(info.name).to(torch.float32)
+                        self._emit(writer, info, b + delta)
+                        if len(self._post) >= 8:
+                            self._flush_post()
+                    self._flush_post()
+                    self._stage("layer_scaling", t0)
+                else:
+                    self._stage("fuse", t0)
+                for rel, data in method.artifacts().items():
+                    writer.write_file(rel, data)
+                report = self._report(method, time.perf_counter() - t_all)
+                self._write_aux(writer, base, report)
+                writer.commit()
+        finally:
+            if spill_dir is not None:
+                shutil.rmtree(spill_dir, ignore_errors=True)
+            base.close()
+        self.timings["total"] = round(time.perf_counter() - t_all, 4)
+        log.info("merged %d tensors with %s into %s in %.2fs", len(infos), method.name, spec.output,
+                 self.timings["total"])
+        return MergeResult(spec.output, report, dict(self.timings))
+
+    def _report(self, method, elapsed: float) -> dict[str, Any]:
+        spec, plan = self.plan.spec, self.plan
+        rep: dict[str, Any] = {
+            "format": "esm-ray/merge-report/1",
+            "method": method.name,
+            "params": method.params.model_dump(mode="json", by_alias=True),
+            "purify": ({"name": plan.purifier.name, "params": plan.purifier.params.model_dump(mode="json")}
+                       if plan.purifier else None),
+            "base": {"uri": spec.base, "fingerprint": plan.base_fingerprint},
+            "experts": [{"name": e.name, "uri": e.model, "fingerprint": fp, "weight": e.weight,
+                         "density": e.density, "data": e.data}
+                        for e, fp in zip(spec.experts, plan.expert_fingerprints)],
+            "dtype": str(plan.out_dtype).removeprefix("torch."),
+            "seed": spec.seed,
+            "executor": self.executor,
+            "calibration": spec.calibration.model_dump(mode="json") if plan.needs_stats else None,
+            "tensors": len(plan.names),
+            "timings_s": dict(self.timings, total=round(elapsed, 4)),
+            "versions": _versions(),
+        }
+        extra = getattr(method, "report", None)
+        if callable(extra):
+            rep["method_report"] = extra()
+        return rep
+
+    def _write_aux(self, writer: ShardedWriter, base, report: dict[str, Any]) -> None:
+        out_dtype = str(self.plan.out_dtype).removeprefix("torch.")
+        for name in base.aux_names():
+            if name in WEIGHT_FILES or name.endswith(".safetensors") or name == "merge_report.json":
+                continue
+            data = base.read_aux(name)
+            if name == "config.json":
+                cfg = json.loads(data)
+                for key in ("torch_dtype", "dtype"):
+                    if key in cfg:
+                        cfg[key] = out_dtype
+                data = json.dumps(cfg, indent=2).encode()
+            writer.write_file(name, data)
+        writer.write_file("merge_report.json", json.dumps(report, indent=2).encode())
+
+
+def _module(name: str, modules: set[str]) -> str | None:
+    if name.endswith(".weight") and name[: -len(".weight")] in modules:
+        return name[: -len(".weight")]
+    return None
+
+
+def _finish(w: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+    check_finite(name, w, "merged result")
+    return w.to(dtype)

@@ -1,0 +1,176 @@
+"""Validate a merge job up front: every input readable and consistent, output writable.
+
+Nothing is computed here; `esm-ray merge --dry-run` prints the plan this builds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from esm_ray.errors import InputError, SpecError
+from esm_ray.io.reader import open_model
+from esm_ray.io.uri import is_s3
+from esm_ray.io.writer import check_writable
+from esm_ray.methods import MergeMethod, Purifier, build_method, build_purifier
+from esm_ray.spec import MergeSpec
+
+log = logging.getLogger("esm_ray.plan")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size", "num_key_value_heads", "n_embd", "n_layer")
+_VOCAB_HINTS = ("embed", "wte", "word_embeddings", "lm_head", "output.weight")
+
+
+@dataclass
+class MergePlan:
+    """A validated job: the method objects, tensor list, and what will be computed."""
+
+    spec: MergeSpec
+    method: MergeMethod
+    purifier: Purifier | None
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    out_dtype: torch.dtype
+    base_fingerprint: str
+    expert_fingerprints: list[str]
+    input_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.method.needs_stats or (self.purifier is not None and self.purifier.needs_stats)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.spec.experts)
+
+    def largest_tensor_bytes(self) -> int:
+        return max((_numel(s) * 4 for s in self.shapes.values()), default=0)
+
+    def memory_estimate(self) -> dict[str, int]:
+        """Rough peak bytes of the coordinator process, by component."""
+        t = self.n_experts
+        work = self.largest_tensor_bytes() * (t + 3)
+        shard = min(self.spec.shard_bytes, self.input_bytes // (t + 1) + 1)
+        est = {"tensor workspace (T+3 float32 copies of the largest tensor)": work,
+               "output shard buffer": shard}
+        if self.needs_stats:
+            grams = sum(s[1] * s[1] * 8 for n, s in self.shapes.items() if len(s) == 2 and n.endswith(".weight"))
+            est["calibration Gram matrices, one expert at a time (upper bound)"] = grams
+        return est
+
+    def describe(self) -> str:
+        s = self.spec
+        lines = [
+            f"method:   {self.method.name} {self.method.params.model_dump(by_alias=True)}",
+            f"purify:   {self.purifier.name + ' ' + str(self.purifier.params.model_dump()) if self.purifier else '-'}",
+            f"base:     {s.base}  ({len(self.names)} tensors, {self.input_bytes / (s.experts.__len__() + 1) / 1e6:.1f} MB)",
+        ]
+        for e, fp in zip(s.experts, self.expert_fingerprints):
+            data = f"  data: {e.data}" if e.data else ""
+            lines.append(f"expert:   {e.name}: {e.model}  weight={e.weight}{data}")
+        lines.append(f"output:   {s.output}  dtype={str(self.out_dtype).removeprefix('torch.')}  shards<= {s.shard_bytes / 1e6:.0f} MB")
+        lines.append(f"runtime:  {s.runtime.name}")
+        if self.needs_stats:
+            lines.append(f"compute:  calibration statistics for {self.n_experts} experts "
+                         f"({s.calibration.samples} samples each, cached)")
+        for k, v in self.memory_estimate().items():
+            lines.append(f"memory:   {k}: {v / 1e6:.1f} MB")
+        lines.extend(f"note:     {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _arch(cfg: dict | None) -> dict:
+    return {k: cfg.get(k) for k in _ARCH_KEYS if cfg and k in cfg}
+
+
+def _check_data(uri: str, expert: str) -> None:
+    if is_s3(uri):
+        return  # read (and validated) when calibration runs
+    if not Path(uri).is_file():
+        raise InputError(f"expert {expert!r}: calibration data {uri} not found")
+    if os.path.getsize(uri) == 0:
+        raise InputError(f"expert {expert!r}: calibration data {uri} is empty")
+
+
+def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
+    """Validate everything that can be checked without computing. Raises EsmRayError subclasses."""
+    t = len(spec.experts)
+    method = build_method(spec.method.name, spec.method.params, n_experts=t, seed=spec.seed)
+    purifier = None
+    if spec.purify is not None:
+        if not method.accepts_purifier:
+            raise SpecError(f"field `purify`: method {method.name!r} does not take purified task vectors")
+        purifier = build_purifier(spec.purify.name, spec.purify.params, n_experts=t, seed=spec.seed)
+    needs_stats = method.needs_stats or (purifier is not None and purifier.needs_stats)
+
+    base = open_model(spec.base, spec.s3)
+    names = list(base.keys())
+    shapes = {n: tuple(base.info(n).shape) for n in names}
+    dtypes = {n: base.info(n).dtype for n in names}
+    base_arch = _arch(base.config)
+    fps = []
+    total = sum(base.info(n).nbytes for n in names)
+    for e in spec.experts:
+        r = open_model(e.model, spec.s3)
+        fps.append(r.fingerprint())
+        arch = _arch(r.config)
+        if base_arch and arch and arch != base_arch:
+            diff = {k: (base_arch.get(k), arch.get(k)) for k in set(base_arch) | set(arch) if base_arch.get(k) != arch.get(k)}
+            raise InputError(f"expert {e.name!r} ({e.model}): architecture differs from the base: "
+                             + ", ".join(f"{k}: base {a!r} vs expert {b!r}" for k, (a, b) in sorted(diff.items())))
+        ekeys = set(r.keys())
+        missing = [n for n in names if n not in ekeys]
+        if missing:
+            raise InputError(f"expert {e.name!r} ({e.model}): tensor {missing[0]!r} is missing"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = sorted(ekeys - set(names))
+        if extra:
+            raise InputError(f"expert {e.name!r} ({e.model}): tensor {extra[0]!r} is not in the base {spec.base}")
+        for n in names:
+            meta = r.info(n)
+            if tuple(meta.shape) != shapes[n]:
+                if any(h in n for h in _VOCAB_HINTS) and len(shapes[n]) == 2 and meta.shape[1:] == shapes[n][1:]:
+                    raise InputError(
+                        f"expert {e.name!r}: vocabulary size mismatch in {n!r}: base {spec.base} has "
+                        f"{shapes[n][0]} rows, expert {e.model} has {meta.shape[0]}; merge only models "
+                        "that share the base's tokenizer")
+                raise InputError(f"expert {e.name!r} ({e.model}): tensor {n!r} has shape {tuple(meta.shape)}, "
+                                 f"base has {shapes[n]}")
+            if meta.dtype != dtypes[n]:
+                raise InputError(f"expert {e.name!r} ({e.model}): tensor {n!r} has dtype "
+                                 f"{str(meta.dtype).removeprefix('torch.')}, base has "
+                                 f"{str(dtypes[n]).removeprefix('torch.')}")
+            total += meta.nbytes
+        r.close()
+        if needs_stats:
+            if not e.data:
+                raise SpecError(f"field `experts.{spec.experts.index(e)}.data`: method "
+                                f"{spec.method.name!r}{' with ' + spec.purify.name if spec.purify else ''} "
+                                f"needs unlabelled calibration data for expert {e.name!r}")
+            _check_data(e.data, e.name)
+    if check_output:
+        check_writable(spec.output, spec.overwrite, spec.s3)
+    float_dtypes = [d for d in dtypes.values() if d.is_floating_point]
+    base_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
+    out_dtype = _DTYPES[spec.dtype] if spec.dtype else base_dtype
+    plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total)
+    if not needs_stats and any(e.data for e in spec.experts):
+        plan.notes.append(f"method {method.name!r} does not use calibration data; `data` is ignored")
+    plan.notes.append("tensor values are checked for NaN/Inf while merging; nothing is written on failure")
+    base.close()
+    return plan

@@ -37,3 +37,19 @@ def tsvm_fuse(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor]) -> Tensor:
     pu, _ = polar(u_cat)
     pv, _ = polar(v_cat)
     return (pu * s_cat) @ pv.T
+
+
+def drop_null_triplets(u: Tensor, s: Tensor, vh: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop the triplets whose singular value is numerically zero (s_i <= rtol · s_max).
+
+    Their singular vectors are arbitrary, and inside tsvm_fuse they would still take part in
+    the polar factors of the other tasks. rtol defaults to max(d_out, d_in) · eps(dtype), the
+    matrix-rank tolerance. A zero matrix keeps no triplet.
+    u (d_out, k), s (k,), vh (k, d_in) -> the same with k' <= k columns / rows
+    """
+    if s.numel() == 0:
+        return u, s, vh
+    if rtol is None:
+        rtol = max(u.shape[0], vh.shape[1]) * torch.finfo(s.dtype).eps
+    keep = int((s > rtol * s.max()).sum()) if float(s.max()) > 0 else 0
+    return u[:, :keep], s[:keep], vh[:keep, :]

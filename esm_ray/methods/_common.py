@@ -1,0 +1,84 @@
+"""Pieces shared by the classic task-vector methods: parameter fields, compact parts, expert order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from esm_ray.methods.base import ExpertContext, MethodParams
+
+
+def density_field(default: float = 1.0) -> Any:
+    return Field(default, gt=0.0, le=1.0,
+                 description="fraction of each task vector's entries kept (per-model `density` in the spec overrides it)")
+
+
+def lambda_field() -> Any:
+    return Field(1.0, alias="lambda", description="scale applied to the merged task vector")
+
+
+def normalize_field(default: bool) -> Any:
+    return Field(default, description="divide by the sum of the weights of the contributing experts")
+
+
+def consensus_field() -> Any:
+    return Field("sum", description="sign election: 'sum' (sign of Σ w·τ, TIES) or 'count' (majority of signs)")
+
+
+Consensus = Literal["sum", "count"]
+
+
+@dataclass(frozen=True)
+class SparsePart:
+    """A mostly-zero tensor as its nonzero entries: flat row-major int64 indices and values."""
+
+    shape: tuple[int, ...]
+    indices: Tensor  # (nnz,) int64
+    values: Tensor   # (nnz,) float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.indices.numel() * self.indices.element_size() + self.values.numel() * self.values.element_size()
+
+    def to_dense(self) -> Tensor:
+        out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device).reshape(-1)
+        out[self.indices] = self.values
+        return out.reshape(self.shape)
+
+
+def compact(t: Tensor) -> Tensor | SparsePart:
+    """A SparsePart when that ships fewer bytes than the dense tensor, else `t` itself.
+
+    With int64 indices and float32 values a sparse part costs 12 bytes per nonzero entry, so
+    it wins below one nonzero in three.
+    """
+    if int(torch.count_nonzero(t)) * (8 + t.element_size()) >= t.numel() * t.element_size():
+        return t
+    idx = torch.nonzero(t.reshape(-1)).squeeze(1)
+    return SparsePart(tuple(t.shape), idx, t.reshape(-1)[idx].clone())
+
+
+def dense(part: Tensor | SparsePart) -> Tensor:
+    return part.to_dense() if isinstance(part, SparsePart) else part
+
+
+def in_expert_order(parts: list[Any], ctxs: list[ExpertContext]) -> tuple[list[Any], list[ExpertContext]]:
+    """Sort parts and contexts by expert index, so the fusion order never depends on arrival."""
+    if len(parts) != len(ctxs):
+        raise ValueError(f"got {len(parts)} parts for {len(ctxs)} experts")
+    order = sorted(range(len(ctxs)), key=lambda i: ctxs[i].index)
+    return [parts[i] for i in order], [ctxs[i] for i in order]
+
+
+def expert_density(ctx: ExpertContext, params: MethodParams) -> float:
+    """The expert's own `density` from the spec when set, else the method's global one."""
+    return float(ctx.density) if ctx.density is not None else float(params.density)  # type: ignore[attr-defined]
+
+
+def weights_of(ctxs: list[ExpertContext]) -> list[float]:
+    """Per-expert weights; the spec's `experts[i].weight` (default 1.0) is authoritative."""
+    return [float(c.weight) for c in ctxs]

@@ -1,0 +1,83 @@
+"""`dare_linear` and `dare_ties`: random drop and rescale (DARE), then a sum or TIES consensus."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from torch import Tensor
+
+from esm_ray.core.arithmetic import task_arithmetic
+from esm_ray.core.dare import dare_drop, dare_generator
+from esm_ray.core.ties import sign_consensus_merge
+from esm_ray.methods._common import (
+    Consensus,
+    compact,
+    consensus_field,
+    dense,
+    density_field,
+    expert_density,
+    in_expert_order,
+    lambda_field,
+    normalize_field,
+    weights_of,
+)
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.registry import register
+
+
+class DareParams(MethodParams):
+    density: float = density_field(1.0)
+    normalize: bool = normalize_field(False)
+    rescale: bool = Field(True, description="rescale the surviving entries (see rescale_mode)")
+    rescale_mode: Literal["inverse_density", "l1"] = Field(
+        "inverse_density",
+        description="'inverse_density': divide survivors by density (DARE, unbiased); "
+                    "'l1': match the task vector's L1 norm (mergekit)")
+    lambda_: float = lambda_field()
+
+
+class _Dare(MergeMethod):
+    """Expert side: drop entries of τ_i at random (keep probability = density), rescale, ship
+    sparse when smaller. The random stream is seeded from (job seed, expert index, tensor
+    name), so the expert side is reproducible anywhere."""
+
+    Params = DareParams
+
+    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        p = self.params
+        tv = expert.float() - base.float()
+        gen = dare_generator(self.seed, ctx.index, info.name)
+        return compact(dare_drop(tv, expert_density(ctx, p), gen, rescale=p.rescale,  # type: ignore[attr-defined]
+                                 rescale_mode=p.rescale_mode))  # type: ignore[attr-defined]
+
+
+@register
+class DareLinear(_Dare):
+    """DARE, then λ Σ w_i τ̃_i (divided by Σ w_i when normalize)."""
+
+    name = "dare_linear"
+    summary = "DARE random drop and rescale, then task arithmetic"
+
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        parts, ctxs = in_expert_order(parts, ctxs)
+        p = self.params
+        return task_arithmetic([dense(t).float() for t in parts], weights_of(ctxs),
+                               lam=p.lambda_, normalize=p.normalize).float()  # type: ignore[attr-defined]
+
+
+@register
+class DareTies(_Dare):
+    """DARE, then TIES sign election and disjoint merge, scaled by λ."""
+
+    name = "dare_ties"
+    summary = "DARE random drop and rescale, then TIES sign consensus"
+
+    class Params(DareParams):
+        consensus: Consensus = consensus_field()
+
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        parts, ctxs = in_expert_order(parts, ctxs)
+        p = self.params
+        return sign_consensus_merge([dense(t).float() for t in parts], weights_of(ctxs), lam=p.lambda_,
+                                    normalize=p.normalize, method=p.consensus).float()  # type: ignore[attr-defined]

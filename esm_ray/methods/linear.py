@@ -1,0 +1,42 @@
+"""`linear`: weighted average of the experts' weights (model soup), as mergekit's `linear`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from torch import Tensor
+
+from esm_ray.core.arithmetic import linear
+from esm_ray.errors import SpecError
+from esm_ray.methods._common import dense, in_expert_order, weights_of
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.registry import register
+
+
+@register
+class Linear(MergeMethod):
+    """W = Σ w_i W_i / Σ w_i over the experts (the base is not one of the averaged models).
+
+    The expert side ships τ_i = W_i − W_0 and the coordinator returns
+    ΔW = Σ w_i τ_i / Σ w_i, which equals the average of the W_i minus W_0. Without normalize,
+    ΔW = Σ w_i τ_i + (Σ w_i − 1) W_0, so that W_0 + ΔW = Σ w_i W_i as in mergekit.
+    """
+
+    name = "linear"
+    summary = "weighted average of the expert weights (model soup)"
+
+    class Params(MethodParams):
+        normalize: bool = Field(True, description="divide by the sum of the expert weights")
+
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        parts, ctxs = in_expert_order(parts, ctxs)
+        weights = weights_of(ctxs)
+        normalize = bool(self.params.normalize)  # type: ignore[attr-defined]
+        if normalize and sum(weights) == 0.0:
+            raise SpecError("field `experts[*].weight`: the weights sum to 0, which `linear` with "
+                            "normalize=true cannot divide by")
+        out = linear(weights, [dense(p).float() for p in parts], normalize=normalize)
+        if not normalize:
+            out += (sum(weights) - 1.0) * base.float()
+        return out.float()

@@ -1,0 +1,30 @@
+"""`task_arithmetic`: ΔW = λ Σ w_i τ_i, as mergekit's `task_arithmetic`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from esm_ray.core.arithmetic import task_arithmetic
+from esm_ray.methods._common import dense, in_expert_order, lambda_field, normalize_field, weights_of
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.registry import register
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    """Sum of weighted task vectors, optionally divided by Σ w_i, scaled by λ. All tensors alike."""
+
+    name = "task_arithmetic"
+    summary = "weighted sum of task vectors, scaled by lambda"
+
+    class Params(MethodParams):
+        normalize: bool = normalize_field(False)
+        lambda_: float = lambda_field()
+
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        parts, ctxs = in_expert_order(parts, ctxs)
+        p = self.params
+        return task_arithmetic([dense(t).float() for t in parts], weights_of(ctxs),
+                               lam=p.lambda_, normalize=p.normalize).float()  # type: ignore[attr-defined]

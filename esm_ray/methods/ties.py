@@ -1,0 +1,55 @@
+"""`ties`: trim, elect sign, disjoint merge (TIES-Merging), as mergekit's `ties`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from torch import Tensor
+
+from esm_ray.core.ties import magnitude_trim, rescale_l1, sign_consensus_merge
+from esm_ray.methods._common import (
+    Consensus,
+    compact,
+    consensus_field,
+    dense,
+    density_field,
+    expert_density,
+    in_expert_order,
+    lambda_field,
+    normalize_field,
+    weights_of,
+)
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.registry import register
+
+
+@register
+class Ties(MergeMethod):
+    """Expert side: keep the top-density fraction of τ_i by magnitude (a sparse part when that
+    is smaller). Coordinator: elect the sign of Σ w_i τ_i per entry, average the agreeing
+    entries by their weights, scale by λ. Every tensor is treated the same, whatever its shape.
+    """
+
+    name = "ties"
+    summary = "TIES-Merging: magnitude trim, sign election, disjoint mean"
+
+    class Params(MethodParams):
+        density: float = density_field(1.0)
+        normalize: bool = normalize_field(True)
+        rescale: bool = Field(False, description="rescale each trimmed task vector to its original L1 norm")
+        consensus: Consensus = consensus_field()
+        lambda_: float = lambda_field()
+
+    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        tv = expert.float() - base.float()
+        trimmed = magnitude_trim(tv, expert_density(ctx, self.params))
+        if self.params.rescale and trimmed is not tv:  # type: ignore[attr-defined]
+            trimmed = rescale_l1(tv, trimmed)
+        return compact(trimmed)
+
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        parts, ctxs = in_expert_order(parts, ctxs)
+        p = self.params
+        return sign_consensus_merge([dense(t).float() for t in parts], weights_of(ctxs), lam=p.lambda_,
+                                    normalize=p.normalize, method=p.consensus).float()  # type: ignore[attr-defined]

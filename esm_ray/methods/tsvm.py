@@ -1,0 +1,77 @@
+"""`tsvm`: Task Singular Vectors Merging (TSV-M), as in the TSV-M and ESM reference code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from esm_ray.core.tsvm import drop_null_triplets, tsv_rank, tsv_truncate, tsvm_fuse
+from esm_ray.methods._common import in_expert_order, lambda_field, weights_of
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.registry import register
+
+
+@dataclass(frozen=True)
+class LowRankPart:
+    """The top singular triplets of one expert's task vector: τ ≈ u diag(s) vh."""
+
+    u: Tensor   # (d_out, k)
+    s: Tensor   # (k,)
+    vh: Tensor  # (k, d_in)
+
+
+@register
+class Tsvm(MergeMethod):
+    """2-D tensors: per expert, the top-k SVD triplets of τ_i (k = floor(min(d_out, d_in) / T)
+    unless given); the coordinator scales each S_i by w_i, concatenates, replaces both bases by
+    their polar factors and returns λ · polar(U_cat) diag(S_cat) polar(V_cat)^T. Every other
+    tensor: λ · Σ w_i τ_i / T (the plain mean of task vectors when all weights are 1).
+    Embedding matrices are 2-D and take the SVD branch.
+    """
+
+    name = "tsvm"
+    summary = "TSV-M: per-task top singular vectors, decorrelated by polar factors"
+
+    class Params(MethodParams):
+        k: int | None = Field(None, ge=1, description="per-task rank for 2-D tensors; "
+                                                      "default floor(min(d_out, d_in) / T), at least 1")
+        lambda_: float = lambda_field()
+
+    def rank(self, shape: tuple[int, int]) -> int:
+        k = self.params.k  # type: ignore[attr-defined]
+        return min(k, min(shape)) if k is not None else tsv_rank(shape, self.n_experts)
+
+    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        tv = expert.float() - base.float()
+        if tv.ndim != 2:
+            return tv
+        # SVD in float64 for accuracy (and less sensitivity to the BLAS); factors ship as float32.
+        # τ comes from float32 weights, so directions below float32 resolution are noise: drop them.
+        u, s, vh = drop_null_triplets(*tsv_truncate(tv.double(), self.rank(tuple(tv.shape))),
+                                      rtol=max(tv.shape) * torch.finfo(torch.float32).eps)
+        return LowRankPart(u.float().contiguous(), s.float(), vh.float().contiguous())
+
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        parts, ctxs = in_expert_order(parts, ctxs)
+        weights = weights_of(ctxs)
+        lam = float(self.params.lambda_)  # type: ignore[attr-defined]
+        low_rank = [isinstance(p, LowRankPart) for p in parts]
+        if any(low_rank) and not all(low_rank):
+            raise ValueError(f"{info.name}: mixed low-rank and dense parts")
+        if not any(low_rank):
+            acc = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+            for tv, w in zip(parts, weights):
+                acc += tv.float() * w
+            return acc * (lam / len(parts))
+        # Experts with weight 0 or a zero task vector contribute no triplet at all.
+        keep = [(p, w) for p, w in zip(parts, weights) if w != 0.0 and p.s.numel() > 0]
+        if not keep:
+            return torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+        us = [p.u.double() for p, _ in keep]
+        ss = [p.s.double() * w for p, w in keep]
+        vhs = [p.vh.double() for p, _ in keep]
+        return (tsvm_fuse(us, ss, vhs) * lam).float()

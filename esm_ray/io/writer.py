@@ -1,0 +1,605 @@
+"""Sharded safetensors writer with an atomic commit, local or S3.
+
+Tensors are buffered until the next one would push the shard past `max_shard_bytes`; then the
+shard is written (only one shard is ever held). Shard names model-0000i-of-0000N.safetensors
+depend on N, known only at commit, so shards are staged under temporary names:
+
+- local: everything goes into a sibling `.<name>.partial-<random>` directory, renamed onto the
+  final path at commit (an existing output, with overwrite=True, is moved aside and removed only
+  after that rename succeeded);
+- S3: objects are uploaded (multipart for big ones) under `<prefix>/.partial-<random>/`; commit
+  copies them server-side to their final keys and writes model.safetensors.index.json last. A
+  prefix without the index never counts as a finished output. When the tensors' names and sizes
+  are known up front (`plan=`), shard names are fixed at once and shards go straight to their
+  final keys (no copy).
+
+Leaving the `with` block by an exception aborts: staged files and uploads are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from esm_ray.errors import OutputError
+from esm_ray.io import s3 as s3io
+from esm_ray.io.format import CODES, encode_header, tensor_bytes
+from esm_ray.io.uri import Uri, parse_uri
+from esm_ray.spec import S3Options, parse_size
+
+__all__ = ["ShardedWriter", "ShardInfo", "WriteStats", "check_writable", "is_committed",
+           "save_safetensors_atomic", "INDEX_NAME", "shard_name", "pack_shards"]
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+_RESERVED = re.compile(r"^(model-\d+-of-\d+\.safetensors|model\.safetensors\.index\.json)$")
+
+
+def shard_name(i: int, n: int) -> str:
+    """The HF name of shard i (1-based) of n."""
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def pack_shards(sizes: Iterable[int], max_shard_bytes: int) -> list[int]:
+    """Shard number (1-based) of each tensor, given their sizes in order: a shard is closed when
+    the next tensor would overflow it or once it is full; a tensor larger than the limit gets a
+    shard of its own. ShardedWriter packs exactly like this."""
+    out, k, fill, count = [], 1, 0, 0
+    for nb in sizes:
+        if count and fill + nb > max_shard_bytes:
+            k, fill, count = k + 1, 0, 0
+        out.append(k)
+        fill, count = fill + nb, count + 1
+        if fill >= max_shard_bytes:
+            k, fill, count = k + 1, 0, 0
+    return out
+
+
+@dataclass
+class WriteStats:
+    bytes_written: int = 0  # every byte written or uploaded: shards, files, index
+    tensor_bytes: int = 0
+    n_tensors: int = 0
+    n_shards: int = 0
+    n_files: int = 0
+    seconds: float = 0.0  # from opening the writer to the end of commit
+    io_seconds: float = 0.0  # time spent writing / uploading / publishing
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_written / 1e6 / self.io_seconds if self.io_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard that has been staged: its number (1-based), staged name, bytes and tensors."""
+
+    index: int
+    staged: str
+    nbytes: int
+    n_tensors: int
+    parts: int = 0  # multipart parts (S3), 0 for a single PUT or a local file
+    etag: str = ""
+
+
+def _check_relpath(relpath: str, what: str) -> str:
+    rel = str(relpath).replace("\\", "/").strip("/")
+    parts = rel.split("/")
+    if not rel or str(relpath).startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise OutputError(f"{what}: {relpath!r} is not a relative file path inside the output")
+    return rel
+
+
+def _serialize(tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None):
+    """(header bytes, list of raw tensor byte views, data bytes) for one safetensors file."""
+    items, views = [], []
+    for name, t in tensors:
+        v = tensor_bytes(t)
+        items.append((name, t.dtype, tuple(t.shape), len(v)))
+        views.append(v)
+    header = encode_header(items, dict(metadata or {}))
+    return header, views, sum(len(v) for v in views)
+
+
+def _write_local(path: Path, header: bytes, views: list[memoryview], fsync: bool) -> int:
+    with open(path, "wb") as f:
+        f.write(header)
+        for v in views:
+            f.write(v)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return len(header) + sum(len(v) for v in views)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _os_errors(where: str) -> Iterator[None]:
+    """OSError inside the block -> OutputError naming `where`."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputError(f"{where}: write failed: {err.strerror or err}") from None
+
+
+class _LocalTarget:
+    def __init__(self, uri: Uri, overwrite: bool, fsync: bool):
+        self.final = Path(uri.path)
+        self.overwrite = overwrite
+        self.fsync = fsync
+        if self.final.exists() and not overwrite:
+            raise OutputError(f"{self.final}: output already exists; choose another path or pass overwrite")
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        except OSError as err:
+            raise OutputError(f"{self.final}: cannot create the output's staging directory in "
+                              f"{self.final.parent}: {err.strerror or err}") from None
+
+    def _guard(self, what: str):
+        return _os_errors(f"{self.final} ({what})")
+
+    def put_shard(self, k: int, header: bytes, views: list[memoryview],
+                  final: str | None) -> ShardInfo:
+        p = self.tmp / (final or f"shard-{k:05d}.tmp")
+        with self._guard(f"shard {k}"):
+            n = _write_local(p, header, views, self.fsync)
+        return ShardInfo(k, p.name, n, len(views))
+
+    def put_file(self, rel: str, data) -> int:
+        p = self.tmp / rel
+        with self._guard(rel):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+        return len(memoryview(data).cast("B"))
+
+    def put_tensors(self, rel: str, header: bytes, views: list[memoryview]) -> int:
+        p = self.tmp / rel
+        with self._guard(rel):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            return _write_local(p, header, views, self.fsync)
+
+    def publish(self, shards: list[ShardInfo], index: bytes) -> int:
+        n = len(shards)
+        with self._guard("commit"):
+            for s in shards:
+                if s.staged != shard_name(s.index, n):
+                    os.rename(self.tmp / s.staged, self.tmp / shard_name(s.index, n))
+            self.put_file(INDEX_NAME, index)  # last file of the output
+            _fsync_dir(self.tmp)
+            old = None
+            if self.final.exists() or self.final.is_symlink():
+                if not self.overwrite:
+                    raise OutputError(f"{self.final}: output appeared while writing; not replacing "
+                                      "it without overwrite")
+                old = self.final.parent / f".{self.final.name}.old-{secrets.token_hex(4)}"
+                os.rename(self.final, old)
+            try:
+                os.rename(self.tmp, self.final)
+            except OSError:
+                if old is not None:
+                    os.rename(old, self.final)
+                raise
+            _fsync_dir(self.final.parent)
+            if old is not None:
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+        return len(index)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class _S3Target:
+    def __init__(self, uri: Uri, overwrite: bool, opts: S3Options | None, part_size: int,
+                 copy_threshold: int, client=None):
+        self.uri = uri
+        self.overwrite = overwrite
+        self.part_size = part_size
+        self.copy_threshold = copy_threshold
+        self.client = client or s3io.make_client(opts)
+        self.bucket = uri.bucket
+        self.prefix = uri.dir_prefix
+        self.staging = f"{self.prefix}.partial-{secrets.token_hex(6)}/"
+        self.index_key = self.prefix + INDEX_NAME
+        self.staged: dict[str, tuple[str, int]] = {}  # final relpath -> (staged key, size)
+        self.created: list[str] = []  # final keys written during commit
+        with s3io.s3_errors(str(uri), write=True):
+            self.client.head_bucket(Bucket=self.bucket)
+            if not overwrite and s3io.head_size(self.client, self.bucket, self.index_key) is not None:
+                raise OutputError(f"{uri}: output already exists (it has {INDEX_NAME}); choose another "
+                                  "prefix or pass overwrite")
+
+    def retire_old_output(self) -> None:
+        """Plan mode overwrites final keys while writing: the old output stops counting first."""
+        with s3io.s3_errors(str(self.uri), write=True):
+            self.client.delete_object(Bucket=self.bucket, Key=self.index_key)
+
+    def _upload(self, key: str, chunks: Iterable, what: str) -> s3io.UploadResult:
+        with s3io.s3_errors(str(self.uri), write=True, what=what):
+            return s3io.upload_stream(self.client, self.bucket, key, chunks, self.part_size)
+
+    def put_shard(self, k: int, header: bytes, views: list[memoryview],
+                  final: str | None) -> ShardInfo:
+        if final is not None:  # name known up front: upload to the final key, no copy later
+            key = self.prefix + final
+            self.created.append(key)
+        else:
+            key = f"{self.staging}shard-{k:05d}.safetensors"
+        r = self._upload(key, [header, *views], f"shard {k}")
+        return ShardInfo(k, key, r.size, len(views), r.parts, r.etag)
+
+    def put_file(self, rel: str, data) -> int:
+        key = f"{self.staging}files/{rel}"
+        r = self._upload(key, [data], rel)
+        self.staged[rel] = (key, r.size)
+        return r.size
+
+    def put_tensors(self, rel: str, header: bytes, views: list[memoryview]) -> int:
+        key = f"{self.staging}files/{rel}"
+        r = self._upload(key, [header, *views], rel)
+        self.staged[rel] = (key, r.size)
+        return r.size
+
+    def publish(self, shards: list[ShardInfo], index: bytes) -> int:
+        n = len(shards)
+        moves = [(s.staged, self.prefix + shard_name(s.index, n), s.nbytes) for s in shards
+                 if s.staged.startswith(self.staging)]
+        direct = {s.staged for s in shards if not s.staged.startswith(self.staging)}
+        moves += [(key, self.prefix + rel, size) for rel, (key, size) in self.staged.items()]
+        with s3io.s3_errors(str(self.uri), write=True, what="commit"):
+            old = [o.key for o in s3io.list_objects(self.client, self.bucket, self.prefix)
+                   if not o.key.startswith(self.staging) and o.key not in direct]
+            if self.index_key in old:
+                if not self.overwrite:
+                    raise OutputError(f"{self.uri}: output appeared while writing; not replacing it "
+                                      "without overwrite")
+                # From here on the prefix no longer counts as a finished output.
+                self.client.delete_object(Bucket=self.bucket, Key=self.index_key)
+            with ThreadPoolExecutor(min(8, max(1, len(moves)))) as pool:
+                futures = []
+                for src, dst, size in moves:
+                    self.created.append(dst)
+                    futures.append(pool.submit(s3io.copy_object, self.client, self.bucket, src, dst,
+                                               size, threshold=self.copy_threshold))
+                for f in futures:
+                    f.result()
+            if self.overwrite:
+                keep = {dst for _, dst, _ in moves} | direct
+                s3io.delete_keys(self.client, self.bucket, [k for k in old if k not in keep])
+            s3io.put_bytes(self.client, self.bucket, self.index_key, index)  # last
+        self._cleanup_staging()
+        return len(index)
+
+    def _cleanup_staging(self) -> None:
+        try:
+            keys = s3io.list_keys(self.client, self.bucket, self.staging)
+            s3io.delete_keys(self.client, self.bucket, keys)
+        except Exception as err:  # the output is complete; leftovers are hidden
+            log.warning("%s: could not remove staging objects under %s: %s", self.uri, self.staging,
+                        type(err).__name__)
+
+    def abort(self) -> None:
+        try:
+            s3io.abort_open_uploads(self.client, self.bucket, self.staging)
+            keys = s3io.list_keys(self.client, self.bucket, self.staging) + self.created
+            s3io.delete_keys(self.client, self.bucket, keys)
+        except Exception as err:  # runs on error paths: never mask the original error
+            log.warning("%s: abort could not clean up (%s); the prefix has no %s and does not "
+                        "count as an output", self.uri, type(err).__name__, INDEX_NAME)
+
+
+class ShardedWriter:
+    """Write a model as HF-style safetensors shards plus model.safetensors.index.json.
+
+    Use as a context manager; a clean exit commits (if commit() was not called), an exception
+    aborts. `add` keeps a reference to each tensor until its shard is written: do not modify a
+    tensor in place after adding it. The output location is owned whole: overwrite=True replaces
+    the directory (local) or every object under the prefix (S3) at commit.
+
+    Options: `metadata` goes into every shard's __metadata__; `part_size` is the S3 multipart
+    part size (>= 5 MiB; shards up to one part are a single PUT); `fsync` local files before the
+    rename; `on_shard(ShardInfo)` is called after each shard is staged (progress, tests);
+    `copy_threshold`: staged S3 objects larger than this are copied with UploadPartCopy.
+
+    `plan`: the (name, nbytes) of every tensor in the order they will be added, when known up
+    front (e.g. from the base model). Shard names are then fixed from the start: on S3 shards go
+    straight to their final keys (no server-side copy at commit; with overwrite=True the old
+    index is deleted first), and `add` refuses tensors that deviate from the plan.
+    """
+
+    def __init__(self, uri: str, max_shard_bytes: int | str, overwrite: bool = False,
+                 s3: S3Options | None = None, *, metadata: Mapping[str, str] | None = None,
+                 part_size: int = s3io.DEFAULT_PART_SIZE, fsync: bool = True,
+                 on_shard: Callable[[ShardInfo], None] | None = None,
+                 copy_threshold: int = s3io.MAX_COPY_SIZE,
+                 plan: Iterable[tuple[str, int]] | None = None):
+        self._t0 = time.perf_counter()
+        try:
+            self.uri = parse_uri(uri)
+        except ValueError as err:
+            raise OutputError(str(err)) from None
+        self.max_shard_bytes = parse_size(max_shard_bytes)
+        if self.max_shard_bytes < 1:
+            raise ValueError("max_shard_bytes must be positive")
+        if part_size < s3io.MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {s3io.MIN_PART_SIZE} bytes (S3 rule)")
+        self.metadata = dict(metadata or {})
+        encode_header([], self.metadata)  # ValueError now rather than at the first shard
+        self.on_shard = on_shard
+        self.stats = WriteStats()
+        self.shards: list[ShardInfo] = []
+        self._pending: list[tuple[str, torch.Tensor]] = []
+        self._pending_bytes = 0
+        self._weight_map: dict[str, int] = {}  # tensor name -> shard number
+        self._names: set[str] = set()
+        self._files: set[str] = set()
+        self._state = "open"
+        self._plan: list[tuple[str, int]] | None = None
+        if plan is not None:
+            self._plan = [(str(n), int(b)) for n, b in plan]
+            self._plan_shard = pack_shards([b for _, b in self._plan], self.max_shard_bytes)
+            self._plan_n = self._plan_shard[-1] if self._plan else 0
+        if self.uri.is_s3:
+            self._target = _S3Target(self.uri, overwrite, s3, part_size, copy_threshold)
+            if self._plan is not None and overwrite:
+                self._target.retire_old_output()
+        else:
+            self._target = _LocalTarget(self.uri, overwrite, fsync)
+
+    # building the output
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a tensor; writes the current shard first if this one would overflow it."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise OutputError(f"{self.uri}: tensor names must be non-empty strings, got {name!r}")
+        if name in self._names:
+            raise OutputError(f"{self.uri}: tensor '{name}' was already added")
+        if tensor.dtype not in CODES:
+            raise OutputError(f"{self.uri}: tensor '{name}' has dtype {tensor.dtype}, which "
+                              "safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        i = len(self._names)
+        if self._plan is not None:
+            if i >= len(self._plan) or self._plan[i] != (name, nbytes):
+                want = (f"'{self._plan[i][0]}' ({self._plan[i][1]} bytes)" if i < len(self._plan)
+                        else "nothing more")
+                raise OutputError(f"{self.uri}: tensor '{name}' ({nbytes} bytes) does not follow the "
+                                  f"plan; expected {want} next")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending.append((name, t))
+        self._names.add(name)
+        self._pending_bytes += nbytes
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        k = len(self.shards) + 1
+        final = shard_name(k, self._plan_n) if self._plan is not None else None
+        t0 = time.perf_counter()
+        header, views, data = _serialize(self._pending, self.metadata)
+        info = self._target.put_shard(k, header, views, final)
+        del views
+        self.stats.io_seconds += time.perf_counter() - t0
+        self.stats.bytes_written += info.nbytes
+        self.stats.tensor_bytes += data
+        self.stats.n_tensors += len(self._pending)
+        for name, _ in self._pending:
+            self._weight_map[name] = k
+        self._pending, self._pending_bytes = [], 0
+        self.shards.append(info)
+        if self.on_shard is not None:
+            self.on_shard(info)
+
+    def write_file(self, relpath: str, data: bytes | bytearray | memoryview | str) -> None:
+        """Add a non-weight file (config.json, tokenizer files, reports, experts/x.safetensors).
+        Writing the same path again replaces it."""
+        self._check_open()
+        rel = self._check_file(relpath)
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        t0 = time.perf_counter()
+        n = self._target.put_file(rel, data)
+        self._account_file(rel, n, t0)
+
+    def write_tensors(self, relpath: str, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> None:
+        """Add a standalone safetensors file (not part of the index), e.g. experts/e0.safetensors."""
+        self._check_open()
+        rel = self._check_file(relpath)
+        try:
+            header, views, _ = _serialize(tensors.items(), metadata)
+        except ValueError as err:
+            raise OutputError(f"{self.uri}: {rel}: {err}") from None
+        t0 = time.perf_counter()
+        n = self._target.put_tensors(rel, header, views)
+        self._account_file(rel, n, t0)
+
+    def copy_aux_from(self, reader, skip: Iterable[str] = ()) -> list[str]:
+        """Copy a ModelReader's auxiliary files (config, tokenizer, ...) except `skip`."""
+        skip = set(skip)
+        done = []
+        for name in reader.aux_names():
+            if name not in skip:
+                self.write_file(name, reader.read_aux(name))
+                done.append(name)
+        return done
+
+    def _check_file(self, relpath: str) -> str:
+        rel = _check_relpath(relpath, str(self.uri))
+        if _RESERVED.match(rel):
+            raise OutputError(f"{self.uri}: '{rel}' is reserved for the writer's shards and index")
+        return rel
+
+    def _account_file(self, rel: str, n: int, t0: float) -> None:
+        self.stats.io_seconds += time.perf_counter() - t0
+        self.stats.bytes_written += n
+        if rel not in self._files:
+            self._files.add(rel)
+            self.stats.n_files += 1
+
+    # finishing
+    def commit(self, extra_metadata: Mapping[str, object] | None = None) -> WriteStats:
+        """Write the last shard, name the shards, write the index last and publish the output."""
+        self._check_open()
+        try:
+            self._flush()
+            if self._plan is not None and len(self._names) != len(self._plan):
+                raise OutputError(f"{self.uri}: the plan lists {len(self._plan)} tensors but "
+                                  f"{len(self._names)} were added")
+            n = len(self.shards)
+            names = {s.index: shard_name(s.index, n) for s in self.shards}
+            index = {"metadata": {**dict(extra_metadata or {}), "total_size": self.stats.tensor_bytes},
+                     "weight_map": {name: names[k] for name, k in self._weight_map.items()}}
+            body = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+            t0 = time.perf_counter()
+            self.stats.bytes_written += self._target.publish(self.shards, body)
+            self.stats.io_seconds += time.perf_counter() - t0
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        self.stats.n_shards = n
+        self.stats.seconds = time.perf_counter() - self._t0
+        return self.stats
+
+    def abort(self) -> None:
+        """Drop everything staged so far. Safe to call more than once; never raises."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._pending, self._pending_bytes = [], 0
+        self._target.abort()
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise OutputError(f"{self.uri}: writer is already {self._state}")
+
+    @property
+    def shard_names(self) -> list[str]:
+        """Final shard names (known once committed)."""
+        n = len(self.shards)
+        return [shard_name(s.index, n) for s in self.shards]
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.commit()
+
+
+def is_committed(uri: str, s3: S3Options | None = None) -> bool:
+    """Whether `uri` holds a finished output (its index exists). Partial writes never do."""
+    try:
+        u = parse_uri(uri)
+    except ValueError as err:
+        raise OutputError(str(err)) from None
+    if u.is_s3:
+        with s3io.s3_errors(str(u)):
+            return s3io.head(s3io.make_client(s3), u.bucket, u.dir_prefix + INDEX_NAME) is not None
+    return Path(u.path, INDEX_NAME).is_file()
+
+
+def check_writable(uri: str, overwrite: bool = False, s3: S3Options | None = None) -> None:
+    """Dry-run check that `uri` can receive an output; raises OutputError naming it."""
+    try:
+        u = parse_uri(uri)
+    except ValueError as err:
+        raise OutputError(str(err)) from None
+    if u.is_s3:
+        client = s3io.make_client(s3)
+        prefix = u.dir_prefix
+        with s3io.s3_errors(str(u), write=True):
+            client.head_bucket(Bucket=u.bucket)
+            if not overwrite and s3io.head_size(client, u.bucket, prefix + INDEX_NAME) is not None:
+                raise OutputError(f"{u}: output already exists (it has {INDEX_NAME}); choose another "
+                                  "prefix or pass overwrite")
+            probe = f"{prefix}.esm-ray-probe-{secrets.token_hex(4)}"
+            s3io.put_bytes(client, u.bucket, probe, b"")
+            client.delete_object(Bucket=u.bucket, Key=probe)
+        return
+    p = Path(u.path)
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise OutputError(f"{p}: output already exists; choose another path or pass overwrite")
+    anc = p.parent
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{p}: cannot create the output: {anc} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".esm-ray-probe-", dir=anc)
+        os.rmdir(probe)
+    except OSError as err:
+        raise OutputError(f"{p}: cannot write in {anc}: {err.strerror or err}") from None
+
+
+def save_safetensors_atomic(path_or_uri: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                            metadata: Mapping[str, str] | None = None,
+                            s3: S3Options | None = None) -> int:
+    """Write one small safetensors file atomically (temp name, then rename; an S3 PUT is atomic).
+    Returns the bytes written."""
+    try:
+        u = parse_uri(path_or_uri)
+    except ValueError as err:
+        raise OutputError(str(err)) from None
+    try:
+        header, views, _ = _serialize(tensors.items(), metadata)
+    except ValueError as err:
+        raise OutputError(f"{u}: {err}") from None
+    if u.is_s3:
+        client = s3io.make_client(s3)
+        with s3io.s3_errors(str(u), write=True):
+            return s3io.upload_stream(client, u.bucket, u.key, [header, *views]).size
+    p = Path(u.path)
+    tmp = p.parent / f".{p.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        n = _write_local(tmp, header, views, fsync=True)
+        os.replace(tmp, p)
+        return n
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{p}: write failed: {err.strerror or err}") from None

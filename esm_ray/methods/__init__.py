@@ -4,7 +4,8 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Purif
 from esm_ray.methods.registry import METHODS, PURIFIERS, build_method, build_purifier, method_class, register
 
 # Registry entries: one import per method module.
-# (modules are added here as they land)
+from esm_ray.methods import linear, task_arithmetic, ties, dare, tsvm  # noqa: E402,F401  classic
+from esm_ray.methods import esm, pave  # noqa: E402,F401  data-aware
 
 __all__ = [
     "METHODS",

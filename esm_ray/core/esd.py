@@ -1,0 +1,167 @@
+"""ESD: essential subspace decomposition of a task update, from calibration statistics.
+
+For a linear layer with task update ΔW (d_out, d_in) and fine-tuned inputs X (n, d_in), the
+output shift is ΔO = X ΔWᵀ. Its principal directions (uncentred: no mean is removed) are the
+eigenvectors of
+
+    M = ΔO ᵀ ΔO = ΔW G ΔWᵀ,     G = Xᵀ X   (d_out, d_out)
+
+with eigenvalues λ_i = eig_i(M) / (n − 1), sorted descending. Only G is needed, so the rows
+can be streamed once and forgotten. The essential part of rank k is E_k E_kᵀ ΔW = E_k C_k with
+C_k = E_kᵀ ΔW: the rank-k update with the smallest output-shift error on the calibration rows.
+
+Two exact routes to the same eigenpairs (float64):
+- `gram`:   eigh of M (d_out × d_out), for d_out ≤ d_in;
+- `factor`: with G = L Lᵀ, M = B Bᵀ for B = ΔW L (d_out × d_in), so E and λ come from the thin
+  SVD of B. For wide-output layers (d_out > d_in, e.g. up/gate projections) this avoids an
+  eigendecomposition of size d_out: O(d_out d_in²) instead of O(d_out³). L is the Cholesky factor
+  of G, or Q diag(√g) from eigh(G) when G is singular (fewer rows than d_in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ESD:
+    """Rank-k essential factors of one task update.
+
+    basis:       (d_out, k)  E_k, orthonormal columns
+    coords:      (k, d_in)   C_k = E_kᵀ ΔW
+    eigenvalues: (k,)        λ_1 ≥ … ≥ λ_k, eig(ΔW G ΔWᵀ) / (n − 1)
+    """
+
+    basis: Tensor
+    coords: Tensor
+    eigenvalues: Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+    def reconstruct(self) -> Tensor:
+        """E_k C_k = E_k E_kᵀ ΔW, the essential part of the update. (d_out, d_in)"""
+        return self.basis @ self.coords
+
+    def to(self, dtype: torch.dtype) -> "ESD":
+        return ESD(self.basis.to(dtype), self.coords.to(dtype), self.eigenvalues.to(dtype))
+
+
+def esd_rank(d_out: int, n_tasks: int) -> int:
+    """Default per-task rank k = max(1, floor(d_out / T)): T tasks together fill about d_out."""
+    return max(1, d_out // max(n_tasks, 1))
+
+
+def energy_rank(eigenvalues: Tensor, energy: float) -> int:
+    """Smallest k whose top-k eigenvalues hold at least `energy` of the total (0 < energy ≤ 1)."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    lam = eigenvalues.clamp_min(0)
+    total = lam.sum()
+    if total <= 0:
+        return 0
+    frac = torch.cumsum(lam, 0) / total
+    hit = torch.nonzero(frac >= energy - 1e-12)
+    return int(hit[0, 0]) + 1 if hit.numel() else int(lam.shape[0])
+
+
+def numerical_rank(eigenvalues: Tensor, size: int, rtol: float | None = None) -> int:
+    """Eigenvalues of a PSD matrix above rtol · λ_max (default rtol = size · eps(float64))."""
+    if eigenvalues.numel() == 0:
+        return 0
+    top = float(eigenvalues.max())
+    if top <= 0:
+        return 0
+    tol = (size * torch.finfo(torch.float64).eps if rtol is None else rtol) * top
+    return int((eigenvalues > tol).sum())
+
+
+def _select_rank(eig: Tensor, d_out: int, d_in: int, n: int, k: int | None, n_tasks: int,
+                 energy: float | None, rtol: float | None) -> int:
+    target = esd_rank(d_out, n_tasks) if k is None else int(k)
+    if target < 0:
+        raise ValueError(f"rank k must be ≥ 0, got {k}")
+    # Never beyond the numerical rank of ΔO: the rest of the spectrum is round-off, and the
+    # directions that go with it are arbitrary (the reference code padded them with identity
+    # columns that are not even orthogonal to the computed ones).
+    cap = min(numerical_rank(eig, max(d_out, d_in), rtol), n, d_out)
+    if energy is not None:
+        cap = min(cap, energy_rank(eig[:cap], energy) if cap else 0)
+    return min(target, cap)
+
+
+def gram_factor(gram: Tensor) -> Tensor:
+    """L with L Lᵀ = G (float64): Cholesky when G is positive definite, else Q diag(√max(g, 0))."""
+    g = gram.to(torch.float64)
+    g = 0.5 * (g + g.T)
+    chol, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0:
+        return chol
+    w, q = torch.linalg.eigh(g)
+    return q * w.clamp_min(0).sqrt()
+
+
+def _eigenpairs(d: Tensor, gram: Tensor, route: str) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending) and eigenvectors of ΔW G ΔWᵀ, by the chosen route."""
+    if route == "auto":
+        route = "factor" if d.shape[0] > d.shape[1] else "gram"
+    if route == "gram":
+        g = gram.to(torch.float64)
+        m = d @ g @ d.T
+        m = 0.5 * (m + m.T)
+        eig, vec = torch.linalg.eigh(m)
+        return eig.flip(0), vec.flip(1)
+    if route == "factor":
+        u, s, _ = torch.linalg.svd(d @ gram_factor(gram), full_matrices=False)
+        return s.square(), u
+    raise ValueError(f"route must be 'auto', 'gram' or 'factor', got {route!r}")
+
+
+def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_tasks: int = 1,
+                  energy: float | None = None, rtol: float | None = None,
+                  route: Literal["auto", "gram", "factor"] = "auto") -> ESD:
+    """ESD of ΔW from the uncentred Gram matrix of the layer's fine-tuned inputs.
+
+    Args:
+        delta:   (d_out, d_in) task update ΔW = W_t − W_0
+        gram:    (d_in, d_in) G = Σ x xᵀ over the n calibration rows
+        n:       number of rows behind `gram`
+        k:       rank to keep; None = max(1, floor(d_out / n_tasks))
+        n_tasks: T, used by the default rank
+        energy:  optional energy threshold; k is further capped at the smallest rank whose
+                 eigenvalues hold this fraction of the total
+        rtol:    relative tolerance of the numerical-rank cap (default d · eps)
+        route:   'gram' (eigh of ΔW G ΔWᵀ), 'factor' (SVD of ΔW L), or 'auto' = factor when
+                 d_out > d_in
+    Returns:
+        ESD in float64 with k ≤ numerical rank of ΔO (k = 0 when ΔO vanishes).
+    """
+    if delta.ndim != 2 or gram.shape != (delta.shape[1], delta.shape[1]):
+        raise ValueError(f"shapes do not match: ΔW {tuple(delta.shape)}, G {tuple(gram.shape)}")
+    d = delta.to(torch.float64)
+    eig, vec = _eigenpairs(d, gram, route)
+    r = _select_rank(eig, d.shape[0], d.shape[1], n, k, n_tasks, energy, rtol)
+    basis = vec[:, :r].contiguous()
+    lam = eig[:r].clamp_min(0) / max(n - 1, 1)
+    return ESD(basis, basis.T @ d, lam)
+
+
+def esd_from_rows(delta: Tensor, x: Tensor, k: int | None = None, n_tasks: int = 1,
+                  energy: float | None = None, rtol: float | None = None) -> ESD:
+    """Reference route: thin SVD of the output shift ΔO = X ΔWᵀ (for tests and small layers).
+
+    x: (n, d_in) calibration rows. Same rank rule as `esd_from_gram`.
+    """
+    d = delta.to(torch.float64)
+    x64 = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    n = int(x64.shape[0])
+    _, s, vh = torch.linalg.svd(x64 @ d.T, full_matrices=False)
+    eig = s.square()
+    r = _select_rank(eig, d.shape[0], d.shape[1], n, k, n_tasks, energy, rtol)
+    basis = vh[:r].T.contiguous()
+    return ESD(basis, basis.T @ d, eig[:r] / max(n - 1, 1))

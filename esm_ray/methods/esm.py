@@ -1,0 +1,196 @@
+"""ESM: essential subspace merging (ESD factors of every calibrated linear layer, fused with
+per-factor polar orthogonalisation; TSV-M for other matrices; mean for the rest).
+
+Expert side (`prepare`): a linear layer's weight with calibration statistics becomes its ESD
+factors (E_k, E_kᵀ ΔW, λ) and ||ΔW||_F, never the dense ΔW; any other 2-D tensor becomes its
+top TSV triplets; anything else stays the task vector. Coordinator (`fuse`): ESM, TSV-M or the
+mean; `layer_scales` rescales each linear-layer type across depth. α multiplies the keys of
+`alpha_scope` and is reported, with those keys, by `report()`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from esm_ray.core.esd import ESD, esd_from_gram
+from esm_ray.core.esm import PRESETS, ESMRecipe, esm_fuse, inter_layer_scales, mean_fuse
+from esm_ray.core.layerstats import LayerStats
+from esm_ray.core.tsvm import tsv_rank, tsv_truncate, tsvm_fuse
+from esm_ray.errors import InputError
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.registry import register
+
+# Tensors of a vision tower: `auto` merges them with the ViT recipe, everything else with RoBERTa's.
+_VISION = re.compile(r"(^|\.)(visual|vision_model|vision_tower|vit|image_encoder)\.|patch_embed")
+
+
+def preset_for_config(config: dict[str, Any]) -> str:
+    """The recipe for a whole model from its HF config: 'vit' for vision encoders, else 'roberta'."""
+    mt = str(config.get("model_type", "")).lower()
+    vision = ("vit", "clip", "clip_vision_model", "siglip", "siglip_vision_model", "deit", "beit", "dinov2",
+              "swin", "convnext")
+    return "vit" if mt in vision or mt.endswith("_vision_model") else "roberta"
+
+
+class ESMParams(MethodParams):
+    preset: Literal["auto", "vit", "roberta"] = Field(
+        "auto", description="recipe: 'vit' (all scalings, ×2), 'roberta' (eigen-scaling + Procrustes); "
+                            "'auto' = vit for vision-tower tensors, roberta otherwise (BERT-like, LLaMA)")
+    k: int | None = Field(None, ge=1, description="ESD rank per task; None = max(1, floor(d_out / T))")
+    energy: float | None = Field(None, gt=0, le=1, description="also cap k at this fraction of ESD energy")
+    alpha: float = Field(1.0, ge=0, description="fixed, label-free scale of the α keys")
+    alpha_scope: Literal["auto", "esd", "all"] = Field(
+        "auto", description="keys α scales: 'esd' (ViT paper), 'all' (RoBERTa paper); auto = the preset's")
+    eigen_exponent: float = Field(0.15, ge=0, description="eigen-scale exponent γ")
+    inter_layer_power: float = Field(2.0, ge=0, description="across-depth scaling power p (0 = off)")
+    inter_task_power: float | None = Field(None, ge=0, description="override the preset's (ViT 2, RoBERTa 0)")
+    inter_column_power: float | None = Field(None, ge=0, description="override the preset's (ViT 2, RoBERTa 0)")
+    multiplier: float | None = Field(None, gt=0, description="override the preset's final factor (ViT 2, RoBERTa 1)")
+    fuse_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="precision of the coordinator's polar factors (float32: about 2x faster)")
+
+
+@dataclass(frozen=True)
+class ESDPart:
+    """One expert's part for an ESD key: its essential factors and ||ΔW||_F (float32)."""
+
+    esd: ESD
+    norm: float
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class TSVPart:
+    """One expert's top-k singular triplets of a 2-D tensor without statistics."""
+
+    u: Tensor
+    s: Tensor
+    vh: Tensor
+
+
+def oriented(info: TensorInfo, stats: LayerStats) -> bool:
+    """Whether the weight is stored (d_in, d_out) (GPT-2 Conv1D); checks the widths agree."""
+    if getattr(stats, "transposed", False):
+        if info.shape[0] != stats.d_in:
+            raise InputError(f"{info.name}: shape {info.shape} does not match statistics of width {stats.d_in}")
+        return True
+    if info.shape[1] == stats.d_in:
+        return False
+    if info.shape[0] == stats.d_in:
+        return True
+    raise InputError(f"{info.name}: shape {info.shape} does not match statistics of width {stats.d_in}")
+
+
+@register
+class ESM(MergeMethod):
+    name = "esm"
+    Params = ESMParams
+    summary = "Essential subspace merging: ESD of each task's output shift, polar-orthogonalised fusion"
+    needs_stats = True
+    needs_layer_scales = True
+
+    def __init__(self, params: ESMParams, n_experts: int, seed: int = 0) -> None:
+        super().__init__(params, n_experts, seed)
+        self._alpha_keys: set[str] = set()
+        self._branch: dict[str, str] = {}
+        self._ranks: dict[str, list[int]] = {}
+        self._presets: dict[str, int] = {}
+        self._scopes: set[str] = set()
+
+    # recipe ----------------------------------------------------------------------------------
+    def preset_of(self, info: TensorInfo) -> str:
+        p: ESMParams = self.params  # type: ignore[assignment]
+        if p.preset != "auto":
+            return p.preset
+        return "vit" if _VISION.search(info.name) else "roberta"
+
+    def recipe(self, info: TensorInfo) -> ESMRecipe:
+        p: ESMParams = self.params  # type: ignore[assignment]
+        base = PRESETS[self.preset_of(info)]
+        return ESMRecipe(
+            base.name, eigen_exponent=p.eigen_exponent,
+            inter_task_power=base.inter_task_power if p.inter_task_power is None else p.inter_task_power,
+            inter_column_power=base.inter_column_power if p.inter_column_power is None else p.inter_column_power,
+            multiplier=base.multiplier if p.multiplier is None else p.multiplier,
+            inter_layer_power=p.inter_layer_power)
+
+    def alpha_scope_of(self, info: TensorInfo) -> str:
+        p: ESMParams = self.params  # type: ignore[assignment]
+        if p.alpha_scope != "auto":
+            return p.alpha_scope
+        return "esd" if self.preset_of(info) == "vit" else "all"
+
+    # expert side -----------------------------------------------------------------------------
+    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        p: ESMParams = self.params  # type: ignore[assignment]
+        delta = expert.to(torch.float64) - base.to(torch.float64)
+        if delta.ndim == 2 and ctx.stats is not None and ctx.stats.n > 0:
+            t = oriented(info, ctx.stats)
+            d = delta.T if t else delta
+            esd = esd_from_gram(d, ctx.stats.gram, ctx.stats.n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
+            return ESDPart(esd.to(torch.float32), float(delta.norm()), t)
+        if delta.ndim == 2:
+            u, s, vh = tsv_truncate(delta, tsv_rank(tuple(delta.shape), self.n_experts))
+            return TSVPart(u.float(), s.float(), vh.float())
+        return delta.float()
+
+    # coordinator -----------------------------------------------------------------------------
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        p: ESMParams = self.params  # type: ignore[assignment]
+        kinds = {type(x) for x in parts}
+        if len(kinds) != 1:
+            raise InputError(f"{info.name}: experts disagree on how to merge it ({sorted(k.__name__ for k in kinds)}); "
+                             f"calibration statistics must exist for all experts or for none")
+        first = parts[0]
+        scope = self.alpha_scope_of(info)
+        if isinstance(first, ESDPart):
+            recipe = self.recipe(info)
+            dw = esm_fuse([x.esd for x in parts], recipe, [x.norm for x in parts], getattr(torch, p.fuse_dtype))
+            if first.transposed:
+                dw = dw.T
+            branch = "esd"
+            self._ranks[info.name] = [x.esd.rank for x in parts]
+            self._presets[recipe.name] = self._presets.get(recipe.name, 0) + 1
+        elif isinstance(first, TSVPart):
+            dw = tsvm_fuse([x.u.double() for x in parts], [x.s.double() for x in parts],
+                           [x.vh.double() for x in parts])
+            branch = "tsv"
+        else:
+            dw = mean_fuse(parts)
+            branch = "mean"
+        self._branch[info.name] = branch
+        self._scopes.add(scope)
+        if scope == "all" or branch == "esd":
+            self._alpha_keys.add(info.name)
+            dw = dw * p.alpha
+        return dw.reshape(base.shape).to(torch.float32)
+
+    def layer_scales(self, infos: dict[str, TensorInfo], norms: dict[str, float]) -> dict[str, float]:
+        """Across-depth factors for the 2-D weights of linear layers inside repeated blocks."""
+        p: ESMParams = self.params  # type: ignore[assignment]
+        if not p.inter_layer_power:
+            return {}
+        groups = {n: i.layer_type for n, i in infos.items()
+                  if i.ndim == 2 and i.module is not None and i.layer_index is not None}
+        return inter_layer_scales(norms, groups, p.inter_layer_power)
+
+    @property
+    def alpha_keys(self) -> list[str]:
+        """Names of the tensors α multiplied so far (complete once every tensor is fused)."""
+        return sorted(self._alpha_keys)
+
+    def report(self) -> dict[str, Any]:
+        """What the merge report records: α, the keys it scaled, and how each key was merged."""
+        p: ESMParams = self.params  # type: ignore[assignment]
+        count = {b: sum(1 for v in self._branch.values() if v == b) for b in ("esd", "tsv", "mean")}
+        return {"method": self.name, "alpha": p.alpha, "alpha_scope": p.alpha_scope,
+                "alpha_scope_resolved": sorted(self._scopes),
+                "alpha_keys": self.alpha_keys, "presets": dict(self._presets),
+                "branches": count, "esd_keys": sorted(n for n, b in self._branch.items() if b == "esd"),
+                "esd_ranks": dict(sorted(self._ranks.items()))}

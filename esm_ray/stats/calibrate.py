@@ -1,0 +1,330 @@
+"""Calibration: run an expert over its task's samples once and keep every linear layer's input
+statistics (n, Σx, XᵀX in float64), cached on disk per (model, data, settings).
+
+`calibrate` works on a loaded nn.Module; `calibrate_expert` loads the Hugging Face model,
+reads the data file, and caches the result (see `esm_ray.stats.store` for the file layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from esm_ray.errors import InputError
+from esm_ray.io.uri import is_s3
+from esm_ray.spec import CalibrationSpec, S3Options
+from esm_ray.stats.data import data_hash, load_calibration_rows
+from esm_ray.stats.hooks import ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
+from esm_ray.stats.store import FORMAT_VERSION, StatsStore
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json")
+
+
+# batching ------------------------------------------------------------------------------------
+def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[list[int]]:
+    """Token ids per row, truncated to max_length. Rows with input_ids need no tokenizer."""
+    out = []
+    for i, row in enumerate(rows):
+        if "input_ids" in row:
+            ids = [int(t) for t in row["input_ids"]]
+        elif "text" in row:
+            if tokenizer is None:
+                raise InputError(f"calibration row {i} is text but no tokenizer was given")
+            ids = list(tokenizer(row["text"], truncation=True, max_length=max_length)["input_ids"])
+        else:
+            raise InputError(f"calibration row {i} has neither 'text' nor 'input_ids'")
+        if not ids:
+            raise InputError(f"calibration row {i} encodes to no tokens")
+        out.append(ids[:max_length])
+    return out
+
+
+def make_batches(ids: list[list[int]], batch_size: int, pad_id: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """(input_ids, attention_mask) of shape (B, L_max), padded on the right; mask 0 = padding."""
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        input_ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, r in enumerate(chunk):
+            input_ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, :len(r)] = 1
+        yield input_ids, mask
+
+
+def _pad_id(model: nn.Module, tokenizer: Any) -> int:
+    for src in (tokenizer, getattr(model, "config", None)):
+        pid = getattr(src, "pad_token_id", None) if src is not None else None
+        if isinstance(pid, int) and pid >= 0:
+            return pid
+    return 0  # any valid id: padded positions are masked out and never counted
+
+
+def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    params = inspect.signature(model.forward).parameters
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _run_passes(model: nn.Module, batches: list[tuple[Tensor, Tensor]], modules: ModuleFilter,
+                max_bytes: int | None, device: torch.device) -> tuple[dict[str, ModuleStats], int]:
+    kwargs = _forward_kwargs(model)
+
+    def forward(col: StatsCollector, batch: tuple[Tensor, Tensor]) -> None:
+        ids, mask = batch[0].to(device), batch[1].to(device)
+        col.begin_batch(mask)
+        model(input_ids=ids, attention_mask=mask, **kwargs)
+
+    targets = linear_modules(model, modules)
+    if max_bytes is None:
+        passes = [list(targets)]
+    else:  # one cheap batch reveals which layers share an input, then pack the groups
+        with StatsCollector(model, list(targets), record_only=True) as probe:
+            forward(probe, batches[0])
+        grouped = probe.groups()
+        unseen = [[m] for m in targets if m not in probe.shared]
+        widths = {m: in_features(mod) for m, mod in targets.items()}
+        passes = plan_passes(list(grouped.values()) + unseen, widths, max_bytes)
+    out: dict[str, ModuleStats] = {}
+    for names in passes:
+        with StatsCollector(model, names) as col:
+            for batch in batches:
+                forward(col, batch)
+        out.update(col.results())
+    return out, len(passes)
+
+
+def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, settings: CalibrationSpec,
+              *, modules: ModuleFilter = None, max_bytes: int | None = None) -> dict[str, ModuleStats]:
+    """Input statistics of every linear layer of `model` over `rows`.
+
+    Rows are encoded (truncated to settings.max_length), grouped in batches of
+    settings.batch_size, right-padded with an attention mask; padding rows are not counted.
+    modules:   restrict to these module names (or a predicate on the name)
+    max_bytes: budget for the statistics held at once; when the layers need more, the data
+               is run several times, each pass over a group of layers (see hooks.plan_passes)
+    Returns {module name: ModuleStats}; modules reading the same input share one object.
+    """
+    if not rows:
+        raise InputError("no calibration rows")
+    ids = encode_rows(rows, tokenizer, settings.max_length)
+    batches = list(make_batches(ids, settings.batch_size, _pad_id(model, tokenizer)))
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.inference_mode():
+            stats, n_passes = _run_passes(model, batches, modules, max_bytes, device)
+    finally:
+        model.train(was_training)
+    if n_passes > 1:
+        log.info("calibration ran %d passes to stay under %d bytes", n_passes, max_bytes)
+    return stats
+
+
+# model loading -------------------------------------------------------------------------------
+def _hash_files(paths: list[Path], root: Path) -> str:
+    """sha256 over the names and bytes of some files (the tokenizer's part of the cache key)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class ModelSource:
+    """A model to calibrate, read through `esm_ray.io.reader` (local directory or s3://)."""
+
+    def __init__(self, uri: str, s3: S3Options | None) -> None:
+        from esm_ray.io.reader import open_model
+
+        self.uri = uri
+        self.reader = open_model(uri, s3)
+        if self.reader.config is None:
+            raise InputError(f"{uri}: no config.json (not a Hugging Face model directory)")
+        self.config = dict(self.reader.config)
+
+    def keys(self) -> set[str]:
+        return set(self.reader.keys())
+
+    def fingerprint(self) -> str:
+        return str(self.reader.fingerprint())
+
+    def load(self, dtype: torch.dtype, device: str) -> nn.Module:
+        """The HF model class chosen from `architectures`, built from config and loaded weights."""
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        archs = self.config.get("architectures") or []
+        auto = AutoModelForCausalLM if any(str(a).endswith("ForCausalLM") for a in archs) else AutoModel
+        cfg = dict(self.config)
+        if "model_type" not in cfg:
+            raise InputError(f"{self.uri}: config.json has no model_type")
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        try:
+            cls = auto._model_mapping[type(config)]
+        except KeyError:
+            raise InputError(f"{self.uri}: {auto.__name__} does not support {type(config).__name__}") from None
+        state = {k: self.reader.get(k) for k in self.reader.keys()}
+        model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+        return model.to(device).eval()
+
+    def tokenizer_dir(self, tmp: Path) -> Path | None:
+        """The model's tokenizer files copied into `tmp`, or None when it has none."""
+        return _copy_tokenizer(self.reader, self.config, tmp)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def _copy_tokenizer(reader: Any, config: dict | None, tmp: Path) -> Path | None:
+    names = [n for n in reader.aux_names() if "/" not in n and n in _TOKENIZER_FILES]
+    if not names:
+        return None
+    tmp.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (tmp / n).write_bytes(reader.read_aux(n))
+    if config is not None:  # some tokenizers read model_type from it
+        (tmp / "config.json").write_text(json.dumps(config))
+    return tmp
+
+
+def _find_tokenizer(tokenizer_uri: str | None, src: ModelSource, s3: S3Options | None, tmp: Path) -> Path | None:
+    """Tokenizer files: from `tokenizer_uri` (a local tokenizer or model directory, or an s3://
+    model whose auxiliary files hold one) when it has them, else from the expert itself."""
+    if tokenizer_uri and is_s3(tokenizer_uri):
+        from esm_ray.io.reader import open_model
+
+        with open_model(tokenizer_uri, s3) as reader:
+            found = _copy_tokenizer(reader, reader.config, tmp / "given")
+        if found is not None:
+            return found
+    elif tokenizer_uri:
+        local = Path(tokenizer_uri.removeprefix("file://")).expanduser()
+        if local.is_dir() and any((local / n).is_file() for n in _TOKENIZER_FILES):
+            return local
+    return src.tokenizer_dir(tmp / "model")
+
+
+_Source = ModelSource  # older name, still imported elsewhere
+
+
+def _checkpoint_names(model: nn.Module, names: list[str], ckpt_keys: set[str]) -> dict[str, str]:
+    """Map module names of the loaded model to the names used by the checkpoint's keys.
+
+    A checkpoint of e.g. BertForSequenceClassification stores 'bert.encoder...' while the bare
+    encoder we load calls it 'encoder...'. Statistics are saved under the checkpoint's names,
+    the ones the merge executor sees.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for n in names:
+        if f"{n}.weight" in ckpt_keys or not prefix:
+            out[n] = n
+        elif f"{prefix}.{n}.weight" in ckpt_keys:
+            out[n] = f"{prefix}.{n}"
+        elif n.startswith(prefix + ".") and f"{n[len(prefix) + 1:]}.weight" in ckpt_keys:
+            out[n] = n[len(prefix) + 1:]
+        else:
+            out[n] = n
+    return out
+
+
+# cache ---------------------------------------------------------------------------------------
+def cache_root(settings: CalibrationSpec) -> Path:
+    """settings.cache_dir, else $ESM_RAY_CACHE, else ~/.cache/esm-ray."""
+    root = settings.cache_dir or os.environ.get("ESM_RAY_CACHE") or "~/.cache/esm-ray"
+    return Path(root).expanduser()
+
+
+def cache_key(model_fp: str, data_fp: str, settings: CalibrationSpec, extra: dict[str, Any] | None = None) -> str:
+    """sha256 of everything the statistics depend on.
+
+    batch_size and cache_dir are left out: padding is masked, so batching changes only
+    round-off, and where the cache lives does not change what is in it.
+    """
+    payload = {"format": FORMAT_VERSION, "model": model_fp, "data": data_fp, "samples": settings.samples,
+               "max_length": settings.max_length, "seed": settings.seed, **(extra or {})}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s3: S3Options | None = None,
+                     tokenizer_uri: str | None = None, *, name: str | None = None, modules: list[str] | None = None,
+                     max_bytes: int | None = None, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu") -> StatsStore:
+    """Calibrate one expert on its data file, or return the cached statistics.
+
+    The model class comes from config `architectures` (*ForCausalLM -> AutoModelForCausalLM,
+    else AutoModel); it runs in `dtype` on `device` (float32 on CPU by default). Module names
+    here and in the result are the checkpoint's (see `_checkpoint_names`). A tokenizer is loaded
+    only when a row is text: from `tokenizer_uri`, else from the model directory.
+    name: how log lines and the manifest call the expert (default: the last part of the URI).
+    """
+    label = name or model_uri.rstrip("/").rsplit("/", 1)[-1]
+    t0 = time.perf_counter()
+    rows = load_calibration_rows(data_uri, settings.samples, settings.seed)
+    src = ModelSource(model_uri, s3)
+    try:
+        with tempfile.TemporaryDirectory(prefix="esm-ray-tok-") as tmp:
+            tokenizer, tok_fp = None, None
+            if any("input_ids" not in r for r in rows):
+                tok_dir = _find_tokenizer(tokenizer_uri, src, s3, Path(tmp))
+                if tok_dir is None:
+                    where = f"{model_uri}" + (f" or {tokenizer_uri}" if tokenizer_uri else "")
+                    raise InputError(f"{data_uri}: rows are text but no tokenizer was found in {where}; "
+                                     f"add tokenizer files or use rows with input_ids")
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+                tok_fp = _hash_files([p for p in tok_dir.iterdir() if p.name in _TOKENIZER_FILES], tok_dir)
+            extra = {"dtype": str(dtype).replace("torch.", ""), "tokenizer": tok_fp,
+                     "modules": sorted(modules) if modules is not None else None}
+            model_fp = src.fingerprint()
+            data_fp = data_hash(data_uri)
+            key = cache_key(model_fp, data_fp, settings, extra)
+            path = cache_root(settings) / "stats" / f"{key}.safetensors"
+            if path.is_file() and path.with_suffix(".json").is_file():
+                try:
+                    store = StatsStore(path, cache_hit=True)
+                    if store.key == key:
+                        log.info("calibration of %s: cache hit %s (%d modules)", label, path.name,
+                                 len(store.modules()))
+                        return store
+                except InputError as err:
+                    log.warning("calibration of %s: ignoring unreadable cache entry (%s)", label, err)
+            model = src.load(dtype, device)
+            rename = _checkpoint_names(model, list(linear_modules(model)), src.keys())
+            selected = None
+            if modules is not None:
+                wanted = set(modules)
+                selected = [m for m, ck in rename.items() if ck in wanted]
+            t1 = time.perf_counter()
+            stats = calibrate(model, rows, tokenizer, settings, modules=selected, max_bytes=max_bytes)
+            t_fwd = time.perf_counter() - t1
+    finally:
+        src.close()
+    stats = {rename[m]: s for m, s in stats.items()}
+    took = time.perf_counter() - t0
+    tokens = max((s.n for s in stats.values()), default=0)
+    manifest = {"key": key, "expert": label, "model": model_uri, "model_fingerprint": model_fp,
+                "data": data_uri, "data_hash": data_fp, "rows": len(rows), "tokens": tokens,
+                "settings": settings.model_dump(mode="json"), "dtype": extra["dtype"],
+                "seconds": round(took, 3), "seconds_forward": round(t_fwd, 3)}
+    store = StatsStore.save(stats, path, manifest)
+    log.info("calibration of %s: %d rows, %d tokens, %d modules (%d distinct inputs) in %.2fs -> %s",
+             label, len(rows), tokens, len(stats), store.manifest["distinct_inputs"], took, path.name)
+    return store

@@ -1,0 +1,121 @@
+"""The saved calibration statistics of one expert: one safetensors file and a JSON manifest.
+
+Layout of `<key>.safetensors`: for every distinct input (stored under the first module that
+reads it) the tensors `<module>.gram` (d_in, d_in) and `<module>.s1` (d_in,), float64.
+`<key>.json` lists every module, the module its statistics are stored under, n, d_in and
+whether its weight is stored transposed (GPT-2 Conv1D), plus the settings, the model
+fingerprint, the data hash and the time taken. The manifest is written last: a directory
+holding it holds a complete result. Both files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from esm_ray.errors import InputError
+from esm_ray.stats.hooks import ModuleStats
+
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def shared_of(stats: dict[str, ModuleStats]) -> dict[str, str]:
+    """{module: module its statistics are stored under}, from object identity (first wins)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, st in stats.items():
+        key = id(st.gram)
+        first.setdefault(key, name)
+        out[name] = first[key]
+    return out
+
+
+class StatsStore:
+    """Read access to one expert's saved statistics; layers are loaded lazily, one at a time."""
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None, cache_hit: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest_path = self.path.with_suffix(".json")
+        if manifest is None:
+            try:
+                manifest = json.loads(self.manifest_path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise InputError(f"{self.manifest_path}: cannot read statistics manifest ({err})") from None
+        if manifest.get("format") != FORMAT_VERSION:
+            raise InputError(f"{self.manifest_path}: statistics format {manifest.get('format')!r}, "
+                             f"expected {FORMAT_VERSION}")
+        self.manifest = manifest
+        self.cache_hit = cache_hit
+
+    @property
+    def key(self) -> str:
+        return str(self.manifest.get("key", ""))
+
+    def modules(self) -> set[str]:
+        return set(self.manifest["modules"])
+
+    def shared(self) -> dict[str, str]:
+        """{module: module its statistics are stored under}."""
+        return {m: e["stored_as"] for m, e in self.manifest["modules"].items()}
+
+    def get(self, module: str) -> ModuleStats | None:
+        """The statistics of one module (float64, CPU), or None when it was not hooked."""
+        entry = self.manifest["modules"].get(module)
+        if entry is None:
+            return None
+        src = entry["stored_as"]
+        with safe_open(str(self.path), framework="pt") as f:
+            gram = f.get_tensor(f"{src}.gram")
+            s1 = f.get_tensor(f"{src}.s1")
+        return ModuleStats(int(entry["n"]), s1, gram, transposed=bool(entry.get("transposed", False)))
+
+    def load_all(self) -> dict[str, ModuleStats]:
+        """Every module at once; modules sharing an input share one object (tests, small models)."""
+        out: dict[str, ModuleStats] = {}
+        by_src: dict[tuple[str, bool], ModuleStats] = {}
+        for m, e in self.manifest["modules"].items():
+            k = (e["stored_as"], bool(e.get("transposed", False)))
+            if k not in by_src:
+                by_src[k] = self.get(m)  # type: ignore[assignment]
+            out[m] = by_src[k]
+        return out
+
+    def __repr__(self) -> str:
+        return f"StatsStore({self.path}, {len(self.manifest['modules'])} modules)"
+
+    @staticmethod
+    def save(stats: dict[str, ModuleStats], path: str | Path, manifest: dict[str, Any]) -> "StatsStore":
+        """Write statistics and manifest atomically; returns the store."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shared = shared_of(stats)
+        tensors = {}
+        modules = {}
+        for name, st in stats.items():
+            src = shared[name]
+            if src == name:
+                tensors[f"{name}.gram"] = st.gram.contiguous()
+                tensors[f"{name}.s1"] = st.s1.contiguous()
+            modules[name] = {"stored_as": src, "n": int(st.n), "d_in": st.d_in,
+                             "transposed": bool(getattr(st, "transposed", False))}
+        full = {**manifest, "format": FORMAT_VERSION, "modules": modules,
+                "distinct_inputs": sum(1 for m, s in shared.items() if m == s)}
+        _atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": str(FORMAT_VERSION)}))
+        _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(full, indent=1, sort_keys=True)))
+        return StatsStore(path, full)

@@ -1,0 +1,277 @@
+"""Calibration: data files, hooks (padding, shared inputs, upcasting, Conv1D), passes under a
+memory budget, the on-disk cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from esm_ray.errors import InputError
+from esm_ray.spec import CalibrationSpec
+from esm_ray.stats import StatsCollector, StatsStore, calibrate, calibrate_expert, data_hash, load_calibration_rows
+from esm_ray.stats.calibrate import make_batches
+from esm_ray.stats.hooks import plan_passes, stats_bytes
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: one intra-op thread avoids spin-waiting on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _id_rows(n: int, seed: int, vocab: int = 90, lo: int = 3, hi: int = 15) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(1, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),),
+                                        generator=g).tolist()} for _ in range(n)]
+
+
+def _assert_same(a: dict, b: dict, rtol: float = 1e-6) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].n == b[k].n, k
+        scale = float(a[k].gram.abs().max())
+        torch.testing.assert_close(a[k].gram, b[k].gram, rtol=rtol, atol=rtol * scale)
+        torch.testing.assert_close(a[k].s1, b[k].s1, rtol=rtol, atol=rtol * float(a[k].s1.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def bert(tiny_bert):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(tiny_bert["expert_0"])).eval()
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def test_jsonl_and_text_rows_are_picked_deterministically(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"text": f"sample {i}"}) for i in range(20)) + "\n\n")
+    a = load_calibration_rows(str(p), 5, seed=3)
+    assert a == load_calibration_rows(str(p), 5, seed=3)
+    assert a != load_calibration_rows(str(p), 5, seed=4)
+    assert len({r["text"] for r in a}) == 5
+    # the first n of one shuffle: a larger n extends a smaller one
+    assert load_calibration_rows(str(p), 8, seed=3)[:5] == a
+    assert len(load_calibration_rows(str(p), 50, seed=0)) == 20
+    t = tmp_path / "d.txt"
+    t.write_text("first line\n\n  second  \nthird\n")
+    assert sorted(r["text"] for r in load_calibration_rows(str(t), 10, 0)) == ["first line", "second", "third"]
+    ids = tmp_path / "ids.data"  # unknown suffix, sniffed as JSONL
+    ids.write_text('{"input_ids": [1, 2, 3]}\n')
+    assert load_calibration_rows(str(ids), 1, 0) == [{"input_ids": [1, 2, 3]}]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"text": "ok"}\n{"text": "broken"\n', "line 2"),
+    ('{"text": "ok"}\n\n{"label": 1}\n', "line 3"),
+    ('{"input_ids": []}\n', "line 1"),
+    ('{"input_ids": [1, "a"]}\n', "line 1"),
+    ('["text"]\n', "line 1"),
+    ("\n\n", "empty"),
+])
+def test_bad_data_files_name_the_file_and_line(tmp_path, content, needle):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(InputError) as e:
+        load_calibration_rows(str(p), 4, 0)
+    assert str(p) in str(e.value) and needle in str(e.value)
+
+
+def test_missing_file_and_content_hash(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_calibration_rows(str(tmp_path / "nope.jsonl"), 1, 0)
+    p = tmp_path / "d.txt"
+    p.write_text("a\nb\n")
+    h = data_hash(str(p))
+    assert h == data_hash(str(p))
+    p.write_text("a\nc\n")
+    assert data_hash(str(p)) != h
+
+
+# ---- hooks --------------------------------------------------------------------------------------
+
+def test_one_batch_equals_samples_one_by_one(bert):
+    rows = _id_rows(7, seed=1)
+    batched = calibrate(bert, rows, None, CalibrationSpec(samples=7, batch_size=7))
+    single = calibrate(bert, rows, None, CalibrationSpec(samples=7, batch_size=1))
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    assert batched["encoder.layer.0.attention.self.query"].n == tokens
+    assert batched["pooler.dense"].n == len(rows)  # the pooler reads one (first) token per sample
+    _assert_same(batched, single, rtol=1e-5)
+
+
+def test_padding_tokens_do_not_count(bert):
+    rows = _id_rows(4, seed=2)
+    ids = [r["input_ids"] for r in rows]
+    (x0, m0), = list(make_batches(ids, 4))
+    # the same batch with 5 more positions of arbitrary (non-pad) ids, masked out
+    x1 = torch.cat([x0, torch.randint(1, 90, (4, 5))], 1)
+    m1 = torch.cat([m0, torch.zeros(4, 5, dtype=m0.dtype)], 1)
+    res = []
+    for x, m in ((x0, m0), (x1, m1)):
+        with torch.inference_mode(), StatsCollector(bert) as col:
+            col.begin_batch(m)
+            bert(input_ids=x, attention_mask=m)
+        res.append(col.results())
+    _assert_same(res[0], res[1], rtol=1e-5)
+    assert res[1]["encoder.layer.1.output.dense"].n == int(m0.sum())
+
+
+def test_qkv_share_one_gram_and_store_it_once(bert, tmp_path):
+    stats = calibrate(bert, _id_rows(3, seed=3), None, CalibrationSpec(samples=3))
+    for i in range(2):
+        q, k, v = (stats[f"encoder.layer.{i}.attention.self.{n}"] for n in ("query", "key", "value"))
+        assert q is k is v
+        assert stats[f"encoder.layer.{i}.attention.output.dense"] is not q
+    store = StatsStore.save(stats, tmp_path / "s.safetensors", {"key": "x"})
+    from safetensors import safe_open
+
+    with safe_open(str(store.path), framework="pt") as f:
+        grams = [k for k in f.keys() if k.endswith(".gram")]
+    assert len(grams) == 9 == store.manifest["distinct_inputs"]  # 13 linears, 2×(q,k,v) folded
+    assert store.shared()["encoder.layer.1.attention.self.value"] == "encoder.layer.1.attention.self.query"
+    torch.testing.assert_close(store.get("encoder.layer.0.attention.self.key").gram,
+                               stats["encoder.layer.0.attention.self.query"].gram)
+
+
+def test_llama_qkv_and_gate_up_share_inputs(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama["expert_1"]))
+    stats = calibrate(model, _id_rows(3, seed=4, vocab=70), None, CalibrationSpec(samples=3))
+    p = "model.layers.0."
+    assert stats[p + "self_attn.q_proj"] is stats[p + "self_attn.k_proj"] is stats[p + "self_attn.v_proj"]
+    assert stats[p + "mlp.gate_proj"] is stats[p + "mlp.up_proj"]
+    assert stats[p + "mlp.down_proj"].d_in == 48
+    assert len({id(s) for s in stats.values()}) == 2 * 4 + 1  # per block qkv, o, gate/up, down; lm_head
+
+
+def test_low_precision_inputs_are_upcast_and_conv1d_is_hooked():
+    from transformers.pytorch_utils import Conv1D
+
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(6, 4).to(torch.bfloat16)
+    conv = Conv1D(4, 6)
+    x = torch.randn(2, 3, 6, generator=g).to(torch.bfloat16)
+    model = nn.ModuleDict({"lin": lin, "conv": conv})
+    with torch.inference_mode(), StatsCollector(model) as col:
+        col.begin_batch(None)
+        lin(x)
+        conv(x.float())
+    st = col.results()
+    ref = x.reshape(-1, 6).double()
+    assert st["lin"].gram.dtype == torch.float64
+    torch.testing.assert_close(st["lin"].gram, ref.T @ ref, rtol=0, atol=0)  # exact: bf16 → f64 products
+    assert st["conv"].transposed and not st["lin"].transposed
+    torch.testing.assert_close(st["conv"].gram, ref.T @ ref)
+
+
+def test_passes_under_a_memory_budget_give_the_same_stats(bert):
+    rows = _id_rows(5, seed=6)
+    one = calibrate(bert, rows, None, CalibrationSpec(samples=5, batch_size=2))
+    budget = stats_bytes(32) * 2  # two 32-wide inputs per pass
+    several = calibrate(bert, rows, None, CalibrationSpec(samples=5, batch_size=2), max_bytes=budget)
+    _assert_same(one, several, rtol=1e-12)
+    assert several["encoder.layer.0.attention.self.query"] is several["encoder.layer.0.attention.self.value"]
+    groups = [["a", "b", "c"], ["d"], ["e"], ["f", "g"]]
+    widths = dict.fromkeys("abcdefg", 32) | {"e": 64}
+    passes = plan_passes(groups, widths, stats_bytes(32) * 2)
+    assert passes == [["a", "b", "c", "d"], ["e"], ["f", "g"]]  # groups never split; big ones alone
+    assert plan_passes(groups, widths, None) == [list("abcdefg")]
+    only = calibrate(bert, rows, None, CalibrationSpec(samples=5), modules=["encoder.layer.1.output.dense"])
+    assert list(only) == ["encoder.layer.1.output.dense"]
+
+
+# ---- calibrate_expert and the cache -------------------------------------------------------------
+
+def test_calibrate_expert_caches_and_hits(tiny_bert, tmp_path, caplog):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in _id_rows(12, seed=7)))
+    settings = CalibrationSpec(samples=8, max_length=10, batch_size=3, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="esm_ray.stats"):
+        a = calibrate_expert(str(tiny_bert["expert_2"]), str(data), settings, name="e2")
+        b = calibrate_expert(str(tiny_bert["expert_2"]), str(data), settings, name="e2")
+    assert not a.cache_hit and b.cache_hit and a.path == b.path
+    assert any("cache hit" in r.message and "e2" in r.message for r in caplog.records)
+    assert any("8 rows" in r.message for r in caplog.records)
+    assert a.modules() == b.modules() and len(a.modules()) == 13
+    for m in a.modules():
+        x, y = a.get(m), b.get(m)
+        assert x.n == y.n and torch.equal(x.gram, y.gram) and torch.equal(x.s1, y.s1)
+    man = b.manifest
+    assert man["rows"] == 8 and man["data_hash"] == data_hash(str(data)) and man["model_fingerprint"]
+    assert man["settings"]["max_length"] == 10 and man["seconds"] >= 0
+    assert not list((tmp_path / "cache" / "stats").glob(".*tmp"))  # no temp files left
+    # the rows were truncated to max_length
+    assert a.get("encoder.layer.0.output.dense").n <= 8 * 10
+    # settings that matter change the key; the batch size does not
+    c = calibrate_expert(str(tiny_bert["expert_2"]), str(data), settings.model_copy(update={"max_length": 12}))
+    assert c.path != a.path and not c.cache_hit
+    d = calibrate_expert(str(tiny_bert["expert_2"]), str(data), settings.model_copy(update={"batch_size": 8}))
+    assert d.path == a.path and d.cache_hit
+    # another expert is another model: another key
+    e = calibrate_expert(str(tiny_bert["expert_1"]), str(data), settings)
+    assert e.path != a.path
+    assert StatsStore(a.path).get("no.such.module") is None
+
+
+def test_calibrate_expert_names_modules_as_the_checkpoint_does(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "clf")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in _id_rows(4, seed=8, vocab=60)))
+    store = calibrate_expert(str(tmp_path / "clf"), str(data), CalibrationSpec(samples=4, cache_dir=str(tmp_path)))
+    assert "bert.encoder.layer.0.attention.self.query" in store.modules()  # the stored key prefix
+    one = calibrate_expert(str(tmp_path / "clf"), str(data), CalibrationSpec(samples=4, cache_dir=str(tmp_path)),
+                           modules=["bert.encoder.layer.0.output.dense"])
+    assert one.modules() == {"bert.encoder.layer.0.output.dense"} and one.path != store.path
+
+
+def test_cache_dir_from_the_environment(tiny_bert, tmp_path, monkeypatch):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 2, 3]}))
+    monkeypatch.setenv("ESM_RAY_CACHE", str(tmp_path / "envcache"))
+    store = calibrate_expert(str(tiny_bert["expert_0"]), str(data), CalibrationSpec(samples=1))
+    assert store.path.parent == tmp_path / "envcache" / "stats"
+
+
+def test_text_rows_use_the_model_directory_tokenizer(tiny_bert, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "the a movie was good bad plot great boring fun".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_bert["expert_0"], model_dir)
+    BertTokenizer(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    lines = ["the movie was great fun", "a boring plot", "good", "bad bad bad bad bad bad bad bad bad"]
+    data = tmp_path / "rows.txt"
+    data.write_text("\n".join(lines) + "\n")
+    settings = CalibrationSpec(samples=4, max_length=8, cache_dir=str(tmp_path / "cache"))
+    store = calibrate_expert(str(model_dir), str(data), settings)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tokens = sum(len(tok(t, truncation=True, max_length=8)["input_ids"]) for t in lines)
+    assert store.get("encoder.layer.0.output.dense").n == tokens
+    assert store.manifest["rows"] == 4
+    # a tokenizer_uri without tokenizer files (e.g. the base) falls back to the expert's own
+    again = calibrate_expert(str(model_dir), str(data), settings, tokenizer_uri=str(tiny_bert["base"]))
+    assert again.path == store.path
+
+
+def test_text_rows_without_tokenizer_fail_clearly(tiny_bert, tmp_path):
+    data = tmp_path / "rows.txt"
+    data.write_text("hello world\n")
+    with pytest.raises(InputError, match="tokenizer"):
+        calibrate_expert(str(tiny_bert["expert_0"]), str(data), CalibrationSpec(cache_dir=str(tmp_path)))

@@ -1,0 +1,68 @@
+"""`esm-ray eval`: score a model against a zoo, or sweep merge specs into one table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _merge_fn(spec):
+    from esm_ray.runtime import run_merge
+
+    return str(run_merge(spec).output)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from esm_ray.errors import SpecError
+    from esm_ray.eval.metrics import evaluate_encoder, evaluate_lm
+    from esm_ray.eval.report import ReportTable, row_from_result, write_report
+    from esm_ray.eval.sweep import baseline_rows, search_alpha, sweep
+    from esm_ray.zoo.layout import open_zoo
+
+    zoo = open_zoo(args.zoo)
+    if args.sweep:
+        table = sweep(args.sweep, zoo, _merge_fn, split=args.split, tasks=args.tasks, select=args.select)
+    else:
+        if not args.model:
+            raise SpecError("give MODEL_DIR to evaluate, or --sweep SPEC ...")
+        if args.search_alpha:
+            res = search_alpha(zoo.base_dir, args.model, None, None, zoo, args.tasks)
+            print(json.dumps({k: v for k, v in res.items() if k != "test"}, indent=2))
+            result = {**res["test"], "model": args.model}
+            name = f"{args.name or args.model} [α={res['alpha']:.3f} on val]"
+            split = "test"
+        else:
+            split = args.split
+            result = (evaluate_encoder(args.model, zoo, split, args.tasks) if zoo.kind == "encoder"
+                      else evaluate_lm(args.model, zoo, split, args.tasks))
+            name = args.name or args.model
+        table = ReportTable(list(args.tasks or zoo.tasks), metric="accuracy" if zoo.kind == "encoder" else "perplexity",
+                            split=split, meta={"zoo": str(zoo.root)})
+        for row in baseline_rows(zoo, split, args.tasks):
+            table.add(row)
+        table.add(row_from_result(name, result, "model"))
+    from esm_ray.eval.report import to_markdown
+
+    print(to_markdown(table))
+    if args.out:
+        paths = write_report(table, args.out, title=args.title)
+        for kind, p in paths.items():
+            print(f"{kind}: {p}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model (or sweep merge specs) against a built zoo")
+    p.add_argument("model", nargs="?", help="HF model directory to evaluate")
+    p.add_argument("--zoo", required=True, help="a built zoo directory (holding zoo.json)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--tasks", nargs="+", help="subset of the zoo's tasks")
+    p.add_argument("--sweep", nargs="+", metavar="SPEC", help="merge each spec, evaluate, one table")
+    p.add_argument("--select", action="store_true",
+                   help="with --sweep: choose ESM α / task-arithmetic λ on validation, then test once")
+    p.add_argument("--search-alpha", action="store_true",
+                   help="MODEL is an ESM merge: golden-section search of α on validation, then test once")
+    p.add_argument("--name", help="row name for MODEL (default: its path)")
+    p.add_argument("--title", help="title of the Markdown table and chart")
+    p.add_argument("--out", help="report directory: report.json, report.md, report.png")
+    p.set_defaults(func=cmd_eval)

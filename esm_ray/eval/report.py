@@ -1,0 +1,180 @@
+"""One results table (rows = methods, columns = tasks) and its JSON, Markdown and PNG forms.
+
+The Markdown imitates the papers' tables: absolute accuracy in percent with the normalised
+accuracy (percent of the fine-tuned expert) in parentheses, and an average column. For LM
+zoos the metric is perplexity (lower is better) and no normalisation is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+
+@dataclass
+class Row:
+    name: str
+    values: dict[str, float]                   # per task: accuracy in [0, 1] (or perplexity)
+    normalized: dict[str, float] | None = None  # per task: value / expert value
+    kind: str = "merged"                        # "probe", "experts", "merged", "model"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def average(self, tasks: Sequence[str]) -> float:
+        vals = [self.values[t] for t in tasks if t in self.values]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    def normalized_average(self, tasks: Sequence[str]) -> float | None:
+        if not self.normalized:
+            return None
+        vals = [self.normalized[t] for t in tasks if t in self.normalized]
+        return sum(vals) / len(vals) if vals else None
+
+
+@dataclass
+class ReportTable:
+    tasks: list[str]
+    rows: list[Row] = field(default_factory=list)
+    metric: str = "accuracy"   # or "perplexity"
+    split: str = "test"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def row(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "split": self.split, "tasks": list(self.tasks), "meta": self.meta,
+                "rows": [{**asdict(r), "average": r.average(self.tasks),
+                          "normalized_average": r.normalized_average(self.tasks)} for r in self.rows]}
+
+    @staticmethod
+    def from_dict(d: dict) -> "ReportTable":
+        rows = [Row(r["name"], dict(r["values"]), r.get("normalized"), r.get("kind", "merged"), r.get("info", {}))
+                for r in d["rows"]]
+        return ReportTable(list(d["tasks"]), rows, d.get("metric", "accuracy"), d.get("split", "test"),
+                           d.get("meta", {}))
+
+
+def row_from_result(name: str, result: dict, kind: str = "merged", info: dict | None = None) -> Row:
+    """A Row from an `evaluate_encoder` / `evaluate_lm` result."""
+    if "domains" in result:
+        vals = {d: v["perplexity"] for d, v in result["domains"].items()}
+        return Row(name, vals, None, kind, info or {})
+    vals = {t: v["accuracy"] for t, v in result["tasks"].items()}
+    norm = {t: v["normalized"] for t, v in result["tasks"].items()}
+    return Row(name, vals, norm, kind, info or {})
+
+
+# ---------------------------------------------------------------- writers
+
+
+def write_json(table: ReportTable, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(table.to_dict(), indent=2) + "\n")
+    return p
+
+
+def _cell(v: float | None, n: float | None, pct: bool) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    s = f"{100 * v:.1f}" if pct else f"{v:.2f}"
+    if n is not None and not math.isnan(n):
+        s += f" ({100 * n:.1f})"
+    return s
+
+
+def to_markdown(table: ReportTable, title: str | None = None) -> str:
+    pct = table.metric == "accuracy"
+    head = ["method", *table.tasks, "avg"]
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    if pct:
+        lines += [f"{table.split} accuracy (%), normalised accuracy (% of the fine-tuned expert) in parentheses.", ""]
+    else:
+        lines += [f"{table.split} {table.metric} (lower is better).", ""]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    for r in table.rows:
+        cells = [r.name]
+        for t in table.tasks:
+            cells.append(_cell(r.values.get(t), (r.normalized or {}).get(t), pct))
+        cells.append(_cell(r.average(table.tasks), r.normalized_average(table.tasks), pct))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(table: ReportTable, path: str | Path, title: str | None = None) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(to_markdown(table, title))
+    return p
+
+
+_KIND_COLORS = {"probe": "#b8b8b8", "experts": "#4a4a4a"}
+
+
+def write_png(table: ReportTable, path: str | Path, title: str | None = None) -> Path:
+    """Grouped bars: one group per task (plus the average), one bar per row of the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pct = table.metric == "accuracy"
+    cols = [*table.tasks, "average"]
+    n_rows = max(len(table.rows), 1)
+    width = 0.8 / n_rows
+    fig_w = max(8.0, 1.0 + len(cols) * (0.35 + 0.13 * n_rows))
+    fig, ax = plt.subplots(figsize=(fig_w, 4.8), dpi=120)
+    palette = plt.get_cmap("tab10" if n_rows <= 12 else "tab20")
+    merged_i = 0
+    for i, r in enumerate(table.rows):
+        vals = [r.values.get(t, float("nan")) for t in table.tasks] + [r.average(table.tasks)]
+        vals = [100 * v if pct else v for v in vals]
+        color = _KIND_COLORS.get(r.kind)
+        if color is None:
+            color = palette(merged_i % palette.N)
+            merged_i += 1
+        xs = [j + (i - (n_rows - 1) / 2) * width for j in range(len(cols))]
+        hatch = "//" if r.kind == "probe" else None
+        ax.bar(xs, vals, width * 0.95, label=r.name, color=color, hatch=hatch, edgecolor="white", linewidth=0.4)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels([c.replace("_", "\n", 1) for c in cols], fontsize=9)
+    ax.axvline(len(cols) - 1.5, color="#999999", linewidth=0.8, linestyle=":")
+    ax.set_ylabel(f"{table.split} accuracy (%)" if pct else f"{table.split} {table.metric}")
+    if pct:
+        lows = [100 * v for r in table.rows for v in r.values.values() if not math.isnan(v)]
+        ax.set_ylim(max(0.0, (min(lows) if lows else 0) - 10) // 10 * 10, 100)
+    ax.grid(axis="y", color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=12)
+    ncol = min(n_rows, 4)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, fontsize=8.5, frameon=False)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, bbox_inches="tight")
+    plt.close(fig)
+    return p
+
+
+def write_report(table: ReportTable, out_dir: str | Path, stem: str = "report", title: str | None = None) -> dict:
+    """report.json, report.md and report.png under out_dir; returns their paths."""
+    d = Path(out_dir)
+    return {"json": write_json(table, d / f"{stem}.json"),
+            "markdown": write_markdown(table, d / f"{stem}.md", title),
+            "png": write_png(table, d / f"{stem}.png", title)}

@@ -1,0 +1,87 @@
+"""`esm-ray zoo build | smollm2 | specs | tasks`: the offline test bed from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from esm_ray.zoo.build import DEFAULT_CONFIG, REDUCED_CONFIG, build_zoo, with_overrides
+
+    cfg = with_overrides(REDUCED_CONFIG if args.reduced else DEFAULT_CONFIG, epochs=args.epochs, lr=args.lr,
+                         max_steps=args.max_steps)
+    zdir = build_zoo(args.out, args.tasks, reduced=args.reduced, seed=args.seed, config=cfg,
+                     progress=not args.no_progress, threads=args.threads)
+    print(zdir)
+    return 0
+
+
+def cmd_smollm2(args: argparse.Namespace) -> int:
+    from esm_ray.zoo.smollm2 import build_lm_zoo
+
+    zdir = build_lm_zoo(args.out, n_experts=args.experts, domains=args.domains, steps=args.steps,
+                        reduced=args.reduced, seed=args.seed, progress=not args.no_progress, threads=args.threads)
+    print(zdir)
+    return 0
+
+
+def cmd_specs(args: argparse.Namespace) -> int:
+    from esm_ray.zoo.specs import write_specs
+
+    for p in write_specs(args.zoo, args.out, args.methods, args.merged_root, args.tasks):
+        print(p)
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from esm_ray.zoo.tasks import DEFAULT_TASKS, TASKS, load_task
+
+    for name, t in TASKS.items():
+        mark = "*" if name in DEFAULT_TASKS else " "
+        line = f"{mark} {name:<18} {', '.join(t.labels):<40} {t.rule}"
+        if args.sizes:
+            d = load_task(name, args.seed)
+            line += f"  sizes={d.info['sizes']} majority={d.info['majority_rate']:.3f}"
+        print(line)
+    return 0
+
+
+def register(subparsers) -> None:
+    zoo = subparsers.add_parser("zoo", help="build the offline test bed (experts from packaged models and data)")
+    sub = zoo.add_subparsers(dest="zoo_command", required=True)
+
+    p = sub.add_parser("build", help="fine-tune MiniLM experts on the packaged classification tasks (cached)")
+    p.add_argument("--out", help="zoo root (default $ESM_RAY_ZOO or ~/.cache/esm-ray/zoo); the zoo is <out>/<hash>")
+    p.add_argument("--tasks", nargs="+", help="task names (default: the 8 default tasks; see `esm-ray zoo tasks`)")
+    p.add_argument("--reduced", action="store_true", help="2 tasks, small splits, a few steps (CI)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="override the training epochs")
+    p.add_argument("--lr", type=float, help="override the encoder learning rate")
+    p.add_argument("--max-steps", type=int, help="cap the optimizer steps per expert")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("smollm2", help="convert the packaged SmolLM2 GGUF and build causal-LM domain experts")
+    p.add_argument("--out", help="zoo root (default $ESM_RAY_ZOO or ~/.cache/esm-ray/zoo)")
+    p.add_argument("--experts", type=int, default=3, help="number of domain experts (default 3)")
+    p.add_argument("--domains", nargs="+", help="domain names (default: the first N of the packaged domains)")
+    p.add_argument("--steps", type=int, help="optimizer steps per expert")
+    p.add_argument("--reduced", action="store_true", help="tiny run: few steps, small held-out sets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_smollm2)
+
+    p = sub.add_parser("specs", help="write one merge spec YAML per method for a built zoo")
+    p.add_argument("zoo", help="a built zoo directory (the one holding zoo.json)")
+    p.add_argument("--out", required=True, help="directory for the YAML files")
+    p.add_argument("--methods", nargs="+", help="names from METHOD_TABLE (default: all)")
+    p.add_argument("--merged-root", help="where merges write (default <out>/merged/<method>)")
+    p.add_argument("--tasks", nargs="+", help="experts to merge (default: all of the zoo)")
+    p.set_defaults(func=cmd_specs)
+
+    p = sub.add_parser("tasks", help="list the packaged classification tasks")
+    p.add_argument("--sizes", action="store_true", help="also load each task and print its split sizes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks)

@@ -100,7 +100,7 @@ def test_reduced_build_layout(reduced_zoo):
     from esm_ray.zoo.sources import minilm_dir
 
     zdir, seconds = reduced_zoo
-    assert seconds < 300, f"reduced build took {seconds:.0f}s"
+    assert seconds < 600, f"reduced build took {seconds:.0f}s"  # about 1 min on 2 idle cores
     zoo = open_zoo(zdir)
     assert zoo.kind == "encoder" and zoo.tasks == ["rt_sentiment", "rt_subjectivity"]
     assert zoo.manifest["hash"] == zdir.name

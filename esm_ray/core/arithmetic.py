@@ -6,7 +6,7 @@ count. Half-precision inputs are promoted to float32; float64 inputs stay float6
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -28,20 +28,47 @@ def check_group(tensors: Sequence[Tensor], weights: Sequence[float]) -> None:
         raise ValueError(f"tensors differ in shape: {sorted(shapes)}")
 
 
-def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+def weighted_sum(tensors: Iterable[Tensor], weights: Sequence[float]) -> Tensor:
     """Σ_i w_i · t_i, accumulated in the given order.
 
-    tensors: T tensors of one shape S, weights: T floats -> S
+    tensors: T tensors of one shape S, weights: T floats -> S. `tensors` may also be a lazy
+    iterable (the local executor computes each expert's part when it is reached): each tensor
+    is used once and not kept, so memory does not grow with T. Its working dtype is then that
+    of the first tensor (float64 stays float64, anything else float32).
     """
-    check_group(tensors, weights)
-    dtype = work_dtype(tensors)
-    acc = torch.zeros(tensors[0].shape, dtype=dtype, device=tensors[0].device)
-    for t, w in zip(tensors, weights):
-        acc += t.to(dtype) * float(w)
+    if isinstance(tensors, Sequence):
+        check_group(tensors, weights)
+        dtype: torch.dtype | None = work_dtype(tensors)
+    else:
+        dtype = None
+    acc: Tensor | None = None
+    scratch: Tensor | None = None
+    n = 0
+    for t in tensors:
+        if n >= len(weights):
+            raise ValueError(f"got {len(weights)} weights for more than {n} tensors")
+        w = float(weights[n])
+        n += 1
+        if acc is None:
+            dtype = dtype or (torch.float64 if t.dtype == torch.float64 else torch.float32)
+            acc = torch.zeros(t.shape, dtype=dtype, device=t.device)
+        elif t.shape != acc.shape:
+            raise ValueError(f"tensors differ in shape: {sorted({tuple(acc.shape), tuple(t.shape)})}")
+        t = t.to(dtype)
+        if w == 1.0:  # t * 1.0 is t, bit for bit: skip the product and its temporary
+            acc += t
+        else:
+            if scratch is None:
+                scratch = torch.empty_like(acc)
+            acc += torch.mul(t, w, out=scratch)
+    if acc is None:
+        raise ValueError("need at least one tensor")
+    if n != len(weights):
+        raise ValueError(f"got {len(weights)} weights for {n} tensors")
     return acc
 
 
-def linear(weights: Sequence[float], tensors: Sequence[Tensor], normalize: bool = True) -> Tensor:
+def linear(weights: Sequence[float], tensors: Iterable[Tensor], normalize: bool = True) -> Tensor:
     """Weighted average of whole weights (model soup): Σ w_i W_i / Σ w_i.
 
     With normalize=False the weighted sum Σ w_i W_i is returned as is.
@@ -57,12 +84,12 @@ def linear(weights: Sequence[float], tensors: Sequence[Tensor], normalize: bool 
     return acc
 
 
-def task_arithmetic(task_vectors: Sequence[Tensor], weights: Sequence[float], lam: float = 1.0,
+def task_arithmetic(task_vectors: Iterable[Tensor], weights: Sequence[float], lam: float = 1.0,
                     normalize: bool = False) -> Tensor:
     """Task arithmetic: ΔW = λ · Σ w_i τ_i  (divided by Σ w_i when normalize).
 
     As in mergekit, a weight sum with |Σ w_i| < 1e-8 is treated as 1 when normalizing.
-    task_vectors: T tensors of one shape S -> S
+    task_vectors: T tensors of one shape S (or a lazy iterable of them, see weighted_sum) -> S
     """
     acc = weighted_sum(task_vectors, weights)
     if normalize:

@@ -148,6 +148,42 @@ def _os_errors(where: str) -> Iterator[None]:
         raise OutputError(f"{where}: write failed: {err.strerror or err}") from None
 
 
+def _nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    n = torch.empty(0, dtype=dtype).element_size()
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+class _OpenShard:
+    """A local shard file being written tensor by tensor (streaming mode of ShardedWriter)."""
+
+    def __init__(self, index: int, path: Path, f, fsync: bool, where: str) -> None:
+        self.index, self.path, self._f, self._fsync, self._where = index, path, f, fsync, where
+        self.nbytes = 0
+        self.n_tensors = -1  # the header is the first write
+
+    def write(self, data) -> None:
+        with _os_errors(self._where):
+            self._f.write(data)
+        self.nbytes += len(data)
+        self.n_tensors += 1
+
+    def close(self) -> ShardInfo:
+        with _os_errors(self._where):
+            if self._fsync:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            self._f.close()
+        return ShardInfo(self.index, self.path.name, self.nbytes, self.n_tensors)
+
+    def discard(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass
+
+
 class _LocalTarget:
     def __init__(self, uri: Uri, overwrite: bool, fsync: bool):
         self.final = Path(uri.path)
@@ -171,6 +207,14 @@ class _LocalTarget:
         with self._guard(f"shard {k}"):
             n = _write_local(p, header, views, self.fsync)
         return ShardInfo(k, p.name, n, len(views))
+
+    def open_shard(self, k: int, header: bytes, final: str) -> "_OpenShard":
+        p = self.tmp / final
+        with self._guard(f"shard {k}"):
+            f = open(p, "wb")
+        shard = _OpenShard(k, p, f, self.fsync, f"{self.final} (shard {k})")
+        shard.write(header)
+        return shard
 
     def put_file(self, rel: str, data) -> int:
         p = self.tmp / rel
@@ -337,7 +381,10 @@ class ShardedWriter:
     `plan`: the (name, nbytes) of every tensor in the order they will be added, when known up
     front (e.g. from the base model). Shard names are then fixed from the start: on S3 shards go
     straight to their final keys (no server-side copy at commit; with overwrite=True the old
-    index is deleted first), and `add` refuses tensors that deviate from the plan.
+    index is deleted first), and `add` refuses tensors that deviate from the plan. Items may also
+    be (name, dtype, shape): every shard's header is then known before its first tensor, and a
+    local writer streams each tensor into its shard file as it is added instead of holding the
+    shard in memory (the files are byte for byte the same).
     """
 
     def __init__(self, uri: str, max_shard_bytes: int | str, overwrite: bool = False,
@@ -368,8 +415,14 @@ class ShardedWriter:
         self._files: set[str] = set()
         self._state = "open"
         self._plan: list[tuple[str, int]] | None = None
+        self._layout: list[tuple[torch.dtype, tuple[int, ...]]] | None = None
+        self._open: _OpenShard | None = None
         if plan is not None:
-            self._plan = [(str(n), int(b)) for n, b in plan]
+            items = [tuple(p) for p in plan]
+            if items and all(len(p) == 3 for p in items):
+                self._layout = [(p[1], tuple(int(d) for d in p[2])) for p in items]
+                items = [(p[0], _nbytes(p[1], p[2])) for p in items]
+            self._plan = [(str(n), int(b)) for n, b in items]
             self._plan_shard = pack_shards([b for _, b in self._plan], self.max_shard_bytes)
             self._plan_n = self._plan_shard[-1] if self._plan else 0
         if self.uri.is_s3:
@@ -378,6 +431,7 @@ class ShardedWriter:
                 self._target.retire_old_output()
         else:
             self._target = _LocalTarget(self.uri, overwrite, fsync)
+        self._stream = self._layout is not None and isinstance(self._target, _LocalTarget)
 
     # building the output
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -401,6 +455,9 @@ class ShardedWriter:
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
+        if self._stream:
+            self._write_through(i, name, t)
+            return
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         self._pending.append((name, t))
@@ -409,7 +466,47 @@ class ShardedWriter:
         if self._pending_bytes >= self.max_shard_bytes:
             self._flush()
 
+    def _write_through(self, i: int, name: str, t: torch.Tensor) -> None:
+        """Streaming mode: write tensor i of the plan into its shard file now."""
+        assert self._plan is not None and self._layout is not None
+        dtype, shape = self._layout[i]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise OutputError(f"{self.uri}: tensor '{name}' ({str(t.dtype).removeprefix('torch.')} "
+                              f"{tuple(t.shape)}) does not follow the plan: expected "
+                              f"{str(dtype).removeprefix('torch.')} {shape}")
+        k = self._plan_shard[i]
+        t0 = time.perf_counter()
+        if self._open is None or self._open.index != k:
+            self._close_open()
+            j = i
+            while j < len(self._plan) and self._plan_shard[j] == k:
+                j += 1
+            header = encode_header([(self._plan[m][0], *self._layout[m], self._plan[m][1]) for m in range(i, j)],
+                                   self.metadata)
+            self._open = self._target.open_shard(k, header, shard_name(k, self._plan_n))
+        v = tensor_bytes(t)
+        self._open.write(v)
+        self.stats.io_seconds += time.perf_counter() - t0
+        self.stats.tensor_bytes += len(v)
+        self.stats.n_tensors += 1
+        self._names.add(name)
+        self._weight_map[name] = k
+
+    def _close_open(self) -> None:
+        if self._open is None:
+            return
+        t0 = time.perf_counter()
+        info = self._open.close()
+        self._open = None
+        self.stats.io_seconds += time.perf_counter() - t0
+        self.stats.bytes_written += info.nbytes
+        self.shards.append(info)
+        if self.on_shard is not None:
+            self.on_shard(info)
+
     def _flush(self) -> None:
+        if self._stream:
+            self._close_open()
         if not self._pending:
             return
         k = len(self.shards) + 1
@@ -507,6 +604,9 @@ class ShardedWriter:
             return
         self._state = "aborted"
         self._pending, self._pending_bytes = [], 0
+        if self._open is not None:
+            self._open.discard()
+            self._open = None
         self._target.abort()
 
     def _check_open(self) -> None:

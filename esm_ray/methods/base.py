@@ -157,6 +157,29 @@ class MergeMethod(ABC):
         """Extra files written into the output next to the weights, {relative path: bytes}."""
         return {}
 
+    # -- optional support stage (routed models): once per expert, before the merge loop ------
+    needs_support_features: ClassVar[bool] = False
+
+    def support_part(self, side: Any, ctx: ExpertContext) -> Any:
+        """Expert side: what the coordinator needs from this expert before merging (SiM's
+        support features from the pretrained backbone, the task head). `side` is the
+        ExpertSide (its spec, expert entry and lazy `base` / `model` readers)."""
+        raise NotImplementedError
+
+    def support_fuse(self, parts: list[Any], ctxs: list[ExpertContext]) -> None:
+        """Coordinator: consume the experts' support parts (kept in the method's state)."""
+        raise NotImplementedError
+
+    # -- optional search stage (Concrete, AdaMerging): before the merge loop, the executor runs
+    # `runtime.search.run_search`, which reads `search_config()` and calls `set_search_result`;
+    # `fuse` then applies what was found. `needs_data`: every expert needs unlabelled `data`.
+    search_stage: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = False
+
+    def memory_note(self, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        """One line for the dry run about memory beyond the tensor workspace (default: none)."""
+        return None
+
 
 class Purifier(ABC):
     """Replaces an expert tensor by a purified one before the method's ``prepare``."""

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from esm_ray.core.arithmetic import linear
 from esm_ray.errors import SpecError
-from esm_ray.methods._common import dense, in_expert_order, weights_of
+from esm_ray.methods._common import dense_in_order, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
@@ -30,13 +30,13 @@ class Linear(MergeMethod):
         normalize: bool = Field(True, description="divide by the sum of the expert weights")
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
-        parts, ctxs = in_expert_order(parts, ctxs)
+        tvs, ctxs = dense_in_order(parts, ctxs)
         weights = weights_of(ctxs)
         normalize = bool(self.params.normalize)  # type: ignore[attr-defined]
         if normalize and sum(weights) == 0.0:
             raise SpecError("field `experts[*].weight`: the weights sum to 0, which `linear` with "
                             "normalize=true cannot divide by")
-        out = linear(weights, [dense(p).float() for p in parts], normalize=normalize)
+        out = linear(weights, tvs, normalize=normalize)
         if not normalize:
             out += (sum(weights) - 1.0) * base.float()
         return out.float()

@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from esm_ray.core.arithmetic import task_arithmetic
-from esm_ray.methods._common import dense, in_expert_order, lambda_field, normalize_field, weights_of
+from esm_ray.methods._common import dense_in_order, lambda_field, normalize_field, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
@@ -24,7 +24,7 @@ class TaskArithmetic(MergeMethod):
         lambda_: float = lambda_field()
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
-        parts, ctxs = in_expert_order(parts, ctxs)
+        tvs, ctxs = dense_in_order(parts, ctxs)
         p = self.params
-        return task_arithmetic([dense(t).float() for t in parts], weights_of(ctxs),
-                               lam=p.lambda_, normalize=p.normalize).float()  # type: ignore[attr-defined]
+        return task_arithmetic(tvs, weights_of(ctxs), lam=p.lambda_,
+                               normalize=p.normalize).float()  # type: ignore[attr-defined]

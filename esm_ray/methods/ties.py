@@ -12,10 +12,9 @@ from esm_ray.methods._common import (
     Consensus,
     compact,
     consensus_field,
-    dense,
+    dense_in_order,
     density_field,
     expert_density,
-    in_expert_order,
     lambda_field,
     normalize_field,
     weights_of,
@@ -49,7 +48,7 @@ class Ties(MergeMethod):
         return compact(trimmed)
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
-        parts, ctxs = in_expert_order(parts, ctxs)
+        tvs, ctxs = dense_in_order(parts, ctxs)
         p = self.params
-        return sign_consensus_merge([dense(t).float() for t in parts], weights_of(ctxs), lam=p.lambda_,
-                                    normalize=p.normalize, method=p.consensus).float()  # type: ignore[attr-defined]
+        return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,
+                                    method=p.consensus).float()  # type: ignore[attr-defined]

@@ -1,1 +1,9 @@
-"""routed."""
+"""The routed model: merged base + per-sample low-rank residual experts + router, save/load."""
+
+from esm_ray.routed.build import build_routed, routed_modules
+from esm_ray.routed.layers import RoutedLinear, RoutingState
+from esm_ray.routed.load import head_from, load_routed, read_head
+from esm_ray.routed.model import Classified, Head, RoutedModel, RoutedOutput, SimRouter
+
+__all__ = ["Classified", "Head", "RoutedLinear", "RoutedModel", "RoutedOutput", "RoutingState", "SimRouter",
+           "build_routed", "head_from", "load_routed", "read_head", "routed_modules"]

@@ -8,8 +8,10 @@ them in one process; the Ray executor wraps the very same class in one actor per
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -21,7 +23,52 @@ from esm_ray.spec import MergeSpec
 log = logging.getLogger("esm_ray.expert")
 
 
+def math_threads(spec: MergeSpec) -> int:
+    """Intra-op threads for the per-layer math, the same in every executor and process.
+
+    Reductions, SVD and eigh give different bits with different thread counts, so the local
+    and Ray executors must agree: `runtime.torch_threads` when set, else the CPUs per worker.
+    """
+    n = getattr(spec.runtime, "torch_threads", None)
+    return max(1, int(n if n else spec.runtime.num_cpus_per_worker))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the enclosed torch math on exactly `n` intra-op threads (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+_scratch = threading.local()
+
+
+def read_to_float32(reader, name: str, source: str) -> Tensor:
+    """Tensor `name` checked for NaN/Inf and converted to a fresh float32 tensor.
+
+    A tensor stored in another dtype is read into a byte buffer that this thread reuses (it is
+    converted at once), which spares a fresh allocation, and its page faults, per read.
+    """
+    meta = reader.info(name)
+    if meta.dtype == torch.float32 or not meta.nbytes:
+        raw = reader.get(name)
+    else:
+        buf = getattr(_scratch, "buf", None)
+        if buf is None or buf.numel() < meta.nbytes:
+            buf = _scratch.buf = torch.empty(meta.nbytes, dtype=torch.uint8)
+        raw = reader.get(name, out=buf[:meta.nbytes].view(meta.dtype).view(meta.shape))
+    check_finite(name, raw, source)
+    return raw.to(torch.float32)
+
+
 class ExpertSide:
+    # Calls that change the side's state; an executor replays them on a restarted side.
+    STATE_CALLS: ClassVar[tuple[str, ...]] = ("calibrate", "set_plan", "search_begin", "search_end")
+
     def __init__(self, spec: MergeSpec, index: int) -> None:
         self.spec = spec
         self.index = index
@@ -35,6 +82,8 @@ class ExpertSide:
         self._model = None
         self._stats = None
         self._plan: Any = None
+        self._search: Any = None  # runtime.search.TaskSearcher, built on first use
+        self._search_fixed: dict[str, Any] | None = None
 
     # -- readers ---------------------------------------------------------------------------
     @property
@@ -59,7 +108,7 @@ class ExpertSide:
 
         t0 = time.perf_counter()
         self._stats = calibrate_expert(self.expert.model, self.expert.data, self.spec.calibration,
-                                       s3=self.spec.s3, tokenizer_uri=self.spec.base)
+                                       s3=self.spec.s3, tokenizer_uri=self.spec.base, name=self.expert.name)
         log.info("expert %s: statistics for %d layers ready in %.1fs", self.expert.name,
                  len(self._stats.modules()), time.perf_counter() - t0)
         return sorted(self._stats.modules())
@@ -92,11 +141,20 @@ class ExpertSide:
         out = []
         for info in infos:
             b, w = self._tensors(info)
-            ctx = self._ctx(info)
-            if self.purifier is not None and self.purifier.applies(info):
-                w = self.purifier.purify(info, b, w, ctx)
-            out.append(self.method.prepare(info, b, w, ctx))
+            out.append(self._part(info, b, w))
         return out
+
+    def prepare_with_base(self, info: TensorInfo, base: Tensor) -> Any:
+        """This expert's part of one tensor against a float32 base that the caller has read and
+        checked: the local executor reads and converts the base once for all T sides."""
+        w = read_to_float32(self.model, info.name, self.expert.model)
+        return self._part(info, base, w)
+
+    def _part(self, info: TensorInfo, b: Tensor, w: Tensor) -> Any:
+        ctx = self._ctx(info)
+        if self.purifier is not None and self.purifier.applies(info):
+            w = self.purifier.purify(info, b, w, ctx)
+        return self.method.prepare(info, b, w, ctx)
 
     def post_prepare(self, infos: list[TensorInfo], merged: list[Tensor]) -> list[Any]:
         """This expert's post-stage parts against the final merged tensors."""
@@ -105,6 +163,39 @@ class ExpertSide:
             w = self.model.get(info.name).to(torch.float32)
             out.append(self.method.post_prepare(info, m, w, self._ctx(info)))
         return out
+
+    def support_features(self) -> Any:
+        """Before the merge loop (methods with needs_support_features): this expert's support
+        part, e.g. SiM's pooled backbone features of its support samples and its task head."""
+        ctx = ExpertContext(self.index, self.expert.name, self.expert.weight, self.expert.density)
+        return self.method.support_part(self, ctx)
+
+    # -- search stage (Concrete, AdaMerging): this expert's task entropy and its gradient ---
+    def _searcher(self):
+        if self._search is None:
+            from esm_ray.runtime.search import TaskSearcher
+
+            self._search = TaskSearcher(self.spec, self.index, self.method.params, self.base, self.model)
+        if self._search_fixed is not None:
+            self._search.begin(self._search_fixed)
+            self._search_fixed = None
+        return self._search
+
+    def search_layout(self) -> dict[str, list[str]]:
+        """The parameter names of this expert's task model, and which are nn.Linear weights."""
+        return self._searcher().layout()
+
+    def search_begin(self, fixed: dict[str, Any]) -> None:
+        """The merged values of the tensors that stay constant during the search."""
+        self._search_fixed = fixed
+
+    def entropy_grad(self, merged: dict[str, Any], step_seed: int) -> tuple[float, dict[str, Any]]:
+        """(H, ∂H/∂θ): this task's mean prediction entropy on its batch for `step_seed`."""
+        with torch_threads(math_threads(self.spec)):
+            return self._searcher().entropy_grad(merged, step_seed)
+
+    def search_end(self) -> None:
+        self._search = self._search_fixed = None
 
     def close(self) -> None:
         for r in (self._base, self._model):

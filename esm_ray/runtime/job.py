@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,8 +25,10 @@ import esm_ray
 from esm_ray.io.reader import check_finite, open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
+from esm_ray.runtime.expert import math_threads, read_to_float32, torch_threads
 from esm_ray.runtime.plan import MergePlan
 from esm_ray.runtime.pool import ExpertPool
+from esm_ray.runtime.resume import ResumeStore
 
 log = logging.getLogger("esm_ray.job")
 
@@ -56,19 +58,27 @@ def _groups(infos: list[TensorInfo], max_bytes: int) -> Iterator[list[TensorInfo
 
 
 def _versions() -> dict[str, str]:
-    import safetensors
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"esm_ray": esm_ray.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
+    def installed(dist: str) -> str:  # from the package metadata: importing transformers takes seconds
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "-"
+
+    return {"esm_ray": esm_ray.__version__, "torch": torch.__version__, "transformers": installed("transformers"),
+            "safetensors": installed("safetensors"), "python": platform.python_version()}
 
 
 class MergeJob:
     """Runs one validated plan against an expert pool."""
 
     def __init__(self, plan: MergePlan, pool: ExpertPool, progress: bool = True, group_bytes: int = 64 << 20,
-                 executor: str = "local") -> None:
+                 executor: str = "local", resume: bool = False) -> None:
         self.plan = plan
+        self.resume = resume  # stage finished groups so a killed job can be resumed (runtime/resume.py)
+        self._store: ResumeStore | None = None
+        self.on_progress: Callable[[int, int], None] | None = None  # (tensors done now, total)
         self.pool = pool
         self.progress = progress
         self.group_bytes = group_bytes
@@ -77,9 +87,13 @@ class MergeJob:
         self._post: list[tuple[TensorInfo, torch.Tensor]] = []
         self._ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(plan.spec.experts)]
 
-    def _emit(self, writer: ShardedWriter, info: TensorInfo, merged: torch.Tensor) -> None:
+    def _emit(self, writer: ShardedWriter, info: TensorInfo, merged: torch.Tensor) -> torch.Tensor:
         """Write one final merged tensor; queue it for the method's post stage if it has one."""
         out = _finish(merged, info.name, self.plan.out_dtype)
+        self._emit_out(writer, info, out)
+        return out
+
+    def _emit_out(self, writer: ShardedWriter, info: TensorInfo, out: torch.Tensor) -> None:
         writer.add(info.name, out)
         m = self.plan.method
         if m.post_stage and m.post_applies(info):
@@ -100,7 +114,30 @@ class MergeJob:
         self.timings[name] = round(time.perf_counter() - t0, 4)
         log.info("stage %s done in %.2fs", name, self.timings[name])
 
+    def _advance(self, bar, n: int, total: int) -> None:
+        bar.update(n)
+        if self.on_progress is not None:
+            self.on_progress(n, total)
+
+    def _restore(self, writer: ShardedWriter, base, gi: int, group: list[TensorInfo], is_float: set[str],
+                 norms: dict[str, float], spilled: bool) -> None:
+        """Take a finished group from the resume store instead of computing it again."""
+        assert self._store is not None
+        tensors, group_norms = self._store.load(gi)
+        norms.update(group_norms)
+        if not spilled:  # staged: the exact tensors the writer got
+            for info in group:
+                if info.name in is_float:
+                    self._emit_out(writer, info, tensors[info.name])
+                else:
+                    writer.add(info.name, base.get(info.name))
+        self._flush_post()
+
     def run(self) -> MergeResult:
+        with torch_threads(math_threads(self.plan.spec)):  # same bits in every executor
+            return self._run()
+
+    def _run(self) -> MergeResult:
         plan, spec, method = self.plan, self.plan.spec, self.plan.method
         t_all = time.perf_counter()
         base = open_model(spec.base, spec.s3)
@@ -127,21 +164,51 @@ class MergeJob:
             self.pool.call_each("set_plan", [(p,) for p in plans])
             self._stage("purify_plan", t0)
 
+        if method.needs_support_features:
+            t0 = time.perf_counter()
+            method.support_fuse(self.pool.call("support_features"), self._ctxs)
+            self._stage("support", t0)
+
+        if method.search_stage:  # Concrete / AdaMerging: learn the mask and coefficients first
+            from esm_ray.runtime.search import run_search
+
+            t0 = time.perf_counter()
+            run_search(method, self.pool, plan, floating, progress=self.progress)
+            self._stage("search", t0)
+
         ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(spec.experts)]
-        spill_dir = Path(tempfile.mkdtemp(prefix="esm-ray-spill-")) if method.needs_layer_scales else None
+        groups = list(_groups(infos, self.group_bytes))
+        store = self._store = ResumeStore.open(plan, self.group_bytes, math_threads(spec)) if self.resume else None
+        staged = (store.scan([[i.name for i in g if i.name in is_float] for g in groups]) if store is not None
+                  else [False] * len(groups))
+        spill_dir = ((store.root if store is not None else Path(tempfile.mkdtemp(prefix="esm-ray-spill-")))
+                     if method.needs_layer_scales else None)
         norms: dict[str, float] = {}
+        local_parts = getattr(self.pool, "parts", None)  # LocalPool: parts on demand, see pool.LazyParts
         t0 = time.perf_counter()
         try:
-            with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3) as writer:
+            layout = _write_order(groups, is_float, spill_dir is not None, plan)
+            with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3,
+                               plan=layout) as writer:
                 bar = tqdm(total=len(infos), desc=f"merge {method.name}", unit="tensor", disable=not self.progress)
                 fused: dict[str, torch.Tensor] = {}
-                for group in _groups(infos, self.group_bytes):
+                for gi, group in enumerate(groups):
+                    if staged[gi]:
+                        self._restore(writer, base, gi, group, is_float, norms, spill_dir is not None)
+                        self._advance(bar, len(group), len(infos))
+                        continue
                     work = [i for i in group if i.name in is_float]
-                    parts = self.pool.call("prepare", work) if work else [[] for _ in range(plan.n_experts)]
+                    if local_parts is None:
+                        parts = self.pool.call("prepare", work) if work else [[] for _ in range(plan.n_experts)]
                     tg = time.perf_counter()
+                    done: dict[str, torch.Tensor] = {}
                     for j, info in enumerate(work):
-                        b = base.get(info.name).to(torch.float32)
-                        delta = method.fuse(info, b, [parts[e][j] for e in range(plan.n_experts)], ctxs)
+                        if local_parts is None:
+                            b = base.get(info.name).to(torch.float32)
+                            delta = method.fuse(info, b, [parts[e][j] for e in range(plan.n_experts)], ctxs)
+                        else:  # in-process sides: one base read for all, parts made as fuse reads them
+                            b = read_to_float32(base, info.name, spec.base)
+                            delta = method.fuse(info, b, local_parts(info, b), ctxs)
                         if tuple(delta.shape) != info.shape:
                             raise RuntimeError(f"method {method.name!r} returned shape {tuple(delta.shape)} "
                                                f"for tensor {info.name!r} of shape {info.shape}")
@@ -149,10 +216,15 @@ class MergeJob:
                             norms[info.name] = float(torch.linalg.vector_norm(delta))
                             fused[info.name] = delta.contiguous()
                         else:
-                            self._emit(writer, info, b + delta)
+                            done[info.name] = self._emit(writer, info, b + delta)
                     if spill_dir is not None and fused:
-                        save_file(fused, str(spill_dir / f"{len(list(spill_dir.iterdir())):05d}.safetensors"))
+                        if store is not None:
+                            store.save(gi, fused, {k: norms[k] for k in fused})
+                        else:
+                            save_file(fused, str(spill_dir / f"group-{gi:05d}.safetensors"))
                         fused = {}
+                    elif store is not None and done:
+                        store.save(gi, done)
                     self._flush_post()
                     if spill_dir is None:
                         for info in group:
@@ -160,14 +232,14 @@ class MergeJob:
                                 writer.add(info.name, base.get(info.name))
                     log.debug("group %s (%d tensors) fused in %.3fs", group[0].name, len(group),
                               time.perf_counter() - tg)
-                    bar.update(len(group))
+                    self._advance(bar, len(group), len(infos))
                 bar.close()
                 if spill_dir is not None:
                     self._stage("fuse", t0)
                     t0 = time.perf_counter()
                     scales = method.layer_scales(by_name, norms)
                     spilled: dict[str, Path] = {}
-                    for f in sorted(spill_dir.iterdir()):
+                    for f in sorted(spill_dir.glob("group-*.safetensors")):
                         from safetensors import safe_open
                         with safe_open(str(f), "pt") as h:
                             for k in h.keys():
@@ -195,8 +267,10 @@ class MergeJob:
                 report = self._report(method, time.perf_counter() - t_all)
                 self._write_aux(writer, base, report)
                 writer.commit()
+            if store is not None:
+                store.remove()  # the output is committed; staged groups are no longer needed
         finally:
-            if spill_dir is not None:
+            if spill_dir is not None and store is None:
                 shutil.rmtree(spill_dir, ignore_errors=True)
             base.close()
         self.timings["total"] = round(time.perf_counter() - t_all, 4)
@@ -224,9 +298,14 @@ class MergeJob:
             "timings_s": dict(self.timings, total=round(elapsed, 4)),
             "versions": _versions(),
         }
+        if self._store is not None:
+            rep["resume"] = {"groups": self._store.total, "restored": self._store.restored}
         extra = getattr(method, "report", None)
         if callable(extra):
             rep["method_report"] = extra()
+        purify_extra = getattr(plan.purifier, "report", None) if plan.purifier is not None else None
+        if callable(purify_extra):
+            rep["purify_report"] = purify_extra()
         return rep
 
     def _write_aux(self, writer: ShardedWriter, base, report: dict[str, Any]) -> None:
@@ -243,6 +322,19 @@ class MergeJob:
                 data = json.dumps(cfg, indent=2).encode()
             writer.write_file(name, data)
         writer.write_file("merge_report.json", json.dumps(report, indent=2).encode())
+
+
+def _write_order(groups: list[list[TensorInfo]], is_float: set[str], spilled: bool,
+                 plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every output tensor in the order the merge loop adds them: group by
+    group, its floating tensors and then the others; with a spill pass, the model's order. With
+    it the writer streams each tensor into its shard file instead of holding a whole shard."""
+    def item(info: TensorInfo) -> tuple[str, torch.dtype, tuple[int, ...]]:
+        return info.name, plan.out_dtype if info.name in is_float else plan.dtypes[info.name], info.shape
+
+    if spilled:
+        return [item(i) for g in groups for i in g]
+    return [item(i) for g in groups for i in sorted(g, key=lambda i: i.name not in is_float)]
 
 
 def _module(name: str, modules: set[str]) -> str | None:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
+import torch
+from torch import Tensor
+
+from esm_ray.methods import TensorInfo
 from esm_ray.runtime.expert import ExpertSide
 from esm_ray.spec import MergeSpec
 
@@ -21,11 +27,13 @@ class ExpertPool(Protocol):
 
 
 class LocalPool:
-    """All expert sides in this process, called one after another."""
+    """All expert sides in this process, called one after another (`parts` overlaps one side's
+    work with the coordinator's on a second thread)."""
 
     def __init__(self, spec: MergeSpec) -> None:
         self.sides = [ExpertSide(spec, i) for i in range(len(spec.experts))]
         self.n = len(self.sides)
+        self._ahead: ThreadPoolExecutor | None = None
 
     def call(self, method: str, *args: Any) -> list[Any]:
         return [getattr(s, method)(*args) for s in self.sides]
@@ -33,6 +41,79 @@ class LocalPool:
     def call_each(self, method: str, args: list[tuple]) -> list[Any]:
         return [getattr(s, method)(*a) for s, a in zip(self.sides, args)]
 
+    def parts(self, info: TensorInfo, base: Tensor) -> "LazyParts":
+        """The experts' parts of one tensor, each computed when the method first reads it,
+        against the coordinator's float32 base (read and checked once instead of T times)."""
+        if self._ahead is None and self.n > 1:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
+        return LazyParts(self.sides, info, base, self._ahead)
+
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=True)
+            self._ahead = None
         for s in self.sides:
             s.close()
+
+
+class LazyParts(Sequence):
+    """Expert i's part of one tensor, computed on first access.
+
+    Indexing keeps what it computed (a method may read a part several times); `stream(order)`
+    yields the parts in that order without keeping them, so a method that fuses in one pass
+    (methods._common.dense_in_order) holds two parts at a time whatever T is: the one being
+    fused, and the next, made meanwhile on the `ahead` thread (torch releases the GIL, so a
+    second core does the expert side's work). The parts are the same objects the sides'
+    `prepare` would return, computed with the same thread settings, so fusing them gives the
+    same bytes as the Ray executor.
+    """
+
+    def __init__(self, sides: list[ExpertSide], info: TensorInfo, base: Tensor,
+                 ahead: ThreadPoolExecutor | None = None) -> None:
+        self._sides = sides
+        self._info = info
+        self._base = base
+        self._ahead = ahead
+        self._threads = torch.get_num_threads()  # the job's math threads, for the ahead thread too
+        self._done: dict[int, Any] = {}
+
+    def _make(self, i: int) -> Any:
+        if torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
+        return self._sides[i].prepare_with_base(self._info, self._base)
+
+    def __len__(self) -> int:
+        return len(self._sides)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i not in self._done:
+            self._done[i] = self._make(i)
+        return self._done[i]
+
+    def stream(self, order: list[int]) -> Iterator[Any]:
+        todo = [i for i in order if i not in self._done]
+        nxt: Future | None = None
+        try:
+            for i in order:
+                if i in self._done:
+                    yield self._done[i]
+                    continue
+                todo.remove(i)
+                if nxt is None:  # the first part: made here while the thread starts the second
+                    if self._ahead is not None and todo:
+                        nxt = self._ahead.submit(self._make, todo[0])
+                    part = self._make(i)
+                else:
+                    part = nxt.result()
+                    nxt = self._ahead.submit(self._make, todo[0]) if todo else None
+                yield part
+                del part
+        finally:
+            if nxt is not None:
+                nxt.cancel()

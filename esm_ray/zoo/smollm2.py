@@ -188,7 +188,7 @@ class LMConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup: int = 5
-    n_test: int = 48
+    n_test: int = 40
     n_val: int = 32
     max_train: int = 1200
 

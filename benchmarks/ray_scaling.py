@@ -1,0 +1,203 @@
+"""Ray executor scaling: the per-expert stages with 1 and 2 expert workers at a time.
+
+    python benchmarks/ray_scaling.py [--experts 4] [--method esm] [--hidden 512 --layers 4]
+
+Runs the two stages that happen on the expert side, once with one worker busy at a time (the
+experts one after another, as one worker would) and once with two at a time, on the same
+ExpertWorker actors (one per expert, 1 CPU and 1 torch thread each) of a private local Ray:
+
+- calibration: a forward pass of each expert over its samples, accumulating LayerStats
+  (the statistics cache is emptied before each run);
+- decomposition: `prepare` on every tensor, layer group by layer group, as the coordinator
+  asks for it (for ESM: the essential-subspace factors of each linear layer).
+
+It also reports the bytes the parts of one transformer block take through the object store
+(pickled, all experts) against the dense alternative, T x d_out x d_in float32 per matrix, and
+each worker's peak resident memory. Prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _util import LlamaShape, cache_root, make_family, print_table  # noqa: E402
+
+
+def write_data(root: Path, n: int, vocab: int, rows: int, length: int) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        rng = random.Random(1000 + i)
+        p = root / f"task_{i}.jsonl"
+        p.write_text("".join(json.dumps({"input_ids": [rng.randrange(3, vocab) for _ in range(length)]}) + "\n"
+                             for _ in range(rows)))
+        out.append(p)
+    return out
+
+
+def run_stage(workers, method: str, pool_id: str, journal, args: tuple, concurrency: int) -> tuple[float, list]:
+    """Call `method` on every worker, `concurrency` at a time; (seconds, results in order)."""
+    import ray
+
+    t0 = time.perf_counter()
+    results = []
+    for start in range(0, len(workers), concurrency):
+        wave = workers[start:start + concurrency]
+        results += ray.get([w.call.remote(method, pool_id, journal[start + j], args) for j, w in enumerate(wave)])
+    return time.perf_counter() - t0, results
+
+
+def fuse_group(plan, base, group, parts) -> float:
+    """Seconds the coordinator's fuse takes for one group (the job's code path, 1 thread)."""
+    import torch
+
+    from esm_ray.methods import ExpertContext
+    from esm_ray.runtime.expert import torch_threads
+
+    ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(plan.spec.experts)]
+    t0 = time.perf_counter()
+    with torch_threads(1):
+        for j, info in enumerate(group):
+            plan.method.fuse(info, base.get(info.name).to(torch.float32), [p[j] for p in parts], ctxs)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--method", default="esm")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=1408)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--length", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the fastest counts")
+    ap.add_argument("--address", help="an existing Ray (default: a private local one)")
+    ap.add_argument("--json", help="also write the measurements here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+
+    from esm_ray.io.reader import open_model
+    from esm_ray.methods import TensorInfo
+    from esm_ray.runtime.job import _groups, _module
+    from esm_ray.runtime.plan import build_plan
+    from esm_ray.runtime.ray_executor import RayPool, ray_session, worker_options
+    from esm_ray.spec import spec_from_dict
+
+    load0 = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    shape = LlamaShape(f"scaling-h{args.hidden}-l{args.layers}", args.hidden, args.layers, args.intermediate,
+                       heads=8, kv_heads=8, vocab=args.vocab, tied=False)
+    fam = make_family(shape, args.experts)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="esm-ray-scaling-", dir=cache_root()))
+    data = write_data(work / "data", args.experts, args.vocab, args.samples, args.length)
+    stats_cache = work / "stats"
+    raw = {"base": str(fam.base), "output": str(work / "unused"),
+           "experts": [{"name": f"e{i}", "model": str(d), "data": str(data[i])} for i, d in enumerate(fam.experts)],
+           "method": {"name": args.method},
+           "calibration": {"samples": args.samples, "max_length": args.length, "batch_size": 8,
+                           "cache_dir": str(stats_cache)},
+           "runtime": {"name": "ray", "address": args.address, "num_cpus_per_worker": 1, "num_gpus_per_worker": 0}}
+    spec = spec_from_dict(raw)
+    plan = build_plan(spec)
+    t = args.experts
+    rows: list[dict] = []
+    measured: dict = {"model": shape.name, "params": shape.n_params, "experts": t, "method": args.method,
+                      "cores": os.cpu_count()}
+    try:
+        with ray_session(spec.runtime, n_workers=t):  # T actors exist; at most 2 compute at once
+            imports = tuple(type(m).__module__ for m in (plan.method, plan.purifier) if m is not None)
+            pool = RayPool.start(spec, worker_options(spec.runtime, ray.cluster_resources()), "scaling",
+                                 imports=imports)
+            pool.wait_ready()
+            w, pid = pool.workers, pool.id
+            none = [[] for _ in w]
+            times: dict[str, dict[int, float]] = {"calibration": {}, "decomposition": {}}
+            parts_bytes: dict[str, int] = {}
+            base = open_model(spec.base)
+            fuse_s = 0.0
+            # warm-up, untimed: imports, model classes, page cache
+            if plan.needs_stats:
+                run_stage(w, "calibrate", pid, none, (), 2)
+            for rep in range(args.repeats):
+                for conc in ((1, 2) if rep % 2 == 0 else (2, 1)):
+                    if plan.needs_stats:
+                        shutil.rmtree(stats_cache, ignore_errors=True)
+                        s, mods = run_stage(w, "calibrate", pid, none, (), conc)
+                        times["calibration"][conc] = min(s, times["calibration"].get(conc, float("inf")))
+                        modules = set(mods[0])
+                    else:
+                        modules = set()
+                    journal = [[("calibrate", ray.put(()))] if plan.needs_stats else [] for _ in w]
+                    infos = [TensorInfo.of(n, plan.shapes[n], _module(n, modules)) for n in plan.names]
+                    floating = [i for i in infos if plan.dtypes[i.name].is_floating_point]
+                    total = 0.0
+                    for group in _groups(floating, 64 << 20):
+                        s, parts = run_stage(w, "prepare", pid, journal, (group,), conc)
+                        total += s
+                        if rep == 0 and conc == 1:
+                            if group[0].layer_index is not None:
+                                for j, info in enumerate(group):
+                                    parts_bytes[info.name] = sum(len(pickle.dumps(p[j])) for p in parts)
+                            fuse_s += fuse_group(plan, base, group, parts)
+                    times["decomposition"][conc] = min(total, times["decomposition"].get(conc, float("inf")))
+            rss = pool.peak_rss()
+            pool.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    for stage, by in times.items():
+        if not by:
+            continue
+        speed = by[1] / by[2]
+        rows.append({"m": f"{stage}, 1 worker at a time", "v": f"{by[1]:.2f} s", "n": f"{t} experts one after another"})
+        rows.append({"m": f"{stage}, 2 workers at a time", "v": f"{by[2]:.2f} s", "n": f"speed-up {speed:.2f}x"})
+        measured[stage] = {"1": by[1], "2": by[2], "speedup": speed}
+    layer0 = {n: b for n, b in parts_bytes.items() if ".layers.0." in n}
+    dense = sum(t * shape_numel(plan.shapes[n]) * 4 for n in layer0)
+    dense_2d = sum(t * shape_numel(plan.shapes[n]) * 4 for n in layer0 if len(plan.shapes[n]) == 2)
+    ours = sum(layer0.values())
+    rows.append({"m": "object store per block (parts, all experts)", "v": f"{ours / 1e6:.2f} MB",
+                 "n": f"{ours / dense:.2f}x of dense {dense / 1e6:.2f} MB (T x d_out x d_in float32)"})
+    measured["bytes_per_block"] = {"parts": ours, "dense": dense, "dense_matrices": dense_2d}
+    rows.append({"m": "fusion on the coordinator (1 thread)", "v": f"{fuse_s:.2f} s",
+                 "n": "all tensors, T parts each; not spread over workers"})
+    measured["fusion_s"] = fuse_s
+    rows.append({"m": "peak RSS per worker (max of T)", "v": f"{max(rss) / 1e6:.0f} MB",
+                 "n": f"one expert + base readers, stats; min {min(rss) / 1e6:.0f} MB"})
+    measured["peak_rss_per_worker"] = rss
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nRay scaling: {args.method}, synthetic LLaMA {shape.name} ({shape.n_params / 1e6:.1f}M params), "
+          f"T={t} experts, {os.cpu_count()} cores (load average before: {load0}; after: {load}), "
+          f"1 CPU and 1 torch thread per worker\n")
+    print_table(rows, [("m", "measure"), ("v", "value"), ("n", "note")])
+    if args.json:
+        Path(args.json).write_text(json.dumps(measured, indent=2))
+    return 0
+
+
+def shape_numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+if __name__ == "__main__":
+    sys.exit(main())

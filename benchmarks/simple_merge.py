@@ -1,0 +1,252 @@
+"""Simple merges (task arithmetic, TIES) side by side with mergekit and with the read floor.
+
+For each case a LLaMA-shaped base and T experts (base + random low-rank update + noise, in
+bfloat16) are generated once and cached. Then, in one run and interleaved, each of these runs
+`--reps` times in a fresh process:
+
+  esm-ray    task_arithmetic, ties     `python -m esm_ray.cli merge spec.yaml`
+  mergekit   task_arithmetic, ties     `mergekit-yaml config.yml out` (0.1.5, own venv)
+  floor      -                         read every input tensor once, sum into float32
+
+The table gives medians: wall time of the whole process (Python start included), the merge
+time esm-ray reports in merge_report.json, the process's peak RSS, and the ratios. The outputs
+of esm-ray and mergekit are compared tensor by tensor.
+
+    .venv/bin/python benchmarks/simple_merge.py                       # smol-t4, smol-t8, 1b-t4
+    .venv/bin/python benchmarks/simple_merge.py --cases smol-t4 --reps 5
+    .venv/bin/python benchmarks/simple_merge.py --quick               # tiny model, one rep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import (  # noqa: E402
+    Family,
+    LlamaShape,
+    cache_root,
+    clean_env,
+    compare_dirs,
+    disk_free,
+    floor_cmd,
+    make_family,
+    median,
+    print_table,
+    run_timed,
+)
+
+MERGEKIT = "mergekit==0.1.5"
+TORCH = "torch==2.13.0"
+METHODS = ("task_arithmetic", "ties")
+
+SMOL = LlamaShape("smollm2-135m", hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3,
+                  vocab=49152, tied=True, rope_theta=100000.0, max_positions=8192)
+ONE_B = LlamaShape("llama-1b", hidden=2048, layers=16, intermediate=5632, heads=32, kv_heads=32,
+                   vocab=32000, tied=False)
+TINY = LlamaShape("tiny", hidden=128, layers=4, intermediate=352, heads=4, kv_heads=2, vocab=4096, tied=True)
+CASES = {"smol-t4": (SMOL, 4), "smol-t8": (SMOL, 8), "1b-t4": (ONE_B, 4), "1b-t8": (ONE_B, 8),
+         "tiny-t2": (TINY, 2)}
+DEFAULT_CASES = "smol-t4,smol-t8,1b-t4"
+
+
+def smol_shape() -> LlamaShape:
+    """SmolLM2-135M's shape, from a converted copy in the zoo when there is one."""
+    zoo = Path(os.environ.get("ESM_RAY_ZOO") or Path.home() / ".cache" / "esm-ray" / "zoo")
+    for cfg_path in sorted(zoo.glob("smollm2/*/config.json")):
+        c = json.loads(cfg_path.read_text())
+        rope = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or SMOL.rope_theta
+        return LlamaShape(SMOL.name, c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"],
+                          c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"]),
+                          c["vocab_size"], bool(c.get("tie_word_embeddings", False)), float(rope),
+                          int(c.get("max_position_embeddings", SMOL.max_positions)))
+    return SMOL
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- mergekit in its own venv ------------------------------------------------------------------
+
+def mergekit_bin(cache: Path) -> Path:
+    """mergekit-yaml from a venv under the cache, created on first use (about a minute)."""
+    venv = cache / "mergekit-venv"
+    exe = venv / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return exe
+    log(f"installing {MERGEKIT} into {venv} ...")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", TORCH, MERGEKIT],
+                   check=True)
+    return exe
+
+
+# ---- configs -----------------------------------------------------------------------------------
+
+def esm_spec(fam: Family, method: str, density: float, out: Path, shard: int) -> dict:
+    params = {"lambda": 1.0, "normalize": method == "ties"}
+    if method == "ties":
+        params["density"] = density
+    return {"base": str(fam.base),
+            "experts": [{"name": f"e{i}", "model": str(p)} for i, p in enumerate(fam.experts)],
+            "method": {"name": method, "params": params},
+            "output": str(out), "dtype": "bfloat16", "shard_size": shard, "overwrite": True}
+
+
+def mergekit_config(fam: Family, method: str, density: float, dtype: str) -> dict:
+    per = {"weight": 1.0, **({"density": density} if method == "ties" else {})}
+    return {"merge_method": method, "base_model": str(fam.base),
+            "models": [{"model": str(p), "parameters": dict(per)} for p in fam.experts],
+            "parameters": {"lambda": 1.0, "normalize": method == "ties"},
+            "dtype": dtype, "out_dtype": "bfloat16"}
+
+
+# ---- one case ----------------------------------------------------------------------------------
+
+def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tuple[list[dict], list[dict]]:
+    work = cache_root() / "runs" / case
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = clean_env()
+    runs: list[tuple[str, str, list[str], Path | None]] = []  # (tool, method, cmd, output dir)
+    for m in METHODS:
+        out = work / f"esm-ray-{m}"
+        spec = work / f"esm-ray-{m}.yaml"
+        spec.write_text(yaml.safe_dump(esm_spec(fam, m, args.density, out, args.shard_size)))
+        runs.append(("esm-ray", m, [python, "-m", "esm_ray.cli", "-q", "merge", str(spec), "--no-progress"], out))
+        if mk is not None:
+            out = work / f"mergekit-{m}"
+            cfg = work / f"mergekit-{m}.yml"
+            cfg.write_text(yaml.safe_dump(mergekit_config(fam, m, args.density, args.mergekit_dtype)))
+            runs.append(("mergekit", m, [str(mk), str(cfg), str(out), "--no-write-model-card",
+                                         "--out-shard-size", str(args.shard_size)], out))
+    runs.append(("floor", "read+sum", floor_cmd(python, [fam.base, *fam.experts]), None))
+
+    samples: dict[tuple[str, str], list[dict]] = {(t, m): [] for t, m, _, _ in runs}
+    for rep in range(args.reps):
+        order = runs[rep % len(runs):] + runs[:rep % len(runs)]  # rotate: no run always goes first
+        for tool, m, cmd, out in order:
+            if out is not None:
+                shutil.rmtree(out, ignore_errors=True)
+            r = run_timed(cmd, env=env, cwd=work, log_dir=work / "logs")
+            if r.rc != 0:
+                raise SystemExit(f"{case}: {tool} {m} failed (rc {r.rc}):\n{r.err[-3000:]}")
+            s = {"wall": r.wall, "rss": r.peak_rss}
+            if tool == "esm-ray":
+                rep_doc = json.loads((out / "merge_report.json").read_text())
+                s["merge"] = rep_doc["timings_s"]["total"]
+                s["stages"] = rep_doc["timings_s"]
+            elif tool == "floor":
+                doc = json.loads(r.out.strip().splitlines()[-1])
+                s["merge"] = doc["read_sum_s"]
+            samples[(tool, m)].append(s)
+            log(f"  [{case} rep {rep + 1}/{args.reps}] {tool:<8} {m:<15} wall {r.wall:6.2f}s  "
+                f"rss {r.peak_rss / 1e9:5.2f} GB" + (f"  merge {s['merge']:.2f}s" if "merge" in s else ""))
+
+    checks = []
+    if mk is not None:
+        for m in METHODS:
+            c = compare_dirs(work / f"esm-ray-{m}", work / f"mergekit-{m}")
+            c.update(case=case, method=m)
+            checks.append(c)
+
+    model_bytes = fam.shape.nbytes
+    floor_wall = median([s["wall"] for s in samples[("floor", "read+sum")]])
+    rows = []
+    for (tool, m), ss in samples.items():
+        wall = median([s["wall"] for s in ss])
+        mk_wall = median([s["wall"] for s in samples.get(("mergekit", m), [])]) if mk is not None else float("nan")
+        rss = median([s["rss"] for s in ss])
+        row = {"case": case, "tool": tool, "method": m, "wall": wall,
+               "merge": median([s["merge"] for s in ss]) if "merge" in ss[0] else None,
+               "rss": rss / 1e9, "vs_mk": wall / mk_wall if tool != "floor" else None,
+               "vs_floor": wall / floor_wall, "rss_model": rss / model_bytes,
+               "walls": [round(s["wall"], 2) for s in ss]}
+        if tool == "esm-ray":
+            stages = {}
+            for k in ss[0]["stages"]:
+                stages[k] = round(median([s["stages"][k] for s in ss]), 2)
+            row["stages"] = stages
+        rows.append(row)
+    return rows, checks
+
+
+COLUMNS = [("case", "case"), ("tool", "tool"), ("method", "method"), ("wall", "wall s"),
+           ("merge", "merge s"), ("rss", "peak RSS GB"), ("vs_mk", "x mergekit"), ("vs_floor", "x floor"),
+           ("rss_model", "RSS / model")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)} (default {DEFAULT_CASES})")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of every run, interleaved (default 3)")
+    p.add_argument("--quick", action="store_true", help="tiny model, one repetition: a smoke test of the script")
+    p.add_argument("--density", type=float, default=0.5, help="TIES density, the same for both tools (default 0.5)")
+    p.add_argument("--shard-size", type=int, default=2_000_000_000,
+                   help="output shard bytes, the same for both tools (default 2e9, esm-ray's default)")
+    p.add_argument("--mergekit-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="mergekit's compute dtype (float32: the same arithmetic as esm-ray; default)")
+    p.add_argument("--no-mergekit", action="store_true", help="skip mergekit (no install, no comparison)")
+    p.add_argument("--python", default=sys.executable, help="interpreter with esm-ray installed (default: this one)")
+    p.add_argument("--json", type=Path, help="also write rows and checks to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.cases = args.cases or "tiny-t2"
+        args.reps = 1
+    names = (args.cases or DEFAULT_CASES).split(",")
+    bad = [c for c in names if c not in CASES]
+    if bad:
+        p.error(f"unknown case(s) {bad}; choose from {', '.join(CASES)}")
+
+    cache = cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"cache: {cache} ({disk_free(cache) / 1e9:.0f} GB free)")
+    mk = None if args.no_mergekit else mergekit_bin(cache)
+    all_rows, all_checks = [], []
+    for case in names:
+        shape, t = CASES[case]
+        if shape is SMOL:
+            shape = smol_shape()
+        log(f"{case}: {shape.name}, {shape.n_params / 1e6:.1f}M params, {shape.nbytes / 1e9:.2f} GB per model, T={t}")
+        t0 = time.perf_counter()
+        fam = make_family(shape, t, log=log)
+        log(f"  models ready in {time.perf_counter() - t0:.1f}s under {fam.root}")
+        rows, checks = run_case(case, fam, args, mk, args.python)
+        all_rows += rows
+        all_checks += checks
+        shutil.rmtree(cache_root() / "runs" / case, ignore_errors=True)  # outputs are big; keep the cache lean
+
+    print()
+    print_table(all_rows, COLUMNS)
+    print()
+    for r in all_rows:
+        if r["tool"] == "esm-ray":
+            print(f"{r['case']} esm-ray {r['method']}: stages {r['stages']}; walls {r['walls']}")
+    if all_checks:
+        print()
+        for c in all_checks:
+            if "error" in c:
+                print(f"{c['case']} {c['method']}: esm-ray vs mergekit: {c['error']}")
+                continue
+            extra = ""
+            if c["only_a"] or c["only_b"]:
+                extra = f"; only esm-ray: {c['only_a']}; only mergekit: {c['only_b']}"
+            print(f"{c['case']} {c['method']}: esm-ray vs mergekit: max|diff| {c['max_abs_diff']:.3g}"
+                  f" ({c['elements_differing']} of {c['elements']} elements differ){extra}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": all_rows, "checks": all_checks}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""`esm_pp`: ESM++, a static merge plus per-sample routed low-rank residual experts.
+
+The static base is any registered static method (ESM by default), run unchanged: this method
+hands prepare / fuse / layer_scales to an inner instance of it. Then, for each routed linear,
+once its merged weight W_m is final (the post stage), every expert computes its residual expert
+from δW_t = W_t − W_m and its calibration Gram (`core.routing.residual_expert`) and its
+prototype p_t = s1 / n; the coordinator stacks them. Before the merge loop (the support stage)
+each expert sends its task head. The output is the merged base in HF layout plus routed/* and
+heads/* (see `esm_ray.routed.load`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import pkgutil
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from esm_ray.core.routing import (
+    DEFAULT_ROUTED_LAYERS, EXPERTS_FILE, MANIFEST_FILE, ROUTER_FILE, head_file, pack_routed, residual_expert,
+    routed_manifest,
+)
+from esm_ray.errors import SpecError
+from esm_ray.methods._common import in_expert_order
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.registry import METHODS, build_method, register
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ROUTED_METHODS = ("esm_pp", "sim")
+
+
+class RoutedParams(MethodParams):
+    base_method: str = Field("esm", description="static method that makes the merged base")
+    base_params: dict[str, Any] = Field(default_factory=dict, description="parameters of base_method")
+    rank: int = Field(32, ge=1, description="rank r of each residual expert")
+    layers: str | None = Field(None, description="regex (searched in module names) of the routed linears; "
+                                                 "default: every attention and MLP linear per block")
+    expert_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="storage dtype of the experts' factors")
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One expert's residual expert and prototype at one routed layer (its post-stage part)."""
+
+    B: Tensor          # (d_out, r)
+    A: Tensor          # (r, d_in)
+    prototype: Tensor  # (d_in,) float32
+    kept: int          # nonzero factors (≤ r)
+
+
+@dataclass(frozen=True)
+class SupportPart:
+    """What an expert sends before the merge: its head and, for SiM, its support features."""
+
+    head: bytes | None = None
+    labels: list[str] | None = None
+    features: Tensor | None = None  # (n, d) pooled backbone features
+    base_uri: str = ""
+    s3: Any = None
+
+
+def _inner(params: RoutedParams, n_experts: int, seed: int) -> MergeMethod:
+    name = params.base_method
+    if name in ROUTED_METHODS:
+        raise SpecError(f"field `method.params.base_method`: {name!r} is routed; the base must be a static method")
+    if name not in METHODS:  # methods register when their module is imported
+        import esm_ray.methods as pkg
+
+        for mod in pkgutil.iter_modules(pkg.__path__):
+            if not mod.name.startswith("_") and mod.name not in ("base", "registry"):
+                importlib.import_module(f"esm_ray.methods.{mod.name}")
+    try:
+        inner = build_method(name, dict(params.base_params), n_experts=n_experts, seed=seed)
+    except SpecError as err:
+        raise SpecError(f"in `method.params.base_method` / `base_params`: {err}") from None
+    if inner.output_kind != "static":
+        raise SpecError(f"field `method.params.base_method`: {name!r} is not a static method")
+    if getattr(inner, "search_stage", False):
+        raise SpecError(f"field `method.params.base_method`: {name!r} learns its merge in a search stage, "
+                        "which a routed method does not run; merge with it first, or pick a closed-form method")
+    return inner
+
+
+def read_head(reader: Any) -> tuple[bytes | None, list[str] | None]:
+    """An expert's head.safetensors bytes and the labels of its manifest.json, when present."""
+    names = set(reader.aux_names())
+    head = reader.read_aux("head.safetensors") if "head.safetensors" in names else None
+    labels = None
+    if "manifest.json" in names:
+        try:
+            got = json.loads(reader.read_aux("manifest.json")).get("labels")
+            labels = [str(x) for x in got] if isinstance(got, list) else None
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            labels = None
+    return head, labels
+
+
+@register
+class ESMPlusPlus(MergeMethod):
+    """Static merge + per-layer prototype-routed residual experts (ESM++)."""
+
+    name = "esm_pp"
+    summary = "ESM++: static merge (ESM by default) + low-rank residual experts routed per sample by prototypes"
+    output_kind = "routed"
+    needs_stats = True
+    post_stage = True
+    needs_support_features = True
+    router_kind = "prototype"
+
+    class Params(RoutedParams):
+        pass
+
+    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+        super().__init__(params, n_experts, seed)
+        p: RoutedParams = params  # type: ignore[assignment]
+        self.inner = _inner(p, n_experts, seed)
+        self.needs_layer_scales = self.inner.needs_layer_scales
+        self.accepts_purifier = self.inner.accepts_purifier
+        self.needs_labels = self.inner.needs_labels
+        try:
+            self._pattern = re.compile(p.layers or DEFAULT_ROUTED_LAYERS)
+        except re.error as err:
+            raise SpecError(f"field `method.params.layers`: not a regular expression: {err}") from None
+        self._experts: dict[str, tuple[Tensor, Tensor]] = {}
+        self._protos: dict[str, Tensor] = {}
+        self._kept: dict[str, list[int]] = {}
+        self._tasks: list[str] = []
+        self._support: list[SupportPart] = []
+
+    # ---- the static base: delegated ----------------------------------------------------------
+    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        return self.inner.prepare(info, base, expert, ctx)
+
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        return self.inner.fuse(info, base, parts, ctxs)
+
+    def layer_scales(self, infos: dict[str, TensorInfo], norms: dict[str, float]) -> dict[str, float]:
+        return self.inner.layer_scales(infos, norms)
+
+    def memory_note(self, shapes: dict[str, tuple[int, ...]]) -> str | None:
+        note = getattr(self.inner, "memory_note", lambda _: None)(shapes)
+        mine = (f"routed experts: T x rank {self.params.rank} factors per routed linear "  # type: ignore[attr-defined]
+                "held by the coordinator until the end")
+        return f"{note}; {mine}" if note else mine
+
+    # ---- support stage: heads (and SiM features in the subclass) -----------------------------
+    def support_part(self, side: Any, ctx: ExpertContext) -> SupportPart:
+        head, labels = read_head(side.model)
+        return SupportPart(head=head, labels=labels, base_uri=side.spec.base, s3=side.spec.s3)
+
+    def support_fuse(self, parts: list[Any], ctxs: list[ExpertContext]) -> None:
+        parts, ctxs = in_expert_order(parts, ctxs)
+        self._support = list(parts)
+        self._tasks = [c.name for c in ctxs]
+
+    # ---- post stage: residual experts --------------------------------------------------------
+    def post_applies(self, info: TensorInfo) -> bool:
+        return (info.module is not None and info.ndim == 2 and info.name == f"{info.module}.weight"
+                and self._pattern.search(info.module) is not None)
+
+    def post_prepare(self, info: TensorInfo, merged: Tensor, expert: Tensor, ctx: ExpertContext) -> ExpertPart:
+        if ctx.stats is None:
+            raise RuntimeError(f"{self.name}: no calibration statistics for layer {info.module!r} of {ctx.name!r}")
+        st = ctx.stats
+        e = residual_expert(expert, merged, st.gram, st.n, self.params.rank)  # type: ignore[attr-defined]
+        kept = int((e.A.abs().sum(1) > 0).sum())
+        dt = _DTYPES[self.params.expert_dtype]  # type: ignore[attr-defined]
+        return ExpertPart(e.B.to(dt).contiguous(), e.A.to(dt).contiguous(), st.mean().to(torch.float32), kept)
+
+    def post_fuse(self, info: TensorInfo, merged: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> None:
+        parts, ctxs = in_expert_order(parts, ctxs)
+        if not self._tasks:
+            self._tasks = [c.name for c in ctxs]
+        module = info.module
+        assert module is not None
+        self._experts[module] = (torch.stack([p.B for p in parts]), torch.stack([p.A for p in parts]))
+        self._protos[module] = torch.stack([p.prototype for p in parts])
+        self._kept[module] = [p.kept for p in parts]
+
+    # ---- output --------------------------------------------------------------------------------
+    def routers(self) -> list[str]:
+        return ["prototype"]
+
+    def sim_state(self) -> tuple[Tensor | None, Tensor | None, dict[str, Any] | None, dict[str, bytes]]:
+        """(means, bases, manifest entry, extra files) of the SiM router; none for ESM++."""
+        return None, None, None, {}
+
+    def artifacts(self) -> dict[str, bytes]:
+        if not self._experts:
+            raise RuntimeError(f"{self.name}: no linear layer matched the routed-layer pattern "
+                               f"{self.params.layers or DEFAULT_ROUTED_LAYERS!r}")  # type: ignore[attr-defined]
+        p: RoutedParams = self.params  # type: ignore[assignment]
+        means, bases, sim_meta, extra = self.sim_state()
+        packed = pack_routed(self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype])
+        files: dict[str, bytes] = {rel: st_save(tensors) for rel, tensors in packed.items()}
+        files.update(extra)
+        heads: dict[str, dict[str, Any]] = {}
+        used: set[str] = set()
+        for task, part in zip(self._tasks, self._support):
+            if part.head is None:
+                continue
+            rel = head_file(task)
+            if rel in used:  # two task names that map to one file name
+                rel = rel.replace(".safetensors", f"-{len(used)}.safetensors")
+            used.add(rel)
+            files[rel] = part.head
+            heads[task] = {"file": rel, "labels": part.labels}
+        layers = {m: (int(b.shape[1]), int(a.shape[2])) for m, (b, a) in self._experts.items()}
+        sizes = {"experts_bytes": len(files[EXPERTS_FILE]), "router_bytes": len(files[ROUTER_FILE]),
+                 "backbone_bytes": sum(len(v) for v in extra.values()),
+                 "heads_bytes": sum(len(files[h["file"]]) for h in heads.values())}
+        man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=p.rank,
+                              expert_dtype=p.expert_dtype, layers=layers, routers=self.routers(), sim=sim_meta,
+                              heads=heads, base_method=p.base_method,
+                              base_params=dict(p.base_params), kept_ranks=self._kept, sizes=sizes)
+        files[MANIFEST_FILE] = json.dumps(man, indent=2).encode()
+        return files
+
+    def report(self) -> dict[str, Any]:
+        inner = getattr(self.inner, "report", None)
+        kept = [k for ks in self._kept.values() for k in ks]
+        return {"base_method": self.inner.name, "base_report": inner() if callable(inner) else None,
+                "routed_layers": len(self._experts), "rank": self.params.rank,  # type: ignore[attr-defined]
+                "mean_kept_rank": round(sum(kept) / len(kept), 3) if kept else 0, "routers": self.routers()}

@@ -1,0 +1,200 @@
+"""Load a routed directory (or a static merged one) into a RoutedModel.
+
+    DIR/config.json, model*.safetensors, tokenizer files   the merged base (HF layout)
+    DIR/routed/manifest.json                               method, tasks, layers, rank, routers
+    DIR/routed/experts.safetensors                         B, A per routed layer (T stacked)
+    DIR/routed/router.safetensors                          prototypes, SiM means and bases
+    DIR/routed/backbone.safetensors                        SiM only: the pretrained backbone
+    DIR/heads/<task>.safetensors                           task heads (weight, bias)
+
+A directory without routed/manifest.json is a static merge: it loads with no experts and the
+heads found under heads/ or given by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from esm_ray.core.routing import (
+    EXPERTS_FILE, HEADS_DIR, MANIFEST_FILE, ROUTED_FORMAT, ROUTER_FILE, unpack_routed,
+)
+from esm_ray.errors import InputError
+from esm_ray.routed.model import Head, RoutedModel, SimRouter
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+def model_class(config: dict[str, Any]):
+    """AutoModelForCausalLM for *ForCausalLM checkpoints, else AutoModel (encoders)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    archs = config.get("architectures") or []
+    return AutoModelForCausalLM if any(str(a).endswith("ForCausalLM") for a in archs) else AutoModel
+
+
+def read_head(path: str | Path, labels: list[str] | None = None) -> Head:
+    """A head file (weight [labels, hidden], bias [labels]); labels from the argument, else the
+    file's metadata ("labels", tab-separated), else the label ids."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: task head not found")
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata() or {}
+        keys = set(f.keys())
+        if not {"weight", "bias"} <= keys:
+            raise InputError(f"{p}: a head needs 'weight' and 'bias' (has {', '.join(sorted(keys))})")
+        w, b = f.get_tensor("weight").float(), f.get_tensor("bias").float()
+    if w.ndim != 2 or b.shape != (w.shape[0],):
+        raise InputError(f"{p}: head weight {tuple(w.shape)} and bias {tuple(b.shape)} do not agree")
+    if labels is None and meta.get("labels"):
+        labels = meta["labels"].split("\t")
+    labels = list(labels) if labels else [str(i) for i in range(w.shape[0])]
+    if len(labels) != w.shape[0]:
+        raise InputError(f"{p}: {len(labels)} labels for a head with {w.shape[0]} outputs")
+    lin = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    return Head(lin.eval(), labels)
+
+
+def expert_labels(expert_dir: str | Path) -> list[str] | None:
+    """Labels from an expert's manifest.json ("labels": [...]), if it has them."""
+    p = Path(expert_dir) / "manifest.json"
+    if not p.is_file():
+        return None
+    try:
+        labels = json.loads(p.read_text()).get("labels")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return [str(x) for x in labels] if isinstance(labels, list) else None
+
+
+def head_from(path: str | Path) -> Head:
+    """A head from an expert directory (head.safetensors + manifest.json) or a head file."""
+    p = Path(path)
+    if p.is_dir():
+        return read_head(p / "head.safetensors", expert_labels(p))
+    return read_head(p)
+
+
+def local_dir(uri: str, s3=None, cache: str | Path | None = None) -> Path:
+    """A local directory holding `uri`: the path itself, or a cached download of an s3:// prefix."""
+    from esm_ray.io.uri import parse_uri
+
+    u = parse_uri(uri)
+    if not u.is_s3:
+        p = Path(u.path).expanduser()
+        if not p.is_dir():
+            raise InputError(f"{uri}: not a directory")
+        return p
+    from esm_ray.io import s3 as s3io
+
+    client = s3io.make_client(s3)
+    prefix = u.dir_prefix
+    with s3io.s3_errors(uri, what="list"):
+        objects = s3io.list_objects(client, u.bucket, prefix)
+    if not objects:
+        raise InputError(f"{uri}: no objects under this prefix")
+    tag = hashlib.sha256("".join(f"{o.key}:{o.etag}" for o in objects).encode()).hexdigest()[:16]
+    root = Path(cache or Path.home() / ".cache" / "esm-ray" / "routed").expanduser() / tag
+    done = root / ".complete"
+    if not done.is_file():
+        for o in objects:
+            rel = o.key[len(prefix):]
+            dst = root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with s3io.s3_errors(uri, what=rel):
+                dst.write_bytes(s3io.get_object(client, u.bucket, o.key))
+        done.write_text(uri)
+    return root
+
+
+def load_routed(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                router: str | None = None, heads: dict[str, str | Path] | None = None,
+                s3=None) -> RoutedModel:
+    """Load a routed or static merged directory (local or s3://).
+
+    heads:  extra {task: expert dir or head file}, e.g. for a static merge without heads/
+    router: override the default router
+    """
+    d = local_dir(str(path), s3)
+    if not (d / "config.json").is_file():
+        raise InputError(f"{d}: not a Hugging Face model directory (no config.json)")
+    config = json.loads((d / "config.json").read_text())
+    cls = model_class(config)
+    model = cls.from_pretrained(str(d), dtype=dtype)
+    manifest: dict[str, Any] = {}
+    experts: dict = {}
+    protos: dict = {}
+    sim = None
+    backbone = None
+    head_map: dict[str, Head] = {}
+    if (d / MANIFEST_FILE).is_file():
+        manifest = json.loads((d / MANIFEST_FILE).read_text())
+        if manifest.get("format") != ROUTED_FORMAT:
+            raise InputError(f"{d / MANIFEST_FILE}: unsupported format {manifest.get('format')!r}")
+        tasks = list(manifest["tasks"])
+        modules = [layer["module"] for layer in manifest.get("layers", [])]
+        try:
+            experts, protos, means, bases = unpack_routed(modules, load_file(str(d / EXPERTS_FILE)),
+                                                          load_file(str(d / ROUTER_FILE)))
+        except (KeyError, FileNotFoundError) as err:
+            raise InputError(f"{d}: routed files are incomplete: {err}") from None
+        sim_meta = manifest.get("sim") or None
+        if sim_meta and means is not None and bases is not None:
+            sim = SimRouter(means.to(torch.float64), bases.to(torch.float64), bool(sim_meta.get("normalize", True)),
+                            bool(sim_meta.get("relative", False)))
+            backbone = _load_backbone(d, sim_meta.get("backbone"), model, dtype, s3)
+        for task, h in (manifest.get("heads") or {}).items():
+            head_map[task] = read_head(d / h["file"], h.get("labels"))
+    else:
+        tasks = []
+        if (d / HEADS_DIR).is_dir():
+            for p in sorted((d / HEADS_DIR).glob("*.safetensors")):
+                head_map[p.stem] = read_head(p)
+                tasks.append(p.stem)
+    for task, src in (heads or {}).items():
+        head_map[task] = head_from(src)
+        if task not in tasks:
+            if manifest:
+                raise InputError(f"head for task {task!r}, but the routed model's tasks are {', '.join(tasks)}")
+            tasks.append(task)
+    tokenizer = None
+    if any((d / n).is_file() for n in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(d))
+    rm = RoutedModel(model, tasks, experts, protos, sim, backbone, head_map, router, manifest, tokenizer)
+    rm.source_dir = d
+    return rm.to(device)
+
+
+def _load_backbone(d: Path, ref: Any, model: nn.Module, dtype: torch.dtype, s3) -> nn.Module | None:
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        state = load_file(str(d / ref))
+    elif isinstance(ref, dict) and ref.get("uri"):
+        from esm_ray.io.reader import open_model
+
+        with open_model(ref["uri"], s3) as reader:
+            state = {k: reader.get(k) for k in reader.keys()}
+    else:
+        raise InputError(f"{d / MANIFEST_FILE}: bad SiM backbone reference {ref!r}")
+    bb = type(model).from_pretrained(None, config=model.config, state_dict=state, dtype=dtype)
+    return bb.eval()
+
+
+__all__ = ["expert_labels", "head_from", "load_routed", "local_dir", "model_class", "read_head"]

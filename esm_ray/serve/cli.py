@@ -1,0 +1,75 @@
+"""`esm-ray serve DIR`: host a routed (or static merged + heads) model over HTTP with Ray Serve."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from esm_ray.errors import SpecError
+
+
+def _heads(values: list[str]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        task, sep, path = v.partition("=")
+        if not sep or not task or not path:
+            raise SpecError(f"--head {v!r}: expected TASK=EXPERT_DIR_OR_HEAD_FILE")
+        out[task] = path
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from esm_ray.serve.app import ServeOptions
+    from esm_ray.serve.runner import start, stop
+    from esm_ray.spec import ServeSpec, load_spec
+
+    base = ServeSpec()
+    if args.spec:
+        base = load_spec(args.spec).serve or base
+    updates = {k: v for k, v in {
+        "host": args.host, "port": args.port, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
+        "num_gpus": args.num_gpus, "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s, "max_ongoing_requests": args.max_ongoing_requests,
+        "max_inputs_per_request": args.max_inputs}.items() if v is not None}
+    spec = ServeSpec.model_validate({**base.model_dump(), **updates})
+    opts = ServeOptions(model_dir=args.dir, router=args.router, heads=_heads(args.head or []),
+                        max_inputs_per_request=spec.max_inputs_per_request, max_length=args.max_length,
+                        max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
+                        threads=max(1, int(spec.num_cpus)))
+    queued = args.max_queued_requests if args.max_queued_requests is not None else 4 * spec.max_ongoing_requests
+    running = start(opts, spec, max_queued_requests=queued, address=args.address, name=args.name)
+    print(f"serving {args.dir} on {running.url}  (POST /v1/predict, GET /v1/model, GET /healthz, docs at /docs)",
+          flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        done.wait()
+    finally:
+        stop(running)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a routed or merged model over HTTP (Ray Serve)")
+    p.add_argument("dir", help="routed or merged model directory (local or s3://)")
+    p.add_argument("--spec", help="take defaults from a job spec's `serve:` section")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, help="number of replicas")
+    p.add_argument("--num-cpus", type=float, help="CPUs per replica")
+    p.add_argument("--num-gpus", type=float, help="GPUs per replica (fractions share a GPU)")
+    p.add_argument("--max-batch-size", type=int, help="inputs per batched forward pass")
+    p.add_argument("--batch-wait-timeout-s", type=float, help="how long a batch waits to fill")
+    p.add_argument("--max-ongoing-requests", type=int, help="concurrent requests per replica")
+    p.add_argument("--max-queued-requests", type=int,
+                   help="requests waiting beyond that before 503 (default 4 x max-ongoing-requests; -1 = no limit)")
+    p.add_argument("--max-inputs", type=int, help="inputs per request before 413")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per input (longer inputs are truncated)")
+    p.add_argument("--router", choices=["prototype", "sim", "oracle", "none"], help="default router")
+    p.add_argument("--head", action="append", metavar="TASK=PATH",
+                   help="a task head from an expert directory or head file (repeatable)")
+    p.add_argument("--address", help="existing Ray cluster (auto, ray://host:10001); default: a private one")
+    p.add_argument("--name", default="esm-ray", help="Serve application name")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,1 @@
+"""Ray Job entrypoints (`python -m jobs.merge --spec ...`) and example job specs."""

@@ -207,6 +207,7 @@ def make_family(shape: LlamaShape, n_experts: int, root: Path | None = None, ran
 @dataclass
 class Run:
     wall: float      # seconds, process start to exit
+    cpu: float       # seconds of CPU, user + system (robust to other load on the machine)
     peak_rss: int    # bytes, the child's peak resident set (its own and its waited-for children)
     rc: int
     out: str
@@ -225,8 +226,8 @@ def run_timed(cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | 
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Run(wall, ru.ru_maxrss * 1024, proc.returncode, out_p.read_text(errors="replace"),
-               err_p.read_text(errors="replace"))
+    return Run(wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024, proc.returncode,
+               out_p.read_text(errors="replace"), err_p.read_text(errors="replace"))
 
 
 def clean_env(threads: int | None = None) -> dict[str, str]:
@@ -297,6 +298,35 @@ def compare_dirs(a: Path, b: Path) -> dict[str, Any]:
     return {"max_abs_diff": worst, "at": worst_name, "elements_differing": n_diff, "elements": n_all,
             "only_a": sorted(set(ha) - set(hb)), "only_b": sorted(set(hb) - set(ha)),
             "dtypes": sorted(dtypes)}
+
+
+def ties_ties(a: Path, b: Path, base: Path, experts: Sequence[Path], density: float) -> dict[str, int]:
+    """Where two TIES outputs differ, whether some expert has |τ| exactly at its trim threshold.
+
+    TIES keeps the k largest |τ|; when several entries tie at the k-th value, which of them are
+    kept is a convention (esm-ray: lowest index first; mergekit: an unstable argsort). Such
+    choices change the result only at the tied entries, so differences elsewhere would be bugs.
+    Returns {"differing": n, "at_threshold_ties": m} (n == m when all are explained).
+    """
+    ha, hb, h0 = _open_dir(a), _open_dir(b), _open_dir(base)
+    he = [_open_dir(e) for e in experts]
+    differing = explained = 0
+    for k in sorted(set(ha) & set(hb)):
+        diff = ha[k].get_tensor(k) != hb[k].get_tensor(k)
+        nd = int(diff.sum())
+        if not nd:
+            continue
+        differing += nd
+        w0 = h0[k].get_tensor(k).float().reshape(-1)
+        tie = torch.zeros(w0.numel(), dtype=torch.bool)
+        for h in he:
+            mag = (h[k].get_tensor(k).float().reshape(-1) - w0).abs()
+            n = mag.numel()
+            keep = min(n, max(1, int(density * n)))
+            if keep < n:
+                tie |= mag == torch.kthvalue(mag, n - keep + 1).values
+        explained += int((diff.reshape(-1) & tie).sum())
+    return {"differing": differing, "at_threshold_ties": explained}
 
 
 # ---- tables ----------------------------------------------------------------------------------

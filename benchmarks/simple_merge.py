@@ -43,6 +43,7 @@ from _util import (  # noqa: E402
     median,
     print_table,
     run_timed,
+    ties_ties,
 )
 
 MERGEKIT = "mergekit==0.1.5"
@@ -141,7 +142,7 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
             r = run_timed(cmd, env=env, cwd=work, log_dir=work / "logs")
             if r.rc != 0:
                 raise SystemExit(f"{case}: {tool} {m} failed (rc {r.rc}):\n{r.err[-3000:]}")
-            s = {"wall": r.wall, "rss": r.peak_rss}
+            s = {"wall": r.wall, "cpu": r.cpu, "rss": r.peak_rss}
             if tool == "esm-ray":
                 rep_doc = json.loads((out / "merge_report.json").read_text())
                 s["merge"] = rep_doc["timings_s"]["total"]
@@ -150,7 +151,7 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
                 doc = json.loads(r.out.strip().splitlines()[-1])
                 s["merge"] = doc["read_sum_s"]
             samples[(tool, m)].append(s)
-            log(f"  [{case} rep {rep + 1}/{args.reps}] {tool:<8} {m:<15} wall {r.wall:6.2f}s  "
+            log(f"  [{case} rep {rep + 1}/{args.reps}] {tool:<8} {m:<15} wall {r.wall:6.2f}s  cpu {r.cpu:6.2f}s  "
                 f"rss {r.peak_rss / 1e9:5.2f} GB" + (f"  merge {s['merge']:.2f}s" if "merge" in s else ""))
 
     checks = []
@@ -158,6 +159,9 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
         for m in METHODS:
             c = compare_dirs(work / f"esm-ray-{m}", work / f"mergekit-{m}")
             c.update(case=case, method=m)
+            if m == "ties" and c.get("elements_differing"):
+                c.update(ties_ties(work / f"esm-ray-{m}", work / f"mergekit-{m}", fam.base, fam.experts,
+                                   args.density))
             checks.append(c)
 
     model_bytes = fam.shape.nbytes
@@ -167,7 +171,7 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
         wall = median([s["wall"] for s in ss])
         mk_wall = median([s["wall"] for s in samples.get(("mergekit", m), [])]) if mk is not None else float("nan")
         rss = median([s["rss"] for s in ss])
-        row = {"case": case, "tool": tool, "method": m, "wall": wall,
+        row = {"case": case, "tool": tool, "method": m, "wall": wall, "cpu": median([s["cpu"] for s in ss]),
                "merge": median([s["merge"] for s in ss]) if "merge" in ss[0] else None,
                "rss": rss / 1e9, "vs_mk": wall / mk_wall if tool != "floor" else None,
                "vs_floor": wall / floor_wall, "rss_model": rss / model_bytes,
@@ -182,7 +186,7 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
 
 
 COLUMNS = [("case", "case"), ("tool", "tool"), ("method", "method"), ("wall", "wall s"),
-           ("merge", "merge s"), ("rss", "peak RSS GB"), ("vs_mk", "x mergekit"), ("vs_floor", "x floor"),
+           ("merge", "merge s"), ("cpu", "cpu s"), ("rss", "peak RSS GB"), ("vs_mk", "x mergekit"), ("vs_floor", "x floor"),
            ("rss_model", "RSS / model")]
 
 
@@ -241,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = ""
             if c["only_a"] or c["only_b"]:
                 extra = f"; only esm-ray: {c['only_a']}; only mergekit: {c['only_b']}"
+            if "at_threshold_ties" in c:
+                extra += (f"; {c['at_threshold_ties']} of them where an expert's |tau| ties at its trim "
+                          "threshold (tie-break convention)")
             print(f"{c['case']} {c['method']}: esm-ray vs mergekit: max|diff| {c['max_abs_diff']:.3g}"
                   f" ({c['elements_differing']} of {c['elements']} elements differ){extra}")
     if args.json:

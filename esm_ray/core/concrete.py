@@ -9,16 +9,17 @@ The sample is reparameterised: gradients reach ℓ through m. The uniform noise 
 at one step comes from `mask_seed(seed, step, name)`, a stable hash, so a search draws the
 same masks in any executor and in any tensor order.
 
-The final, deterministic mask (`final_mask`) is chosen by a rule:
-- 'hard'      m = 1[ℓ ≥ 0]: the most likely entry of each Bernoulli(σ(ℓ)) (its mode). The
-              relaxed samples the search trained on crowd towards 0 and 1 at λ = 0.5 (half
-              their mass lies within 0.1 of them at ℓ = 0), so a binary mask of the same
-              density is close to what the objective was measured on. Ties (ℓ = 0, entries the search never
-              moved) are kept, so a tensor the search did not touch merges exactly as task
-              arithmetic: its mask is all ones and m̃ = 1.
-- 'expected'  m = σ(ℓ): the keep probabilities. The merge is then, to first order, the mean
-              of the merges over mask draws; after a short search (|ℓ| ≪ 1) it is close to
-              plain task arithmetic.
+The final mask (`final_mask`) is chosen by a rule:
+- 'expected'  m = σ(ℓ), the keep probabilities (deterministic). The merged model is, to first
+              order, the mean of the merges over mask draws, i.e. what the objective was
+              minimised for. A tensor the search did not touch (ℓ = 0) gets m̃ = 1 exactly and
+              merges as task arithmetic.
+- 'hard'      m = 1[ℓ ≥ 0], the mode of each Bernoulli(σ(ℓ)) (deterministic, binary). Fragile
+              after short searches: m̃ = m / mean(m) couples all entries of a tensor, so entries
+              without a gradient of their own (unseen vocabulary rows, unused positions) still get
+              a small common gradient through mean(m), which Adam turns into full-size steps; their
+              logits drift together to ±lr·steps and the threshold drops (or keeps) them en masse,
+              and the rescaling then inflates the survivors.
 - 'sample'    one more seeded relaxed sample at λ (the published code's default, made
               reproducible); 'bernoulli' a seeded Bernoulli(σ(ℓ)) draw.
 """
@@ -87,11 +88,11 @@ def normalize_masks(masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {n: normalize_mask(m) for n, m in masks.items()}
 
 
-def final_mask(logits: Mapping[str, Tensor], rule: MaskRule = "hard", temperature: float = 0.5,
+def final_mask(logits: Mapping[str, Tensor], rule: MaskRule = "expected", temperature: float = 0.5,
                seed: int = 0) -> dict[str, Tensor]:
     """The deterministic (or seeded) mask the merged model is built with, before rescaling.
 
-    rule 'hard': 1[ℓ ≥ 0]; 'expected': σ(ℓ); 'sample': a relaxed sample at `temperature`
+    rule 'expected': σ(ℓ); 'hard': 1[ℓ ≥ 0]; 'sample': a relaxed sample at `temperature`
     seeded by (seed, step −1); 'bernoulli': a seeded Bernoulli(σ(ℓ)) draw. float32, no grad.
     """
     out = {}
@@ -169,7 +170,7 @@ class ConcreteMask(torch.nn.Module):
         """Rescaled relaxed sample m̃ for one step, differentiable in the logits."""
         return normalize_masks(sample_mask(self.logit_dict(), self.temperature, seed, step))
 
-    def final(self, rule: MaskRule = "hard", seed: int = 0) -> dict[str, Tensor]:
+    def final(self, rule: MaskRule = "expected", seed: int = 0) -> dict[str, Tensor]:
         """The final mask before rescaling (see `final_mask`)."""
         return final_mask(self.logit_dict(), rule, self.temperature, seed)
 

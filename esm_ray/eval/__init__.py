@@ -1,1 +1,29 @@
-"""eval."""
+"""Task evaluation against a built zoo, sweeps over merge specs, report tables and charts.
+
+- `evaluate_encoder(model_dir, zoo_dir, split, tasks)`: per-task accuracy with each task's head,
+  normalised accuracy (model / expert) and averages; `evaluate_lm` for per-domain perplexity
+- `sweep(specs, zoo_dir, merge_fn)`: merge, evaluate, one `ReportTable` with the baseline rows
+- `search_alpha` (ESM α, golden section on validation), `select_lambda` (task-arithmetic λ grid)
+- `write_report(table, out_dir)`: report.json, report.md, report.png
+
+Names are imported on first use so that `import esm_ray.eval` stays cheap.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "evaluate_encoder": "esm_ray.eval.metrics", "evaluate_lm": "esm_ray.eval.metrics",
+    "evaluate_model": "esm_ray.eval.metrics", "evaluate_probe": "esm_ray.eval.metrics",
+    "expert_results": "esm_ray.eval.metrics", "perplexity": "esm_ray.eval.metrics",
+    "sweep": "esm_ray.eval.sweep", "search_alpha": "esm_ray.eval.sweep", "select_lambda": "esm_ray.eval.sweep",
+    "golden_section_max": "esm_ray.eval.sweep", "ReportTable": "esm_ray.eval.report", "Row": "esm_ray.eval.report",
+    "write_report": "esm_ray.eval.report", "to_markdown": "esm_ray.eval.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'esm_ray.eval' has no attribute {name!r}")

@@ -137,18 +137,23 @@ def write_png(table: ReportTable, path: str | Path, title: str | None = None) ->
     width = 0.8 / n_rows
     fig_w = max(8.0, 1.0 + len(cols) * (0.35 + 0.13 * n_rows))
     fig, ax = plt.subplots(figsize=(fig_w, 4.8), dpi=120)
-    palette = plt.get_cmap("tab10" if n_rows <= 12 else "tab20")
+    # tab10 without its grey (kept for the probe and expert rows), then tab20 for long tables
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("tab20b").colors)
     merged_i = 0
     for i, r in enumerate(table.rows):
         vals = [r.values.get(t, float("nan")) for t in table.tasks] + [r.average(table.tasks)]
         vals = [100 * v if pct else v for v in vals]
         color = _KIND_COLORS.get(r.kind)
         if color is None:
-            color = palette(merged_i % palette.N)
+            color = palette[merged_i % len(palette)]
             merged_i += 1
         xs = [j + (i - (n_rows - 1) / 2) * width for j in range(len(cols))]
         hatch = "//" if r.kind == "probe" else None
         ax.bar(xs, vals, width * 0.95, label=r.name, color=color, hatch=hatch, edgecolor="white", linewidth=0.4)
+        if not math.isnan(vals[-1]):  # label the averages
+            ax.annotate(f"{vals[-1]:.1f}" if pct else f"{vals[-1]:.2f}", (xs[-1], vals[-1]), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                        rotation=90 if n_rows > 4 else 0)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([c.replace("_", "\n", 1) for c in cols], fontsize=9)
     ax.axvline(len(cols) - 1.5, color="#999999", linewidth=0.8, linestyle=":")

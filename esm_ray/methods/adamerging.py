@@ -49,7 +49,7 @@ class SearchConfig:
     clamp: tuple[float, float] | None = None
     seed: int = 0
     mask_scope: Literal["all", "linear"] = "all"
-    final_mask: str = "hard"
+    final_mask: str = "expected"
     bilevel: bool = False
     inner_lr: float = 1.0
     adamerging_steps: int = 0
@@ -185,18 +185,25 @@ class SearchMethod(MergeMethod):
         return files
 
     def memory_note(self, shapes: dict[str, tuple[int, ...]]) -> str:
-        """What the search holds on the coordinator, in words and MB (for the dry run)."""
+        """What the search holds on the coordinator, in model sizes and MB (for the dry run).
+
+        Counted for every tensor; with mask_scope 'linear' and fixed weights only the masked
+        tensors are held, so this is an upper bound.
+        """
         cfg = self.search_config()
-        total = sum(_numel(s) for s in shapes.values()) * 4
+        size = sum(_numel(s) for s in shapes.values()) * 4
         t = self.n_experts
-        held = {"base": 1, "merged θ + ∂L/∂θ": 2}
+        held = {"θ₀": 1, "merged θ and ∂L/∂θ": 2}
         if cfg.mask:
-            held["mask logits + grad + 2 Adam moments"] = 4
-        held["task vectors" if cfg.coefficients != "fixed" else "Σ w_i τ_i"] = t if cfg.coefficients != "fixed" else 1
+            held["mask logits, their gradient and 2 Adam moments"] = 4
+        if cfg.coefficients == "fixed":
+            held["Σ w_i τ_i"] = 1
+        else:
+            held[f"the {t} task vectors"] = t
         mult = sum(held.values())
         parts = ", ".join(f"{k} {v}×" for k, v in held.items())
-        return (f"search on the coordinator holds about {mult}× the model ({mult * total / 1e6:.0f} MB): {parts}; "
-                f"each expert side holds the model once more plus its activations")
+        return (f"{self.name} search: the coordinator holds about {mult}× the model ({mult * size / 1e6:.0f} MB: "
+                f"{parts}), plus the {t} experts' gradients ({t}×) while they are summed")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -33,8 +33,8 @@ class ConcreteParams(SearchParams):
         "all", description="masked tensors: every floating parameter ('all') or the 2-D weights of nn.Linear "
                            "layers ('linear')")
     final_mask: MaskRule = Field(
-        "hard", description="final mask: 'hard' 1[logit ≥ 0], 'expected' σ(logit), or a seeded 'sample' / "
-                            "'bernoulli' draw")
+        "expected", description="final mask: 'expected' σ(logit), 'hard' 1[logit ≥ 0], or a seeded 'sample' / "
+                                "'bernoulli' draw")
 
 
 def _mask_settings(p: ConcreteParams) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import esm_ray
 from esm_ray.io.reader import check_finite, open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
-from esm_ray.runtime.expert import math_threads, read_to_float32, torch_threads
+from esm_ray.runtime.expert import math_threads, read_to_float32, reuse_freed_memory, scratch, torch_threads
 from esm_ray.runtime.plan import MergePlan
 from esm_ray.runtime.pool import ExpertPool
 from esm_ray.runtime.resume import ResumeStore
@@ -134,7 +134,7 @@ class MergeJob:
         self._flush_post()
 
     def run(self) -> MergeResult:
-        with torch_threads(math_threads(self.plan.spec)):  # same bits in every executor
+        with torch_threads(math_threads(self.plan.spec)), reuse_freed_memory():  # same bits in every executor
             return self._run()
 
     def _run(self) -> MergeResult:
@@ -207,7 +207,7 @@ class MergeJob:
                             b = base.get(info.name).to(torch.float32)
                             delta = method.fuse(info, b, [parts[e][j] for e in range(plan.n_experts)], ctxs)
                         else:  # in-process sides: one base read for all, parts made as fuse reads them
-                            b = read_to_float32(base, info.name, spec.base)
+                            b = read_to_float32(base, info.name, spec.base, slot="base")
                             delta = method.fuse(info, b, local_parts(info, b), ctxs)
                         if tuple(delta.shape) != info.shape:
                             raise RuntimeError(f"method {method.name!r} returned shape {tuple(delta.shape)} "
@@ -215,8 +215,12 @@ class MergeJob:
                         if spill_dir is not None:
                             norms[info.name] = float(torch.linalg.vector_norm(delta))
                             fused[info.name] = delta.contiguous()
+                        elif b.dtype == delta.dtype == torch.float32:  # b + delta into a reused buffer
+                            merged = torch.add(b, delta, out=scratch("merged", info.shape))
+                            done[info.name] = self._emit(writer, info, merged)
                         else:
                             done[info.name] = self._emit(writer, info, b + delta)
+                        b = delta = merged = None  # let the next tensor reuse their buffers (expert.scratch)
                     if spill_dir is not None and fused:
                         if store is not None:
                             store.save(gi, fused, {k: norms[k] for k in fused})

@@ -121,6 +121,11 @@ class ExpertWorker:
         """Peak resident memory of this worker process, bytes."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of this worker process so far."""
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
     def call(self, method: str, pool: str, journal: list[tuple[str, Any]], args: tuple) -> Any:
         """Run `ExpertSide.<method>(*args)` after replaying state calls this side has not seen.
 

@@ -454,6 +454,7 @@ def run_search(method, pool, plan, infos, progress: bool = True) -> SearchResult
     """Run the method's search on the expert pool; stores and returns the SearchResult."""
     cfg: SearchConfig = method.search_config()
     t = plan.n_experts
+    log.info("%s", method.memory_note(plan.shapes))
     weights = [cfg.init_weight * float(e.weight) for e in plan.spec.experts]
     t0 = time.perf_counter()
     prob = _Problem(cfg, pool, plan, infos, weights)

@@ -33,8 +33,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def merge(spec) -> str:
         return str(run_merge(spec, progress=not args.no_progress).output)
 
-    table = sweep(specs, zoo_dir, merge, split="test")
-    paths = write_report(table, out / "report", title="esm-ray demo: merged MiniLM experts (test accuracy)")
+    title = args.title or "esm-ray demo: merged MiniLM experts (test accuracy)"
+
+    def progress(t) -> None:  # the report is rewritten after every row, so a long run shows its progress
+        write_report(t, out / "report", title=title)
+
+    table = sweep(specs, zoo_dir, merge, split="test", select=args.select, on_row=progress)
+    paths = write_report(table, out / "report", title=title)
     print(to_markdown(table))
     print(f"specs:   {out / 'specs'}")
     print(f"merged:  {out / 'merged'}  ({', '.join(args.methods)})")
@@ -50,5 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--zoo-root", default=None, help="zoo cache root (default $ESM_RAY_ZOO or ~/.cache/esm-ray/zoo)")
     p.add_argument("--reduced", action="store_true", help="2 tasks and a few training steps (about a minute)")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="methods from the zoo's spec table")
+    p.add_argument("--select", action="store_true",
+                   help="choose task arithmetic's λ and ESM's α on the validation splits, then score test once")
+    p.add_argument("--title", help="title of the report table and chart")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from esm_ray.zoo.tasks import (DEFAULT_TASKS, SPLITS, TASKS, TaskDef, load_task, read_convention_party,
-                               read_debate_party, read_rt_subjectivity, split_rows)
+                               read_convention_year, read_debate_party, read_rt_subjectivity, split_rows)
 
 
 def _keys(data, split):
@@ -50,6 +50,7 @@ def test_other_seed_gives_other_splits():
 
 
 @pytest.mark.parametrize("reader,name", [(read_convention_party, "convention_party"),
+                                         (read_convention_year, "convention_year"),
                                          (read_rt_subjectivity, "rt_subjectivity"),
                                          (read_debate_party, "debate_party")])
 def test_groups_do_not_span_splits(reader, name):

@@ -21,7 +21,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     zoo = open_zoo(args.zoo)
     if args.sweep:
-        table = sweep(args.sweep, zoo, _merge_fn, split=args.split, tasks=args.tasks, select=args.select)
+        def progress(t) -> None:  # rewrite the report after every row
+            if args.out:
+                write_report(t, args.out, title=args.title)
+
+        table = sweep(args.sweep, zoo, _merge_fn, split=args.split, tasks=args.tasks, select=args.select,
+                      on_row=progress)
     else:
         if not args.model:
             raise SpecError("give MODEL_DIR to evaluate, or --sweep SPEC ...")

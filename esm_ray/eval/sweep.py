@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -201,11 +202,13 @@ def baseline_rows(zoo: Zoo, split: str = "test", tasks: Sequence[str] | None = N
 
 def sweep(specs: Sequence[MergeSpec | str | Path], zoo_dir: str | Path | Zoo,
           merge_fn: Callable[[MergeSpec], str], split: str = "test", tasks: Sequence[str] | None = None,
-          select: bool = False) -> ReportTable:
+          select: bool = False, on_row: Callable[[ReportTable], None] | None = None) -> ReportTable:
     """Merge each spec with `merge_fn`, evaluate it, and return one table with the baseline rows.
 
     select=True chooses ESM's α (golden section) and task arithmetic's λ (grid) on validation
-    before the single test evaluation; other methods are evaluated as merged.
+    before the single test evaluation, and adds that row after the label-free one (as merged);
+    other methods are evaluated as merged. `on_row(table)`
+    is called after every row (the CLI rewrites the report, so a long sweep shows its progress).
     """
     zoo = zoo_dir if isinstance(zoo_dir, Zoo) else open_zoo(zoo_dir)
     names = list(tasks) if tasks else zoo.tasks
@@ -214,16 +217,23 @@ def sweep(specs: Sequence[MergeSpec | str | Path], zoo_dir: str | Path | Zoo,
     for row in baseline_rows(zoo, split, names):
         table.add(row)
     for item in specs:
+        if on_row is not None:
+            on_row(table)
         spec = item if isinstance(item, MergeSpec) else load_spec(item)
         label = spec_label(spec)
         log.info("sweep: merging %s", label)
+        t0 = time.perf_counter()
         out = Path(merge_fn(spec))
         info = {"output": str(out), "method": spec.method.name, "params": dict(spec.method.params),
+                "merge_seconds": round(time.perf_counter() - t0, 2),
                 "purify": spec.purify.model_dump(mode="json") if spec.purify else None}
         if zoo.kind == "causal_lm":
             table.add(row_from_result(label, evaluate_lm(out, zoo, split, names), "merged", info))
             continue
         mrep = _report(out).get("method_report", {})
+        if select and (spec.method.name in LAMBDA_METHODS or (spec.method.name == "esm" and mrep.get("alpha_keys"))):
+            # the label-free row (as merged) first, then the validation-selected one
+            table.add(row_from_result(label, evaluate_encoder(out, zoo, split, names), "merged", dict(info)))
         if select and spec.method.name == "esm" and mrep.get("alpha_keys"):
             res = search_alpha(zoo.base_dir, out, None, None, zoo, names)
             info["selected"] = {"alpha": res["alpha"], "validation": res["validation"], "history": res["history"]}
@@ -234,4 +244,6 @@ def sweep(specs: Sequence[MergeSpec | str | Path], zoo_dir: str | Path | Zoo,
             table.add(row_from_result(f"{label} [λ={res['lambda']:.1f} on val]", res["test"], "merged", info))
         else:
             table.add(row_from_result(label, evaluate_encoder(out, zoo, split, names), "merged", info))
+    if on_row is not None:
+        on_row(table)
     return table

@@ -133,6 +133,14 @@ def read_guardian_period() -> list[Row]:
             if r["Date"][:7] in _PERIOD]
 
 
+_LOCKDOWN = {"2020-01": "jan-feb", "2020-02": "jan-feb", "2020-04": "apr-may", "2020-05": "apr-may"}
+
+
+def read_guardian_lockdown() -> list[Row]:
+    return [(r["Text"], _LOCKDOWN[r["Date"][:7]], r["Text"]) for r in read_csv("guardian_headlines.csv.bz2")
+            if r["Date"][:7] in _LOCKDOWN]
+
+
 def _whissell(dim: str, low: float, high: float, names: tuple[str, str]) -> list[Row]:
     rows = []
     for r in read_csv("whissells_df.csv"):
@@ -209,6 +217,9 @@ TASKS: dict[str, TaskDef] = {t.name: t for t in [
     TaskDef("guardian_period", ("guardian_headlines.csv.bz2",),
             "Guardian headline, 2020: published Jan-Feb vs Mar-Apr vs May-Jul",
             ("jan-feb", "mar-apr", "may-jul"), read_guardian_period),
+    TaskDef("guardian_lockdown", ("guardian_headlines.csv.bz2",),
+            "Guardian headline, 2020: published Jan-Feb (before the UK lockdown) vs Apr-May (during it)",
+            ("jan-feb", "apr-may"), read_guardian_lockdown, epochs=2),
     TaskDef("word_pleasantness", ("whissells_df.csv",),
             "single word, Whissell affect dictionary: pleasantness <= 1.5 vs >= 2.2",
             ("unpleasant", "pleasant"), read_word_pleasantness, kind="word", epochs=3),
@@ -231,8 +242,8 @@ TASKS: dict[str, TaskDef] = {t.name: t for t in [
 ]}
 
 DEFAULT_TASKS: tuple[str, ...] = (
-    "rt_sentiment", "rt_subjectivity", "convention_party", "debate_party",
-    "guardian_period", "word_pleasantness", "moral_foundation", "chinese_novel",
+    "rt_sentiment", "rt_subjectivity", "convention_year", "debate_party",
+    "guardian_lockdown", "word_pleasantness", "word_imagery", "moral_foundation",
 )
 REDUCED_TASKS: tuple[str, ...] = ("rt_sentiment", "rt_subjectivity")
 

@@ -4,7 +4,9 @@
   normalised accuracy (model / expert) and averages; `evaluate_lm` for per-domain perplexity
 - `sweep(specs, zoo_dir, merge_fn)`: merge, evaluate, one `ReportTable` with the baseline rows
 - `search_alpha` (ESM α, golden section on validation), `select_lambda` (task-arithmetic λ grid)
-- `write_report(table, out_dir)`: report.json, report.md, report.png
+- `evaluate_routed_zoo(model_dir, zoo_dir)`: a routed (ESM++ / SiM) directory per router: accuracy,
+  routing accuracy, confusion; `sweep` and `esm-ray eval` give such a directory one row per router
+- `write_report(table, out_dir)`: report.json, report.md, report.png (+ confusion PNGs of routed rows)
 
 Names are imported on first use so that `import esm_ray.eval` stays cheap.
 """
@@ -18,6 +20,7 @@ _EXPORTS = {
     "sweep": "esm_ray.eval.sweep", "search_alpha": "esm_ray.eval.sweep", "select_lambda": "esm_ray.eval.sweep",
     "golden_section_max": "esm_ray.eval.sweep", "ReportTable": "esm_ray.eval.report", "Row": "esm_ray.eval.report",
     "write_report": "esm_ray.eval.report", "to_markdown": "esm_ray.eval.report",
+    "evaluate_routed_zoo": "esm_ray.eval.routed", "routed_rows": "esm_ray.eval.routed",
 }
 
 __all__ = sorted(_EXPORTS)

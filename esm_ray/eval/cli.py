@@ -12,6 +12,12 @@ def _merge_fn(spec):
     return str(run_merge(spec).output)
 
 
+def _is_routed(model: str) -> bool:
+    from esm_ray.eval.routed import is_routed_dir
+
+    return is_routed_dir(model)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from esm_ray.errors import SpecError
     from esm_ray.eval.metrics import evaluate_encoder, evaluate_lm
@@ -27,6 +33,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         table = sweep(args.sweep, zoo, _merge_fn, split=args.split, tasks=args.tasks, select=args.select,
                       on_row=progress)
+    elif args.model and _is_routed(args.model):  # ESM++ / SiM directory: one row per router
+        from esm_ray.eval.routed import routed_rows
+
+        table = ReportTable(list(args.tasks or zoo.tasks), split=args.split, meta={"zoo": str(zoo.root)})
+        for row in baseline_rows(zoo, args.split, args.tasks) + routed_rows(args.name or args.model, args.model, zoo,
+                                                                            args.split, args.tasks):
+            table.add(row)
     else:
         if not args.model:
             raise SpecError("give MODEL_DIR to evaluate, or --sweep SPEC ...")

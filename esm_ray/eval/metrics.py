@@ -15,8 +15,8 @@ from typing import Literal, Sequence
 import torch
 
 from esm_ray.errors import InputError
-from esm_ray.zoo.encoder import load_head, load_tokenizer, predict
-from esm_ray.zoo.layout import Zoo, open_zoo
+from esm_ray.zoo.encoder import features, load_head, load_tokenizer, predict
+from esm_ray.zoo.layout import Zoo, open_zoo, read_jsonl
 
 Heads = Literal["expert", "probe"]
 
@@ -81,6 +81,22 @@ def evaluate_model(model, tokenizer, zoo: str | Path | Zoo, split: str = "test",
         out[t] = {"accuracy": acc, "correct": correct, "n": len(rows), "expert_accuracy": ref,
                   "normalized": acc / ref if ref > 0 else float("nan")}
     return {"split": split, "heads": heads, "tasks": out, "average": _averages(out)}
+
+
+@torch.no_grad()
+def mean_entropy(model, tokenizer, zoo: str | Path | Zoo, tasks: Sequence[str] | None = None,
+                 batch_size: int = 64) -> dict:
+    """Label-free score: each task's head's mean prediction entropy (nats) on that task's
+    unlabelled calibration rows (calib.jsonl), and the mean over tasks (AdaMerging's surrogate)."""
+    zoo = _as_zoo(zoo)
+    max_length = int(zoo.manifest.get("max_length", 64))
+    out: dict[str, float] = {}
+    for t in _tasks(zoo, tasks):
+        texts = [r["text"] for r in read_jsonl(zoo.calib_path(t))]
+        head = load_head(zoo.head_path(t))
+        logp = torch.log_softmax(head(features(model, tokenizer, texts, batch_size, max_length)), -1)
+        out[t] = float(-(logp.exp() * logp).sum(-1).mean())
+    return {"tasks": out, "average": sum(out.values()) / max(len(out), 1)}
 
 
 def _averages(per_task: dict[str, dict]) -> dict:

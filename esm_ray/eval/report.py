@@ -2,13 +2,16 @@
 
 The Markdown imitates the papers' tables: absolute accuracy in percent with the normalised
 accuracy (percent of the fine-tuned expert) in parentheses, and an average column. For LM
-zoos the metric is perplexity (lower is better) and no normalisation is shown.
+zoos the metric is perplexity (lower is better) and no normalisation is shown. Routed rows
+(`info["routing"]`, see `esm_ray.eval.routed`) add a routing-accuracy table to the Markdown and
+a confusion_<row>.png each.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -111,7 +114,36 @@ def to_markdown(table: ReportTable, title: str | None = None) -> str:
             cells.append(_cell(r.values.get(t), (r.normalized or {}).get(t), pct))
         cells.append(_cell(r.average(table.tasks), r.normalized_average(table.tasks), pct))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _routing_markdown(table)
     return "\n".join(lines) + "\n"
+
+
+def _routing(row: Row) -> dict | None:
+    """The routing results a routed row carries (`esm_ray.eval.routed.routed_rows`), else None."""
+    r = row.info.get("routing") if row.info else None
+    return r if isinstance(r, dict) and "routing_accuracy" in r else None
+
+
+def _routing_markdown(table: ReportTable) -> list[str]:
+    """A second table for routed rows: routing accuracy per task and its average, and the
+    average accuracy when the routed task's head is used (task unknown)."""
+    rows = [(r, _routing(r)) for r in table.rows if _routing(r) is not None]
+    if not rows:
+        return []
+    head = ["router", *table.tasks, "avg", "acc. task unknown (avg)"]
+    lines = ["", f"{table.split} routing accuracy (%): share of each task's samples routed to its own expert; "
+                 "last column: accuracy with the routed task's head.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r, ro in rows:
+        acc = ro["routing_accuracy"]
+        vals = [acc[t] for t in table.tasks if t in acc]
+        avg = sum(vals) / len(vals) if vals else None
+        unk = ro.get("accuracy_task_unknown") or {}
+        uvals = [unk[t] for t in table.tasks if t in unk]
+        cells = [r.name, *(_cell(acc.get(t), None, True) for t in table.tasks), _cell(avg, None, True),
+                 _cell(sum(uvals) / len(uvals) if uvals else None, None, True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_markdown(table: ReportTable, path: str | Path, title: str | None = None) -> Path:
@@ -177,9 +209,32 @@ def write_png(table: ReportTable, path: str | Path, title: str | None = None) ->
     return p
 
 
+def slug(name: str) -> str:
+    """A file-name form of a row name: runs of other characters become '-'."""
+    return re.sub(r"[^A-Za-z0-9_.=]+", "-", name).strip("-").lower() or "row"
+
+
+def write_confusions(table: ReportTable, out_dir: str | Path) -> dict[str, Path]:
+    """confusion_<row-slug>.png (true task x routed task) for every row that carries a
+    routing confusion; returns {row name: path}."""
+    out = {}
+    for r in table.rows:
+        ro = _routing(r)
+        if ro is None or not ro.get("confusion"):
+            continue
+        from esm_ray.routed.evaluate import confusion_png
+
+        out[r.name] = confusion_png(ro["confusion"], ro.get("confusion_tasks") or table.tasks,
+                                    Path(out_dir) / f"confusion_{slug(r.name)}.png", r.name)
+    return out
+
+
 def write_report(table: ReportTable, out_dir: str | Path, stem: str = "report", title: str | None = None) -> dict:
-    """report.json, report.md and report.png under out_dir; returns their paths."""
+    """report.json, report.md and report.png under out_dir, plus a confusion PNG per routed row;
+    returns their paths ({"json", "markdown", "png", "confusion <row name>" ...})."""
     d = Path(out_dir)
-    return {"json": write_json(table, d / f"{stem}.json"),
-            "markdown": write_markdown(table, d / f"{stem}.md", title),
-            "png": write_png(table, d / f"{stem}.png", title)}
+    paths = {"json": write_json(table, d / f"{stem}.json"),
+             "markdown": write_markdown(table, d / f"{stem}.md", title),
+             "png": write_png(table, d / f"{stem}.png", title)}
+    paths.update({f"confusion {name}": p for name, p in write_confusions(table, d).items()})
+    return paths

@@ -5,7 +5,7 @@ and the test numbers are computed once, at the chosen value.
 
 - ESM α: the merge report lists the keys α scaled (`method_report.alpha_keys`) and α0, the α
   of the merge. For those keys only, W(α) = W0 + (α/α0)(W(α0) − W0); other keys stay as
-  merged. Golden-section search on [0, 2] (tol 0.01, at most 15 iterations) maximises the
+  merged. Golden-section search on [0, 2] (tol 0.05, at most 8 iterations) maximises the
   mean validation accuracy; the best point evaluated wins.
 - Task arithmetic λ: the merge is linear in λ, so W(λ) = W0 + (λ/λ0)(W(λ0) − W0) on every
   floating-point key; λ is picked from a grid on validation.
@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from esm_ray.errors import InputError
 from esm_ray.eval.metrics import (evaluate_encoder, evaluate_lm, evaluate_model, evaluate_probe, expert_results,
-                                  load_encoder_checked, _tokenizer_for)
+                                  load_encoder_checked, mean_entropy, _tokenizer_for)
 from esm_ray.eval.report import ReportTable, Row, row_from_result
 from esm_ray.spec import MergeSpec, load_spec
 from esm_ray.zoo.layout import Zoo, open_zoo
@@ -126,12 +126,18 @@ def _report(merged_dir: Path) -> dict:
 
 def search_alpha(base_dir: str | Path, merged_dir: str | Path, alpha_keys: Sequence[str] | None, alpha0: float | None,
                  zoo_dir: str | Path | Zoo, tasks: Sequence[str] | None = None, lo: float = 0.0, hi: float = 2.0,
-                 tol: float = 0.01, max_iter: int = 15, evaluate_test: bool = True) -> dict:
-    """Golden-section search of ESM's α on validation; test accuracy once at the chosen α.
+                 tol: float = 0.05, max_iter: int = 8, evaluate_test: bool = True,
+                 objective: str = "validation") -> dict:
+    """Golden-section search of ESM's α; test accuracy once at the chosen α.
 
-    alpha_keys / alpha0 default to `method_report.alpha_keys` / `.alpha` of the merge report in
-    merged_dir. Returns {"alpha", "validation", "history": [[α, mean val acc], ...], "test"}.
+    objective 'validation': mean accuracy on the labelled validation splits (the papers');
+    'entropy': minus the heads' mean prediction entropy on each task's unlabelled calibration
+    rows (label-free, AdaMerging's surrogate). alpha_keys / alpha0 default to
+    `method_report.alpha_keys` / `.alpha` of the merge report in merged_dir.
+    Returns {"alpha", "objective", "validation" (the best objective value), "history": [[α, value], ...], "test"}.
     """
+    if objective not in ("validation", "entropy"):
+        raise InputError(f"objective must be 'validation' or 'entropy', got {objective!r}")
     zoo = zoo_dir if isinstance(zoo_dir, Zoo) else open_zoo(zoo_dir)
     merged_dir = Path(merged_dir)
     rep = _report(merged_dir).get("method_report", {})
@@ -146,12 +152,16 @@ def search_alpha(base_dir: str | Path, merged_dir: str | Path, alpha_keys: Seque
 
     def val(alpha: float) -> float:
         sm.set_factor(alpha / a0)
+        if objective == "entropy":
+            h = mean_entropy(sm.model, tok, zoo, tasks)["average"]
+            log.info("alpha %.4f: mean entropy on calibration rows %.4f", alpha, h)
+            return -h
         acc = _mean_acc(evaluate_model(sm.model, tok, zoo, "validation", tasks))
         log.info("alpha %.4f: mean validation accuracy %.4f", alpha, acc)
         return acc
 
     best, best_val, history = golden_section_max(val, lo, hi, tol, max_iter)
-    out = {"alpha": best, "alpha0": a0, "validation": best_val, "history": [list(h) for h in history],
+    out = {"alpha": best, "alpha0": a0, "objective": objective, "validation": best_val, "history": [list(h) for h in history],
            "n_keys": len(keys)}
     if evaluate_test:
         sm.set_factor(best / a0)
@@ -227,6 +237,12 @@ def sweep(specs: Sequence[MergeSpec | str | Path], zoo_dir: str | Path | Zoo,
         info = {"output": str(out), "method": spec.method.name, "params": dict(spec.method.params),
                 "merge_seconds": round(time.perf_counter() - t0, 2),
                 "purify": spec.purify.model_dump(mode="json") if spec.purify else None}
+        from esm_ray.eval.routed import is_routed_dir, routed_rows
+
+        if is_routed_dir(out):  # ESM++ / SiM: one row per router, routing results in the row's info
+            for row in routed_rows(label, out, zoo, split, names, info):
+                table.add(row)
+            continue
         if zoo.kind == "causal_lm":
             table.add(row_from_result(label, evaluate_lm(out, zoo, split, names), "merged", info))
             continue

@@ -23,6 +23,8 @@ class MethodEntry:
     purify: dict[str, Any] | None = None  # PAVE params, or None for no purification
 
 
+SEARCH_BUDGET: dict[str, Any] = {"steps": 60, "batch_size": 16, "samples": 64}
+
 METHOD_TABLE: dict[str, MethodEntry] = {
     "linear": MethodEntry("linear"),
     "task_arithmetic": MethodEntry("task_arithmetic", {"lambda": 0.3}),
@@ -33,6 +35,17 @@ METHOD_TABLE: dict[str, MethodEntry] = {
     "pave_task_arithmetic": MethodEntry("task_arithmetic", {"lambda": 0.3}, {"rho": 0.96875}),
     "pave_ties": MethodEntry("ties", {"density": 0.2, "lambda": 1.0}, {"rho": 0.984375}),
     "pave_tsvm": MethodEntry("tsvm", {}, {"rho": 0.96875}),
+    # searches on unlabelled calibration rows; the step budget fits a 2-core CPU (see docs/methods-concrete.md)
+    "concrete_ta": MethodEntry("concrete_ta", {**SEARCH_BUDGET, "lr": 0.05, "mask_scope": "linear"}),
+    "adamerging": MethodEntry("adamerging", {**SEARCH_BUDGET, "lr": 0.01}),
+    "concrete_adamerging": MethodEntry("concrete_adamerging", {
+        **SEARCH_BUDGET, "steps": 30, "lr": 0.05, "mask_scope": "linear", "adamerging_steps": 30,
+        "adamerging_lr": 0.01}),
+    # routed (ESM++ / SiM): ESM base (preset auto = roberta, α 1, as "esm") + rank-r residual experts;
+    # SiM fits its task subspaces on `support_samples` rows of each expert's calib.jsonl
+    "esm_pp_r8": MethodEntry("esm_pp", {"rank": 8}),
+    "esm_pp_r32": MethodEntry("esm_pp", {"rank": 32}),
+    "sim": MethodEntry("sim"),
 }
 
 

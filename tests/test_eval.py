@@ -285,3 +285,49 @@ def test_perplexity_matches_the_model_loss(tmp_path: Path):
     d = lm["domains"]["d1"]
     assert d["perplexity"] == pytest.approx(res["perplexity"], rel=1e-5)
     assert d["ratio_to_expert"] == pytest.approx(res["perplexity"] / 4.0, rel=1e-5)
+
+
+def test_mean_entropy_matches_hand_computation(fake_zoo: Path):
+    from esm_ray.eval.metrics import load_encoder_checked, mean_entropy
+
+    # zero head weights: every calibration row gets logits = bias, (0, 1) or (1, 0)
+    p = 1.0 / (1.0 + math.e)
+    h = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    res = mean_entropy(load_encoder_checked(fake_zoo / "base"), load_tokenizer(fake_zoo / "base"), fake_zoo)
+    assert res["tasks"]["a"] == pytest.approx(h, rel=1e-6) and res["tasks"]["b"] == pytest.approx(h, rel=1e-6)
+    assert res["average"] == pytest.approx(h, rel=1e-6)
+
+
+def _table(rows: list[Row], zoo_hash: str = "z1") -> ReportTable:
+    return ReportTable(["a", "b"], rows, meta={"zoo_hash": zoo_hash})
+
+
+def test_combine_keeps_rows_in_order_and_the_shared_rows_once(tmp_path: Path):
+    from esm_ray.errors import InputError
+    from esm_ray.eval.cli import cmd_eval
+    from esm_ray.eval.report import combine
+
+    probe, experts = Row("probe", {"a": 0.5, "b": 0.5}, None, "probe"), Row("experts", {"a": 1.0, "b": 1.0}, None, "experts")
+    one = _table([probe, experts, Row("ta", {"a": 0.7, "b": 0.6})])
+    two = _table([probe, experts, Row("ties", {"a": 0.8, "b": 0.4})])
+    out = combine([one, two])
+    assert [r.name for r in out.rows] == ["probe", "experts", "ta", "ties"]
+    assert out.row("ties").values == {"a": 0.8, "b": 0.4}
+    with pytest.raises(ValueError, match="different zoos"):
+        combine([one, _table([Row("x", {"a": 0.1, "b": 0.1})], zoo_hash="z2")])
+    with pytest.raises(ValueError, match="different tasks"):
+        combine([one, ReportTable(["a"], [], meta={"zoo_hash": "z1"})])
+    # through the CLI: report.json files in, one report out; a bad file is named
+    paths = []
+    for i, t in enumerate((one, two)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(t.to_dict()))
+    import argparse
+
+    args = argparse.Namespace(combine=[str(p) for p in paths], out=str(tmp_path / "both"), title=None)
+    assert cmd_eval(args) == 0
+    joined = json.loads((tmp_path / "both" / "report.json").read_text())
+    assert [r["name"] for r in joined["rows"]] == ["probe", "experts", "ta", "ties"]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InputError, match="bad.json"):
+        cmd_eval(argparse.Namespace(combine=[str(tmp_path / "bad.json")], out=None, title=None))

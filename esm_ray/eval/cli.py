@@ -19,12 +19,39 @@ def _is_routed(model: str) -> bool:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from esm_ray.errors import InputError
+    from esm_ray.eval.report import ReportTable, combine, to_markdown, write_report
+
+    if args.combine:
+        tables = []
+        for p in args.combine:
+            try:
+                tables.append(ReportTable.from_dict(json.loads(open(p).read())))
+            except (OSError, ValueError, KeyError) as e:
+                raise InputError(f"{p}: not a readable report.json ({e})") from None
+        try:
+            table = combine(tables)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    else:
+        table = _table(args)
+    print(to_markdown(table))
+    if args.out:
+        paths = write_report(table, args.out, title=args.title)
+        for kind, p in paths.items():
+            print(f"{kind}: {p}")
+    return 0
+
+
+def _table(args: argparse.Namespace):
     from esm_ray.errors import SpecError
     from esm_ray.eval.metrics import evaluate_encoder, evaluate_lm
     from esm_ray.eval.report import ReportTable, row_from_result, write_report
     from esm_ray.eval.sweep import baseline_rows, search_alpha, sweep
     from esm_ray.zoo.layout import open_zoo
 
+    if not args.zoo:
+        raise SpecError("--zoo is required (except with --combine)")
     zoo = open_zoo(args.zoo)
     if args.sweep:
         def progress(t) -> None:  # rewrite the report after every row
@@ -59,20 +86,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for row in baseline_rows(zoo, split, args.tasks):
             table.add(row)
         table.add(row_from_result(name, result, "model"))
-    from esm_ray.eval.report import to_markdown
-
-    print(to_markdown(table))
-    if args.out:
-        paths = write_report(table, args.out, title=args.title)
-        for kind, p in paths.items():
-            print(f"{kind}: {p}")
-    return 0
+    return table
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model (or sweep merge specs) against a built zoo")
     p.add_argument("model", nargs="?", help="HF model directory to evaluate")
-    p.add_argument("--zoo", required=True, help="a built zoo directory (holding zoo.json)")
+    p.add_argument("--zoo", help="a built zoo directory (holding zoo.json); required except with --combine")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--tasks", nargs="+", help="subset of the zoo's tasks")
     p.add_argument("--sweep", nargs="+", metavar="SPEC", help="merge each spec, evaluate, one table")
@@ -82,5 +102,7 @@ def register(subparsers) -> None:
                    help="MODEL is an ESM merge: golden-section search of α on validation, then test once")
     p.add_argument("--name", help="row name for MODEL (default: its path)")
     p.add_argument("--title", help="title of the Markdown table and chart")
+    p.add_argument("--combine", nargs="+", metavar="REPORT_JSON",
+                   help="join report.json files of one zoo (a sweep run in parts) into one report")
     p.add_argument("--out", help="report directory: report.json, report.md, report.png")
     p.set_defaults(func=cmd_eval)

@@ -67,6 +67,29 @@ class ReportTable:
                            d.get("meta", {}))
 
 
+def combine(tables: Sequence[ReportTable]) -> ReportTable:
+    """One table from several reports of the same zoo, split and tasks (a sweep run in parts):
+    rows in order, a row name seen before (the probe and expert rows) kept once."""
+    if not tables:
+        raise ValueError("nothing to combine")
+    first = tables[0]
+    for t in tables[1:]:
+        if (t.tasks, t.metric, t.split) != (first.tasks, first.metric, first.split):
+            raise ValueError(f"cannot combine reports over different tasks/metric/split: {first.tasks} "
+                             f"{first.metric}/{first.split} vs {t.tasks} {t.metric}/{t.split}")
+        if t.meta.get("zoo_hash") != first.meta.get("zoo_hash"):
+            raise ValueError(f"cannot combine reports of different zoos: {first.meta.get('zoo_hash')} "
+                             f"vs {t.meta.get('zoo_hash')}")
+    out = ReportTable(list(first.tasks), [], first.metric, first.split, dict(first.meta))
+    seen: set[str] = set()
+    for t in tables:
+        for r in t.rows:
+            if r.name not in seen:
+                seen.add(r.name)
+                out.add(r)
+    return out
+
+
 def row_from_result(name: str, result: dict, kind: str = "merged", info: dict | None = None) -> Row:
     """A Row from an `evaluate_encoder` / `evaluate_lm` result."""
     if "domains" in result:

@@ -17,7 +17,7 @@ from esm_ray.eval.report import ReportTable, to_markdown, write_report
 from esm_ray.eval.routed import evaluate_routed_zoo, is_routed_dir
 from esm_ray.eval.sweep import sweep
 from esm_ray.zoo.layout import open_zoo, write_json, write_jsonl
-from esm_ray.zoo.specs import spec_for
+from esm_ray.zoo.specs import MethodEntry, spec_for
 from tests.test_eval import WORDS, _tiny_bert
 
 TASKS = ["a", "b"]
@@ -76,12 +76,13 @@ def routed_zoo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def swept(routed_zoo: Path, tmp_path_factory):
-    """One sweep over the METHOD_TABLE's esm_pp_r8 spec, merged for real."""
+    """One sweep over an ESM++ rank-8 spec (fixed here, not METHOD_TABLE's), merged for real."""
     from esm_ray.runtime import run_merge
 
     root = tmp_path_factory.mktemp("routed_sweep")
     zoo = open_zoo(routed_zoo)
-    spec = spec_for(zoo, "esm_pp_r8", root / "esm_pp_r8", calibration={"cache_dir": str(root / "cache")})
+    spec = spec_for(zoo, "esm_pp_r8", root / "esm_pp_r8", entry=MethodEntry("esm_pp", {"rank": 8}),
+                    calibration={"cache_dir": str(root / "cache")})
 
     def merge_fn(s):
         return str(run_merge(s, progress=False).output)

@@ -97,6 +97,9 @@ class RuntimeSpec(Frozen):
     num_gpus_per_worker: float | None = Field(default=None, ge=0)  # None: 1 when the cluster has GPUs
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     max_restarts: int = Field(default=2, ge=0)
+    # Where an expert side computes its statistics and decompositions. auto: cuda when the
+    # process sees a GPU (a Ray worker sees only the GPUs Ray assigned it), else cpu.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class ServeSpec(Frozen):

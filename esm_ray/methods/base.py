@@ -114,6 +114,10 @@ class MergeMethod(ABC):
     output_kind: ClassVar[Literal["static", "routed"]] = "static"
     accepts_purifier: ClassVar[bool] = True
     needs_layer_scales: ClassVar[bool] = False
+    # prepare / post_prepare run decompositions: worth the worker's device (runtime.device).
+    # Left False, they run on the CPU, where elementwise work is cheaper than a round trip.
+    decomposes: ClassVar[bool] = False
+    post_decomposes: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
         self.params = params
@@ -188,6 +192,7 @@ class Purifier(ABC):
     Params: ClassVar[type[MethodParams]] = MethodParams
     summary: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = True
+    decomposes: ClassVar[bool] = False  # prepass / purify run on the worker's device
 
     def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
         self.params = params

@@ -94,6 +94,7 @@ class ESM(MergeMethod):
     summary = "Essential subspace merging: ESD of each task's output shift, polar-orthogonalised fusion"
     needs_stats = True
     needs_layer_scales = True
+    decomposes = True
 
     def __init__(self, params: ESMParams, n_experts: int, seed: int = 0) -> None:
         super().__init__(params, n_experts, seed)

@@ -117,6 +117,7 @@ class ESMPlusPlus(MergeMethod):
     post_stage = True
     needs_support_features = True
     router_kind = "prototype"
+    post_decomposes = True  # the residual experts' truncated SVDs
 
     class Params(RoutedParams):
         pass
@@ -128,6 +129,7 @@ class ESMPlusPlus(MergeMethod):
         self.needs_layer_scales = self.inner.needs_layer_scales
         self.accepts_purifier = self.inner.accepts_purifier
         self.needs_labels = self.inner.needs_labels
+        self.decomposes = self.inner.decomposes
         try:
             self._pattern = re.compile(p.layers or DEFAULT_ROUTED_LAYERS)
         except re.error as err:

@@ -40,6 +40,7 @@ class PAVE(Purifier):
     Params = PAVEParams
     summary = "Purify task vectors: context-oriented SVD truncation of the fine-tuned weights"
     needs_stats = True
+    decomposes = True
 
     def __init__(self, params: PAVEParams, n_experts: int, seed: int = 0) -> None:
         super().__init__(params, n_experts, seed)

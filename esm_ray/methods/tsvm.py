@@ -35,6 +35,7 @@ class Tsvm(MergeMethod):
 
     name = "tsvm"
     summary = "TSV-M: per-task top singular vectors, decorrelated by polar factors"
+    decomposes = True
 
     class Params(MethodParams):
         k: int | None = Field(None, ge=1, description="per-task rank for 2-D tensors; "

@@ -8,6 +8,7 @@ them in one process; the Ray executor wraps the very same class in one actor per
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from esm_ray.io.reader import check_finite, open_model
 from esm_ray.methods import ExpertContext, TensorInfo, build_method, build_purifier
+from esm_ray.runtime.device import CPU, resolve_device, to_device
 from esm_ray.spec import MergeSpec
 
 log = logging.getLogger("esm_ray.expert")
@@ -147,6 +149,31 @@ class ExpertSide:
         self._plan: Any = None
         self._search: Any = None  # runtime.search.TaskSearcher, built on first use
         self._search_fixed: dict[str, Any] | None = None
+        self._device: torch.device | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where calibration and declared decompositions run (`runtime.device`, resolved here)."""
+        if self._device is None:
+            self._device = resolve_device(self.spec.runtime.device, f"the process of expert {self.expert.name!r}")
+        return self._device
+
+    def device_name(self) -> str:
+        """The resolved device, e.g. 'cpu' or 'cuda:0' (resolving it fails early when unusable)."""
+        d = self.device
+        if d.type == "cuda":
+            return f"cuda:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
+        return str(d)
+
+    def _on(self, device: torch.device, fn, info: TensorInfo, tensors: tuple[Tensor, ...], ctx: ExpertContext):
+        """fn(info, *tensors, ctx) computed on `device`; whatever it returns comes back on the CPU."""
+        if device.type == "cpu":
+            return fn(info, *tensors, ctx)
+        ctx = dataclasses.replace(ctx, stats=to_device(ctx.stats, device))
+        return to_device(fn(info, *(t.to(device) for t in tensors), ctx), CPU)
+
+    def _device_if(self, flag: bool) -> torch.device:
+        return self.device if flag else CPU
 
     # -- readers ---------------------------------------------------------------------------
     @property
@@ -171,9 +198,10 @@ class ExpertSide:
 
         t0 = time.perf_counter()
         self._stats = calibrate_expert(self.expert.model, self.expert.data, self.spec.calibration,
-                                       s3=self.spec.s3, tokenizer_uri=self.spec.base, name=self.expert.name)
-        log.info("expert %s: statistics for %d layers ready in %.1fs", self.expert.name,
-                 len(self._stats.modules()), time.perf_counter() - t0)
+                                       s3=self.spec.s3, tokenizer_uri=self.spec.base, name=self.expert.name,
+                                       device=str(self.device))
+        log.info("expert %s: statistics for %d layers ready in %.1fs on %s", self.expert.name,
+                 len(self._stats.modules()), time.perf_counter() - t0, self.device)
         return sorted(self._stats.modules())
 
     def set_plan(self, plan: Any) -> None:
@@ -196,7 +224,8 @@ class ExpertSide:
         out = []
         for info in infos:
             b, w = self._tensors(info)
-            out.append(self.purifier.prepass(info, b, w, self._ctx(info)))
+            dev = self._device_if(self.purifier.decomposes)
+            out.append(self._on(dev, self.purifier.prepass, info, (b, w), self._ctx(info)))
         return out
 
     def prepare(self, infos: list[TensorInfo]) -> list[Any]:
@@ -216,15 +245,16 @@ class ExpertSide:
     def _part(self, info: TensorInfo, b: Tensor, w: Tensor) -> Any:
         ctx = self._ctx(info)
         if self.purifier is not None and self.purifier.applies(info):
-            w = self.purifier.purify(info, b, w, ctx)
-        return self.method.prepare(info, b, w, ctx)
+            w = self._on(self._device_if(self.purifier.decomposes), self.purifier.purify, info, (b, w), ctx)
+        return self._on(self._device_if(self.method.decomposes), self.method.prepare, info, (b, w), ctx)
 
     def post_prepare(self, infos: list[TensorInfo], merged: list[Tensor]) -> list[Any]:
         """This expert's post-stage parts against the final merged tensors."""
         out = []
         for info, m in zip(infos, merged):
             w = self.model.get(info.name).to(torch.float32)
-            out.append(self.method.post_prepare(info, m, w, self._ctx(info)))
+            dev = self._device_if(self.method.post_decomposes)
+            out.append(self._on(dev, self.method.post_prepare, info, (m, w), self._ctx(info)))
         return out
 
     def support_features(self) -> Any:

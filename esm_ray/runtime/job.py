@@ -84,6 +84,7 @@ class MergeJob:
         self.group_bytes = group_bytes
         self.executor = executor
         self.timings: dict[str, float] = {}
+        self.devices: dict[str, str] = {}  # expert -> where its side computes (runtime.device)
         self._post: list[tuple[TensorInfo, torch.Tensor]] = []
         self._ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(plan.spec.experts)]
 
@@ -142,6 +143,8 @@ class MergeJob:
         t_all = time.perf_counter()
         base = open_model(spec.base, spec.s3)
 
+        # Resolving runtime.device on every side first fails early where it cannot be used.
+        self.devices = dict(zip((e.name for e in spec.experts), self.pool.call("device_name")))
         modules: set[str] = set()
         if plan.needs_stats:
             t0 = time.perf_counter()
@@ -297,6 +300,7 @@ class MergeJob:
             "dtype": str(plan.out_dtype).removeprefix("torch."),
             "seed": spec.seed,
             "executor": self.executor,
+            "devices": dict(self.devices),
             "calibration": spec.calibration.model_dump(mode="json") if plan.needs_stats else None,
             "tensors": len(plan.names),
             "timings_s": dict(self.timings, total=round(elapsed, 4)),

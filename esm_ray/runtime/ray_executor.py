@@ -32,7 +32,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
-from esm_ray.errors import EsmRayError
+from esm_ray.errors import EsmRayError, SpecError
 from esm_ray.io.uri import is_s3
 from esm_ray.runtime.expert import ExpertSide, math_threads, torch_threads
 from esm_ray.runtime.job import MergeJob, MergeResult
@@ -53,12 +53,13 @@ _LOCAL = (None, "", "local")
 def worker_options(runtime: RuntimeSpec, cluster: Mapping[str, float]) -> dict[str, Any]:
     """Ray actor options of one expert worker, given the cluster's total resources.
 
-    num_gpus_per_worker=None means one GPU per worker when the cluster has GPUs, else none.
-    Fractional values pass through (0.5 GPU: two experts share a device).
+    num_gpus_per_worker=None means one GPU per worker when the cluster has GPUs and
+    runtime.device is not 'cpu', else none. Fractional values pass through (0.5 GPU: two
+    experts share a device).
     """
     gpus = runtime.num_gpus_per_worker
     if gpus is None:
-        gpus = 1 if cluster.get("GPU", 0) > 0 else 0
+        gpus = 1 if cluster.get("GPU", 0) > 0 and runtime.device != "cpu" else 0
     opts: dict[str, Any] = {
         "num_cpus": runtime.num_cpus_per_worker,
         "num_gpus": gpus,
@@ -370,6 +371,10 @@ def run_on_ray(plan: MergePlan, progress: bool = True, resume: bool = True,
     with ray_session(spec.runtime, plan.n_experts):
         cluster = ray.cluster_resources()
         opts = worker_options(spec.runtime, cluster)
+        if spec.runtime.device == "cuda" and not opts["num_gpus"]:
+            raise SpecError("field `runtime.device`: 'cuda' but the expert workers get no GPU "
+                            f"(runtime.num_gpus_per_worker={spec.runtime.num_gpus_per_worker}, "
+                            f"cluster GPUs {cluster.get('GPU', 0):g}); set num_gpus_per_worker or use 'auto'")
         missing = shortfall(opts, plan.n_experts, cluster)
         if missing:
             log.warning("the cluster cannot hold %d expert workers right now (%s); waiting for an "

@@ -53,6 +53,7 @@ from esm_ray.core.concrete import ConcreteMask, normalize_masks
 from esm_ray.core.merged_model import merge_params
 from esm_ray.errors import InputError, SpecError
 from esm_ray.methods.adamerging import SearchConfig, SearchResult
+from esm_ray.runtime.device import resolve_device
 
 log = logging.getLogger("esm_ray.search")
 
@@ -320,7 +321,7 @@ class TaskSearcher:
         self.rows = [self.task.encode(r) for r in raw]
         if not self.rows:
             raise InputError(f"{e.data}: no rows")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(spec.runtime.device, f"the process of expert {e.name!r}")
         self.task.module.to(self.device)
         self.fixed: dict[str, Tensor] = {}
         log.info("expert %s: search ready (%d rows, %s)", e.name, len(self.rows), type(self.task).__name__)

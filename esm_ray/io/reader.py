@@ -8,6 +8,7 @@ checked when the model is opened, so a bad input fails up front with the file an
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -235,6 +236,16 @@ class _S3Store:
 
 # ---- the reader ----------------------------------------------------------------------------
 
+def _row_meta(name: str, meta: TensorMeta, rows: tuple[int, int]) -> TensorMeta:
+    """The TensorMeta of rows [start, stop) of a row-major tensor."""
+    start, stop = (int(r) for r in rows)
+    if not meta.shape or not 0 <= start <= stop <= meta.shape[0]:
+        raise ValueError(f"tensor '{name}': rows {start}:{stop} outside its shape {meta.shape}")
+    row = meta.nbytes // meta.shape[0] if meta.shape[0] else 0
+    return dataclasses.replace(meta, shape=(stop - start, *meta.shape[1:]), nbytes=(stop - start) * row,
+                               offset=meta.offset + start * row)
+
+
 class ModelReader:
     """A model opened for lazy, per-tensor reads. Thread-safe for concurrent `get` calls."""
 
@@ -281,11 +292,15 @@ class ModelReader:
     def info(self, name: str) -> TensorMeta:
         return self._meta(name)
 
-    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def get(self, name: str, out: torch.Tensor | None = None,
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
         """One tensor in its stored dtype, as a fresh writable CPU tensor (one copy out of the
         page cache or the HTTP body). `out`: a contiguous CPU tensor of the same dtype and shape
-        to fill instead, e.g. a buffer reused across calls."""
+        to fill instead, e.g. a buffer reused across calls. `rows=(start, stop)`: only those
+        rows (along dim 0), read straight from their bytes, shape (stop - start, *shape[1:])."""
         meta = self._meta(name)
+        if rows is not None:
+            meta = _row_meta(name, meta, rows)
         raw = None
         if out is not None:
             if out.dtype != meta.dtype or tuple(out.shape) != meta.shape or out.device.type != "cpu" \

@@ -474,8 +474,17 @@ class ShardedWriter:
             raise OutputError(f"{self.uri}: tensor '{name}' ({str(t.dtype).removeprefix('torch.')} "
                               f"{tuple(t.shape)}) does not follow the plan: expected "
                               f"{str(dtype).removeprefix('torch.')} {shape}")
-        k = self._plan_shard[i]
         t0 = time.perf_counter()
+        k = self._shard_of(i)
+        v = tensor_bytes(t)
+        self._open.write(v)
+        self.stats.io_seconds += time.perf_counter() - t0
+        self._written(name, k, len(v))
+
+    def _shard_of(self, i: int) -> int:
+        """Streaming mode: the shard of plan item i, opened (header written) if it is not yet."""
+        assert self._plan is not None and self._layout is not None
+        k = self._plan_shard[i]
         if self._open is None or self._open.index != k:
             self._close_open()
             j = i
@@ -484,13 +493,50 @@ class ShardedWriter:
             header = encode_header([(self._plan[m][0], *self._layout[m], self._plan[m][1]) for m in range(i, j)],
                                    self.metadata)
             self._open = self._target.open_shard(k, header, shard_name(k, self._plan_n))
-        v = tensor_bytes(t)
-        self._open.write(v)
-        self.stats.io_seconds += time.perf_counter() - t0
-        self.stats.tensor_bytes += len(v)
+        return k
+
+    def _written(self, name: str, k: int, nbytes: int) -> None:
+        self.stats.tensor_bytes += nbytes
         self.stats.n_tensors += 1
         self._names.add(name)
         self._weight_map[name] = k
+
+    def add_blocks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                   blocks: Iterable[torch.Tensor]) -> None:
+        """Add one tensor given as consecutive row blocks (dim 0), e.g. merged a block at a time.
+
+        A streaming local writer writes each block into the shard as it comes, so the whole
+        tensor is never in memory; otherwise the blocks are joined and added as one tensor. The
+        blocks must have `dtype` and together exactly `shape`; the file is byte for byte what
+        `add` of the whole tensor writes.
+        """
+        self._check_open()
+        shape = tuple(int(d) for d in shape)
+        if not self._stream:
+            self.add(name, torch.cat([b.detach().cpu() for b in blocks]).reshape(shape))
+            return
+        i = len(self._names)
+        nbytes = _nbytes(dtype, shape)
+        if name in self._names:
+            raise OutputError(f"{self.uri}: tensor '{name}' was already added")
+        if i >= len(self._plan) or self._plan[i] != (name, nbytes) or self._layout[i] != (dtype, shape):
+            raise OutputError(f"{self.uri}: tensor '{name}' ({str(dtype).removeprefix('torch.')} {shape}) "
+                              "does not follow the plan")
+        k = self._shard_of(i)
+        rows, done = 0, 0
+        for b in blocks:
+            if b.dtype != dtype or tuple(b.shape[1:]) != shape[1:] or rows + b.shape[0] > shape[0]:
+                raise OutputError(f"{self.uri}: tensor '{name}': block {tuple(b.shape)} {b.dtype} after "
+                                  f"{rows} rows does not fit {str(dtype).removeprefix('torch.')} {shape}")
+            t0 = time.perf_counter()
+            v = tensor_bytes(b.detach().cpu())
+            self._open.write(v)
+            self.stats.io_seconds += time.perf_counter() - t0
+            rows += b.shape[0]
+            done += len(v)
+        if rows != shape[0]:
+            raise OutputError(f"{self.uri}: tensor '{name}': blocks cover {rows} of {shape[0]} rows")
+        self._written(name, k, done)
 
     def _close_open(self) -> None:
         if self._open is None:

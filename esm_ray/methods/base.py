@@ -118,6 +118,10 @@ class MergeMethod(ABC):
     # Left False, they run on the CPU, where elementwise work is cheaper than a round trip.
     decomposes: ClassVar[bool] = False
     post_decomposes: ClassVar[bool] = False
+    # fuse on the same rows of every input gives those rows of ΔW, bit for bit (no reduction
+    # over a tensor, no per-tensor randomness): the local executor may then merge a large
+    # tensor in row blocks and never hold it whole in float32.
+    elementwise: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
         self.params = params

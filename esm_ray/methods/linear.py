@@ -25,6 +25,7 @@ class Linear(MergeMethod):
 
     name = "linear"
     summary = "weighted average of the expert weights (model soup)"
+    elementwise = True
 
     class Params(MethodParams):
         normalize: bool = Field(True, description="divide by the sum of the expert weights")

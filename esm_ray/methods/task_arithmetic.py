@@ -18,6 +18,7 @@ class TaskArithmetic(MergeMethod):
 
     name = "task_arithmetic"
     summary = "weighted sum of task vectors, scaled by lambda"
+    elementwise = True
 
     class Params(MethodParams):
         normalize: bool = normalize_field(False)

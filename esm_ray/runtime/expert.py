@@ -117,17 +117,20 @@ def reuse_freed_memory(threshold: int = 32 << 20) -> Iterator[None]:
             libc.malloc_trim(0)
 
 
-def read_to_float32(reader, name: str, source: str, slot: str | None = None) -> Tensor:
-    """Tensor `name` checked for NaN/Inf, as float32: a fresh tensor, or this thread's `slot`
-    buffer (see `scratch`). A tensor stored in another dtype is read into a scratch buffer."""
+def read_to_float32(reader, name: str, source: str, slot: str | None = None,
+                    rows: tuple[int, int] | None = None) -> Tensor:
+    """Tensor `name` (or only its `rows`) checked for NaN/Inf, as float32: a fresh tensor, or
+    this thread's `slot` buffer (see `scratch`). A tensor stored in another dtype is read into
+    a scratch buffer."""
     meta = reader.info(name)
+    shape = meta.shape if rows is None else (rows[1] - rows[0], *meta.shape[1:])
     if meta.dtype == torch.float32 or not meta.nbytes:
-        raw = reader.get(name)
+        raw = reader.get(name, rows=rows)
         check_finite(name, raw, source)
         return raw
-    raw = reader.get(name, out=scratch("read", meta.shape, meta.dtype))
+    raw = reader.get(name, out=scratch("read", shape, meta.dtype), rows=rows)
     check_finite(name, raw, source)
-    return scratch(slot, meta.shape).copy_(raw) if slot else raw.to(torch.float32)
+    return scratch(slot, shape).copy_(raw) if slot else raw.to(torch.float32)
 
 
 class ExpertSide:
@@ -236,10 +239,11 @@ class ExpertSide:
             out.append(self._part(info, b, w))
         return out
 
-    def prepare_with_base(self, info: TensorInfo, base: Tensor) -> Any:
+    def prepare_with_base(self, info: TensorInfo, base: Tensor, rows: tuple[int, int] | None = None) -> Any:
         """This expert's part of one tensor against a float32 base that the caller has read and
-        checked: the local executor reads and converts the base once for all T sides."""
-        w = read_to_float32(self.model, info.name, self.expert.model, slot="expert")
+        checked: the local executor reads and converts the base once for all T sides.
+        `rows`: a row block of the tensor (elementwise methods); `info.shape` is then the block's."""
+        w = read_to_float32(self.model, info.name, self.expert.model, slot="expert", rows=rows)
         return self._part(info, base, w)
 
     def _part(self, info: TensorInfo, b: Tensor, w: Tensor) -> Any:

@@ -13,7 +13,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -74,8 +74,11 @@ class MergeJob:
     """Runs one validated plan against an expert pool."""
 
     def __init__(self, plan: MergePlan, pool: ExpertPool, progress: bool = True, group_bytes: int = 64 << 20,
-                 executor: str = "local", resume: bool = False) -> None:
+                 executor: str = "local", resume: bool = False, block_bytes: int = 16 << 20) -> None:
         self.plan = plan
+        # Elementwise methods in one process merge tensors larger than this (in float32) in row
+        # blocks of about this size: peak memory then does not depend on the largest tensor.
+        self.block_bytes = block_bytes
         self.resume = resume  # stage finished groups so a killed job can be resumed (runtime/resume.py)
         self._store: ResumeStore | None = None
         self.on_progress: Callable[[int, int], None] | None = None  # (tensors done now, total)
@@ -134,6 +137,33 @@ class MergeJob:
                     writer.add(info.name, base.get(info.name))
         self._flush_post()
 
+    def _blocks(self, info: TensorInfo) -> list[tuple[int, int]] | None:
+        """Row blocks of about `block_bytes` (float32) for a tensor too large to merge whole."""
+        if info.ndim < 1 or info.shape[0] < 2 or info.numel * 4 <= self.block_bytes:
+            return None
+        row = max(1, info.numel // info.shape[0])
+        step = max(1, self.block_bytes // (4 * row))
+        return [(r, min(r + step, info.shape[0])) for r in range(0, info.shape[0], step)]
+
+    def _emit_blocks(self, writer: ShardedWriter, base, info: TensorInfo, local_parts, ctxs) -> None:
+        """Merge one tensor of an elementwise method a row block at a time, straight into the
+        writer: the same bytes as the whole-tensor path, with memory bounded by the block."""
+        spec, method = self.plan.spec, self.plan.method
+
+        def merged_blocks() -> Iterator[torch.Tensor]:
+            for r0, r1 in self._blocks(info) or []:
+                sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
+                b = read_to_float32(base, info.name, spec.base, slot="base", rows=(r0, r1))
+                delta = method.fuse(sub, b, local_parts(sub, b, rows=(r0, r1)), ctxs)
+                if tuple(delta.shape) != sub.shape:
+                    raise RuntimeError(f"method {method.name!r} returned shape {tuple(delta.shape)} for rows "
+                                       f"{r0}:{r1} of tensor {info.name!r} (expected {sub.shape})")
+                merged = torch.add(b, delta, out=scratch("merged", sub.shape))
+                yield _finish(merged, info.name, self.plan.out_dtype)
+                b = delta = merged = None
+
+        writer.add_blocks(info.name, self.plan.out_dtype, info.shape, merged_blocks())
+
     def run(self) -> MergeResult:
         with torch_threads(math_threads(self.plan.spec)), reuse_freed_memory():  # same bits in every executor
             return self._run()
@@ -188,6 +218,8 @@ class MergeJob:
                      if method.needs_layer_scales else None)
         norms: dict[str, float] = {}
         local_parts = getattr(self.pool, "parts", None)  # LocalPool: parts on demand, see pool.LazyParts
+        blockwise = (local_parts is not None and method.elementwise and plan.purifier is None and store is None
+                     and spill_dir is None and not method.post_stage)
         t0 = time.perf_counter()
         try:
             layout = _write_order(groups, is_float, spill_dir is not None, plan)
@@ -206,6 +238,9 @@ class MergeJob:
                     tg = time.perf_counter()
                     done: dict[str, torch.Tensor] = {}
                     for j, info in enumerate(work):
+                        if blockwise and self._blocks(info) is not None:
+                            self._emit_blocks(writer, base, info, local_parts, ctxs)
+                            continue
                         if local_parts is None:
                             b = base.get(info.name).to(torch.float32)
                             delta = method.fuse(info, b, [parts[e][j] for e in range(plan.n_experts)], ctxs)

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from esm_ray.errors import OutputError
 from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
-from esm_ray.methods import METHODS
+from esm_ray.core.ties import magnitude_trim, trim_threshold
+from esm_ray.methods import METHODS, TensorInfo, build_method
 from esm_ray.runtime.job import MergeJob
 from esm_ray.runtime.plan import build_plan
 from esm_ray.runtime.pool import LocalPool
@@ -59,7 +60,10 @@ def _run(fam, out: Path, method: str, params: dict, block_bytes: int, weights=(1
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method,params", [("task_arithmetic", {"lambda": 0.7}),
                                            ("task_arithmetic", {"normalize": True}),
-                                           ("linear", {"normalize": False}), ("linear", {})])
+                                           ("linear", {"normalize": False}), ("linear", {}),
+                                           ("ties", {"density": 0.3}),
+                                           ("ties", {"density": 0.5, "consensus": "count", "normalize": False}),
+                                           ("ties", {"density": 1.0, "lambda": 0.5})])
 def test_blocks_give_the_bytes_of_whole_tensors(method, params, dtype, tmp_path, monkeypatch):
     fam = _odd_family(tmp_path / "fam", dtype)
     whole = _run(fam, tmp_path / "whole", method, params, block_bytes=1 << 30)
@@ -77,6 +81,8 @@ def test_blocks_give_the_bytes_of_whole_tensors(method, params, dtype, tmp_path,
     t = {n: open_model(str(fam[n])).get("embed.weight").double() for n in fam}
     w = (1.0, 0.5, 2.0)
     tv = sum(wi * (t[f"expert_{i}"] - t["base"]) for i, wi in enumerate(w))
+    if method == "ties":
+        return  # TIES's own oracles are in test_core_baselines; here only blocks vs whole
     if method == "task_arithmetic":
         want = t["base"] + params.get("lambda", 1.0) * tv / (sum(w) if params.get("normalize") else 1.0)
     else:
@@ -93,8 +99,28 @@ def test_blocks_on_a_real_model_in_bfloat16(tmp_path):
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
 
 
-def test_only_elementwise_methods_are_merged_in_blocks():
-    assert {n for n, m in METHODS.items() if m.elementwise} == {"task_arithmetic", "linear"}
+def test_which_methods_are_merged_in_blocks():
+    info = TensorInfo.of("w", (4, 4))
+    blockwise = {n for n, m in METHODS.items() if build_method(n, {}, n_experts=2).blockwise(info)}
+    assert blockwise == {"task_arithmetic", "linear", "ties"}
+    assert not build_method("ties", {"rescale": True}, n_experts=2).blockwise(info)  # L1 sums over the tensor
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streamed_trim_threshold_equals_the_whole_one(seed):
+    """Blocks of any sizes give the whole vector's threshold and tie set (many ties: few values)."""
+    g = torch.Generator().manual_seed(seed)
+    tv = (torch.randint(-6, 7, (5003,), generator=g) / 4).float()
+    k = int(torch.randint(1, 5000, (1,), generator=g))
+    cuts = sorted(set(torch.randint(1, 5003, (6,), generator=g).tolist())) + [5003]
+    blocks = [tv[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
+    whole, streamed = trim_threshold(lambda: (tv,), k), trim_threshold(lambda: iter(blocks), k)
+    assert whole.value == streamed.value and torch.equal(whole.ties, streamed.ties)
+    trimmed = torch.cat([streamed.apply(b, a) for b, a in zip(blocks, [0] + cuts[:-1])])
+    assert torch.equal(trimmed, magnitude_trim(tv, k / tv.numel() + 1e-9))
+    assert int((trimmed != 0).sum()) == min(k, int((tv != 0).sum()))
+    kth = tv.abs().kthvalue(tv.numel() - k + 1).values
+    assert streamed.value == float(kth)
 
 
 def test_blocks_read_only_their_rows(tmp_path):

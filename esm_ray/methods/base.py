@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
@@ -127,6 +127,27 @@ class MergeMethod(ABC):
         self.params = params
         self.n_experts = n_experts
         self.seed = seed
+
+    # -- row blocks (the local executor, tensors over MergeJob.block_bytes) -------------------
+    def blockwise(self, info: TensorInfo) -> bool:
+        """Whether the local executor may merge this tensor in row blocks: fuse on blocks must
+        give the same bytes as on the whole tensor. True for `elementwise` methods; a method
+        whose prepare needs one statistic of the whole tensor (TIES's trim threshold) returns
+        True and computes it in `block_state`."""
+        return self.elementwise
+
+    def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+                    ctx: ExpertContext) -> Any:
+        """Expert side, before a tensor's row blocks: what `prepare_block` needs of the whole
+        tensor. `blocks()` yields (base, expert) float32 row blocks in order, and may be called
+        more than once (each call reads them again). Default: nothing."""
+        return None
+
+    def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
+                      state: Any, start: int) -> Any:
+        """`prepare` of rows of a tensor: `info.shape` is the block's, `start` the block's first
+        flat index in the whole tensor, `state` what `block_state` returned."""
+        return self.prepare(info, base, expert, ctx)
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         """Expert side: turn (base, expert) float32 tensors into this expert's part.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.ties import magnitude_trim, rescale_l1, sign_consensus_merge
+from esm_ray.core.ties import TrimThreshold, kept_count, magnitude_trim, rescale_l1, sign_consensus_merge, trim_threshold
 from esm_ray.methods._common import (
     Consensus,
     compact,
@@ -46,6 +46,24 @@ class Ties(MergeMethod):
         if self.params.rescale and trimmed is not tv:  # type: ignore[attr-defined]
             trimmed = rescale_l1(tv, trimmed)
         return compact(trimmed)
+
+    # Row blocks: the trim threshold of the whole τ_i first (two streamed passes), then each
+    # block is trimmed by it; the sign election and the disjoint mean are elementwise.
+    # L1 rescaling sums over the whole tensor, in an order that blocks would change.
+    def blockwise(self, info: TensorInfo) -> bool:
+        return not self.params.rescale  # type: ignore[attr-defined]
+
+    def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+                    ctx: ExpertContext) -> TrimThreshold | None:
+        k = kept_count(info.numel, expert_density(ctx, self.params))
+        if k >= info.numel:
+            return None
+        return trim_threshold(lambda: (e - b for b, e in blocks()), k)
+
+    def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
+                      state: TrimThreshold | None, start: int) -> Tensor:
+        tv = expert - base
+        return tv if state is None else state.apply(tv, start)
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)

@@ -239,12 +239,28 @@ class ExpertSide:
             out.append(self._part(info, b, w))
         return out
 
-    def prepare_with_base(self, info: TensorInfo, base: Tensor, rows: tuple[int, int] | None = None) -> Any:
+    def prepare_with_base(self, info: TensorInfo, base: Tensor, rows: tuple[int, int] | None = None,
+                          state: Any = None) -> Any:
         """This expert's part of one tensor against a float32 base that the caller has read and
         checked: the local executor reads and converts the base once for all T sides.
-        `rows`: a row block of the tensor (elementwise methods); `info.shape` is then the block's."""
+        `rows`: a row block of the tensor (`info.shape` is then the block's), prepared with the
+        method's `prepare_block` and this side's `block_state` of the tensor."""
         w = read_to_float32(self.model, info.name, self.expert.model, slot="expert", rows=rows)
-        return self._part(info, base, w)
+        if rows is None:
+            return self._part(info, base, w)
+        start = rows[0] * (info.numel // info.shape[0] if info.shape[0] else 0)
+        return self.method.prepare_block(info, base, w, self._ctx(info), state, start)
+
+    def block_state(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> Any:
+        """The method's whole-tensor state for merging `info` in these row blocks."""
+        def read() -> Iterator[tuple[Tensor, Tensor]]:
+            for rows in blocks:
+                b = read_to_float32(self.base, info.name, self.spec.base, slot="state-base", rows=rows)
+                w = read_to_float32(self.model, info.name, self.expert.model, slot="state-expert", rows=rows)
+                yield b, w
+                b = w = None
+
+        return self.method.block_state(info, read, self._ctx(info))
 
     def _part(self, info: TensorInfo, b: Tensor, w: Tensor) -> Any:
         ctx = self._ctx(info)

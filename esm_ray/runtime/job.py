@@ -74,7 +74,7 @@ class MergeJob:
     """Runs one validated plan against an expert pool."""
 
     def __init__(self, plan: MergePlan, pool: ExpertPool, progress: bool = True, group_bytes: int = 64 << 20,
-                 executor: str = "local", resume: bool = False, block_bytes: int = 16 << 20) -> None:
+                 executor: str = "local", resume: bool = False, block_bytes: int = 4 << 20) -> None:
         self.plan = plan
         # Elementwise methods in one process merge tensors larger than this (in float32) in row
         # blocks of about this size: peak memory then does not depend on the largest tensor.
@@ -149,12 +149,14 @@ class MergeJob:
         """Merge one tensor of an elementwise method a row block at a time, straight into the
         writer: the same bytes as the whole-tensor path, with memory bounded by the block."""
         spec, method = self.plan.spec, self.plan.method
+        blocks = self._blocks(info) or []
+        states = self.pool.call("block_state", info, blocks)  # e.g. TIES: each expert's trim threshold
 
         def merged_blocks() -> Iterator[torch.Tensor]:
-            for r0, r1 in self._blocks(info) or []:
+            for r0, r1 in blocks:
                 sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
                 b = read_to_float32(base, info.name, spec.base, slot="base", rows=(r0, r1))
-                delta = method.fuse(sub, b, local_parts(sub, b, rows=(r0, r1)), ctxs)
+                delta = method.fuse(sub, b, local_parts(sub, b, rows=(r0, r1), states=states), ctxs)
                 if tuple(delta.shape) != sub.shape:
                     raise RuntimeError(f"method {method.name!r} returned shape {tuple(delta.shape)} for rows "
                                        f"{r0}:{r1} of tensor {info.name!r} (expected {sub.shape})")
@@ -218,7 +220,7 @@ class MergeJob:
                      if method.needs_layer_scales else None)
         norms: dict[str, float] = {}
         local_parts = getattr(self.pool, "parts", None)  # LocalPool: parts on demand, see pool.LazyParts
-        blockwise = (local_parts is not None and method.elementwise and plan.purifier is None and store is None
+        blockwise = (local_parts is not None and plan.purifier is None and store is None
                      and spill_dir is None and not method.post_stage)
         t0 = time.perf_counter()
         try:
@@ -238,7 +240,7 @@ class MergeJob:
                     tg = time.perf_counter()
                     done: dict[str, torch.Tensor] = {}
                     for j, info in enumerate(work):
-                        if blockwise and self._blocks(info) is not None:
+                        if blockwise and self._blocks(info) is not None and method.blockwise(info):
                             self._emit_blocks(writer, base, info, local_parts, ctxs)
                             continue
                         if local_parts is None:

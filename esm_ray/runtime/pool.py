@@ -41,13 +41,14 @@ class LocalPool:
     def call_each(self, method: str, args: list[tuple]) -> list[Any]:
         return [getattr(s, method)(*a) for s, a in zip(self.sides, args)]
 
-    def parts(self, info: TensorInfo, base: Tensor, rows: tuple[int, int] | None = None) -> "LazyParts":
+    def parts(self, info: TensorInfo, base: Tensor, rows: tuple[int, int] | None = None,
+              states: list[Any] | None = None) -> "LazyParts":
         """The experts' parts of one tensor (or of its `rows`), each computed when the method
         first reads it, against the coordinator's float32 base (read and checked once instead
         of T times)."""
         if self._ahead is None and self.n > 1:
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
-        return LazyParts(self.sides, info, base, self._ahead, rows)
+        return LazyParts(self.sides, info, base, self._ahead, rows, states)
 
     def close(self) -> None:
         if self._ahead is not None:
@@ -70,10 +71,12 @@ class LazyParts(Sequence):
     """
 
     def __init__(self, sides: list[ExpertSide], info: TensorInfo, base: Tensor,
-                 ahead: ThreadPoolExecutor | None = None, rows: tuple[int, int] | None = None) -> None:
+                 ahead: ThreadPoolExecutor | None = None, rows: tuple[int, int] | None = None,
+                 states: list[Any] | None = None) -> None:
         self._sides = sides
         self._info = info
         self._rows = rows
+        self._states = states or [None] * len(sides)
         self._base = base
         self._ahead = ahead
         self._threads = torch.get_num_threads()  # the job's math threads, for the ahead thread too
@@ -82,7 +85,7 @@ class LazyParts(Sequence):
     def _make(self, i: int) -> Any:
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)
-        return self._sides[i].prepare_with_base(self._info, self._base, self._rows)
+        return self._sides[i].prepare_with_base(self._info, self._base, self._rows, self._states[i])
 
     def __len__(self) -> int:
         return len(self._sides)

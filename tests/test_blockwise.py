@@ -154,3 +154,28 @@ def test_writer_blocks_equal_add_and_bad_blocks_leave_nothing(tmp_path):
             with ShardedWriter(str(out), 1 << 20, plan=plan) as w:
                 w.add_blocks("a", torch.float32, (10, 3), iter(blocks))
         assert not out.exists() and not list(tmp_path.glob(".bad.partial-*"))
+
+
+def test_dry_run_estimate_counts_blocks_only_where_they_are_used(tmp_path):
+    fam = _odd_family(tmp_path / "fam", torch.float32)
+
+    def workspace(method: str, runtime: str) -> int:
+        spec = spec_from_dict({"base": str(fam["base"]), "output": str(tmp_path / "o"),
+                               "experts": [{"name": f"e{i}", "model": str(fam[f"expert_{i}"])} for i in range(3)],
+                               "method": {"name": method}, "runtime": {"name": runtime}})
+        plan = build_plan(spec)
+        return plan.largest_unit_bytes(), plan.largest_tensor_bytes()
+
+    # the toy tensors are far below a block: every piece is a whole tensor
+    unit, largest = workspace("ties", "local")
+    assert unit == largest == 97 * 13 * 4
+    from esm_ray.runtime import plan as plan_mod
+
+    old = plan_mod.BLOCK_BYTES
+    plan_mod.BLOCK_BYTES = 200
+    try:
+        assert workspace("ties", "local")[0] == 4 * 300  # one_row.weight: a single row is never split
+        assert workspace("task_arithmetic", "ray")[0] == 97 * 13 * 4  # Ray workers prepare whole tensors
+        assert workspace("tsvm", "local")[0] == 97 * 13 * 4  # not blockwise
+    finally:
+        plan_mod.BLOCK_BYTES = old

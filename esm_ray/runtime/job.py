@@ -26,7 +26,7 @@ from esm_ray.io.reader import check_finite, open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
 from esm_ray.runtime.expert import math_threads, read_to_float32, reuse_freed_memory, scratch, torch_threads
-from esm_ray.runtime.plan import MergePlan
+from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan
 from esm_ray.runtime.pool import ExpertPool
 from esm_ray.runtime.resume import ResumeStore
 
@@ -74,7 +74,7 @@ class MergeJob:
     """Runs one validated plan against an expert pool."""
 
     def __init__(self, plan: MergePlan, pool: ExpertPool, progress: bool = True, group_bytes: int = 64 << 20,
-                 executor: str = "local", resume: bool = False, block_bytes: int = 4 << 20) -> None:
+                 executor: str = "local", resume: bool = False, block_bytes: int = BLOCK_BYTES) -> None:
         self.plan = plan
         # Elementwise methods in one process merge tensors larger than this (in float32) in row
         # blocks of about this size: peak memory then does not depend on the largest tensor.
@@ -150,7 +150,7 @@ class MergeJob:
         writer: the same bytes as the whole-tensor path, with memory bounded by the block."""
         spec, method = self.plan.spec, self.plan.method
         blocks = self._blocks(info) or []
-        states = self.pool.call("block_state", info, blocks)  # e.g. TIES: each expert's trim threshold
+        states = self.pool.block_states(info, blocks)  # e.g. TIES: each expert's trim threshold
 
         def merged_blocks() -> Iterator[torch.Tensor]:
             for r0, r1 in blocks:

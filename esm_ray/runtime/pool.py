@@ -50,6 +50,26 @@ class LocalPool:
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
         return LazyParts(self.sides, info, base, self._ahead, rows, states)
 
+    def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
+        """Every side's `block_state` of one tensor (e.g. TIES's trim thresholds), two sides at
+        a time: the odd ones on the `parts` thread while this thread does the even ones."""
+        if self._ahead is None and self.n > 1:
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
+        threads = torch.get_num_threads()
+
+        def state(i: int) -> Any:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            return self.sides[i].block_state(info, blocks)
+
+        odd = {i: self._ahead.submit(state, i) for i in range(1, self.n, 2)} if self._ahead else {}
+        try:
+            even = {i: state(i) for i in range(0, self.n) if i not in odd}
+            return [even[i] if i in even else odd[i].result() for i in range(self.n)]
+        finally:
+            for f in odd.values():
+                f.cancel()
+
     def close(self) -> None:
         if self._ahead is not None:
             self._ahead.shutdown(wait=True)

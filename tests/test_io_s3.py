@@ -141,6 +141,36 @@ def test_plan_mode_uploads_shards_without_copies(s3_bucket, s3_env):
         + ["planned/config.json", f"planned/{INDEX_NAME}"])
 
 
+def test_plan_mode_keeps_an_overwritten_output_whole_until_commit(s3_bucket, s3_env):
+    """overwrite=True over a finished output: a job that dies half-way leaves the old output
+    readable; one that commits replaces it and leaves nothing else behind."""
+    old = {f"t{i}": torch.full((300,), float(i)) for i in range(7)}
+    new = {k: t + 100 for k, t in old.items()}
+    plan = [(k, t.numel() * 4) for k, t in old.items()]
+    uri = f"s3://{s3_bucket}/over"
+    with ShardedWriter(uri, 2500, plan=plan) as w:
+        for k, t in old.items():
+            w.add(k, t)
+    before = _keys(s3_env.client(), s3_bucket, "")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        with ShardedWriter(uri, 2500, plan=plan, overwrite=True) as w:
+            for k in list(new)[:5]:  # two shards uploaded, then the job dies
+                w.add(k, new[k])
+            assert len(w.shards) == 2
+            raise RuntimeError("killed")
+    assert _keys(s3_env.client(), s3_bucket, "") == before
+    r = open_model(uri)
+    assert all(torch.equal(r.get(k), t) for k, t in old.items())
+
+    with ShardedWriter(uri, 2500, plan=plan, overwrite=True) as w:
+        for k, t in new.items():
+            w.add(k, t)
+    assert _keys(s3_env.client(), s3_bucket, "") == before
+    r = open_model(uri)
+    assert all(torch.equal(r.get(k), t) for k, t in new.items())
+
+
 def test_multipart_for_big_shards(s3_bucket, s3_env):
     big = torch.randn(3 * MiB // 2, generator=torch.Generator().manual_seed(0))  # 6 MiB of float32
     client = s3_env.client()

@@ -11,7 +11,8 @@ depend on N, known only at commit, so shards are staged under temporary names:
   copies them server-side to their final keys and writes model.safetensors.index.json last. A
   prefix without the index never counts as a finished output. When the tensors' names and sizes
   are known up front (`plan=`), shard names are fixed at once and shards go straight to their
-  final keys (no copy).
+  final keys (no copy), except over an existing output (overwrite=True), which stays whole
+  until commit.
 
 Leaving the `with` block by an exception aborts: staged files and uploads are removed.
 """
@@ -282,14 +283,10 @@ class _S3Target:
         self.created: list[str] = []  # final keys written during commit
         with s3io.s3_errors(str(uri), write=True):
             self.client.head_bucket(Bucket=self.bucket)
-            if not overwrite and s3io.head_size(self.client, self.bucket, self.index_key) is not None:
+            self.has_output = s3io.head_size(self.client, self.bucket, self.index_key) is not None
+            if not overwrite and self.has_output:
                 raise OutputError(f"{uri}: output already exists (it has {INDEX_NAME}); choose another "
                                   "prefix or pass overwrite")
-
-    def retire_old_output(self) -> None:
-        """Plan mode overwrites final keys while writing: the old output stops counting first."""
-        with s3io.s3_errors(str(self.uri), write=True):
-            self.client.delete_object(Bucket=self.bucket, Key=self.index_key)
 
     def _upload(self, key: str, chunks: Iterable, what: str) -> s3io.UploadResult:
         with s3io.s3_errors(str(self.uri), write=True, what=what):
@@ -380,8 +377,9 @@ class ShardedWriter:
 
     `plan`: the (name, nbytes) of every tensor in the order they will be added, when known up
     front (e.g. from the base model). Shard names are then fixed from the start: on S3 shards go
-    straight to their final keys (no server-side copy at commit; with overwrite=True the old
-    index is deleted first), and `add` refuses tensors that deviate from the plan. Items may also
+    straight to their final keys (no server-side copy at commit) unless a finished output is
+    being overwritten, which stays readable until commit; `add` refuses tensors that deviate
+    from the plan. Items may also
     be (name, dtype, shape): every shard's header is then known before its first tensor, and a
     local writer streams each tensor into its shard file as it is added instead of holding the
     shard in memory (the files are byte for byte the same).
@@ -425,10 +423,13 @@ class ShardedWriter:
             self._plan = [(str(n), int(b)) for n, b in items]
             self._plan_shard = pack_shards([b for _, b in self._plan], self.max_shard_bytes)
             self._plan_n = self._plan_shard[-1] if self._plan else 0
+        # With a plan, shards go straight to their final names. On S3 only where no finished
+        # output stands: one being overwritten stays whole until commit (staged shards are then
+        # copied over it, as without a plan).
+        self._direct = self._plan is not None
         if self.uri.is_s3:
             self._target = _S3Target(self.uri, overwrite, s3, part_size, copy_threshold)
-            if self._plan is not None and overwrite:
-                self._target.retire_old_output()
+            self._direct = self._direct and not self._target.has_output
         else:
             self._target = _LocalTarget(self.uri, overwrite, fsync)
         self._stream = self._layout is not None and isinstance(self._target, _LocalTarget)
@@ -556,7 +557,7 @@ class ShardedWriter:
         if not self._pending:
             return
         k = len(self.shards) + 1
-        final = shard_name(k, self._plan_n) if self._plan is not None else None
+        final = shard_name(k, self._plan_n) if self._direct else None
         t0 = time.perf_counter()
         header, views, data = _serialize(self._pending, self.metadata)
         info = self._target.put_shard(k, header, views, final)

@@ -495,3 +495,46 @@ def test_save_safetensors_atomic(tmp_path):
     assert os.listdir(p.parent) == ["stats.safetensors"]
     with pytest.raises(OutputError, match="strings"):
         save_safetensors_atomic(p, {"g": torch.zeros(2)}, {"rows": 13})
+
+
+def test_staging_of_a_killed_writer_is_removed_by_the_next_one(tmp_path):
+    """A writer killed with SIGKILL leaves its staging directory; the next writer of the same
+    output removes it (its process is dead), and leaves alone what another writer still owns."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = ("import os, signal, torch; from esm_ray.io.writer import ShardedWriter\n"
+            f"w = ShardedWriter({str(out)!r}, 100, plan=[('a', torch.float32, (64,)), ('b', torch.float32, (64,))])\n"
+            "w.add('a', torch.ones(64)); os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert len(left) == 1 and (left[0] / "model-00001-of-00002.safetensors").exists() and not out.exists()
+
+    alive = ShardedWriter(str(out), 100)  # a writer that is still running in this process
+    foreign = tmp_path / ".out.partial-foreign"  # no owner record: not ours to judge
+    foreign.mkdir()
+    with ShardedWriter(str(out), 100, overwrite=True) as w:
+        w.add("a", torch.ones(3))
+    assert not left[0].exists(), "the dead writer's staging directory is still there"
+    assert alive._target.tmp.exists() and foreign.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", INDEX_NAME]
+    alive.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-foreign", "out"]
+
+
+def test_staging_owner_pid_reused_by_another_process_counts_as_dead(tmp_path):
+    import socket
+
+    from esm_ray.io.writer import _OWNER, _owner, _stale
+
+    d = tmp_path / ".x.partial-1"
+    d.mkdir()
+    (d / _OWNER).write_text(json.dumps(_owner()))
+    assert _stale(d) is None  # this very process: alive
+    (d / _OWNER).write_text(json.dumps(dict(_owner(), start="1")))  # same pid, another start time
+    assert _stale(d) == os.getpid()
+    (d / _OWNER).write_text(json.dumps(dict(_owner(), start="1", host=socket.gethostname() + "-other")))
+    assert _stale(d) is None  # another host's process cannot be checked from here

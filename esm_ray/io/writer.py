@@ -26,11 +26,13 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 import torch
@@ -185,6 +187,61 @@ class _OpenShard:
             pass
 
 
+_OWNER = ".esm-ray-owner.json"  # in a local staging directory: which process writes it
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (Linux /proc, in clock ticks since boot), '' where /proc
+    is missing but the process exists, None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
+def _owner() -> dict[str, object]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+
+
+def _stale(staging: Path) -> int | None:
+    """The pid of the dead process that left `staging`, or None when it may still be alive or
+    its owner is unknown (another host, no owner record: left alone)."""
+    try:
+        rec = json.loads((staging / _OWNER).read_text())
+        pid = int(rec["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if rec.get("host") != socket.gethostname():
+        return None
+    start = _process_start(pid)
+    return pid if start is None or (start and rec.get("start") and start != rec.get("start")) else None
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Remove the staging directories of `final` left by writers on this host that were killed
+    before they could commit or abort; return what was removed."""
+    removed = []
+    for d in final.parent.glob(f".{glob_escape(final.name)}.partial-*"):
+        pid = _stale(d) if d.is_dir() and not d.is_symlink() else None
+        if pid is not None:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+            log.warning("%s: removed %s, the staging directory of an earlier write (pid %d) that was "
+                        "killed before it finished", final, d.name, pid)
+    return removed
+
+
 class _LocalTarget:
     def __init__(self, uri: Uri, overwrite: bool, fsync: bool):
         self.final = Path(uri.path)
@@ -194,7 +251,9 @@ class _LocalTarget:
             raise OutputError(f"{self.final}: output already exists; choose another path or pass overwrite")
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(self.final)
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+            (self.tmp / _OWNER).write_text(json.dumps(_owner()))
         except OSError as err:
             raise OutputError(f"{self.final}: cannot create the output's staging directory in "
                               f"{self.final.parent}: {err.strerror or err}") from None
@@ -241,6 +300,7 @@ class _LocalTarget:
                 if s.staged != shard_name(s.index, n):
                     os.rename(self.tmp / s.staged, self.tmp / shard_name(s.index, n))
             self.put_file(INDEX_NAME, index)  # last file of the output
+            (self.tmp / _OWNER).unlink(missing_ok=True)
             _fsync_dir(self.tmp)
             old = None
             if self.final.exists() or self.final.is_symlink():

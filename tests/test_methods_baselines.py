@@ -349,3 +349,16 @@ def test_tsvm_ignores_unchanged_and_zero_weight_experts():
     np.testing.assert_allclose(frozen.numpy(), truncated, atol=1e-5)
     zero_w, _ = merge(m, "w", base, experts, ctxs_for(2, [1.0, 0.0]))
     np.testing.assert_allclose(zero_w.numpy(), truncated, atol=1e-5)
+
+
+def test_compact_ships_sparse_only_below_one_nonzero_in_three():
+    from esm_ray.methods._common import SparsePart, compact, dense
+
+    t = torch.zeros(300)
+    t[::10] = torch.arange(1.0, 31.0)  # 30 nonzeros: 360 bytes sparse against 1200 dense
+    part = compact(t)
+    assert isinstance(part, SparsePart) and part.nbytes == 30 * 12 and torch.equal(dense(part), t)
+    assert compact(t, max_nonzero=30).__class__ is SparsePart
+    assert compact(t, max_nonzero=100) is t  # the bound alone says dense wins: no counting
+    t[:120] = 1.0
+    assert compact(t) is t  # 126 nonzeros: dense is smaller

@@ -51,12 +51,16 @@ class SparsePart:
         return out.reshape(self.shape)
 
 
-def compact(t: Tensor) -> Tensor | SparsePart:
+def compact(t: Tensor, max_nonzero: int | None = None) -> Tensor | SparsePart:
     """A SparsePart when that ships fewer bytes than the dense tensor, else `t` itself.
 
     With int64 indices and float32 values a sparse part costs 12 bytes per nonzero entry, so
-    it wins below one nonzero in three.
+    it wins below one nonzero in three. `max_nonzero`: a known upper bound on the nonzero
+    entries (TIES keeps k); when even the bound is too many for a sparse part to win, `t` is
+    returned without counting.
     """
+    if max_nonzero is not None and max_nonzero * (8 + t.element_size()) >= t.numel() * t.element_size():
+        return t
     # count_nonzero of a bool tensor is branch-free; on floats with scattered zeros it is ~5x slower
     if int(torch.count_nonzero(t != 0)) * (8 + t.element_size()) >= t.numel() * t.element_size():
         return t

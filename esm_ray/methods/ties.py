@@ -42,10 +42,11 @@ class Ties(MergeMethod):
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         tv = expert.float() - base.float()
-        trimmed = magnitude_trim(tv, expert_density(ctx, self.params))
+        density = expert_density(ctx, self.params)
+        trimmed = magnitude_trim(tv, density)
         if self.params.rescale and trimmed is not tv:  # type: ignore[attr-defined]
             trimmed = rescale_l1(tv, trimmed)
-        return compact(trimmed)
+        return compact(trimmed, max_nonzero=kept_count(tv.numel(), density))
 
     # Row blocks: the trim threshold of the whole τ_i first (two streamed passes), then each
     # block is trimmed by it; the sign election and the disjoint mean are elementwise.

@@ -76,8 +76,9 @@ class MergeJob:
     def __init__(self, plan: MergePlan, pool: ExpertPool, progress: bool = True, group_bytes: int = 64 << 20,
                  executor: str = "local", resume: bool = False, block_bytes: int = BLOCK_BYTES) -> None:
         self.plan = plan
-        # Elementwise methods in one process merge tensors larger than this (in float32) in row
-        # blocks of about this size: peak memory then does not depend on the largest tensor.
+        # In one process, methods that allow it (MergeMethod.blockwise) merge tensors larger
+        # than this (in float32) in row blocks of about this size: peak memory then does not
+        # depend on the largest tensor.
         self.block_bytes = block_bytes
         self.resume = resume  # stage finished groups so a killed job can be resumed (runtime/resume.py)
         self._store: ResumeStore | None = None
@@ -146,8 +147,8 @@ class MergeJob:
         return [(r, min(r + step, info.shape[0])) for r in range(0, info.shape[0], step)]
 
     def _emit_blocks(self, writer: ShardedWriter, base, info: TensorInfo, local_parts, ctxs) -> None:
-        """Merge one tensor of an elementwise method a row block at a time, straight into the
-        writer: the same bytes as the whole-tensor path, with memory bounded by the block."""
+        """Merge one tensor a row block at a time (a blockwise method), straight into the writer:
+        the same bytes as the whole-tensor path, with memory bounded by the block."""
         spec, method = self.plan.spec, self.plan.method
         blocks = self._blocks(info) or []
         states = self.pool.block_states(info, blocks)  # e.g. TIES: each expert's trim threshold

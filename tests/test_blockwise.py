@@ -179,3 +179,42 @@ def test_dry_run_estimate_counts_blocks_only_where_they_are_used(tmp_path):
         assert workspace("tsvm", "local")[0] == 97 * 13 * 4  # not blockwise
     finally:
         plan_mod.BLOCK_BYTES = old
+
+
+@pytest.mark.parametrize("numel,depth", [(1000, 2), (2 * (4 << 20), 1)])
+def test_stream_holds_a_bounded_number_of_parts_whatever_t(numel, depth):
+    """The fuse reads parts in order; the thread makes them ahead, never more than `depth`."""
+    import threading
+    import time
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from esm_ray.runtime.pool import LazyParts
+
+    alive, peak, made = set(), [0], []
+    lock = threading.Lock()
+
+    class Side:
+        def __init__(self, i):
+            self.i = i
+
+        def prepare_with_base(self, info, base, rows, state):
+            part = torch.full((4,), float(self.i))
+            with lock:
+                made.append(self.i)
+                alive.add(self.i)
+                peak[0] = max(peak[0], len(alive))
+            weakref.finalize(part, lambda i=self.i: alive.discard(i))
+            return part
+
+    sides = [Side(i) for i in range(8)]
+    with ThreadPoolExecutor(1) as ahead:
+        lazy = LazyParts(sides, TensorInfo.of("w", (numel,)), torch.zeros(4), ahead)
+        got = []
+        for part in lazy.stream(list(range(8))):
+            time.sleep(0.02)  # a slow fuse: the thread runs ahead as far as it may
+            got.append(int(part[0]))
+            del part
+    assert got == list(range(8)) and sorted(made) == list(range(8))
+    assert peak[0] <= depth + 1, f"{peak[0]} parts alive at once"
+    assert peak[0] == depth + 1, "the thread did not work ahead"

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from esm_ray.methods import TensorInfo
 from esm_ray.runtime.expert import ExpertSide
+from esm_ray.runtime.plan import BLOCK_BYTES
 from esm_ray.spec import MergeSpec
 
 
@@ -83,9 +84,10 @@ class LazyParts(Sequence):
 
     Indexing keeps what it computed (a method may read a part several times); `stream(order)`
     yields the parts in that order without keeping them, so a method that fuses in one pass
-    (methods._common.dense_in_order) holds two parts at a time whatever T is: the one being
-    fused, and the next, made meanwhile on the `ahead` thread (torch releases the GIL, so a
-    second core does the expert side's work). The parts are the same objects the sides'
+    (methods._common.dense_in_order) holds at most three parts at a time whatever T is: the
+    one being fused, and up to two more made meanwhile, in order, on the `ahead` thread (torch
+    releases the GIL, so a second core does the expert side's work). For a whole tensor above
+    BLOCK_BYTES the thread works one part ahead, so two such parts exist at most. The parts are the same objects the sides'
     `prepare` would return, computed with the same thread settings, so fusing them gives the
     same bytes as the Ray executor.
     """
@@ -97,6 +99,9 @@ class LazyParts(Sequence):
         self._info = info
         self._rows = rows
         self._states = states or [None] * len(sides)
+        # Parts made ahead of the fuse: two keep the thread busy while the fuse catches up; a
+        # part of a whole large tensor is held to one, so at most two such parts exist at once.
+        self._depth = 2 if rows is not None or info.numel * 4 <= BLOCK_BYTES else 1
         self._base = base
         self._ahead = ahead
         self._threads = torch.get_num_threads()  # the job's math threads, for the ahead thread too
@@ -123,22 +128,21 @@ class LazyParts(Sequence):
 
     def stream(self, order: list[int]) -> Iterator[Any]:
         todo = [i for i in order if i not in self._done]
-        nxt: Future | None = None
+        pending: dict[int, Future] = {}
         try:
             for i in order:
                 if i in self._done:
                     yield self._done[i]
                     continue
                 todo.remove(i)
-                if nxt is None:  # the first part: made here while the thread starts the second
-                    if self._ahead is not None and todo:
-                        nxt = self._ahead.submit(self._make, todo[0])
-                    part = self._make(i)
-                else:
-                    part = nxt.result()
-                    nxt = self._ahead.submit(self._make, todo[0]) if todo else None
+                fut = pending.pop(i, None)
+                if self._ahead is not None:  # keep the thread busy `depth` parts ahead, in order
+                    for j in todo[:self._depth]:
+                        if j not in pending:
+                            pending[j] = self._ahead.submit(self._make, j)
+                part = fut.result() if fut is not None else self._make(i)  # the first: made here
                 yield part
                 del part
         finally:
-            if nxt is not None:
-                nxt.cancel()
+            for f in pending.values():
+                f.cancel()

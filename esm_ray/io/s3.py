@@ -16,12 +16,6 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
-from botocore.exceptions import ConnectionError as BotoConnectionError
-from botocore.exceptions import HTTPClientError, IncompleteReadError
-
 from esm_ray.errors import EsmRayError, InputError, OutputError
 from esm_ray.spec import S3Options
 
@@ -47,6 +41,14 @@ def resolve_endpoint(opts: S3Options | None = None) -> str | None:
 
 
 _LOCK = threading.Lock()
+def _exc():
+    """botocore.exceptions, imported on first use: boto3 costs about 0.3 s to import, which a
+    merge that never touches S3 should not pay."""
+    import botocore.exceptions
+
+    return botocore.exceptions
+
+
 _LOADER = None
 _CLIENTS: dict[tuple, object] = {}
 _MAX_CLIENTS = 16
@@ -87,6 +89,9 @@ def make_client(opts: S3Options | None = None):
         key = (os.getpid(), endpoint, region, opts.addressing_style, opts.max_attempts, ident)
         client = _CLIENTS.get(key)
         if client is None:
+            import boto3
+            from botocore.config import Config
+
             config = Config(
                 retries={"mode": "standard", "total_max_attempts": opts.max_attempts},
                 s3={"addressing_style": opts.addressing_style},
@@ -120,7 +125,8 @@ def map_error(err: Exception, uri: str, *, write: bool = False, what: str = "") 
     verb = "write" if write else "read"
     subject = f"{uri}{' (' + what + ')' if what else ''}"
     bucket = uri[5:].split("/", 1)[0] if uri.startswith("s3://") else "?"
-    if isinstance(err, ClientError):
+    exc = _exc()
+    if isinstance(err, exc.ClientError):
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         op = getattr(err, "operation_name", "") or "request"
@@ -138,14 +144,14 @@ def map_error(err: Exception, uri: str, *, write: bool = False, what: str = "") 
         else:
             detail = err.response.get("Error", {}).get("Message", "")
             msg = f"{subject}: S3 error {code or status} on {op}: {detail}"
-    elif isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+    elif isinstance(err, (exc.NoCredentialsError, exc.PartialCredentialsError)):
         msg = (f"{subject}: no usable S3 credentials were found; set AWS_ACCESS_KEY_ID and "
                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
-    elif isinstance(err, BotoConnectionError):
+    elif isinstance(err, exc.ConnectionError):
         endpoint = getattr(err, "kwargs", {}).get("endpoint_url", "the S3 endpoint")
         msg = (f"{subject}: cannot connect to {endpoint} ({type(err).__name__}); check that the "
                "server is up and S3Options.endpoint_url / AWS_ENDPOINT_URL")
-    elif isinstance(err, BotoCoreError):
+    elif isinstance(err, exc.BotoCoreError):
         msg = f"{subject}: S3 {verb} failed: {type(err).__name__}: {err}"
     else:
         msg = f"{subject}: S3 {verb} failed: {type(err).__name__}: {err}"
@@ -157,11 +163,11 @@ def s3_errors(uri: str, *, write: bool = False, what: str = "") -> Iterator[None
     """Re-raise botocore errors inside the block as InputError / OutputError naming `uri`."""
     try:
         yield
-    except (ClientError, BotoCoreError) as err:
+    except (_exc().ClientError, _exc().BotoCoreError) as err:
         raise map_error(err, uri, write=write, what=what) from None
 
 
-def _is_missing(err: ClientError) -> bool:
+def _is_missing(err: Exception) -> bool:
     return str(err.response.get("Error", {}).get("Code", "")) in _NO_KEY
 
 
@@ -178,7 +184,7 @@ def head(client, bucket: str, key: str) -> S3Object | None:
     """The object's size and ETag, or None when it does not exist."""
     try:
         r = client.head_object(Bucket=bucket, Key=key)
-    except ClientError as err:
+    except _exc().ClientError as err:
         if _is_missing(err):
             return None
         raise
@@ -221,7 +227,7 @@ def read_range_into(client, bucket: str, key: str, start: int, out: memoryview, 
                 m = min(len(chunk), n - pos)
                 out[pos:pos + m] = chunk[:m]
                 pos += m
-        except (HTTPClientError, IncompleteReadError):
+        except (_exc().HTTPClientError, _exc().IncompleteReadError):
             tries += 1
             if tries >= attempts:
                 raise
@@ -229,7 +235,7 @@ def read_range_into(client, bucket: str, key: str, start: int, out: memoryview, 
         finally:
             resp["Body"].close()
         if pos < n:
-            raise IncompleteReadError(actual_bytes=pos, expected_bytes=n)
+            raise _exc().IncompleteReadError(actual_bytes=pos, expected_bytes=n)
 
 
 def get_range(client, bucket: str, key: str, start: int, end: int) -> bytes:

@@ -63,7 +63,10 @@ def _run(fam, out: Path, method: str, params: dict, block_bytes: int, weights=(1
                                            ("linear", {"normalize": False}), ("linear", {}),
                                            ("ties", {"density": 0.3}),
                                            ("ties", {"density": 0.5, "consensus": "count", "normalize": False}),
-                                           ("ties", {"density": 1.0, "lambda": 0.5})])
+                                           ("ties", {"density": 1.0, "lambda": 0.5}),
+                                           ("dare_linear", {"density": 0.4}),
+                                           ("dare_ties", {"density": 0.6, "lambda": 0.8}),
+                                           ("dare_ties", {"density": 0.5, "rescale": False})])
 def test_blocks_give_the_bytes_of_whole_tensors(method, params, dtype, tmp_path, monkeypatch):
     fam = _odd_family(tmp_path / "fam", dtype)
     whole = _run(fam, tmp_path / "whole", method, params, block_bytes=1 << 30)
@@ -81,8 +84,8 @@ def test_blocks_give_the_bytes_of_whole_tensors(method, params, dtype, tmp_path,
     t = {n: open_model(str(fam[n])).get("embed.weight").double() for n in fam}
     w = (1.0, 0.5, 2.0)
     tv = sum(wi * (t[f"expert_{i}"] - t["base"]) for i, wi in enumerate(w))
-    if method == "ties":
-        return  # TIES's own oracles are in test_core_baselines; here only blocks vs whole
+    if method in ("ties", "dare_linear", "dare_ties"):
+        return  # their own oracles are in test_core_baselines; here only blocks vs whole
     if method == "task_arithmetic":
         want = t["base"] + params.get("lambda", 1.0) * tv / (sum(w) if params.get("normalize") else 1.0)
     else:
@@ -102,8 +105,9 @@ def test_blocks_on_a_real_model_in_bfloat16(tmp_path):
 def test_which_methods_are_merged_in_blocks():
     info = TensorInfo.of("w", (4, 4))
     blockwise = {n for n, m in METHODS.items() if build_method(n, {}, n_experts=2).blockwise(info)}
-    assert blockwise == {"task_arithmetic", "linear", "ties"}
+    assert blockwise == {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"}
     assert not build_method("ties", {"rescale": True}, n_experts=2).blockwise(info)  # L1 sums over the tensor
+    assert not build_method("dare_ties", {"rescale_mode": "l1"}, n_experts=2).blockwise(info)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Iterator, Literal
+
+import torch
 
 from pydantic import Field
 from torch import Tensor
@@ -49,6 +51,24 @@ class _Dare(MergeMethod):
         gen = dare_generator(self.seed, ctx.index, info.name)
         return compact(dare_drop(tv, expert_density(ctx, p), gen, rescale=p.rescale,  # type: ignore[attr-defined]
                                  rescale_mode=p.rescale_mode))  # type: ignore[attr-defined]
+
+    # Row blocks: the mask is one serial random stream per tensor and expert, drawn one entry
+    # at a time, so drawing it block after block (in order) gives the whole tensor's mask. The
+    # state is that stream; the executor asks for each expert's blocks once, in order.
+    # L1 rescaling sums over the whole tensor, in an order that blocks would change.
+    def blockwise(self, info: TensorInfo) -> bool:
+        p = self.params
+        return not (p.rescale and p.rescale_mode == "l1")  # type: ignore[attr-defined]
+
+    def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+                    ctx: ExpertContext) -> torch.Generator:
+        return dare_generator(self.seed, ctx.index, info.name)
+
+    def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
+                      state: torch.Generator, start: int) -> Tensor:
+        p = self.params
+        return dare_drop(expert - base, expert_density(ctx, p), state, rescale=p.rescale,  # type: ignore[attr-defined]
+                         rescale_mode=p.rescale_mode)  # type: ignore[attr-defined]
 
 
 @register

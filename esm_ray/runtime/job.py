@@ -138,19 +138,11 @@ class MergeJob:
                     writer.add(info.name, base.get(info.name))
         self._flush_post()
 
-    def _blocks(self, info: TensorInfo) -> list[tuple[int, int]] | None:
-        """Row blocks of about `block_bytes` (float32) for a tensor too large to merge whole."""
-        if info.ndim < 1 or info.shape[0] < 2 or info.numel * 4 <= self.block_bytes:
-            return None
-        row = max(1, info.numel // info.shape[0])
-        step = max(1, self.block_bytes // (4 * row))
-        return [(r, min(r + step, info.shape[0])) for r in range(0, info.shape[0], step)]
-
-    def _emit_blocks(self, writer: ShardedWriter, base, info: TensorInfo, local_parts, ctxs) -> None:
+    def _emit_blocks(self, writer: ShardedWriter, base, info: TensorInfo, blocks: list[tuple[int, int]],
+                     local_parts, ctxs) -> None:
         """Merge one tensor a row block at a time (a blockwise method), straight into the writer:
         the same bytes as the whole-tensor path, with memory bounded by the block."""
         spec, method = self.plan.spec, self.plan.method
-        blocks = self._blocks(info) or []
         states = self.pool.block_states(info, blocks)  # e.g. TIES: each expert's trim threshold
 
         def merged_blocks() -> Iterator[torch.Tensor]:
@@ -221,8 +213,7 @@ class MergeJob:
                      if method.needs_layer_scales else None)
         norms: dict[str, float] = {}
         local_parts = getattr(self.pool, "parts", None)  # LocalPool: parts on demand, see pool.LazyParts
-        blockwise = (local_parts is not None and plan.purifier is None and store is None
-                     and spill_dir is None and not method.post_stage)
+        blockwise = local_parts is not None and store is None  # in one process, not staging groups
         t0 = time.perf_counter()
         try:
             layout = _write_order(groups, is_float, spill_dir is not None, plan)
@@ -241,8 +232,9 @@ class MergeJob:
                     tg = time.perf_counter()
                     done: dict[str, torch.Tensor] = {}
                     for j, info in enumerate(work):
-                        if blockwise and self._blocks(info) is not None and method.blockwise(info):
-                            self._emit_blocks(writer, base, info, local_parts, ctxs)
+                        blocks = plan.in_blocks(info, self.block_bytes) if blockwise else None
+                        if blocks is not None:
+                            self._emit_blocks(writer, base, info, blocks, local_parts, ctxs)
                             continue
                         if local_parts is None:
                             b = base.get(info.name).to(torch.float32)

@@ -32,6 +32,17 @@ _VOCAB_HINTS = ("embed", "wte", "word_embeddings", "lm_head", "output.weight")
 # simple-merge benchmark (1, 2, 4, 8, 32 MiB tried) and keeps peak memory near one block.
 BLOCK_BYTES = 4 << 20
 
+
+def row_blocks(shape: tuple[int, ...], block_bytes: int) -> list[tuple[int, int]] | None:
+    """[start, stop) row ranges of about `block_bytes` in float32 covering a tensor of `shape`,
+    or None when it is at most `block_bytes` or has fewer than two rows (merged whole)."""
+    numel = _numel(shape)
+    if not shape or shape[0] < 2 or numel * 4 <= block_bytes:
+        return None
+    step = max(1, block_bytes // (4 * max(1, numel // shape[0])))
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
 @dataclass
 class MergePlan:
     """A validated job: the method objects, tensor list, and what will be computed."""
@@ -59,17 +70,22 @@ class MergePlan:
     def largest_tensor_bytes(self) -> int:
         return max((_numel(s) * 4 for s in self.shapes.values()), default=0)
 
+    def in_blocks(self, info: TensorInfo, block_bytes: int | None = None) -> list[tuple[int, int]] | None:
+        """The row blocks in which one process merges `info`, or None to merge it whole: only a
+        large tensor of a blockwise method, with no purifier, layer scaling or post stage."""
+        if self.purifier is not None or self.method.needs_layer_scales or self.method.post_stage:
+            return None
+        blocks = row_blocks(info.shape, BLOCK_BYTES if block_bytes is None else block_bytes)
+        return blocks if blocks is not None and self.method.blockwise(info) else None
+
     def largest_unit_bytes(self) -> int:
         """float32 bytes of the largest piece merged at once: the largest tensor, or for the
         local executor and a method that merges in row blocks, a block (see MergeJob)."""
-        blocks = (self.spec.runtime.name == "local" and self.purifier is None and not self.method.needs_layer_scales
-                  and not self.method.post_stage)
         out = 0
         for n, s in self.shapes.items():
-            b = _numel(s) * 4
-            if blocks and len(s) >= 1 and s[0] > 1 and b > BLOCK_BYTES and self.method.blockwise(TensorInfo.of(n, s)):
-                b = min(b, max(BLOCK_BYTES, b // s[0]))
-            out = max(out, b)
+            blocks = self.in_blocks(TensorInfo.of(n, s)) if self.spec.runtime.name == "local" else None
+            rows = max(r1 - r0 for r0, r1 in blocks) if blocks else (s[0] if s else 1)
+            out = max(out, rows * (_numel(s[1:]) if s else 1) * 4)
         return out
 
     def memory_estimate(self) -> dict[str, int]:

@@ -497,22 +497,8 @@ class ShardedWriter:
     # building the output
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Queue a tensor; writes the current shard first if this one would overflow it."""
-        self._check_open()
-        if not isinstance(name, str) or not name:
-            raise OutputError(f"{self.uri}: tensor names must be non-empty strings, got {name!r}")
-        if name in self._names:
-            raise OutputError(f"{self.uri}: tensor '{name}' was already added")
-        if tensor.dtype not in CODES:
-            raise OutputError(f"{self.uri}: tensor '{name}' has dtype {tensor.dtype}, which "
-                              "safetensors cannot store")
         nbytes = tensor.numel() * tensor.element_size()
-        i = len(self._names)
-        if self._plan is not None:
-            if i >= len(self._plan) or self._plan[i] != (name, nbytes):
-                want = (f"'{self._plan[i][0]}' ({self._plan[i][1]} bytes)" if i < len(self._plan)
-                        else "nothing more")
-                raise OutputError(f"{self.uri}: tensor '{name}' ({nbytes} bytes) does not follow the "
-                                  f"plan; expected {want} next")
+        i = self._next(name, tensor.dtype, nbytes)
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -526,6 +512,24 @@ class ShardedWriter:
         self._pending_bytes += nbytes
         if self._pending_bytes >= self.max_shard_bytes:
             self._flush()
+
+    def _next(self, name: str, dtype: torch.dtype, nbytes: int) -> int:
+        """Check that tensor `name` may be added next; its position in the output."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise OutputError(f"{self.uri}: tensor names must be non-empty strings, got {name!r}")
+        if name in self._names:
+            raise OutputError(f"{self.uri}: tensor '{name}' was already added")
+        if dtype not in CODES:
+            raise OutputError(f"{self.uri}: tensor '{name}' has dtype {dtype}, which safetensors cannot store")
+        i = len(self._names)
+        if self._plan is not None:
+            if i >= len(self._plan) or self._plan[i] != (name, nbytes):
+                want = (f"'{self._plan[i][0]}' ({self._plan[i][1]} bytes)" if i < len(self._plan)
+                        else "nothing more")
+                raise OutputError(f"{self.uri}: tensor '{name}' ({nbytes} bytes) does not follow the "
+                                  f"plan; expected {want} next")
+        return i
 
     def _write_through(self, i: int, name: str, t: torch.Tensor) -> None:
         """Streaming mode: write tensor i of the plan into its shard file now."""
@@ -576,11 +580,8 @@ class ShardedWriter:
         if not self._stream:
             self.add(name, torch.cat([b.detach().cpu() for b in blocks]).reshape(shape))
             return
-        i = len(self._names)
-        nbytes = _nbytes(dtype, shape)
-        if name in self._names:
-            raise OutputError(f"{self.uri}: tensor '{name}' was already added")
-        if i >= len(self._plan) or self._plan[i] != (name, nbytes) or self._layout[i] != (dtype, shape):
+        i = self._next(name, dtype, _nbytes(dtype, shape))
+        if self._layout[i] != (dtype, shape):
             raise OutputError(f"{self.uri}: tensor '{name}' ({str(dtype).removeprefix('torch.')} {shape}) "
                               "does not follow the plan")
         k = self._shard_of(i)

@@ -1,8 +1,9 @@
 """Which torch device an expert side computes on, and moving its results between devices.
 
 An expert side puts two kinds of work on its device: calibration (the expert's forward passes
-and Gram accumulation) and the decompositions of methods that declare ``prepare_on_device``
-(ESM, ESM++, TSV-M, PAVE). Elementwise methods (task arithmetic, TIES, DARE) stay on the CPU:
+and Gram accumulation) and the decompositions of methods that declare ``decomposes`` or
+``post_decomposes`` (ESM, ESM++, SiM, TSV-M, PAVE), besides the search stage of Concrete and
+AdaMerging. The other methods (task arithmetic, linear, TIES, DARE) stay on the CPU:
 their per-tensor work costs less than copying the tensor to a GPU and back. Whatever ran on
 the device, parts leave the side on the CPU, so the object store, the coordinator and the
 writer never see a GPU tensor.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -27,6 +27,13 @@ class ExpertPool(Protocol):
     def close(self) -> None: ...
 
 
+def on_threads(n: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with torch on `n` intra-op threads: the job's count, from whichever thread."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return fn(*args)
+
+
 class LocalPool:
     """All expert sides in this process, called one after another (`parts` overlaps one side's
     work with the coordinator's on a second thread)."""
@@ -47,23 +54,23 @@ class LocalPool:
         """The experts' parts of one tensor (or of its `rows`), each computed when the method
         first reads it, against the coordinator's float32 base (read and checked once instead
         of T times)."""
+        return LazyParts(self.sides, info, base, self._thread(), rows, states)
+
+    def _thread(self) -> ThreadPoolExecutor | None:
+        """The one thread that does expert-side work beside this one (None for one expert)."""
         if self._ahead is None and self.n > 1:
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
-        return LazyParts(self.sides, info, base, self._ahead, rows, states)
+        return self._ahead
 
     def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
         """Every side's `block_state` of one tensor (e.g. TIES's trim thresholds), two sides at
         a time: the odd ones on the `parts` thread while this thread does the even ones."""
-        if self._ahead is None and self.n > 1:
-            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
-        threads = torch.get_num_threads()
+        ahead, threads = self._thread(), torch.get_num_threads()
 
         def state(i: int) -> Any:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-            return self.sides[i].block_state(info, blocks)
+            return on_threads(threads, self.sides[i].block_state, info, blocks)
 
-        odd = {i: self._ahead.submit(state, i) for i in range(1, self.n, 2)} if self._ahead else {}
+        odd = {i: ahead.submit(state, i) for i in range(1, self.n, 2)} if ahead else {}
         try:
             even = {i: state(i) for i in range(0, self.n) if i not in odd}
             return [even[i] if i in even else odd[i].result() for i in range(self.n)]
@@ -108,9 +115,8 @@ class LazyParts(Sequence):
         self._done: dict[int, Any] = {}
 
     def _make(self, i: int) -> Any:
-        if torch.get_num_threads() != self._threads:
-            torch.set_num_threads(self._threads)
-        return self._sides[i].prepare_with_base(self._info, self._base, self._rows, self._states[i])
+        return on_threads(self._threads, self._sides[i].prepare_with_base, self._info, self._base, self._rows,
+                          self._states[i])
 
     def __len__(self) -> int:
         return len(self._sides)

@@ -7,7 +7,7 @@
 #   RAY_PORT              GCS port (6379)
 #   RAY_DASHBOARD_PORT    dashboard / Jobs API port (8265)
 #   NUM_CPUS, NUM_GPUS    resources to advertise (default: detected)
-#   RAY_TEMP_DIR          session files and logs (default: Ray's, /tmp/ray)
+#   RAY_TEMP_DIR          session files and logs (default: Ray's own temp directory)
 #   RAY_AUTH_TOKEN_PATH   token file (default ~/.ray/auth_token; created when missing)
 set -euo pipefail
 

@@ -53,18 +53,18 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from esm_ray.methods.base import describe_params
 
     rows = [("method", cls) for cls in METHODS.values()] + [("purifier", cls) for cls in PURIFIERS.values()]
+
+    def needs(cls) -> list[str]:  # with default parameters (a routed method adds its base method's)
+        return cls(cls.Params(), n_experts=2).needs().describe()
+
     if args.json:
-        print(json.dumps({cls.name: {"kind": kind, "summary": cls.summary,
+        print(json.dumps({cls.name: {"kind": kind, "summary": cls.summary, "needs": needs(cls),
                                      "params": [p.__dict__ for p in describe_params(cls.Params)]}
                           for kind, cls in rows}, indent=2, default=str))
         return 0
     for kind, cls in sorted(rows, key=lambda r: (r[0] != "method", r[1].name)):
-        needs = []
-        if getattr(cls, "needs_stats", False):
-            needs.append("calibration data")
-        if getattr(cls, "needs_labels", False):
-            needs.append("labels")
-        print(f"{cls.name}  [{kind}{', needs ' + ', '.join(needs) if needs else ''}]  {cls.summary}")
+        n = needs(cls)
+        print(f"{cls.name}  [{kind}{', needs ' + ', '.join(n) if n else ''}]  {cls.summary}")
         for p in describe_params(cls.Params):
             print(f"    {p.name:<18} {p.type:<14} default={p.default!r:<10} {p.description}")
     return 0

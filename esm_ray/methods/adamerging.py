@@ -111,6 +111,7 @@ class SearchMethod(MergeMethod):
 
     search_stage: ClassVar[bool] = True
     needs_data: ClassVar[bool] = True
+    needs_heads: ClassVar[bool] = True
     mask_artifact: ClassVar[str] = "concrete/mask.safetensors"
 
     def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:

@@ -96,11 +96,36 @@ class ExpertContext:
     plan: Any = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Needs:
+    """What a method or purifier needs beyond the base and the experts' weights. The plan
+    checks every need once, before any work (`runtime.plan.check_needs`).
+
+    stats:  calibration statistics of each expert's linear layers (read from its `data`)
+    data:   unlabelled samples per expert (`experts[i].data`), read directly (the searches)
+    heads:  each expert's task head (`head.safetensors`) where the model has no output layer of
+            its own (encoders; a causal LM scores with its LM head)
+    labels: labelled samples (no registered method needs them)
+    """
+
     stats: bool = False
     data: bool = False
+    heads: bool = False
     labels: bool = False
+
+    def __or__(self, other: "Needs") -> "Needs":
+        return Needs(self.stats or other.stats, self.data or other.data, self.heads or other.heads,
+                     self.labels or other.labels)
+
+    @property
+    def reads_data(self) -> bool:
+        """Whether every expert needs its unlabelled `data`."""
+        return self.stats or self.data
+
+    def describe(self) -> list[str]:
+        """Human words for `esm-ray methods` and the dry run."""
+        out = ["calibration data"] if self.stats else (["unlabelled data"] if self.data else [])
+        return out + (["task heads (encoders)"] if self.heads else []) + (["labels"] if self.labels else [])
 
 
 class MergeMethod(ABC):
@@ -127,6 +152,11 @@ class MergeMethod(ABC):
         self.params = params
         self.n_experts = n_experts
         self.seed = seed
+
+    def needs(self) -> Needs:
+        """Everything this method needs, from its declarations (checked once by the plan)."""
+        return Needs(stats=self.needs_stats, data=self.needs_data, heads=self.needs_heads,
+                     labels=self.needs_labels)
 
     # -- row blocks (the local executor, tensors over MergeJob.block_bytes) -------------------
     def blockwise(self, info: TensorInfo) -> bool:
@@ -204,6 +234,7 @@ class MergeMethod(ABC):
     # `fuse` then applies what was found. `needs_data`: every expert needs unlabelled `data`.
     search_stage: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False
+    needs_heads: ClassVar[bool] = False  # the search scores encoders through each expert's head
 
     def memory_note(self, shapes: dict[str, tuple[int, ...]]) -> str | None:
         """One line for the dry run about memory beyond the tensor workspace (default: none)."""
@@ -223,6 +254,9 @@ class Purifier(ABC):
         self.params = params
         self.n_experts = n_experts
         self.seed = seed
+
+    def needs(self) -> Needs:
+        return Needs(stats=self.needs_stats)
 
     def applies(self, info: TensorInfo) -> bool:
         """Whether this tensor is purified (default: 2-D weights of hooked linear layers)."""

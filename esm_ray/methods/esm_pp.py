@@ -30,7 +30,7 @@ from esm_ray.core.routing import (
 )
 from esm_ray.errors import SpecError
 from esm_ray.methods._common import in_expert_order
-from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Needs, TensorInfo
 from esm_ray.methods.registry import METHODS, build_method, register
 
 log = logging.getLogger(__name__)
@@ -122,13 +122,15 @@ class ESMPlusPlus(MergeMethod):
     class Params(RoutedParams):
         pass
 
+    def needs(self) -> Needs:
+        return super().needs() | self.inner.needs()
+
     def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
         super().__init__(params, n_experts, seed)
         p: RoutedParams = params  # type: ignore[assignment]
         self.inner = _inner(p, n_experts, seed)
         self.needs_layer_scales = self.inner.needs_layer_scales
         self.accepts_purifier = self.inner.accepts_purifier
-        self.needs_labels = self.inner.needs_labels
         self.decomposes = self.inner.decomposes
         try:
             self._pattern = re.compile(p.layers or DEFAULT_ROUTED_LAYERS)

@@ -16,7 +16,7 @@ from esm_ray.errors import InputError, SpecError
 from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import check_writable
-from esm_ray.methods import MergeMethod, Purifier, TensorInfo, build_method, build_purifier
+from esm_ray.methods import MergeMethod, Needs, Purifier, TensorInfo, build_method, build_purifier
 from esm_ray.spec import MergeSpec
 
 log = logging.getLogger("esm_ray.plan")
@@ -60,8 +60,13 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def needs(self) -> Needs:
+        """What the method and the purifier need, together."""
+        return self.method.needs() | (self.purifier.needs() if self.purifier is not None else Needs())
+
+    @property
     def needs_stats(self) -> bool:
-        return self.method.needs_stats or (self.purifier is not None and self.purifier.needs_stats)
+        return self.needs.stats
 
     @property
     def n_experts(self) -> int:
@@ -113,6 +118,8 @@ class MergePlan:
             lines.append(f"expert:   {e.name}: {e.model}  weight={e.weight}{data}")
         lines.append(f"output:   {s.output}  dtype={str(self.out_dtype).removeprefix('torch.')}  shards<= {s.shard_bytes / 1e6:.0f} MB")
         lines.append(f"runtime:  {s.runtime.name}")
+        needs = self.needs.describe()
+        lines.append(f"needs:    {', '.join(needs) if needs else 'the weights only'}")
         if self.needs_stats:
             lines.append(f"compute:  calibration statistics for {self.n_experts} experts "
                          f"({s.calibration.samples} samples each, cached)")
@@ -142,6 +149,31 @@ def _check_data(uri: str, expert: str) -> None:
         raise InputError(f"expert {expert!r}: calibration data {uri} is empty")
 
 
+def _scores_with_heads(config: dict | None) -> bool:
+    """Whether a model of this config is scored through per-task heads (an encoder), rather
+    than through its own LM head (a causal LM)."""
+    archs = (config or {}).get("architectures") or []
+    return not any(str(a).endswith("ForCausalLM") for a in archs)
+
+
+def check_needs(spec: MergeSpec, needs: Needs, what: str, base_config: dict | None,
+                aux_names: list[list[str]]) -> None:
+    """Every need of the method, checked in one place before any work: calibration or search
+    data for each expert, task heads where the model is an encoder. `aux_names[i]`: the
+    non-weight files of expert i. Raises SpecError / InputError naming the expert and field."""
+    for i, e in enumerate(spec.experts):
+        if needs.reads_data:
+            if not e.data:
+                kind = "unlabelled calibration data" if needs.stats else "unlabelled data for its search"
+                raise SpecError(f"field `experts.{i}.data`: {what} needs {kind} for expert {e.name!r}")
+            _check_data(e.data, e.name)
+        if needs.heads and _scores_with_heads(base_config) and "head.safetensors" not in aux_names[i]:
+            raise InputError(f"expert {e.name!r} ({e.model}): no head.safetensors; {what} scores this encoder "
+                             "through each expert's task head (weight [labels, hidden], bias [labels])")
+    if needs.labels:
+        raise SpecError(f"field `method.name`: {what} needs labelled data, which a merge spec cannot give")
+
+
 def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     """Validate everything that can be checked without computing. Raises EsmRayError subclasses."""
     t = len(spec.experts)
@@ -151,7 +183,9 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         if not method.accepts_purifier:
             raise SpecError(f"field `purify`: method {method.name!r} does not take purified task vectors")
         purifier = build_purifier(spec.purify.name, spec.purify.params, n_experts=t, seed=spec.seed)
-    needs_stats = method.needs_stats or (purifier is not None and purifier.needs_stats)
+    needs = method.needs() | (purifier.needs() if purifier is not None else Needs())
+    what = f"method {spec.method.name!r}" + (f" with {spec.purify.name}" if spec.purify else "")
+    aux_names: list[list[str]] = []
 
     base = open_model(spec.base, spec.s3)
     names = list(base.keys())
@@ -191,20 +225,16 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
                                  f"{str(meta.dtype).removeprefix('torch.')}, base has "
                                  f"{str(dtypes[n]).removeprefix('torch.')}")
             total += meta.nbytes
+        aux_names.append(list(r.aux_names()) if needs.heads else [])
         r.close()
-        if needs_stats:
-            if not e.data:
-                raise SpecError(f"field `experts.{spec.experts.index(e)}.data`: method "
-                                f"{spec.method.name!r}{' with ' + spec.purify.name if spec.purify else ''} "
-                                f"needs unlabelled calibration data for expert {e.name!r}")
-            _check_data(e.data, e.name)
+    check_needs(spec, needs, what, base.config, aux_names)
     if check_output:
         check_writable(spec.output, spec.overwrite, spec.s3)
     float_dtypes = [d for d in dtypes.values() if d.is_floating_point]
     base_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
     out_dtype = _DTYPES[spec.dtype] if spec.dtype else base_dtype
     plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total)
-    if not needs_stats and any(e.data for e in spec.experts):
+    if not needs.reads_data and any(e.data for e in spec.experts):
         plan.notes.append(f"method {method.name!r} does not use calibration data; `data` is ignored")
     plan.notes.append("tensor values are checked for NaN/Inf while merging; nothing is written on failure")
     base.close()

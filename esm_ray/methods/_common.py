@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.methods.base import ExpertContext, MethodParams
+from esm_ray.methods.base import ExpertContext
 
 
 def density_field(default: float = 1.0) -> Any:
@@ -95,9 +95,16 @@ def dense_in_order(parts: Sequence[Any], ctxs: list[ExpertContext]) -> tuple[Ite
     return (dense(p).float() for p in raw), [ctxs[i] for i in order]
 
 
-def expert_density(ctx: ExpertContext, params: MethodParams) -> float:
+class HasDensity(Protocol):
+    """Parameters with a global `density` (TIES, DARE)."""
+
+    @property
+    def density(self) -> float: ...
+
+
+def expert_density(ctx: ExpertContext, params: HasDensity) -> float:
     """The expert's own `density` from the spec when set, else the method's global one."""
-    return float(ctx.density) if ctx.density is not None else float(params.density)  # type: ignore[attr-defined]
+    return float(ctx.density) if ctx.density is not None else float(params.density)
 
 
 def weights_of(ctxs: list[ExpertContext]) -> list[float]:

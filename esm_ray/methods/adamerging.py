@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import Field
 from torch import Tensor
@@ -106,7 +106,10 @@ class SearchParams(MethodParams):
     seed: int | None = Field(None, description="seed of masks and batches (default: the spec's seed)")
 
 
-class SearchMethod(MergeMethod):
+SP = TypeVar("SP", bound=SearchParams)
+
+
+class SearchMethod(MergeMethod[SP], Generic[SP]):
     """A method whose merge depends on a search stage run before the merge loop."""
 
     search_stage: ClassVar[bool] = True
@@ -114,7 +117,7 @@ class SearchMethod(MergeMethod):
     needs_heads: ClassVar[bool] = True
     mask_artifact: ClassVar[str] = "concrete/mask.safetensors"
 
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: SP, n_experts: int, seed: int = 0) -> None:
         super().__init__(params, n_experts, seed)
         self.result: SearchResult | None = None
 
@@ -123,7 +126,7 @@ class SearchMethod(MergeMethod):
 
     def _common(self) -> dict[str, Any]:
         """The SearchConfig fields every search method shares, from its parameters."""
-        p = cast(SearchParams, self.params)
+        p = self.params
         return {"steps": p.steps, "lr": p.lr, "init_weight": p.init_weight, "clamp": (0.0, 1.0) if p.clamp else None,
                 "seed": p.seed if p.seed is not None else self.seed}
 
@@ -242,19 +245,20 @@ def mask_report(mask: dict[str, Tensor], cfg: SearchConfig) -> dict[str, Any]:
             "sparsity_per_tensor": per_tensor}
 
 
+class AdaMergingParams(SearchParams):
+    granularity: Literal["task", "layer"] = Field(
+        "layer", description="one coefficient per task ('task') or per (task, tensor) ('layer')")
+
+
 @register
-class AdaMerging(SearchMethod):
+class AdaMerging(SearchMethod[AdaMergingParams]):
     """AdaMerging: task-wise or layer-wise coefficients, Adam on the summed prediction entropy."""
 
     name = "adamerging"
     summary = "merge coefficients (task- or layer-wise) learned by entropy minimisation on unlabelled data"
 
-    class Params(SearchParams):
-        granularity: Literal["task", "layer"] = Field(
-            "layer", description="one coefficient per task ('task') or per (task, tensor) ('layer')")
-
     def search_config(self) -> SearchConfig:
-        p = cast(AdaMerging.Params, self.params)
+        p = self.params
         return SearchConfig(mask=False, coefficients=p.granularity, **self._common())
 
 

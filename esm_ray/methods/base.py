@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Literal
+from typing import Any, Callable, ClassVar, Generic, Iterator, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
@@ -36,6 +36,18 @@ class MethodParams(BaseModel):
     """Base of every method's parameter model: frozen, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+P = TypeVar("P", bound=MethodParams)
+
+
+def _params_of(cls: type) -> type[MethodParams] | None:
+    """The Params model a class names as its generic argument (`class Ties(MergeMethod[TiesParams])`)."""
+    for base in getattr(cls, "__orig_bases__", ()):
+        for arg in get_args(base):
+            if isinstance(arg, type) and issubclass(arg, MethodParams):
+                return arg
+    return None
 
 
 @dataclass(frozen=True)
@@ -128,11 +140,13 @@ class Needs:
         return out + (["task heads (encoders)"] if self.heads else []) + (["labels"] if self.labels else [])
 
 
-class MergeMethod(ABC):
-    """A static merge method. Subclass, set the class attributes, register with @register."""
+class MergeMethod(ABC, Generic[P]):
+    """A merge method, generic over its own parameter model: `class Ties(MergeMethod[TiesParams])`
+    sets `Params` and types `self.params`. Set the class attributes, register with @register."""
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
+    params: P
     summary: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
@@ -148,7 +162,13 @@ class MergeMethod(ABC):
     # tensor in row blocks and never hold it whole in float32.
     elementwise: ClassVar[bool] = False
 
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        params = _params_of(cls)
+        if params is not None and "Params" not in cls.__dict__:
+            cls.Params = params
+
+    def __init__(self, params: P, n_experts: int, seed: int = 0) -> None:
         self.params = params
         self.n_experts = n_experts
         self.seed = seed
@@ -240,17 +260,29 @@ class MergeMethod(ABC):
         """One line for the dry run about memory beyond the tensor workspace (default: none)."""
         return None
 
+    def report(self) -> dict[str, Any] | None:
+        """What the method found, for merge_report.json's `method_report` (default: nothing)."""
+        return None
 
-class Purifier(ABC):
-    """Replaces an expert tensor by a purified one before the method's ``prepare``."""
+
+class Purifier(ABC, Generic[P]):
+    """Replaces an expert tensor by a purified one before the method's ``prepare``; generic over
+    its parameter model like MergeMethod."""
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
+    params: P
     summary: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = True
     decomposes: ClassVar[bool] = False  # prepass / purify run on the worker's device
 
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        params = _params_of(cls)
+        if params is not None and "Params" not in cls.__dict__:
+            cls.Params = params
+
+    def __init__(self, params: P, n_experts: int, seed: int = 0) -> None:
         self.params = params
         self.n_experts = n_experts
         self.seed = seed
@@ -277,6 +309,10 @@ class Purifier(ABC):
     @abstractmethod
     def purify(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Tensor:
         """Expert side: the purified expert weight (float32, shape of expert)."""
+
+    def report(self) -> dict[str, Any] | None:
+        """What the purifier decided, for merge_report.json's `purify_report` (default: nothing)."""
+        return None
 
 
 @dataclass

@@ -17,7 +17,7 @@ reset λ; `stale_inner_grad: true` reproduces that.
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -42,39 +42,35 @@ def _mask_settings(p: ConcreteParams) -> dict[str, Any]:
             "final_mask": p.final_mask}
 
 
+class ConcreteAdaMergingParams(ConcreteParams):
+    steps: int = Field(100, ge=0, description="outer (mask) steps; each runs an inner and an outer pass")
+    granularity: Literal["task", "layer"] = Field("layer", description="coefficients per task or per (task, tensor)")
+    inner_lr: float = Field(1.0, gt=0, description="Adam learning rate of the single inner step on λ")
+    adamerging_steps: int = Field(100, ge=0, description="AdaMerging steps on the frozen final mask")
+    adamerging_lr: float = Field(1e-3, gt=0, description="Adam learning rate of those steps")
+    stale_inner_grad: bool = Field(False, description="take the inner gradient at the previous step's merge, "
+                                                      "as the published code does")
+
+
 @register
-class ConcreteTA(SearchMethod):
+class ConcreteTA(SearchMethod[ConcreteParams]):
     """Concrete Task Arithmetic: fixed task weights, a learned shared mask."""
 
     name = "concrete_ta"
     summary = "task arithmetic through a learned Concrete mask shared by all task vectors (entropy, unlabelled data)"
 
-    class Params(ConcreteParams):
-        pass
-
     def search_config(self) -> SearchConfig:
-        p = cast(ConcreteParams, self.params)
+        p = self.params
         return SearchConfig(coefficients="fixed", **_mask_settings(p), **self._common())
 
 
 @register
-class ConcreteAdaMerging(SearchMethod):
+class ConcreteAdaMerging(SearchMethod[ConcreteAdaMergingParams]):
     """Concrete AdaMerging: a learned mask (outer) and AdaMerging coefficients (inner)."""
 
     name = "concrete_adamerging"
-    summary = "bi-level Concrete mask + AdaMerging coefficients, then AdaMerging on the final mask"
-
-    class Params(ConcreteParams):
-        steps: int = Field(100, ge=0, description="outer (mask) steps; each runs an inner and an outer pass")
-        granularity: Literal["task", "layer"] = Field("layer", description="coefficients per task or per (task, tensor)")
-        inner_lr: float = Field(1.0, gt=0, description="Adam learning rate of the single inner step on λ")
-        adamerging_steps: int = Field(100, ge=0, description="AdaMerging steps on the frozen final mask")
-        adamerging_lr: float = Field(1e-3, gt=0, description="Adam learning rate of those steps")
-        stale_inner_grad: bool = Field(False, description="take the inner gradient at the previous step's merge, "
-                                                          "as the published code does")
-
     def search_config(self) -> SearchConfig:
-        p = cast(ConcreteAdaMerging.Params, self.params)
+        p = self.params
         return SearchConfig(coefficients=p.granularity, bilevel=True, inner_lr=p.inner_lr,
                             adamerging_steps=p.adamerging_steps, adamerging_lr=p.adamerging_lr,
                             stale_inner_grad=p.stale_inner_grad, **_mask_settings(p), **self._common())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Generic, Iterator, Literal, TypeVar
 
 import torch
 
@@ -38,19 +38,23 @@ class DareParams(MethodParams):
     lambda_: float = lambda_field()
 
 
-class _Dare(MergeMethod):
+class DareTiesParams(DareParams):
+    consensus: Consensus = consensus_field()
+
+
+DP = TypeVar("DP", bound=DareParams)
+
+
+class _Dare(MergeMethod[DP], Generic[DP]):
     """Expert side: drop entries of τ_i at random (keep probability = density), rescale, ship
     sparse when smaller. The random stream is seeded from (job seed, expert index, tensor
     name), so the expert side is reproducible anywhere."""
-
-    Params = DareParams
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         p = self.params
         tv = expert.float() - base.float()
         gen = dare_generator(self.seed, ctx.index, info.name)
-        return compact(dare_drop(tv, expert_density(ctx, p), gen, rescale=p.rescale,  # type: ignore[attr-defined]
-                                 rescale_mode=p.rescale_mode))  # type: ignore[attr-defined]
+        return compact(dare_drop(tv, expert_density(ctx, p), gen, rescale=p.rescale, rescale_mode=p.rescale_mode))
 
     # Row blocks: the mask is one serial random stream per tensor and expert, drawn one entry
     # at a time, so drawing it block after block (in order) gives the whole tensor's mask. The
@@ -58,7 +62,7 @@ class _Dare(MergeMethod):
     # L1 rescaling sums over the whole tensor, in an order that blocks would change.
     def blockwise(self, info: TensorInfo) -> bool:
         p = self.params
-        return not (p.rescale and p.rescale_mode == "l1")  # type: ignore[attr-defined]
+        return not (p.rescale and p.rescale_mode == "l1")
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
                     ctx: ExpertContext) -> torch.Generator:
@@ -67,12 +71,12 @@ class _Dare(MergeMethod):
     def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
                       state: torch.Generator, start: int) -> Tensor:
         p = self.params
-        return dare_drop(expert - base, expert_density(ctx, p), state, rescale=p.rescale,  # type: ignore[attr-defined]
-                         rescale_mode=p.rescale_mode)  # type: ignore[attr-defined]
+        return dare_drop(expert - base, expert_density(ctx, p), state, rescale=p.rescale,
+                         rescale_mode=p.rescale_mode)
 
 
 @register
-class DareLinear(_Dare):
+class DareLinear(_Dare[DareParams]):
     """DARE, then λ Σ w_i τ̃_i (divided by Σ w_i when normalize)."""
 
     name = "dare_linear"
@@ -82,21 +86,18 @@ class DareLinear(_Dare):
         tvs, ctxs = dense_in_order(parts, ctxs)
         p = self.params
         return task_arithmetic(tvs, weights_of(ctxs), lam=p.lambda_,
-                               normalize=p.normalize).float()  # type: ignore[attr-defined]
+                               normalize=p.normalize).float()
 
 
 @register
-class DareTies(_Dare):
+class DareTies(_Dare[DareTiesParams]):
     """DARE, then TIES sign election and disjoint merge, scaled by λ."""
 
     name = "dare_ties"
     summary = "DARE random drop and rescale, then TIES sign consensus"
 
-    class Params(DareParams):
-        consensus: Consensus = consensus_field()
-
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
         p = self.params
         return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,
-                                    method=p.consensus).float()  # type: ignore[attr-defined]
+                                    method=p.consensus).float()

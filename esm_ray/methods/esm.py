@@ -88,9 +88,8 @@ def oriented(info: TensorInfo, stats: LayerStats) -> bool:
 
 
 @register
-class ESM(MergeMethod):
+class ESM(MergeMethod[ESMParams]):
     name = "esm"
-    Params = ESMParams
     summary = "Essential subspace merging: ESD of each task's output shift, polar-orthogonalised fusion"
     needs_stats = True
     needs_layer_scales = True
@@ -106,13 +105,13 @@ class ESM(MergeMethod):
 
     # recipe ----------------------------------------------------------------------------------
     def preset_of(self, info: TensorInfo) -> str:
-        p: ESMParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.preset != "auto":
             return p.preset
         return "vit" if _VISION.search(info.name) else "roberta"
 
     def recipe(self, info: TensorInfo) -> ESMRecipe:
-        p: ESMParams = self.params  # type: ignore[assignment]
+        p = self.params
         base = PRESETS[self.preset_of(info)]
         return ESMRecipe(
             base.name, eigen_exponent=p.eigen_exponent,
@@ -122,14 +121,14 @@ class ESM(MergeMethod):
             inter_layer_power=p.inter_layer_power)
 
     def alpha_scope_of(self, info: TensorInfo) -> str:
-        p: ESMParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.alpha_scope != "auto":
             return p.alpha_scope
         return "esd" if self.preset_of(info) == "vit" else "all"
 
     # expert side -----------------------------------------------------------------------------
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
-        p: ESMParams = self.params  # type: ignore[assignment]
+        p = self.params
         delta = expert.to(torch.float64) - base.to(torch.float64)
         if delta.ndim == 2 and ctx.stats is not None and ctx.stats.n > 0:
             t = oriented(info, ctx.stats)
@@ -137,13 +136,13 @@ class ESM(MergeMethod):
             esd = esd_from_gram(d, ctx.stats.gram, ctx.stats.n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
             return ESDPart(esd.to(torch.float32), float(delta.norm()), t)
         if delta.ndim == 2:
-            u, s, vh = tsv_truncate(delta, tsv_rank(tuple(delta.shape), self.n_experts))
+            u, s, vh = tsv_truncate(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts))
             return TSVPart(u.float(), s.float(), vh.float())
         return delta.float()
 
     # coordinator -----------------------------------------------------------------------------
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
-        p: ESMParams = self.params  # type: ignore[assignment]
+        p = self.params
         kinds = {type(x) for x in parts}
         if len(kinds) != 1:
             raise InputError(f"{info.name}: experts disagree on how to merge it ({sorted(k.__name__ for k in kinds)}); "
@@ -174,7 +173,7 @@ class ESM(MergeMethod):
 
     def layer_scales(self, infos: dict[str, TensorInfo], norms: dict[str, float]) -> dict[str, float]:
         """Across-depth factors for the 2-D weights of linear layers inside repeated blocks."""
-        p: ESMParams = self.params  # type: ignore[assignment]
+        p = self.params
         if not p.inter_layer_power:
             return {}
         groups = {n: i.layer_type for n, i in infos.items()
@@ -188,7 +187,7 @@ class ESM(MergeMethod):
 
     def report(self) -> dict[str, Any]:
         """What the merge report records: α, the keys it scaled, and how each key was merged."""
-        p: ESMParams = self.params  # type: ignore[assignment]
+        p = self.params
         count = {b: sum(1 for v in self._branch.values() if v == b) for b in ("esd", "tsv", "mean")}
         return {"method": self.name, "alpha": p.alpha, "alpha_scope": p.alpha_scope,
                 "alpha_scope_resolved": sorted(self._scopes),

@@ -17,7 +17,7 @@ import logging
 import pkgutil
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 from pydantic import Field
@@ -86,7 +86,7 @@ def _inner(params: RoutedParams, n_experts: int, seed: int) -> MergeMethod:
         raise SpecError(f"in `method.params.base_method` / `base_params`: {err}") from None
     if inner.output_kind != "static":
         raise SpecError(f"field `method.params.base_method`: {name!r} is not a static method")
-    if getattr(inner, "search_stage", False):
+    if inner.search_stage:
         raise SpecError(f"field `method.params.base_method`: {name!r} learns its merge in a search stage, "
                         "which a routed method does not run; merge with it first, or pick a closed-form method")
     return inner
@@ -106,8 +106,11 @@ def read_head(reader: Any) -> tuple[bytes | None, list[str] | None]:
     return head, labels
 
 
+RP = TypeVar("RP", bound=RoutedParams)
+
+
 @register
-class ESMPlusPlus(MergeMethod):
+class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
     """Static merge + per-layer prototype-routed residual experts (ESM++)."""
 
     name = "esm_pp"
@@ -119,15 +122,14 @@ class ESMPlusPlus(MergeMethod):
     router_kind = "prototype"
     post_decomposes = True  # the residual experts' truncated SVDs
 
-    class Params(RoutedParams):
-        pass
+    Params = RoutedParams
 
     def needs(self) -> Needs:
         return super().needs() | self.inner.needs()
 
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: RP, n_experts: int, seed: int = 0) -> None:
         super().__init__(params, n_experts, seed)
-        p: RoutedParams = params  # type: ignore[assignment]
+        p = params
         self.inner = _inner(p, n_experts, seed)
         self.needs_layer_scales = self.inner.needs_layer_scales
         self.accepts_purifier = self.inner.accepts_purifier
@@ -153,8 +155,8 @@ class ESMPlusPlus(MergeMethod):
         return self.inner.layer_scales(infos, norms)
 
     def memory_note(self, shapes: dict[str, tuple[int, ...]]) -> str | None:
-        note = getattr(self.inner, "memory_note", lambda _: None)(shapes)
-        mine = (f"routed experts: T x rank {self.params.rank} factors per routed linear "  # type: ignore[attr-defined]
+        note = self.inner.memory_note(shapes)
+        mine = (f"routed experts: T x rank {self.params.rank} factors per routed linear "
                 "held by the coordinator until the end")
         return f"{note}; {mine}" if note else mine
 
@@ -177,9 +179,9 @@ class ESMPlusPlus(MergeMethod):
         if ctx.stats is None:
             raise RuntimeError(f"{self.name}: no calibration statistics for layer {info.module!r} of {ctx.name!r}")
         st = ctx.stats
-        e = residual_expert(expert, merged, st.gram, st.n, self.params.rank)  # type: ignore[attr-defined]
+        e = residual_expert(expert, merged, st.gram, st.n, self.params.rank)
         kept = int((e.A.abs().sum(1) > 0).sum())
-        dt = _DTYPES[self.params.expert_dtype]  # type: ignore[attr-defined]
+        dt = _DTYPES[self.params.expert_dtype]
         return ExpertPart(e.B.to(dt).contiguous(), e.A.to(dt).contiguous(), st.mean().to(torch.float32), kept)
 
     def post_fuse(self, info: TensorInfo, merged: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> None:
@@ -203,8 +205,8 @@ class ESMPlusPlus(MergeMethod):
     def artifacts(self) -> dict[str, bytes]:
         if not self._experts:
             raise RuntimeError(f"{self.name}: no linear layer matched the routed-layer pattern "
-                               f"{self.params.layers or DEFAULT_ROUTED_LAYERS!r}")  # type: ignore[attr-defined]
-        p: RoutedParams = self.params  # type: ignore[assignment]
+                               f"{self.params.layers or DEFAULT_ROUTED_LAYERS!r}")
+        p = self.params
         means, bases, sim_meta, extra = self.sim_state()
         packed = pack_routed(self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype])
         files: dict[str, bytes] = {rel: st_save(tensors) for rel, tensors in packed.items()}
@@ -232,8 +234,7 @@ class ESMPlusPlus(MergeMethod):
         return files
 
     def report(self) -> dict[str, Any]:
-        inner = getattr(self.inner, "report", None)
         kept = [k for ks in self._kept.values() for k in ks]
-        return {"base_method": self.inner.name, "base_report": inner() if callable(inner) else None,
-                "routed_layers": len(self._experts), "rank": self.params.rank,  # type: ignore[attr-defined]
+        return {"base_method": self.inner.name, "base_report": self.inner.report(),
+                "routed_layers": len(self._experts), "rank": self.params.rank,
                 "mean_kept_rank": round(sum(kept) / len(kept), 3) if kept else 0, "routers": self.routers()}

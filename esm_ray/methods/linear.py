@@ -14,8 +14,12 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class LinearParams(MethodParams):
+    normalize: bool = Field(True, description="divide by the sum of the expert weights")
+
+
 @register
-class Linear(MergeMethod):
+class Linear(MergeMethod[LinearParams]):
     """W = Σ w_i W_i / Σ w_i over the experts (the base is not one of the averaged models).
 
     The expert side ships τ_i = W_i − W_0 and the coordinator returns
@@ -27,13 +31,10 @@ class Linear(MergeMethod):
     summary = "weighted average of the expert weights (model soup)"
     elementwise = True
 
-    class Params(MethodParams):
-        normalize: bool = Field(True, description="divide by the sum of the expert weights")
-
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
         weights = weights_of(ctxs)
-        normalize = bool(self.params.normalize)  # type: ignore[attr-defined]
+        normalize = self.params.normalize
         if normalize and sum(weights) == 0.0:
             raise SpecError("field `experts[*].weight`: the weights sum to 0, which `linear` with "
                             "normalize=true cannot divide by")

@@ -35,9 +35,8 @@ class PAVEParams(MethodParams):
 
 
 @register
-class PAVE(Purifier):
+class PAVE(Purifier[PAVEParams]):
     name = "pave"
-    Params = PAVEParams
     summary = "Purify task vectors: context-oriented SVD truncation of the fine-tuned weights"
     needs_stats = True
     decomposes = True
@@ -52,10 +51,10 @@ class PAVE(Purifier):
 
     @property
     def has_prepass(self) -> bool:
-        return self.params.rank_ratio is None  # type: ignore[attr-defined]
+        return self.params.rank_ratio is None
 
     def _prepared(self, info: TensorInfo, expert: Tensor, ctx: ExpertContext):
-        p: PAVEParams = self.params  # type: ignore[assignment]
+        p = self.params
         stats = ctx.stats
         if stats is None or stats.n == 0 or expert.ndim != 2:
             return None
@@ -81,7 +80,7 @@ class PAVE(Purifier):
 
     def plan(self, summaries: dict[str, list[Any]], infos: dict[str, TensorInfo]) -> list[Any]:
         """Per-expert ratio q_m = Σ_l r_{m,l} / Σ_l R_l from the per-layer allocation."""
-        p: PAVEParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.rank_ratio is not None:
             self._ratios = [p.rank_ratio] * self.n_experts
             return list(self._ratios)
@@ -99,7 +98,7 @@ class PAVE(Purifier):
         return list(self._ratios)
 
     def purify(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Tensor:
-        p: PAVEParams = self.params  # type: ignore[assignment]
+        p = self.params
         got = self._prepared(info, expert, ctx)
         if got is None:
             return expert
@@ -116,6 +115,6 @@ class PAVE(Purifier):
         return (out.T if t else out).contiguous().to(torch.float32)
 
     def report(self) -> dict[str, Any]:
-        p: PAVEParams = self.params  # type: ignore[assignment]
+        p = self.params
         return {"purifier": self.name, "rho": p.rho, "rank_ratio": p.rank_ratio, "damping": p.damping,
                 "damping_init": p.damping_init, "tol": p.tol, "ratios": self._ratios, "layers_planned": self._layers}

@@ -12,7 +12,7 @@ from esm_ray.methods.base import MergeMethod, MethodParams, Purifier
 METHODS: dict[str, type[MergeMethod]] = {}
 PURIFIERS: dict[str, type[Purifier]] = {}
 
-M = TypeVar("M", bound=type)
+M = TypeVar("M", type[MergeMethod[Any]], type[Purifier[Any]])
 
 
 def register(cls: M) -> M:
@@ -24,7 +24,7 @@ def register(cls: M) -> M:
     return cls
 
 
-def _params(cls: type, raw: dict[str, Any], where: str) -> MethodParams:
+def _params(cls: type[MergeMethod[Any]] | type[Purifier[Any]], raw: dict[str, Any], where: str) -> MethodParams:
     try:
         return cls.Params.model_validate(raw)
     except ValidationError as err:

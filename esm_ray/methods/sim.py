@@ -62,8 +62,20 @@ def support_features(side: Any, samples: int, batch_size: int = 16) -> Tensor:
     return torch.cat(feats).float()
 
 
+class SimParams(RoutedParams):
+    subspace_rank: int = Field(8, ge=1, description="rank k of each task's feature subspace")
+    support_samples: int = Field(32, ge=2, description="support samples per task for the subspaces")
+    center: bool = Field(True, description="centre each subspace on its task's mean feature")
+    normalize: bool = Field(True, description="L2-normalise features before fitting and scoring")
+    relative: bool = Field(False, description="score by the residual divided by the offset from the mean")
+    energy: float | None = Field(None, gt=0, le=1, description="optionally keep fewer directions per task: "
+                                                               "the smallest k holding this energy")
+    backbone: Literal["copy", "reference"] = Field(
+        "copy", description="store the pretrained backbone with the routed model, or only its URI")
+
+
 @register
-class SiM(ESMPlusPlus):
+class SiM(ESMPlusPlus[SimParams]):
     """ESM++ experts with the SiM router: one decision per sample from pretrained features."""
 
     name = "sim"
@@ -71,18 +83,7 @@ class SiM(ESMPlusPlus):
                "pretrained features")
     router_kind = "sim"
 
-    class Params(RoutedParams):
-        subspace_rank: int = Field(8, ge=1, description="rank k of each task's feature subspace")
-        support_samples: int = Field(32, ge=2, description="support samples per task for the subspaces")
-        center: bool = Field(True, description="centre each subspace on its task's mean feature")
-        normalize: bool = Field(True, description="L2-normalise features before fitting and scoring")
-        relative: bool = Field(False, description="score by the residual divided by the offset from the mean")
-        energy: float | None = Field(None, gt=0, le=1, description="optionally keep fewer directions per task: "
-                                                                   "the smallest k holding this energy")
-        backbone: Literal["copy", "reference"] = Field(
-            "copy", description="store the pretrained backbone with the routed model, or only its URI")
-
-    def __init__(self, params, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: SimParams, n_experts: int, seed: int = 0) -> None:
         super().__init__(params, n_experts, seed)
         self._means: Tensor | None = None
         self._bases: Tensor | None = None
@@ -90,29 +91,32 @@ class SiM(ESMPlusPlus):
 
     def support_part(self, side: Any, ctx: ExpertContext) -> SupportPart:
         head, labels = read_head(side.model)
-        feats = support_features(side, self.params.support_samples)  # type: ignore[attr-defined]
+        feats = support_features(side, self.params.support_samples)
         return SupportPart(head=head, labels=labels, features=feats, base_uri=side.spec.base, s3=side.spec.s3)
 
     def support_fuse(self, parts: list[Any], ctxs: list[ExpertContext]) -> None:
         super().support_fuse(parts, ctxs)
         p = self.params
-        spaces = [fit_subspace(s.features, p.subspace_rank, p.center, p.normalize, p.energy)  # type: ignore[attr-defined]
-                  for s in self._support]
+        feats = [s.features for s in self._support]
+        missing = [t for t, f in zip(self._tasks, feats) if f is None]
+        if missing:
+            raise RuntimeError(f"sim: no support features from expert {missing[0]!r}")
+        spaces = [fit_subspace(f, p.subspace_rank, p.center, p.normalize, p.energy) for f in feats if f is not None]
         self._means, self._bases = stack_subspaces(spaces)
-        self._fitted_samples = min(int(s.features.shape[0]) for s in self._support)
+        self._fitted_samples = min(int(f.shape[0]) for f in feats if f is not None)
 
     def routers(self) -> list[str]:
         return ["sim", "prototype"]
 
     def sim_state(self) -> tuple[Tensor | None, Tensor | None, dict[str, Any] | None, dict[str, bytes]]:
         p = self.params
-        meta: dict[str, Any] = {"rank": p.subspace_rank, "samples": self._fitted_samples,  # type: ignore[attr-defined]
-                                "center": p.center, "normalize": p.normalize, "relative": p.relative,  # type: ignore[attr-defined]
-                                "energy": p.energy,  # type: ignore[attr-defined]
+        meta: dict[str, Any] = {"rank": p.subspace_rank, "samples": self._fitted_samples,
+                                "center": p.center, "normalize": p.normalize, "relative": p.relative,
+                                "energy": p.energy,
                                 "feature": "mean of the pretrained backbone's last hidden state over tokens"}
         extra: dict[str, bytes] = {}
         base_uri, s3 = self._support[0].base_uri, self._support[0].s3
-        if p.backbone == "reference":  # type: ignore[attr-defined]
+        if p.backbone == "reference":
             meta["backbone"] = {"uri": base_uri}
         else:
             from esm_ray.io.reader import open_model

@@ -12,20 +12,21 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class TaskArithmeticParams(MethodParams):
+    normalize: bool = normalize_field(False)
+    lambda_: float = lambda_field()
+
+
 @register
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(MergeMethod[TaskArithmeticParams]):
     """Sum of weighted task vectors, optionally divided by Σ w_i, scaled by λ. All tensors alike."""
 
     name = "task_arithmetic"
     summary = "weighted sum of task vectors, scaled by lambda"
     elementwise = True
 
-    class Params(MethodParams):
-        normalize: bool = normalize_field(False)
-        lambda_: float = lambda_field()
-
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
         p = self.params
         return task_arithmetic(tvs, weights_of(ctxs), lam=p.lambda_,
-                               normalize=p.normalize).float()  # type: ignore[attr-defined]
+                               normalize=p.normalize).float()

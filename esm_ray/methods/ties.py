@@ -23,8 +23,16 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class TiesParams(MethodParams):
+    density: float = density_field(1.0)
+    normalize: bool = normalize_field(True)
+    rescale: bool = Field(False, description="rescale each trimmed task vector to its original L1 norm")
+    consensus: Consensus = consensus_field()
+    lambda_: float = lambda_field()
+
+
 @register
-class Ties(MergeMethod):
+class Ties(MergeMethod[TiesParams]):
     """Expert side: keep the top-density fraction of τ_i by magnitude (a sparse part when that
     is smaller). Coordinator: elect the sign of Σ w_i τ_i per entry, average the agreeing
     entries by their weights, scale by λ. Every tensor is treated the same, whatever its shape.
@@ -33,18 +41,11 @@ class Ties(MergeMethod):
     name = "ties"
     summary = "TIES-Merging: magnitude trim, sign election, disjoint mean"
 
-    class Params(MethodParams):
-        density: float = density_field(1.0)
-        normalize: bool = normalize_field(True)
-        rescale: bool = Field(False, description="rescale each trimmed task vector to its original L1 norm")
-        consensus: Consensus = consensus_field()
-        lambda_: float = lambda_field()
-
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         tv = expert.float() - base.float()
         density = expert_density(ctx, self.params)
         trimmed = magnitude_trim(tv, density)
-        if self.params.rescale and trimmed is not tv:  # type: ignore[attr-defined]
+        if self.params.rescale and trimmed is not tv:
             trimmed = rescale_l1(tv, trimmed)
         return compact(trimmed, max_nonzero=kept_count(tv.numel(), density))
 
@@ -52,7 +53,7 @@ class Ties(MergeMethod):
     # block is trimmed by it; the sign election and the disjoint mean are elementwise.
     # L1 rescaling sums over the whole tensor, in an order that blocks would change.
     def blockwise(self, info: TensorInfo) -> bool:
-        return not self.params.rescale  # type: ignore[attr-defined]
+        return not self.params.rescale
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
                     ctx: ExpertContext) -> TrimThreshold | None:
@@ -70,4 +71,4 @@ class Ties(MergeMethod):
         tvs, ctxs = dense_in_order(parts, ctxs)
         p = self.params
         return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,
-                                    method=p.consensus).float()  # type: ignore[attr-defined]
+                                    method=p.consensus).float()

@@ -24,8 +24,14 @@ class LowRankPart:
     vh: Tensor  # (k, d_in)
 
 
+class TsvmParams(MethodParams):
+    k: int | None = Field(None, ge=1, description="per-task rank for 2-D tensors; "
+                                                  "default floor(min(d_out, d_in) / T), at least 1")
+    lambda_: float = lambda_field()
+
+
 @register
-class Tsvm(MergeMethod):
+class Tsvm(MergeMethod[TsvmParams]):
     """2-D tensors: per expert, the top-k SVD triplets of τ_i (k = floor(min(d_out, d_in) / T)
     unless given); the coordinator scales each S_i by w_i, concatenates, replaces both bases by
     their polar factors and returns λ · polar(U_cat) diag(S_cat) polar(V_cat)^T. Every other
@@ -37,13 +43,8 @@ class Tsvm(MergeMethod):
     summary = "TSV-M: per-task top singular vectors, decorrelated by polar factors"
     decomposes = True
 
-    class Params(MethodParams):
-        k: int | None = Field(None, ge=1, description="per-task rank for 2-D tensors; "
-                                                      "default floor(min(d_out, d_in) / T), at least 1")
-        lambda_: float = lambda_field()
-
     def rank(self, shape: tuple[int, int]) -> int:
-        k = self.params.k  # type: ignore[attr-defined]
+        k = self.params.k
         return min(k, min(shape)) if k is not None else tsv_rank(shape, self.n_experts)
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
@@ -52,14 +53,14 @@ class Tsvm(MergeMethod):
             return tv
         # SVD in float64 for accuracy (and less sensitivity to the BLAS); factors ship as float32.
         # τ comes from float32 weights, so directions below float32 resolution are noise: drop them.
-        u, s, vh = drop_null_triplets(*tsv_truncate(tv.double(), self.rank(tuple(tv.shape))),
+        u, s, vh = drop_null_triplets(*tsv_truncate(tv.double(), self.rank((tv.shape[0], tv.shape[1]))),
                                       rtol=max(tv.shape) * torch.finfo(torch.float32).eps)
         return LowRankPart(u.float().contiguous(), s.float(), vh.float().contiguous())
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         parts, ctxs = in_expert_order(parts, ctxs)
         weights = weights_of(ctxs)
-        lam = float(self.params.lambda_)  # type: ignore[attr-defined]
+        lam = float(self.params.lambda_)
         low_rank = [isinstance(p, LowRankPart) for p in parts]
         if any(low_rank) and not all(low_rank):
             raise ValueError(f"{info.name}: mixed low-rank and dense parts")

@@ -338,12 +338,12 @@ class MergeJob:
         }
         if self._store is not None:
             rep["resume"] = {"groups": self._store.total, "restored": self._store.restored}
-        extra = getattr(method, "report", None)
-        if callable(extra):
-            rep["method_report"] = extra()
-        purify_extra = getattr(plan.purifier, "report", None) if plan.purifier is not None else None
-        if callable(purify_extra):
-            rep["purify_report"] = purify_extra()
+        extra = method.report()
+        if extra is not None:
+            rep["method_report"] = extra
+        purify_extra = plan.purifier.report() if plan.purifier is not None else None
+        if purify_extra is not None:
+            rep["purify_report"] = purify_extra
         return rep
 
     def _write_aux(self, writer: ShardedWriter, base, report: dict[str, Any]) -> None:

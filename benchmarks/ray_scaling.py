@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from esm_ray.io.reader import open_model
     from esm_ray.methods import TensorInfo
-    from esm_ray.runtime.job import _groups, _module
+    from esm_ray.runtime.layout import layer_groups as _groups
+    from esm_ray.runtime.layout import linear_module as _module
     from esm_ray.runtime.plan import build_plan
     from esm_ray.runtime.ray_executor import RayPool, ray_session, worker_options
     from esm_ray.spec import spec_from_dict

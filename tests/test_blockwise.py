@@ -71,9 +71,9 @@ def test_blocks_give_the_bytes_of_whole_tensors(method, params, dtype, tmp_path,
     fam = _odd_family(tmp_path / "fam", dtype)
     whole = _run(fam, tmp_path / "whole", method, params, block_bytes=1 << 30)
     seen = []
-    real = MergeJob._emit_blocks
-    monkeypatch.setattr(MergeJob, "_emit_blocks", lambda self, w, b, info, *a: (seen.append(info.name),
-                                                                                  real(self, w, b, info, *a)))
+    real = MergeJob._merged_blocks
+    monkeypatch.setattr(MergeJob, "_merged_blocks", lambda self, o, *a: (seen.append(o.info.name),
+                                                                         real(self, o, *a))[1])
     blocks = _run(fam, tmp_path / "blocks", method, params, block_bytes=200)  # a few rows per block
     # every tensor over 200 bytes in float32 with more than one row went through the blocks
     assert sorted(seen) == ["cube.weight", "embed.weight", "odd.weight", "vec.bias"]

@@ -26,7 +26,8 @@ import_methods()
 from esm_ray.errors import InputError  # noqa: E402
 from esm_ray.methods import METHODS, PURIFIERS, TensorInfo  # noqa: E402
 from esm_ray.runtime import run_merge  # noqa: E402
-from esm_ray.runtime.job import MergeJob, _module  # noqa: E402
+from esm_ray.runtime.job import MergeJob  # noqa: E402
+from esm_ray.runtime.layout import linear_module as _module  # noqa: E402
 from esm_ray.runtime.plan import build_plan  # noqa: E402
 from esm_ray.runtime.pool import LocalPool  # noqa: E402
 from esm_ray.runtime.ray_executor import (  # noqa: E402

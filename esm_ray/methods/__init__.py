@@ -1,6 +1,6 @@
 """Merge methods. Each module defines one method and registers it; import it here."""
 
-from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Needs, Purifier, TensorInfo
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Needs, Parts, Purifier, TensorInfo
 from esm_ray.methods.registry import METHODS, PURIFIERS, build_method, build_purifier, method_class, register
 
 # Registry entries: one import per method module.
@@ -16,6 +16,7 @@ __all__ = [
     "MergeMethod",
     "MethodParams",
     "Needs",
+    "Parts",
     "Purifier",
     "TensorInfo",
     "build_method",

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.methods.base import ExpertContext
+from esm_ray.methods.base import ExpertContext, Parts
 
 
 def density_field(default: float = 1.0) -> Any:
@@ -83,16 +83,14 @@ def in_expert_order(parts: list[Any], ctxs: list[ExpertContext]) -> tuple[list[A
 def dense_in_order(parts: Sequence[Any], ctxs: list[ExpertContext]) -> tuple[Iterator[Tensor], list[ExpertContext]]:
     """The parts as dense float32 tensors, one at a time in expert order, and the sorted contexts.
 
-    For methods that fuse in one pass. When `parts` is the local executor's lazy sequence (it
-    has a `stream` method), each part is computed as it is reached and dropped after use, so
-    the coordinator never holds T parts at once.
+    For methods that fuse in one pass: the parts are streamed (`Parts.stream`), so with the
+    local executor each part is computed as it is reached and dropped after use, and the
+    coordinator never holds T parts at once.
     """
     if len(parts) != len(ctxs):
         raise ValueError(f"got {len(parts)} parts for {len(ctxs)} experts")
     order = sorted(range(len(ctxs)), key=lambda i: ctxs[i].index)
-    stream = getattr(parts, "stream", None)
-    raw = stream(order) if callable(stream) else (parts[i] for i in order)
-    return (dense(p).float() for p in raw), [ctxs[i] for i in order]
+    return (dense(p).float() for p in Parts.of(parts).stream(order)), [ctxs[i] for i in order]
 
 
 class HasDensity(Protocol):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Callable, ClassVar, Generic, Iterator, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict
@@ -106,6 +107,33 @@ class ExpertContext:
     density: float | None = None
     stats: LayerStats | None = None
     plan: Any = None
+
+
+class Parts(Sequence):
+    """The experts' parts of one tensor, as `fuse` receives them: part i is expert i's.
+
+    Indexing keeps what it returns (a method may read a part several times). `stream(order)`
+    yields the parts in that order without keeping them, for methods that fuse in one pass: an
+    executor that makes parts on demand (the local one) then holds only a few at a time.
+    """
+
+    def __init__(self, items: Sequence[Any] = ()) -> None:
+        self._items = list(items)
+
+    @staticmethod
+    def of(parts: Sequence[Any]) -> "Parts":
+        """`parts` itself when it is a Parts, else a Parts over the given list."""
+        return parts if isinstance(parts, Parts) else Parts(parts)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._items[i]
+
+    def stream(self, order: list[int]) -> Iterator[Any]:
+        for i in order:
+            yield self[i]
 
 
 @dataclass(frozen=True)

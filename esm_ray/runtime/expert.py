@@ -31,10 +31,9 @@ def math_threads(spec: MergeSpec) -> int:
     """Intra-op threads for the per-layer math, the same in every executor and process.
 
     Reductions, SVD and eigh give different bits with different thread counts, so the local
-    and Ray executors must agree: `runtime.torch_threads` when set, else the CPUs per worker.
+    and Ray executors must agree: the CPUs per worker (`runtime.num_cpus_per_worker`).
     """
-    n = getattr(spec.runtime, "torch_threads", None)
-    return max(1, int(n if n else spec.runtime.num_cpus_per_worker))
+    return max(1, int(spec.runtime.num_cpus_per_worker))
 
 
 @contextmanager

@@ -1,8 +1,14 @@
-"""The coordinator's layer loop, shared by every executor.
+"""One merge job as a pipeline of named stages, shared by every executor.
 
-Stages: calibration (per expert) -> purifier pre-pass (per expert) and plan (here) ->
-merge: per group of tensors, the experts' parts are fused here and streamed to the writer ->
-optional global rescaling pass over spilled updates -> commit (index written last).
+    calibrate -> purify_plan -> support -> search -> fuse -> layer_scales -> commit
+
+`calibrate` runs on the expert sides (their statistics, cached); `purify_plan` plans the
+purifier from the sides' pre-pass summaries; `support` gathers what a routed method needs
+before merging; `search` learns a mask or coefficients (Concrete, AdaMerging); `fuse` merges
+group after group of tensors (runtime/layout.py decides each tensor's strategy once) into a
+sink: the writer with the post stage and resume as tees (runtime/sinks.py), or a spill
+directory when `layer_scales` must see every update before anything is written; `commit`
+writes the method's files, the auxiliary files and the report, and commits the output.
 """
 
 from __future__ import annotations
@@ -13,22 +19,25 @@ import platform
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import esm_ray
-from esm_ray.io.reader import check_finite, open_model
+from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
 from esm_ray.runtime.expert import math_threads, read_to_float32, reuse_freed_memory, scratch, torch_threads
+from esm_ray.runtime.layout import Group, OutTensor, layer_groups, plan_groups, tensor_infos, write_order
 from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan
-from esm_ray.runtime.pool import ExpertPool
+from esm_ray.runtime.pool import ExpertPool, GroupParts
 from esm_ray.runtime.resume import ResumeStore
+from esm_ray.runtime.sinks import OutputSink, PostStage, SpillSink
 
 log = logging.getLogger("esm_ray.job")
 
@@ -40,21 +49,6 @@ class MergeResult:
     output: str
     report: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _groups(infos: list[TensorInfo], max_bytes: int) -> Iterator[list[TensorInfo]]:
-    """Consecutive tensors of the same block, up to max_bytes (float32) per group."""
-    group: list[TensorInfo] = []
-    size = 0
-    for info in infos:
-        nbytes = info.numel * 4
-        if group and (info.layer_index != group[-1].layer_index or size + nbytes > max_bytes):
-            yield group
-            group, size = [], 0
-        group.append(info)
-        size += nbytes
-    if group:
-        yield group
 
 
 def _versions() -> dict[str, str]:
@@ -76,244 +70,232 @@ class MergeJob:
     def __init__(self, plan: MergePlan, pool: ExpertPool, progress: bool = True, group_bytes: int = 64 << 20,
                  executor: str = "local", resume: bool = False, block_bytes: int = BLOCK_BYTES) -> None:
         self.plan = plan
+        self.pool = pool
         # In one process, methods that allow it (MergeMethod.blockwise) merge tensors larger
         # than this (in float32) in row blocks of about this size: peak memory then does not
         # depend on the largest tensor.
         self.block_bytes = block_bytes
         self.resume = resume  # stage finished groups so a killed job can be resumed (runtime/resume.py)
-        self._store: ResumeStore | None = None
-        self.on_progress: Callable[[int, int], None] | None = None  # (tensors done now, total)
-        self.pool = pool
         self.progress = progress
         self.group_bytes = group_bytes
         self.executor = executor
+        self.on_progress: Callable[[int, int], None] | None = None  # (tensors done now, total)
         self.timings: dict[str, float] = {}
         self.devices: dict[str, str] = {}  # expert -> where its side computes (runtime.device)
-        self._post: list[tuple[TensorInfo, torch.Tensor]] = []
-        self._ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(plan.spec.experts)]
-
-    def _emit(self, writer: ShardedWriter, info: TensorInfo, merged: torch.Tensor) -> torch.Tensor:
-        """Write one final merged tensor; queue it for the method's post stage if it has one."""
-        out = _finish(merged, info.name, self.plan.out_dtype)
-        self._emit_out(writer, info, out)
-        return out
-
-    def _emit_out(self, writer: ShardedWriter, info: TensorInfo, out: torch.Tensor) -> None:
-        writer.add(info.name, out)
-        m = self.plan.method
-        if m.post_stage and m.post_applies(info):
-            # the post stage sees exactly the tensor that was written
-            self._post.append((info, out.to(torch.float32)))
-
-    def _flush_post(self) -> None:
-        if not self._post:
-            return
-        infos = [i for i, _ in self._post]
-        merged = [t for _, t in self._post]
-        parts = self.pool.call("post_prepare", infos, merged)
-        for j, (info, m) in enumerate(self._post):
-            self.plan.method.post_fuse(info, m, [parts[e][j] for e in range(self.plan.n_experts)], self._ctxs)
-        self._post = []
-
-    def _stage(self, name: str, t0: float) -> None:
-        self.timings[name] = round(time.perf_counter() - t0, 4)
-        log.info("stage %s done in %.2fs", name, self.timings[name])
-
-    def _advance(self, bar, n: int, total: int) -> None:
-        bar.update(n)
-        if self.on_progress is not None:
-            self.on_progress(n, total)
-
-    def _restore(self, writer: ShardedWriter, base, gi: int, group: list[TensorInfo], is_float: set[str],
-                 norms: dict[str, float], spilled: bool) -> None:
-        """Take a finished group from the resume store instead of computing it again."""
-        assert self._store is not None
-        tensors, group_norms = self._store.load(gi)
-        norms.update(group_norms)
-        if not spilled:  # staged: the exact tensors the writer got
-            for info in group:
-                if info.name in is_float:
-                    self._emit_out(writer, info, tensors[info.name])
-                else:
-                    writer.add(info.name, base.get(info.name))
-        self._flush_post()
-
-    def _emit_blocks(self, writer: ShardedWriter, base, info: TensorInfo, blocks: list[tuple[int, int]],
-                     local_parts, ctxs) -> None:
-        """Merge one tensor a row block at a time (a blockwise method), straight into the writer:
-        the same bytes as the whole-tensor path, with memory bounded by the block."""
-        spec, method = self.plan.spec, self.plan.method
-        states = self.pool.block_states(info, blocks)  # e.g. TIES: each expert's trim threshold
-
-        def merged_blocks() -> Iterator[torch.Tensor]:
-            for r0, r1 in blocks:
-                sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
-                b = read_to_float32(base, info.name, spec.base, slot="base", rows=(r0, r1))
-                delta = method.fuse(sub, b, local_parts(sub, b, rows=(r0, r1), states=states), ctxs)
-                if tuple(delta.shape) != sub.shape:
-                    raise RuntimeError(f"method {method.name!r} returned shape {tuple(delta.shape)} for rows "
-                                       f"{r0}:{r1} of tensor {info.name!r} (expected {sub.shape})")
-                merged = torch.add(b, delta, out=scratch("merged", sub.shape))
-                yield _finish(merged, info.name, self.plan.out_dtype)
-                b = delta = merged = None
-
-        writer.add_blocks(info.name, self.plan.out_dtype, info.shape, merged_blocks())
+        self.ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(plan.spec.experts)]
+        self._store: ResumeStore | None = None
+        self._base: Any = None
+        self._report_data: dict[str, Any] = {}
 
     def run(self) -> MergeResult:
         with torch_threads(math_threads(self.plan.spec)), reuse_freed_memory():  # same bits in every executor
             return self._run()
 
+    # -- the pipeline ----------------------------------------------------------------------
     def _run(self) -> MergeResult:
-        plan, spec, method = self.plan, self.plan.spec, self.plan.method
+        plan, spec = self.plan, self.plan.spec
         t_all = time.perf_counter()
-        base = open_model(spec.base, spec.s3)
-
-        # Resolving runtime.device on every side first fails early where it cannot be used.
-        self.devices = dict(zip((e.name for e in spec.experts), self.pool.call("device_name")))
-        modules: set[str] = set()
-        if plan.needs_stats:
-            t0 = time.perf_counter()
-            log.info("calibration: %d experts", plan.n_experts)
-            per_expert = self.pool.call("calibrate")
-            modules = set(per_expert[0])
-            self._stage("calibration", t0)
-
-        infos = [TensorInfo.of(n, plan.shapes[n], _module(n, modules)) for n in plan.names]
-        floating = [i for i in infos if plan.dtypes[i.name].is_floating_point]
-        is_float = {i.name for i in floating}
-        by_name = {i.name: i for i in infos}
-
-        if plan.purifier is not None and plan.purifier.has_prepass:
-            t0 = time.perf_counter()
-            targets = [i for i in floating if plan.purifier.applies(i)]
-            summaries = self.pool.call("prepass", targets)
-            table = {info.name: [summaries[e][j] for e in range(plan.n_experts)] for j, info in enumerate(targets)}
-            plans = plan.purifier.plan(table, by_name)
-            self.pool.call_each("set_plan", [(p,) for p in plans])
-            self._stage("purify_plan", t0)
-
-        if method.needs_support_features:
-            t0 = time.perf_counter()
-            method.support_fuse(self.pool.call("support_features"), self._ctxs)
-            self._stage("support", t0)
-
-        if method.search_stage:  # Concrete / AdaMerging: learn the mask and coefficients first
-            from esm_ray.runtime.search import run_search
-
-            t0 = time.perf_counter()
-            run_search(method, self.pool, plan, floating, progress=self.progress)
-            self._stage("search", t0)
-
-        ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(spec.experts)]
-        groups = list(_groups(infos, self.group_bytes))
-        store = self._store = ResumeStore.open(plan, self.group_bytes, math_threads(spec)) if self.resume else None
-        staged = (store.scan([[i.name for i in g if i.name in is_float] for g in groups]) if store is not None
-                  else [False] * len(groups))
-        spill_dir = ((store.root if store is not None else Path(tempfile.mkdtemp(prefix="esm-ray-spill-")))
-                     if method.needs_layer_scales else None)
-        norms: dict[str, float] = {}
-        local_parts = getattr(self.pool, "parts", None)  # LocalPool: parts on demand, see pool.LazyParts
-        blockwise = local_parts is not None and store is None  # in one process, not staging groups
-        t0 = time.perf_counter()
+        self._base = open_model(spec.base, spec.s3)
         try:
-            layout = _write_order(groups, is_float, spill_dir is not None, plan)
+            # Resolving runtime.device on every side first fails early where it cannot be used.
+            self.devices = dict(zip((e.name for e in spec.experts), self.pool.call("device_name")))
+            infos = tensor_infos(plan, self.calibrate())
+            floating = [i for i in infos if plan.dtypes[i.name].is_floating_point]
+            self.purify_plan(floating)
+            self.support()
+            self.search(floating)
+            groups = self.plan_tensors(infos)
+            spilled = plan.method.needs_layer_scales
+            layout = [o.entry for o in write_order(groups, spilled)]
             with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3,
                                plan=layout) as writer:
-                bar = tqdm(total=len(infos), desc=f"merge {method.name}", unit="tensor", disable=not self.progress)
-                fused: dict[str, torch.Tensor] = {}
-                for gi, group in enumerate(groups):
-                    if staged[gi]:
-                        self._restore(writer, base, gi, group, is_float, norms, spill_dir is not None)
-                        self._advance(bar, len(group), len(infos))
-                        continue
-                    work = [i for i in group if i.name in is_float]
-                    if local_parts is None:
-                        parts = self.pool.call("prepare", work) if work else [[] for _ in range(plan.n_experts)]
-                    tg = time.perf_counter()
-                    done: dict[str, torch.Tensor] = {}
-                    for j, info in enumerate(work):
-                        blocks = plan.in_blocks(info, self.block_bytes) if blockwise else None
-                        if blocks is not None:
-                            self._emit_blocks(writer, base, info, blocks, local_parts, ctxs)
-                            continue
-                        if local_parts is None:
-                            b = base.get(info.name).to(torch.float32)
-                            delta = method.fuse(info, b, [parts[e][j] for e in range(plan.n_experts)], ctxs)
-                        else:  # in-process sides: one base read for all, parts made as fuse reads them
-                            b = read_to_float32(base, info.name, spec.base, slot="base")
-                            delta = method.fuse(info, b, local_parts(info, b), ctxs)
-                        if tuple(delta.shape) != info.shape:
-                            raise RuntimeError(f"method {method.name!r} returned shape {tuple(delta.shape)} "
-                                               f"for tensor {info.name!r} of shape {info.shape}")
-                        if spill_dir is not None:
-                            norms[info.name] = float(torch.linalg.vector_norm(delta))
-                            fused[info.name] = delta.contiguous()
-                        elif b.dtype == delta.dtype == torch.float32:  # b + delta into a reused buffer
-                            merged = torch.add(b, delta, out=scratch("merged", info.shape))
-                            done[info.name] = self._emit(writer, info, merged)
-                        else:
-                            done[info.name] = self._emit(writer, info, b + delta)
-                        b = delta = merged = None  # let the next tensor reuse their buffers (expert.scratch)
-                    if spill_dir is not None and fused:
-                        if store is not None:
-                            store.save(gi, fused, {k: norms[k] for k in fused})
-                        else:
-                            save_file(fused, str(spill_dir / f"group-{gi:05d}.safetensors"))
-                        fused = {}
-                    elif store is not None and done:
-                        store.save(gi, done)
-                    self._flush_post()
-                    if spill_dir is None:
-                        for info in group:
-                            if info.name not in is_float:
-                                writer.add(info.name, base.get(info.name))
-                    log.debug("group %s (%d tensors) fused in %.3fs", group[0].name, len(group),
-                              time.perf_counter() - tg)
-                    self._advance(bar, len(group), len(infos))
-                bar.close()
-                if spill_dir is not None:
-                    self._stage("fuse", t0)
-                    t0 = time.perf_counter()
-                    scales = method.layer_scales(by_name, norms)
-                    spilled: dict[str, Path] = {}
-                    for f in sorted(spill_dir.glob("group-*.safetensors")):
-                        from safetensors import safe_open
-                        with safe_open(str(f), "pt") as h:
-                            for k in h.keys():
-                                spilled[k] = f
-                    cache: dict[str, torch.Tensor] = {}
-                    current: Path | None = None
-                    for info in infos:
-                        if info.name not in spilled:
-                            writer.add(info.name, base.get(info.name))
-                            continue
-                        if spilled[info.name] != current:
-                            current = spilled[info.name]
-                            cache = load_file(str(current))
-                        delta = cache.pop(info.name) * scales.get(info.name, 1.0)
-                        b = base.get(info.name).to(torch.float32)
-                        self._emit(writer, info, b + delta)
-                        if len(self._post) >= 8:
-                            self._flush_post()
-                    self._flush_post()
-                    self._stage("layer_scaling", t0)
+                out = OutputSink(writer, PostStage(plan.method, self.pool, self.ctxs), self._store)
+                if spilled:
+                    with self._spill_dir() as root:
+                        spill = SpillSink(root, self._store)
+                        self.fuse(groups, spill)
+                        self.layer_scales(groups, spill, out)
                 else:
-                    self._stage("fuse", t0)
-                for rel, data in method.artifacts().items():
-                    writer.write_file(rel, data)
-                report = self._report(method, time.perf_counter() - t_all)
-                self._write_aux(writer, base, report)
-                writer.commit()
-            if store is not None:
-                store.remove()  # the output is committed; staged groups are no longer needed
+                    self.fuse(groups, out)
+                self.commit(writer, time.perf_counter() - t_all)
+            if self._store is not None:
+                self._store.remove()  # the output is committed; staged groups are no longer needed
         finally:
-            if spill_dir is not None and store is None:
-                shutil.rmtree(spill_dir, ignore_errors=True)
-            base.close()
+            self._base.close()
         self.timings["total"] = round(time.perf_counter() - t_all, 4)
-        log.info("merged %d tensors with %s into %s in %.2fs", len(infos), method.name, spec.output,
+        log.info("merged %d tensors with %s into %s in %.2fs", len(infos), plan.method.name, spec.output,
                  self.timings["total"])
-        return MergeResult(spec.output, report, dict(self.timings))
+        return MergeResult(spec.output, self._report_data, dict(self.timings))
+
+    # -- stages ----------------------------------------------------------------------------
+    def calibrate(self) -> set[str]:
+        """Every expert side computes (or loads) its statistics; returns the hooked modules."""
+        if not self.plan.needs_stats:
+            return set()
+        with self._stage("calibration"):
+            log.info("calibration: %d experts", self.plan.n_experts)
+            return set(self.pool.call("calibrate")[0])
+
+    def purify_plan(self, floating: list[TensorInfo]) -> None:
+        """The purifier's per-expert plans from the sides' pre-pass summaries (PAVE's ranks)."""
+        purifier = self.plan.purifier
+        if purifier is None or not purifier.has_prepass:
+            return
+        with self._stage("purify_plan"):
+            targets = [i for i in floating if purifier.applies(i)]
+            summaries = self.pool.call("prepass", targets)
+            table = {info.name: [summaries[e][j] for e in range(self.plan.n_experts)]
+                     for j, info in enumerate(targets)}
+            plans = purifier.plan(table, {i.name: i for i in floating})
+            self.pool.call_each("set_plan", [(p,) for p in plans])
+
+    def support(self) -> None:
+        """What a routed method needs from each expert before merging (heads, SiM features)."""
+        if self.plan.method.needs_support_features:
+            with self._stage("support"):
+                self.plan.method.support_fuse(self.pool.call("support_features"), self.ctxs)
+
+    def search(self, floating: list[TensorInfo]) -> None:
+        """Concrete / AdaMerging: learn the mask and coefficients before merging."""
+        if self.plan.method.search_stage:
+            from esm_ray.runtime.search import run_search
+
+            with self._stage("search"):
+                run_search(self.plan.method, self.pool, self.plan, floating, progress=self.progress)
+
+    def plan_tensors(self, infos: list[TensorInfo]) -> list[Group]:
+        """Groups of tensors with each tensor's strategy; with resume, which groups are done."""
+        plan = self.plan
+        groups = list(layer_groups(infos, self.group_bytes))
+        restored = [False] * len(groups)
+        if self.resume:
+            self._store = ResumeStore.open(plan, self.group_bytes, math_threads(plan.spec))
+            restored = self._store.scan([[i.name for i in g if plan.dtypes[i.name].is_floating_point]
+                                         for g in groups])
+        return plan_groups(plan, groups, restored, blockwise=self.pool.blockwise and not self.resume,
+                           block_bytes=self.block_bytes)
+
+    def fuse(self, groups: list[Group], sink: OutputSink | SpillSink) -> None:
+        """Merge group after group into `sink`: parts from the pool, fused here."""
+        total = sum(len(g.tensors) for g in groups)
+        bar = tqdm(total=total, desc=f"merge {self.plan.method.name}", unit="tensor", disable=not self.progress)
+        with self._stage("fuse"):
+            for g in groups:
+                t0 = time.perf_counter()
+                if g.restored:
+                    self._restore(g, sink)
+                else:
+                    parts = self.pool.group_parts([o.info for o in g.merged])
+                    for j, o in enumerate(g.merged):
+                        self._fuse_tensor(o, j, parts, sink)
+                    if isinstance(sink, OutputSink):
+                        for o in g.tensors:
+                            if o.how == "copy":
+                                sink.copy(o, self._base.get(o.info.name))
+                sink.end_group(g.index)
+                log.debug("group %s (%d tensors) fused in %.3fs", g.tensors[0].info.name, len(g.tensors),
+                          time.perf_counter() - t0)
+                self._advance(bar, len(g.tensors), total)
+        bar.close()
+
+    def layer_scales(self, groups: list[Group], spill: SpillSink, out: OutputSink) -> None:
+        """The method's global per-tensor factors from every update's norm; then every tensor is
+        written, in the model's order, as base + factor · ΔW."""
+        with self._stage("layer_scaling"):
+            by_name = {o.info.name: o.info for g in groups for o in g.tensors}
+            scales = self.plan.method.layer_scales(by_name, spill.norms)
+            where = spill.spilled()
+            cache: dict[str, torch.Tensor] = {}
+            current: Path | None = None
+            for o in write_order(groups, spilled=True):
+                if o.info.name not in where:
+                    out.copy(o, self._base.get(o.info.name))
+                    continue
+                if where[o.info.name] != current:
+                    current = where[o.info.name]
+                    cache = load_file(str(current))
+                delta = cache.pop(o.info.name) * scales.get(o.info.name, 1.0)
+                out.add(o, self._base.get(o.info.name).to(torch.float32) + delta)
+                if len(out.post) >= 8:
+                    out.post.flush()
+            out.post.flush()
+
+    def commit(self, writer: ShardedWriter, elapsed: float) -> None:
+        """The method's files, the base's auxiliary files and the report; then the commit."""
+        for rel, data in self.plan.method.artifacts().items():
+            writer.write_file(rel, data)
+        self._report_data = self._report(self.plan.method, elapsed)
+        self._write_aux(writer, self._base, self._report_data)
+        writer.commit()
+
+    # -- one tensor ------------------------------------------------------------------------
+    def _fuse_tensor(self, o: OutTensor, j: int, parts: GroupParts, sink: OutputSink | SpillSink) -> None:
+        spec, method, info = self.plan.spec, self.plan.method, o.info
+        if o.how == "blocks":
+            assert isinstance(sink, OutputSink)
+            sink.add_blocks(o, self._merged_blocks(o, parts))
+            return
+        b = read_to_float32(self._base, info.name, spec.base, slot="base")
+        delta = method.fuse(info, b, parts.of(j, info, b), self.ctxs)
+        _check_shape(method.name, info, delta)
+        if isinstance(sink, SpillSink):
+            sink.add_delta(o, delta)
+        elif b.dtype == delta.dtype == torch.float32:  # b + delta into a reused buffer
+            sink.add(o, torch.add(b, delta, out=scratch("merged", info.shape)))
+        else:
+            sink.add(o, b + delta)
+        b = delta = None  # let the next tensor reuse their buffers (expert.scratch)
+
+    def _merged_blocks(self, o: OutTensor, parts: GroupParts) -> Iterator[torch.Tensor]:
+        """Merge one tensor a row block at a time (a blockwise method): the same bytes as the
+        whole-tensor path, with memory bounded by the block."""
+        spec, method, info = self.plan.spec, self.plan.method, o.info
+        states = self.pool.block_states(info, list(o.blocks))  # e.g. TIES: each expert's trim threshold
+        for r0, r1 in o.blocks:
+            sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
+            b = read_to_float32(self._base, info.name, spec.base, slot="base", rows=(r0, r1))
+            delta = method.fuse(sub, b, parts.rows(sub, b, (r0, r1), states), self.ctxs)
+            _check_shape(method.name, sub, delta)
+            yield torch.add(b, delta, out=scratch("merged", sub.shape))
+            b = delta = None
+
+    def _restore(self, g: Group, sink: OutputSink | SpillSink) -> None:
+        """A group finished by an earlier run of this job, from the resume store."""
+        assert self._store is not None
+        tensors, norms = self._store.load(g.index)
+        if isinstance(sink, SpillSink):  # its updates stay in the store, read by layer_scales
+            sink.restored(norms)
+            return
+        for o in g.tensors:
+            if o.how == "copy":
+                sink.copy(o, self._base.get(o.info.name))
+            else:
+                sink.add_final(o, tensors[o.info.name])
+
+    # -- helpers ---------------------------------------------------------------------------
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 4)
+        log.info("stage %s done in %.2fs", name, self.timings[name])
+
+    @contextmanager
+    def _spill_dir(self) -> Iterator[Path]:
+        """The resume store's directory, or a temporary one removed afterwards."""
+        if self._store is not None:
+            yield self._store.root
+            return
+        root = Path(tempfile.mkdtemp(prefix="esm-ray-spill-"))
+        try:
+            yield root
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def _advance(self, bar, n: int, total: int) -> None:
+        bar.update(n)
+        if self.on_progress is not None:
+            self.on_progress(n, total)
 
     def _report(self, method, elapsed: float) -> dict[str, Any]:
         spec, plan = self.plan.spec, self.plan
@@ -362,25 +344,7 @@ class MergeJob:
         writer.write_file("merge_report.json", json.dumps(report, indent=2).encode())
 
 
-def _write_order(groups: list[list[TensorInfo]], is_float: set[str], spilled: bool,
-                 plan: MergePlan) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """(name, dtype, shape) of every output tensor in the order the merge loop adds them: group by
-    group, its floating tensors and then the others; with a spill pass, the model's order. With
-    it the writer streams each tensor into its shard file instead of holding a whole shard."""
-    def item(info: TensorInfo) -> tuple[str, torch.dtype, tuple[int, ...]]:
-        return info.name, plan.out_dtype if info.name in is_float else plan.dtypes[info.name], info.shape
-
-    if spilled:
-        return [item(i) for g in groups for i in g]
-    return [item(i) for g in groups for i in sorted(g, key=lambda i: i.name not in is_float)]
-
-
-def _module(name: str, modules: set[str]) -> str | None:
-    if name.endswith(".weight") and name[: -len(".weight")] in modules:
-        return name[: -len(".weight")]
-    return None
-
-
-def _finish(w: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
-    check_finite(name, w, "merged result")
-    return w.to(dtype)
+def _check_shape(method: str, info: TensorInfo, delta: torch.Tensor) -> None:
+    if tuple(delta.shape) != info.shape:
+        raise RuntimeError(f"method {method!r} returned shape {tuple(delta.shape)} for tensor {info.name!r} "
+                           f"(expected {info.shape})")

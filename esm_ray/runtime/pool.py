@@ -1,22 +1,40 @@
-"""Expert pools: how the coordinator reaches the T expert sides."""
+"""Expert pools: how the coordinator reaches the T expert sides.
+
+Both pools (`LocalPool` here, `RayPool` in ray_executor) implement `ExpertPool`: calls on every
+side, and the experts' parts of a group of tensors as `GroupParts`. The local pool makes a
+part when the method first reads it and can merge a large tensor in row blocks; the Ray pool
+fetches a whole group's parts from the workers at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from esm_ray.methods import TensorInfo
+from esm_ray.methods import Parts, TensorInfo
 from esm_ray.runtime.expert import ExpertSide
 from esm_ray.runtime.plan import BLOCK_BYTES
 from esm_ray.spec import MergeSpec
 
 
+class GroupParts(Protocol):
+    """The experts' parts of the tensors of one group."""
+
+    def of(self, j: int, info: TensorInfo, base: Tensor) -> Parts:
+        """The parts of tensor j of the group, `base` its float32 value (read once, checked)."""
+
+    def rows(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], states: list[Any]) -> Parts:
+        """The parts of `rows` of a tensor (`info.shape` is the block's), for pools that merge
+        in row blocks; `states` the sides' `block_states` of the whole tensor."""
+
+
 class ExpertPool(Protocol):
     n: int
+    blockwise: bool  # merges large tensors in row blocks (sides in this process)
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every expert side; results in expert order."""
@@ -24,7 +42,39 @@ class ExpertPool(Protocol):
     def call_each(self, method: str, args: list[tuple]) -> list[Any]:
         """Call `method(*args[i])` on expert side i; results in expert order."""
 
+    def group_parts(self, infos: list[TensorInfo]) -> GroupParts:
+        """The parts of a group of tensors (floating tensors the method merges)."""
+
+    def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
+        """Every side's `block_state` of one tensor, before its row blocks (blockwise pools)."""
+
     def close(self) -> None: ...
+
+
+class FetchedParts:
+    """GroupParts fetched from the sides in one call: `parts[e][j]`, expert e's part of tensor j."""
+
+    def __init__(self, parts: list[list[Any]]) -> None:
+        self._parts = parts
+
+    def of(self, j: int, info: TensorInfo, base: Tensor) -> Parts:
+        return Parts([p[j] for p in self._parts])
+
+    def rows(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], states: list[Any]) -> Parts:
+        raise NotImplementedError("parts fetched per group are whole tensors")
+
+
+class _LazyGroup:
+    """GroupParts of the local pool: each part made when the method reads it."""
+
+    def __init__(self, pool: "LocalPool") -> None:
+        self._pool = pool
+
+    def of(self, j: int, info: TensorInfo, base: Tensor) -> Parts:
+        return self._pool.parts(info, base)
+
+    def rows(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], states: list[Any]) -> Parts:
+        return self._pool.parts(info, base, rows=rows, states=states)
 
 
 def on_threads(n: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -38,10 +88,15 @@ class LocalPool:
     """All expert sides in this process, called one after another (`parts` overlaps one side's
     work with the coordinator's on a second thread)."""
 
+    blockwise = True
+
     def __init__(self, spec: MergeSpec) -> None:
         self.sides = [ExpertSide(spec, i) for i in range(len(spec.experts))]
         self.n = len(self.sides)
         self._ahead: ThreadPoolExecutor | None = None
+
+    def group_parts(self, infos: list[TensorInfo]) -> GroupParts:
+        return _LazyGroup(self)
 
     def call(self, method: str, *args: Any) -> list[Any]:
         return [getattr(s, method)(*args) for s in self.sides]
@@ -86,7 +141,7 @@ class LocalPool:
             s.close()
 
 
-class LazyParts(Sequence):
+class LazyParts(Parts):
     """Expert i's part of one tensor, computed on first access.
 
     Indexing keeps what it computed (a method may read a part several times); `stream(order)`

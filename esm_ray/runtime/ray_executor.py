@@ -33,10 +33,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from esm_ray.errors import EsmRayError, SpecError
+from esm_ray.methods import TensorInfo
 from esm_ray.io.uri import is_s3
 from esm_ray.runtime.expert import ExpertSide, math_threads, torch_threads
 from esm_ray.runtime.job import MergeJob, MergeResult
 from esm_ray.runtime.plan import MergePlan
+from esm_ray.runtime.pool import FetchedParts
 from esm_ray.spec import MergeSpec, RuntimeSpec
 
 log = logging.getLogger("esm_ray.ray")
@@ -239,6 +241,15 @@ class RayPool:
 
     def call_each(self, method: str, args: list[tuple]) -> list[Any]:
         return self._run(method, [ray.put(tuple(a)) for a in args])
+
+    blockwise = False  # the workers ship whole-tensor parts
+
+    def group_parts(self, infos: list[TensorInfo]) -> FetchedParts:
+        """Every worker prepares its parts of the group in parallel; fetched at once."""
+        return FetchedParts(self.call("prepare", infos) if infos else [[] for _ in range(self.n)])
+
+    def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
+        raise NotImplementedError("the Ray pool merges whole tensors")
 
     def peak_rss(self) -> list[int]:
         return ray.get([w.peak_rss.remote() for w in self.workers])

@@ -1,0 +1,112 @@
+"""What a merge writes, in which order, and how each tensor is produced: decided once.
+
+The merge works through *groups* of consecutive tensors of one block (one call to the expert
+sides per group, one resume checkpoint per group). Every output tensor gets one strategy:
+
+- ``copy``:     not floating (e.g. integer buffers): the base's value, unchanged;
+- ``whole``:    the experts' parts of the whole tensor, fused at once;
+- ``blocks``:   row blocks of about `block_bytes`, fused one after another (a blockwise method,
+                in one process, without resume, purifier, layer scaling or post stage);
+- ``restored``: a group a killed run of the same job finished (runtime/resume.py).
+
+The writer's layout is this list, and the merge loop walks the same list, so nothing has to
+predict the loop's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from esm_ray.methods import TensorInfo
+from esm_ray.runtime.plan import MergePlan
+
+How = Literal["copy", "whole", "blocks", "restored"]
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One output tensor: what it is, its output dtype, its group and how it is made."""
+
+    info: TensorInfo
+    dtype: torch.dtype
+    group: int
+    position: int  # index in the model's (the base's) tensor order
+    how: How
+    blocks: tuple[tuple[int, int], ...] = ()  # [start, stop) rows, for how == 'blocks'
+
+    @property
+    def entry(self) -> tuple[str, torch.dtype, tuple[int, ...]]:
+        """(name, dtype, shape): the writer's layout entry."""
+        return self.info.name, self.dtype, self.info.shape
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group of output tensors in write order (floating ones first)."""
+
+    index: int
+    tensors: tuple[OutTensor, ...]
+    restored: bool
+
+    @property
+    def merged(self) -> list[OutTensor]:
+        """The tensors the method merges (not copied)."""
+        return [o for o in self.tensors if o.how != "copy"]
+
+
+def linear_module(name: str, modules: set[str]) -> str | None:
+    """The calibrated linear module that owns weight `name`, or None."""
+    if name.endswith(".weight") and name[: -len(".weight")] in modules:
+        return name[: -len(".weight")]
+    return None
+
+
+def tensor_infos(plan: MergePlan, modules: set[str]) -> list[TensorInfo]:
+    """Every tensor of the model in the base's order, tagged with its calibrated module."""
+    return [TensorInfo.of(n, plan.shapes[n], linear_module(n, modules)) for n in plan.names]
+
+
+def layer_groups(infos: list[TensorInfo], max_bytes: int) -> Iterator[list[TensorInfo]]:
+    """Consecutive tensors of the same block, up to max_bytes (float32) per group."""
+    group: list[TensorInfo] = []
+    size = 0
+    for info in infos:
+        nbytes = info.numel * 4
+        if group and (info.layer_index != group[-1].layer_index or size + nbytes > max_bytes):
+            yield group
+            group, size = [], 0
+        group.append(info)
+        size += nbytes
+    if group:
+        yield group
+
+
+def plan_groups(plan: MergePlan, groups: list[list[TensorInfo]], restored: list[bool], *,
+                blockwise: bool, block_bytes: int) -> list[Group]:
+    """Each group's output tensors with their strategy. `blockwise`: the pool may merge in row
+    blocks and no group is staged for resume."""
+    out = []
+    position = {n: i for i, n in enumerate(plan.names)}
+    for gi, infos in enumerate(groups):
+        tensors = []
+        for info in sorted(infos, key=lambda i: not plan.dtypes[i.name].is_floating_point):
+            pos = position[info.name]
+            if not plan.dtypes[info.name].is_floating_point:
+                tensors.append(OutTensor(info, plan.dtypes[info.name], gi, pos, "copy"))
+                continue
+            blocks = plan.in_blocks(info, block_bytes) if blockwise else None
+            how: How = "restored" if restored[gi] else ("blocks" if blocks else "whole")
+            tensors.append(OutTensor(info, plan.out_dtype, gi, pos, how, tuple(blocks or ())))
+        out.append(Group(gi, tuple(tensors), restored[gi]))
+    return out
+
+
+def write_order(groups: list[Group], spilled: bool) -> list[OutTensor]:
+    """The order the writer receives the tensors: group by group (floating tensors first); with a
+    layer-scaling pass, which writes after every group is fused, the model's order."""
+    tensors = [o for g in groups for o in g.tensors]
+    return sorted(tensors, key=lambda o: o.position) if spilled else tensors

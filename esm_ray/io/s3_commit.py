@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
 
-__all__ = ["INDEX_NAME", "MARKER", "Output", "PrefixState", "check", "clean_leftovers", "inspect",
-           "new_job", "publish", "shard_name", "staging_prefix"]
+__all__ = ["INDEX_NAME", "MARKER", "Output", "PrefixState", "check", "check_writable", "clean_leftovers",
+           "index_metadata", "inspect", "new_job", "publish", "read_output", "shard_name", "staging_prefix"]
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,12 @@ def _keys(client, bucket: str, prefix: str) -> list[str]:
                   for o in page.get("Contents", []))
 
 
+def _index_shards(client, bucket: str, prefix: str) -> list[str]:
+    """The shard names the committed index at `prefix` (ending in '/') names, sorted."""
+    body = client.get_object(Bucket=bucket, Key=prefix + INDEX_NAME)["Body"].read()
+    return sorted(set(json.loads(body)["weight_map"].values()))
+
+
 @contextlib.contextmanager
 def _recording_gets(client):
     """Record the Range of every GetObject the client sends inside the block."""
@@ -105,7 +111,9 @@ def test_sharded_write_to_s3_and_read_back(s3_bucket, s3_env, tiny_bert):
     n = len(w.shards)
     assert n >= 4
     keys = _keys(s3_env.client(), s3_bucket, "out/merged/")
-    expected = {f"out/merged/model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
+    job = w._target.job
+    assert _index_shards(s3_env.client(), s3_bucket, "out/merged/") == w.shard_names
+    expected = {f"out/merged/model-{job}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
     expected |= {f"out/merged/{a}" for a in src.aux_names()}
     expected |= {f"out/merged/{INDEX_NAME}", "out/merged/experts/e0.safetensors"}
     assert set(keys) == expected  # staging objects are gone
@@ -133,11 +141,12 @@ def test_plan_mode_uploads_shards_without_copies(s3_bucket, s3_env):
     finally:
         events.unregister("before-call.s3", unique_id="t-plan")
     assert calls.count("CopyObject") == 1  # config.json only; the 4 shards went straight to final keys
-    assert [s.staged for s in w.shards] == [f"planned/model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    shards = [f"planned/model-{w._target.job}-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    assert [s.staged for s in w.shards] == shards
     r = open_model(uri)
     assert all(torch.equal(r.get(k), t) for k, t in tensors.items())
     assert _keys(s3_env.client(), s3_bucket, "") == sorted(
-        [f"planned/model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+        shards
         + ["planned/config.json", f"planned/{INDEX_NAME}"])
 
 
@@ -151,7 +160,7 @@ def test_plan_mode_keeps_an_overwritten_output_whole_until_commit(s3_bucket, s3_
     with ShardedWriter(uri, 2500, plan=plan) as w:
         for k, t in old.items():
             w.add(k, t)
-    before = _keys(s3_env.client(), s3_bucket, "")
+    before, old_job = _keys(s3_env.client(), s3_bucket, ""), w._target.job
 
     with pytest.raises(RuntimeError, match="killed"):
         with ShardedWriter(uri, 2500, plan=plan, overwrite=True) as w:
@@ -166,7 +175,8 @@ def test_plan_mode_keeps_an_overwritten_output_whole_until_commit(s3_bucket, s3_
     with ShardedWriter(uri, 2500, plan=plan, overwrite=True) as w:
         for k, t in new.items():
             w.add(k, t)
-    assert _keys(s3_env.client(), s3_bucket, "") == before
+    after = _keys(s3_env.client(), s3_bucket, "")  # the same layout under the new job's names
+    assert after == [k.replace(old_job, w._target.job) for k in before] and old_job != w._target.job
     r = open_model(uri)
     assert all(torch.equal(r.get(k), t) for k, t in new.items())
 
@@ -185,7 +195,7 @@ def test_multipart_for_big_shards(s3_bucket, s3_env):
         w.add("small", torch.ones(10))
     assert [s.parts for s in w.shards] == [2]
     assert etags[0].endswith("-2")  # the server saw a 2-part upload
-    head = client.head_object(Bucket=s3_bucket, Key="mp/model-00001-of-00001.safetensors")
+    head = client.head_object(Bucket=s3_bucket, Key=f"mp/{w.shard_names[0]}")
     assert head["ContentLength"] == w.shards[0].nbytes
     assert head["ETag"].strip('"').endswith("-1")  # copied with UploadPartCopy (over copy_threshold)
     r = open_model(uri)
@@ -247,7 +257,7 @@ def test_s3_overwrite_rules(s3_bucket, s3_env):
     check_writable(uri, overwrite=True)
     with ShardedWriter(uri, 1 << 20, overwrite=True) as w:
         w.add("new", torch.zeros(2))
-    assert _keys(s3_env.client(), s3_bucket, "") == ["o/model-00001-of-00001.safetensors", f"o/{INDEX_NAME}"]
+    assert _keys(s3_env.client(), s3_bucket, "") == [f"o/model-{w._target.job}-00001-of-00001.safetensors", f"o/{INDEX_NAME}"]
     assert is_committed(uri) and not is_committed(f"s3://{s3_bucket}/other")
     assert open_model(uri).keys() == ["new"]
 

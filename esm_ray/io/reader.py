@@ -1,9 +1,11 @@
 """Lazy safetensors reader: one tensor at a time from a local directory / file (mmap) or from
 an S3 prefix / object (one ranged GET per tensor), never the whole model.
 
-Layouts: a directory with model.safetensors; a directory with sharded model-0000i-of-0000N
-files and model.safetensors.index.json; a single .safetensors file. Every header is read and
-checked when the model is opened, so a bad input fails up front with the file and tensor named.
+Layouts: a directory with model.safetensors; a directory with shards and
+model.safetensors.index.json (which names them); a single .safetensors file. Shards without the
+index are an unfinished write (the index is written last) and are refused. Every header is read
+and checked when the model is opened, so a bad input fails up front with the file and tensor
+named.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
 _FOREIGN = re.compile(
     r"^(pytorch_model.*\.bin|pytorch_model\.bin\.index\.json|tf_model.*\.h5|tf_model\.h5\.index\.json|"
     r"flax_model.*\.msgpack|flax_model\.msgpack\.index\.json|.*\.safetensors\.index\.json|"
-    r"model-\d+-of-\d+\.safetensors|training_args\.bin|optimizer\.pt|scheduler\.pt|rng_state.*\.pth)$")
+    r"model-([0-9a-f]{8}-)?\d+-of-\d+\.safetensors|training_args\.bin|optimizer\.pt|scheduler\.pt|rng_state.*\.pth)$")
 # Top-level folders of training runs and exports that hold stale copies of the weights.
 _SKIP_DIRS = re.compile(r"^(checkpoint-\d+|runs|onnx|openvino)$")
 _PREFETCH = 64 * 1024  # header bytes fetched with the length, to save a round trip on S3
@@ -438,17 +440,15 @@ def _pick_weights(store, files: dict[str, int], uri: str) -> tuple[list[str], st
     if SINGLE_NAME in files:
         return [SINGLE_NAME], None, None
     st = sorted(rel for rel in top if rel.endswith(".safetensors"))
+    shards = [rel for rel in st if _SHARD.match(rel)]
+    if shards:
+        more = f" and {len(shards) - 3} more" if len(shards) > 3 else ""
+        raise InputError(f"{uri}: holds shard files ({', '.join(shards[:3])}{more}) but no {INDEX_NAME}: "
+                         "an unfinished write (the index is written last) or an incomplete copy, not "
+                         "a model")
     if len(st) == 1:
         return st, None, None
     if st:
-        ms = [_SHARD.match(rel) for rel in st]
-        if all(ms) and len({(m["stem"], int(m["n"])) for m in ms}) == 1:
-            total = int(ms[0]["n"])
-            have = {int(m["i"]) for m in ms}
-            missing = sorted(set(range(1, total + 1)) - have)
-            if missing:
-                raise InputError(f"{uri}: no shard index, and shard(s) {missing} of {total} are missing")
-            return st, None, None
         raise InputError(f"{uri}: several .safetensors files ({', '.join(st)}) but no "
                          f"{INDEX_NAME} saying which hold the model")
     other = [rel for rel in top if _FOREIGN.match(rel) or rel.endswith((".bin", ".pt", ".pth"))]

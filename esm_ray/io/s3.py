@@ -206,6 +206,17 @@ def list_objects(client, bucket: str, prefix: str) -> list[S3Object]:
     return out
 
 
+def list_level(client, bucket: str, prefix: str) -> tuple[list[S3Object], list[str]]:
+    """One level under `prefix`: the objects directly in it and the sub-prefixes ("folder/")
+    below it, each in key order (a ListObjectsV2 with Delimiter='/')."""
+    objects, subs = [], []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        for obj in page.get("Contents", []):
+            objects.append(S3Object(obj["Key"], int(obj["Size"]), obj.get("ETag", "").strip('"')))
+        subs += [p["Prefix"] for p in page.get("CommonPrefixes", []) or []]
+    return objects, subs
+
+
 def list_keys(client, bucket: str, prefix: str) -> list[str]:
     return [o.key for o in list_objects(client, bucket, prefix)]
 
@@ -268,11 +279,14 @@ def delete_keys(client, bucket: str, keys: Iterable[str]) -> None:
                               f"({first.get('Code')}), and {len(errors) - 1} more")
 
 
-def abort_open_uploads(client, bucket: str, prefix: str) -> int:
-    """Abort every unfinished multipart upload under `prefix`; returns how many."""
+def abort_open_uploads(client, bucket: str, prefix: str, keep=None) -> int:
+    """Abort every unfinished multipart upload under `prefix` (only those whose key passes
+    `keep(key)`, when given); returns how many."""
     n = 0
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
         for up in page.get("Uploads", []) or []:
+            if keep is not None and not keep(up["Key"]):
+                continue
             client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
             n += 1
     return n

@@ -7,12 +7,13 @@ depend on N, known only at commit, so shards are staged under temporary names:
 - local: everything goes into a sibling `.<name>.partial-<random>` directory, renamed onto the
   final path at commit (an existing output, with overwrite=True, is moved aside and removed only
   after that rename succeeded);
-- S3: objects are uploaded (multipart for big ones) under `<prefix>/.partial-<random>/`; commit
-  copies them server-side to their final keys and writes model.safetensors.index.json last. A
-  prefix without the index never counts as a finished output. When the tensors' names and sizes
-  are known up front (`plan=`), shard names are fixed at once and shards go straight to their
-  final keys (no copy), except over an existing output (overwrite=True), which stays whole
-  until commit.
+- S3 (esm_ray/io/s3_commit.py): shards are named after the write's job token
+  (model-<job>-0000i-of-0000N.safetensors), so they never replace the old output's; other files
+  are staged under `<prefix>/.partial-<job>/`. Commit copies the staged objects to their keys and
+  writes model.safetensors.index.json last: that one PUT switches from the old output to the new,
+  and the old output's shards are deleted only after it. A prefix without the index never counts
+  as a finished output. When the tensors' names and sizes are known up front (`plan=`), shards go
+  straight to their final keys (no copy).
 
 Leaving the `with` block by an exception aborts: staged files and uploads are removed.
 """
@@ -30,7 +31,6 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
@@ -39,6 +39,7 @@ import torch
 
 from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
+from esm_ray.io import s3_commit as s3c
 from esm_ray.io.format import CODES, encode_header, tensor_bytes
 from esm_ray.io.uri import Uri, parse_uri
 from esm_ray.spec import S3Options, parse_size
@@ -49,7 +50,8 @@ __all__ = ["ShardedWriter", "ShardInfo", "WriteStats", "check_writable", "is_com
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
-_RESERVED = re.compile(r"^(model-\d+-of-\d+\.safetensors|model\.safetensors\.index\.json)$")
+_RESERVED = re.compile(r"^(model-([0-9a-f]{8}-)?\d+-of-\d+\.safetensors|model\.safetensors\.index\.json|"
+                       r"\.partial-.*|\.esm-ray-probe-.*)$")
 
 
 def shard_name(i: int, n: int) -> str:
@@ -328,6 +330,8 @@ class _LocalTarget:
 
 
 class _S3Target:
+    """An S3 prefix receiving an output; the layout and commit are esm_ray.io.s3_commit's."""
+
     def __init__(self, uri: Uri, overwrite: bool, opts: S3Options | None, part_size: int,
                  copy_threshold: int, client=None):
         self.uri = uri
@@ -337,16 +341,21 @@ class _S3Target:
         self.client = client or s3io.make_client(opts)
         self.bucket = uri.bucket
         self.prefix = uri.dir_prefix
-        self.staging = f"{self.prefix}.partial-{secrets.token_hex(6)}/"
-        self.index_key = self.prefix + INDEX_NAME
+        self.job = s3c.new_job()
+        self.staging = s3c.staging_prefix(self.prefix, self.job)
         self.staged: dict[str, tuple[str, int]] = {}  # final relpath -> (staged key, size)
-        self.created: list[str] = []  # final keys written during commit
+        self.created: list[str] = []  # keys outside the staging area this write created
         with s3io.s3_errors(str(uri), write=True):
             self.client.head_bucket(Bucket=self.bucket)
-            self.has_output = s3io.head_size(self.client, self.bucket, self.index_key) is not None
-            if not overwrite and self.has_output:
-                raise OutputError(f"{uri}: output already exists (it has {INDEX_NAME}); choose another "
-                                  "prefix or pass overwrite")
+            state = s3c.inspect(self.client, self.bucket, self.prefix)
+            s3c.check(state, str(uri), overwrite, self.bucket, self.prefix)
+            s3c.clean_leftovers(self.client, self.bucket, self.prefix, state, str(uri))
+
+    def shard_name(self, i: int, n: int) -> str:
+        return s3c.shard_name(self.job, i, n)
+
+    def index_metadata(self) -> dict[str, object]:
+        return s3c.index_metadata(self.job, self.staged)
 
     def _upload(self, key: str, chunks: Iterable, what: str) -> s3io.UploadResult:
         with s3io.s3_errors(str(self.uri), write=True, what=what):
@@ -376,41 +385,15 @@ class _S3Target:
 
     def publish(self, shards: list[ShardInfo], index: bytes) -> int:
         n = len(shards)
-        moves = [(s.staged, self.prefix + shard_name(s.index, n), s.nbytes) for s in shards
+        moves = [(s.staged, self.shard_name(s.index, n), s.nbytes) for s in shards
                  if s.staged.startswith(self.staging)]
-        direct = {s.staged for s in shards if not s.staged.startswith(self.staging)}
-        moves += [(key, self.prefix + rel, size) for rel, (key, size) in self.staged.items()]
+        direct = {s.staged[len(self.prefix):] for s in shards if not s.staged.startswith(self.staging)}
+        moves += [(key, rel, size) for rel, (key, size) in self.staged.items()]
         with s3io.s3_errors(str(self.uri), write=True, what="commit"):
-            old = [o.key for o in s3io.list_objects(self.client, self.bucket, self.prefix)
-                   if not o.key.startswith(self.staging) and o.key not in direct]
-            if self.index_key in old:
-                if not self.overwrite:
-                    raise OutputError(f"{self.uri}: output appeared while writing; not replacing it "
-                                      "without overwrite")
-                # From here on the prefix no longer counts as a finished output.
-                self.client.delete_object(Bucket=self.bucket, Key=self.index_key)
-            with ThreadPoolExecutor(min(8, max(1, len(moves)))) as pool:
-                futures = []
-                for src, dst, size in moves:
-                    self.created.append(dst)
-                    futures.append(pool.submit(s3io.copy_object, self.client, self.bucket, src, dst,
-                                               size, threshold=self.copy_threshold))
-                for f in futures:
-                    f.result()
-            if self.overwrite:
-                keep = {dst for _, dst, _ in moves} | direct
-                s3io.delete_keys(self.client, self.bucket, [k for k in old if k not in keep])
-            s3io.put_bytes(self.client, self.bucket, self.index_key, index)  # last
-        self._cleanup_staging()
+            s3c.publish(self.client, self.bucket, self.prefix, str(self.uri), overwrite=self.overwrite,
+                        index=index, moves=moves, direct=direct, files=set(self.staged),
+                        staging=self.staging, copy_threshold=self.copy_threshold, created=self.created)
         return len(index)
-
-    def _cleanup_staging(self) -> None:
-        try:
-            keys = s3io.list_keys(self.client, self.bucket, self.staging)
-            s3io.delete_keys(self.client, self.bucket, keys)
-        except Exception as err:  # the output is complete; leftovers are hidden
-            log.warning("%s: could not remove staging objects under %s: %s", self.uri, self.staging,
-                        type(err).__name__)
 
     def abort(self) -> None:
         try:
@@ -418,8 +401,8 @@ class _S3Target:
             keys = s3io.list_keys(self.client, self.bucket, self.staging) + self.created
             s3io.delete_keys(self.client, self.bucket, keys)
         except Exception as err:  # runs on error paths: never mask the original error
-            log.warning("%s: abort could not clean up (%s); the prefix has no %s and does not "
-                        "count as an output", self.uri, type(err).__name__, INDEX_NAME)
+            log.warning("%s: abort could not clean up (%s); what is left is not part of an output "
+                        "and the next write to this prefix removes it", self.uri, type(err).__name__)
 
 
 class ShardedWriter:
@@ -427,8 +410,9 @@ class ShardedWriter:
 
     Use as a context manager; a clean exit commits (if commit() was not called), an exception
     aborts. `add` keeps a reference to each tensor until its shard is written: do not modify a
-    tensor in place after adding it. The output location is owned whole: overwrite=True replaces
-    the directory (local) or every object under the prefix (S3) at commit.
+    tensor in place after adding it. overwrite=True replaces the directory (local), or on S3 the
+    esm-ray output under the prefix (its index, shards and files; nothing else there, and a prefix
+    holding other objects but no esm-ray output is refused) at commit.
 
     Options: `metadata` goes into every shard's __metadata__; `part_size` is the S3 multipart
     part size (>= 5 MiB; shards up to one part are a single PUT); `fsync` local files before the
@@ -437,9 +421,9 @@ class ShardedWriter:
 
     `plan`: the (name, nbytes) of every tensor in the order they will be added, when known up
     front (e.g. from the base model). Shard names are then fixed from the start: on S3 shards go
-    straight to their final keys (no server-side copy at commit) unless a finished output is
-    being overwritten, which stays readable until commit; `add` refuses tensors that deviate
-    from the plan. Items may also
+    straight to their final keys (no server-side copy at commit; named after the write's job,
+    they leave an output being overwritten whole); `add` refuses tensors that deviate from the
+    plan. Items may also
     be (name, dtype, shape): every shard's header is then known before its first tensor, and a
     local writer streams each tensor into its shard file as it is added instead of holding the
     shard in memory (the files are byte for byte the same).
@@ -483,13 +467,11 @@ class ShardedWriter:
             self._plan = [(str(n), int(b)) for n, b in items]
             self._plan_shard = pack_shards([b for _, b in self._plan], self.max_shard_bytes)
             self._plan_n = self._plan_shard[-1] if self._plan else 0
-        # With a plan, shards go straight to their final names. On S3 only where no finished
-        # output stands: one being overwritten stays whole until commit (staged shards are then
-        # copied over it, as without a plan).
+        # With a plan, shards go straight to their final names (on S3 versioned by the job, so
+        # an output being overwritten stays whole until the index switches).
         self._direct = self._plan is not None
         if self.uri.is_s3:
             self._target = _S3Target(self.uri, overwrite, s3, part_size, copy_threshold)
-            self._direct = self._direct and not self._target.has_output
         else:
             self._target = _LocalTarget(self.uri, overwrite, fsync)
         self._stream = self._layout is not None and isinstance(self._target, _LocalTarget)
@@ -618,7 +600,7 @@ class ShardedWriter:
         if not self._pending:
             return
         k = len(self.shards) + 1
-        final = shard_name(k, self._plan_n) if self._direct else None
+        final = self._shard_name(k, self._plan_n) if self._direct else None
         t0 = time.perf_counter()
         header, views, data = _serialize(self._pending, self.metadata)
         info = self._target.put_shard(k, header, views, final)
@@ -691,8 +673,9 @@ class ShardedWriter:
                 raise OutputError(f"{self.uri}: the plan lists {len(self._plan)} tensors but "
                                   f"{len(self._names)} were added")
             n = len(self.shards)
-            names = {s.index: shard_name(s.index, n) for s in self.shards}
-            index = {"metadata": {**dict(extra_metadata or {}), "total_size": self.stats.tensor_bytes},
+            names = {s.index: self._shard_name(s.index, n) for s in self.shards}
+            own = self._target.index_metadata() if self.uri.is_s3 else {}
+            index = {"metadata": {**dict(extra_metadata or {}), **own, "total_size": self.stats.tensor_bytes},
                      "weight_map": {name: names[k] for name, k in self._weight_map.items()}}
             body = (json.dumps(index, indent=2) + "\n").encode("utf-8")
             t0 = time.perf_counter()
@@ -725,7 +708,11 @@ class ShardedWriter:
     def shard_names(self) -> list[str]:
         """Final shard names (known once committed)."""
         n = len(self.shards)
-        return [shard_name(s.index, n) for s in self.shards]
+        return [self._shard_name(s.index, n) for s in self.shards]
+
+    def _shard_name(self, i: int, n: int) -> str:
+        """The final name of shard i of n: HF's, or on S3 the job-versioned one."""
+        return self._target.shard_name(i, n) if self.uri.is_s3 else shard_name(i, n)
 
     def __enter__(self) -> "ShardedWriter":
         return self
@@ -756,16 +743,8 @@ def check_writable(uri: str, overwrite: bool = False, s3: S3Options | None = Non
     except ValueError as err:
         raise OutputError(str(err)) from None
     if u.is_s3:
-        client = s3io.make_client(s3)
-        prefix = u.dir_prefix
         with s3io.s3_errors(str(u), write=True):
-            client.head_bucket(Bucket=u.bucket)
-            if not overwrite and s3io.head_size(client, u.bucket, prefix + INDEX_NAME) is not None:
-                raise OutputError(f"{u}: output already exists (it has {INDEX_NAME}); choose another "
-                                  "prefix or pass overwrite")
-            probe = f"{prefix}.esm-ray-probe-{secrets.token_hex(4)}"
-            s3io.put_bytes(client, u.bucket, probe, b"")
-            client.delete_object(Bucket=u.bucket, Key=probe)
+            s3c.check_writable(s3io.make_client(s3), u.bucket, u.dir_prefix, str(u), overwrite)
         return
     p = Path(u.path)
     if (p.exists() or p.is_symlink()) and not overwrite:

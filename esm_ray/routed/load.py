@@ -89,6 +89,36 @@ def head_from(path: str | Path) -> Head:
     return read_head(p)
 
 
+_DONE = ".complete"  # in a cache directory: every object of the prefix was downloaded
+
+
+def _plain(rel: str) -> bool:
+    return (bool(rel) and not rel.startswith("/") and "\0" not in rel
+            and all(p not in ("", ".", "..") for p in rel.split("/")))
+
+
+def cache_paths(uri: str, prefix: str, keys: list[str], root: Path) -> dict[str, Path]:
+    """Where each object key listed under `prefix` goes in the cache directory `root`.
+
+    A key must name a plain relative path below the prefix: one with an empty, '.' or '..'
+    segment (e.g. 'a//b', 'a/../b'), an absolute or empty remainder, or a NUL byte is refused
+    by name (InputError) before anything is written, so no download lands outside `root`.
+    Folder markers (the prefix itself, or a plain path ending in '/') hold nothing and are left out."""
+    out: dict[str, Path] = {}
+    base = root.resolve()
+    for key in keys:
+        if key == prefix or (key.endswith("/") and key.startswith(prefix) and _plain(key[len(prefix):-1])):
+            continue
+        rel = key[len(prefix):] if key.startswith(prefix) else ""
+        dst = root / rel if _plain(rel) and rel != _DONE else None
+        if dst is None or not dst.resolve().is_relative_to(base):
+            raise InputError(f"{uri}: object key {key!r} is not a plain relative path under "
+                             f"'{prefix}' (empty, '.' or '..' segments, or absolute); refusing to "
+                             "download it")
+        out[key] = dst
+    return out
+
+
 def local_dir(uri: str, s3=None, cache: str | Path | None = None) -> Path:
     """A local directory holding `uri`: the path itself, or a cached download of an s3:// prefix."""
     from esm_ray.io.uri import parse_uri
@@ -109,14 +139,13 @@ def local_dir(uri: str, s3=None, cache: str | Path | None = None) -> Path:
         raise InputError(f"{uri}: no objects under this prefix")
     tag = hashlib.sha256("".join(f"{o.key}:{o.etag}" for o in objects).encode()).hexdigest()[:16]
     root = Path(cache or Path.home() / ".cache" / "esm-ray" / "routed").expanduser() / tag
-    done = root / ".complete"
+    done = root / _DONE
     if not done.is_file():
-        for o in objects:
-            rel = o.key[len(prefix):]
-            dst = root / rel
+        paths = cache_paths(uri, prefix, [o.key for o in objects], root)
+        for key, dst in paths.items():
             dst.parent.mkdir(parents=True, exist_ok=True)
-            with s3io.s3_errors(uri, what=rel):
-                dst.write_bytes(s3io.get_object(client, u.bucket, o.key))
+            with s3io.s3_errors(uri, what=key[len(prefix):]):
+                dst.write_bytes(s3io.get_object(client, u.bucket, key))
         done.write_text(uri)
     return root
 
@@ -197,4 +226,5 @@ def _load_backbone(d: Path, ref: Any, model: nn.Module, dtype: torch.dtype, s3) 
     return bb.eval()
 
 
-__all__ = ["expert_labels", "head_from", "load_routed", "local_dir", "model_class", "read_head"]
+__all__ = ["cache_paths", "expert_labels", "head_from", "load_routed", "local_dir", "model_class",
+           "read_head"]

@@ -114,6 +114,8 @@ class ServeSpec(Frozen):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     max_ongoing_requests: int = Field(default=32, ge=1)
     max_inputs_per_request: int = Field(default=64, ge=1)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)  # request body bytes before 413
+    max_input_chars: int = Field(default=20_000, ge=1)  # characters (or token ids) per input before 413
 
 
 class MergeSpec(Frozen):

@@ -27,6 +27,7 @@ its batch.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -324,6 +325,55 @@ def head_file(task: str) -> str:
     """Relative path of a task's head; the task name is made safe for a file name."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task).lstrip(".") or "task"
     return f"{HEADS_DIR}/{safe}.safetensors"
+
+
+def parse_labels(text: str) -> list[str]:
+    """Labels kept in a head file's metadata: a JSON list (`["2012", "2016"]`) or tab-separated."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            got = json.loads(stripped)
+        except json.JSONDecodeError:
+            got = None
+        if isinstance(got, list):
+            return [str(x) for x in got]
+    return text.split("\t")
+
+
+def head_labels(weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None,
+                metadata: dict[str, str] | None, labels: list[str] | None = None) -> list[str]:
+    """A head's labels, checked against its tensors: `labels` if given, else the metadata's
+    "labels" (parse_labels), else the label ids. ValueError when weight [labels, hidden],
+    bias [labels] and the label count disagree."""
+    if len(weight_shape) != 2 or bias_shape is None or tuple(bias_shape) != (weight_shape[0],):
+        raise ValueError(f"head weight {tuple(weight_shape)} and bias "
+                         f"{None if bias_shape is None else tuple(bias_shape)} do not agree "
+                         "(need weight [labels, hidden], bias [labels])")
+    n = int(weight_shape[0])
+    if labels is None and (metadata or {}).get("labels"):
+        labels = parse_labels(str(metadata["labels"]))  # type: ignore[index]
+    labels = [str(x) for x in labels] if labels else [str(i) for i in range(n)]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for a head with {n} outputs")
+    return labels
+
+
+def safetensors_header(data: bytes) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({tensor: shape}, metadata) from a safetensors file's bytes, without loading tensors."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors file (shorter than its header length)")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("not a safetensors file (header longer than the file)")
+    try:
+        header = json.loads(data[8:8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ValueError("not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (header is not an object)")
+    meta = header.pop("__metadata__", None) or {}
+    shapes = {k: tuple(int(d) for d in v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}
+    return shapes, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def pack_routed(experts: dict[str, tuple[Tensor, Tensor]], prototypes: dict[str, Tensor] | None = None,

@@ -25,10 +25,10 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from esm_ray.core.routing import (
-    DEFAULT_ROUTED_LAYERS, EXPERTS_FILE, MANIFEST_FILE, ROUTER_FILE, head_file, pack_routed, residual_expert,
-    routed_manifest,
+    DEFAULT_ROUTED_LAYERS, EXPERTS_FILE, MANIFEST_FILE, ROUTER_FILE, head_file, head_labels, pack_routed,
+    residual_expert, routed_manifest, safetensors_header,
 )
-from esm_ray.errors import SpecError
+from esm_ray.errors import InputError, SpecError
 from esm_ray.methods._common import in_expert_order
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Needs, TensorInfo
 from esm_ray.methods.registry import METHODS, build_method, register
@@ -93,9 +93,13 @@ def _inner(params: RoutedParams, n_experts: int, seed: int) -> MergeMethod:
 
 
 def read_head(reader: Any) -> tuple[bytes | None, list[str] | None]:
-    """An expert's head.safetensors bytes and the labels of its manifest.json, when present."""
+    """An expert's head.safetensors bytes and its labels (manifest.json's "labels", else the
+    head's metadata: a JSON list or tab-separated), checked here, when the merge reads them:
+    InputError naming the file if weight, bias and labels disagree."""
     names = set(reader.aux_names())
-    head = reader.read_aux("head.safetensors") if "head.safetensors" in names else None
+    if "head.safetensors" not in names:
+        return None, None
+    head = reader.read_aux("head.safetensors")
     labels = None
     if "manifest.json" in names:
         try:
@@ -103,6 +107,14 @@ def read_head(reader: Any) -> tuple[bytes | None, list[str] | None]:
             labels = [str(x) for x in got] if isinstance(got, list) else None
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
             labels = None
+    where = f"{str(getattr(reader, 'uri', 'expert')).rstrip('/')}/head.safetensors"
+    try:
+        shapes, meta = safetensors_header(head)
+        if "weight" not in shapes or "bias" not in shapes:
+            raise ValueError(f"a head needs 'weight' and 'bias' (has {', '.join(sorted(shapes)) or 'nothing'})")
+        labels = head_labels(shapes["weight"], shapes["bias"], meta, labels)
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from None
     return head, labels
 
 

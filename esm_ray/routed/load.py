@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from esm_ray.core.routing import (
-    EXPERTS_FILE, HEADS_DIR, MANIFEST_FILE, ROUTED_FORMAT, ROUTER_FILE, unpack_routed,
+    EXPERTS_FILE, HEADS_DIR, MANIFEST_FILE, ROUTED_FORMAT, ROUTER_FILE, head_labels, unpack_routed,
 )
 from esm_ray.errors import InputError
 from esm_ray.routed.model import Head, RoutedModel, SimRouter
@@ -45,7 +45,7 @@ def model_class(config: dict[str, Any]):
 
 def read_head(path: str | Path, labels: list[str] | None = None) -> Head:
     """A head file (weight [labels, hidden], bias [labels]); labels from the argument, else the
-    file's metadata ("labels", tab-separated), else the label ids."""
+    file's metadata ("labels": a JSON list or tab-separated), else the label ids."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: task head not found")
@@ -55,13 +55,10 @@ def read_head(path: str | Path, labels: list[str] | None = None) -> Head:
         if not {"weight", "bias"} <= keys:
             raise InputError(f"{p}: a head needs 'weight' and 'bias' (has {', '.join(sorted(keys))})")
         w, b = f.get_tensor("weight").float(), f.get_tensor("bias").float()
-    if w.ndim != 2 or b.shape != (w.shape[0],):
-        raise InputError(f"{p}: head weight {tuple(w.shape)} and bias {tuple(b.shape)} do not agree")
-    if labels is None and meta.get("labels"):
-        labels = meta["labels"].split("\t")
-    labels = list(labels) if labels else [str(i) for i in range(w.shape[0])]
-    if len(labels) != w.shape[0]:
-        raise InputError(f"{p}: {len(labels)} labels for a head with {w.shape[0]} outputs")
+    try:
+        labels = head_labels(tuple(w.shape), tuple(b.shape), meta, labels)
+    except ValueError as err:
+        raise InputError(f"{p}: {err}") from None
     lin = nn.Linear(w.shape[1], w.shape[0])
     with torch.no_grad():
         lin.weight.copy_(w)

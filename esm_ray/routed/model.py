@@ -184,6 +184,25 @@ class RoutedModel(nn.Module):
         return out
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids this model accepts: [0, vocab_size) (its input embedding's rows)."""
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        if isinstance(emb, nn.Embedding):
+            return int(emb.num_embeddings)
+        return int(getattr(self.model.config, "vocab_size"))
+
+    @property
+    def max_positions(self) -> int | None:
+        """Most tokens per input the model's position embeddings allow (None: no fixed limit)."""
+        cfg = self.model.config
+        n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if not isinstance(n, int) or n <= 0:
+            return None
+        if getattr(cfg, "model_type", "") in _OFFSET_POSITIONS:  # positions start after the padding index
+            n -= int(getattr(cfg, "pad_token_id", 0) or 0) + 1
+        return max(n, 1)
+
+    @property
     def rank(self) -> int:
         return max((r.rank for r in self.routed.values()), default=0)
 
@@ -290,7 +309,15 @@ class RoutedModel(nn.Module):
 
     # ---- text in, labels out ---------------------------------------------------------------
     def encode(self, inputs: Sequence[str | Sequence[int]], max_length: int = 128) -> tuple[Tensor, Tensor]:
-        """Right-padded (input_ids, attention_mask) for texts (needs the tokenizer) or id lists."""
+        """Right-padded (input_ids, attention_mask) for texts (needs the tokenizer) or id lists.
+
+        Inputs are cut at max_length tokens, and max_length at the model's position limit;
+        a token id outside [0, vocab_size) is a ValueError naming the input.
+        """
+        limit = self.max_positions
+        if limit is not None:
+            max_length = min(max_length, limit)
+        vocab = self.vocab_size
         ids: list[list[int]] = []
         for i, x in enumerate(inputs):
             if isinstance(x, str):
@@ -301,6 +328,9 @@ class RoutedModel(nn.Module):
                 row = [int(t) for t in x][:max_length]
             if not row:
                 raise ValueError(f"input {i} has no tokens")
+            bad = next((t for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"input {i}: token id {bad} is outside the vocabulary [0, {vocab})")
             ids.append(row)
         width = max(len(r) for r in ids)
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -447,6 +477,10 @@ class RoutedModel(nn.Module):
         files[MANIFEST_FILE] = json.dumps(man, indent=2).encode()
         return files
 
+
+# model types whose position ids start at pad_token_id + 1 (RoBERTa's convention)
+_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
+                               "longformer", "roberta-prelayernorm", "xmod"})
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from esm_ray.errors import EsmRayError, SpecError
 from esm_ray.methods import TensorInfo
 from esm_ray.io.uri import is_s3
+from esm_ray.raylocal import connect, init_private
 from esm_ray.runtime.expert import ExpertSide, math_threads, torch_threads
 from esm_ray.runtime.job import MergeJob, MergeResult
 from esm_ray.runtime.plan import MergePlan
@@ -312,14 +313,6 @@ class Coordinator:
 
 # ---- connecting and running -----------------------------------------------------------------
 
-def _loopback_only() -> None:
-    """Make a Ray started from this process bind and advertise 127.0.0.1 only."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray spawns
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False  # read at import time; this process is past that
-
-
 @contextmanager
 def ray_session(runtime: RuntimeSpec, n_workers: int) -> Iterator[str]:
     """Connect per runtime.address; yields a description of what was connected or started.
@@ -333,11 +326,10 @@ def ray_session(runtime: RuntimeSpec, n_workers: int) -> Iterator[str]:
         return
     address = runtime.address
     if address in _LOCAL:
-        _loopback_only()
         cores = os.cpu_count() or 1
         need = math.ceil(n_workers * runtime.num_cpus_per_worker)
         num_cpus = max(cores, need)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=NAMESPACE, log_to_driver=True)
+        init_private(num_cpus, namespace=NAMESPACE, log_to_driver=True)
         what = (f"a private local Ray on 127.0.0.1 with {num_cpus} logical CPUs "
                 f"({cores} cores{', oversubscribed to fit ' + str(n_workers) + ' workers' if need > cores else ''}), "
                 "no dashboard")
@@ -348,10 +340,7 @@ def ray_session(runtime: RuntimeSpec, n_workers: int) -> Iterator[str]:
             ray.shutdown()
             log.info("local Ray shut down")
         return
-    host = address.split("://")[-1].rsplit(":", 1)[0]
-    if host in ("127.0.0.1", "localhost"):
-        _loopback_only()  # else Ray rewrites the loopback address to this machine's network address
-    ray.init(address=address, namespace=NAMESPACE, log_to_driver=True)
+    connect(address, namespace=NAMESPACE, log_to_driver=True)
     what = f"the Ray cluster at {address}"
     log.info("connected to %s", what)
     try:

@@ -9,9 +9,14 @@
 Inputs of all concurrent requests are gathered by @serve.batch into one forward pass. Routing
 stays per sample inside the batch: each routed layer groups the batch's samples by their chosen
 expert and runs each expert once (SiM: one backbone pass decides every sample's expert first).
-Errors: 422 malformed JSON or wrong types (FastAPI names the field), 413 too many inputs, 400
-empty inputs or an unknown task, 503 when the replica's queue is full (max_ongoing_requests
-plus max_queued_requests, enforced by Ray Serve).
+Every input is checked before it joins a batch (esm_ray/serve/guard.py), and a batch that fails
+anyway is rerun one input at a time, so one bad input fails its own request only.
+Errors: 422 malformed JSON or wrong types (FastAPI names the field), a token id outside the
+vocabulary or text that is not valid Unicode (naming `inputs[i]`); 413 a body over
+max_body_bytes, an input over max_input_chars (naming it) or too many inputs; 400 empty inputs
+or an unknown task; 503 when the replica's queue is full (max_ongoing_requests plus
+max_queued_requests, enforced by Ray Serve). Inputs are cut at max_length tokens, and
+max_length at the model's position limit.
 """
 
 import asyncio
@@ -19,9 +24,11 @@ import logging
 import time
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from ray import serve
+
+from esm_ray.serve.guard import check_inputs, parse_body, read_body
 
 log = logging.getLogger("esm_ray.serve")
 
@@ -42,7 +49,10 @@ class ServeOptions(BaseModel):
     max_length: int = Field(128, ge=4)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body bytes before 413")
+    max_input_chars: int = Field(20_000, ge=1, description="characters (or token ids) per input before 413")
     debug_delay_s: float = Field(0.0, ge=0, description="test only: extra seconds per batch")
+    debug_fail_input: str | None = Field(None, description="test only: a batch holding this text raises")
 
 
 class PredictRequest(BaseModel):
@@ -78,6 +88,11 @@ def _replica_gpus() -> int:
         return 0
 
 
+# /v1/predict reads its body itself (size limit first); its schema is declared for the docs
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+
 # Serve ships the deployment class by value, with the module globals it found when the class was
 # decorated: whatever it uses is defined above it, and annotations are real objects (no
 # `from __future__ import annotations`), so FastAPI can rebuild the schemas in the proxy.
@@ -93,8 +108,10 @@ class RoutedServer:
     def __init__(self, options: dict[str, Any]) -> None:
         import torch
 
+        from esm_ray.raylocal import loopback_grpc
         from esm_ray.routed import load_routed
 
+        loopback_grpc()  # a replica on a loopback node keeps its internal gRPC server there too
         self.opts = ServeOptions.model_validate(options)
         device = self.opts.device or ("cuda" if _replica_gpus() > 0 and torch.cuda.is_available() else "cpu")
         if self.opts.threads:
@@ -106,6 +123,9 @@ class RoutedServer:
         if missing:
             raise ValueError(f"{self.opts.model_dir}: no head for task(s) {', '.join(missing)}; "
                              "give them with --head TASK=EXPERT_DIR")
+        limit = self.model.max_positions
+        self.max_length = min(self.opts.max_length, limit) if limit else self.opts.max_length
+        self.vocab_size = self.model.vocab_size
         self._predict_batch.set_max_batch_size(self.opts.max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(self.opts.batch_wait_timeout_s)
         self._info = self._describe()
@@ -120,8 +140,10 @@ class RoutedServer:
                 "router": m.router, "routers": m.routers, "rank": m.rank, "routed_layers": len(m.routed),
                 "sizes": m.sizes(),
                 "limits": {"max_inputs_per_request": self.opts.max_inputs_per_request,
-                           "max_length": self.opts.max_length, "max_batch_size": self.opts.max_batch_size,
-                           "batch_wait_timeout_s": self.opts.batch_wait_timeout_s}}
+                           "max_length": self.max_length, "max_batch_size": self.opts.max_batch_size,
+                           "batch_wait_timeout_s": self.opts.batch_wait_timeout_s,
+                           "max_body_bytes": self.opts.max_body_bytes, "max_input_chars": self.opts.max_input_chars,
+                           "vocab_size": self.vocab_size}}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -139,20 +161,18 @@ class RoutedServer:
             rss = None
         return {**self._info, "replica": {"pid": os.getpid(), "rss_bytes": rss}}
 
-    @app.post("/v1/predict", response_model=PredictResponse)
-    async def predict(self, req: PredictRequest) -> PredictResponse:
+    @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=_PREDICT_BODY)
+    async def predict(self, request: Request) -> PredictResponse:
         t0 = time.perf_counter()
+        req = parse_body(await read_body(request, self.opts.max_body_bytes), PredictRequest)
         n = len(req.inputs)
         if n == 0:
             raise HTTPException(400, "`inputs` is empty: send at least one text or token id list")
         if n > self.opts.max_inputs_per_request:
             raise HTTPException(413, f"too many inputs: {n} in one request, at most "
                                      f"{self.opts.max_inputs_per_request}; split the request")
-        for i, x in enumerate(req.inputs):
-            if (isinstance(x, str) and not x.strip()) or (isinstance(x, list) and not x):
-                raise HTTPException(400, f"`inputs[{i}]` is empty")
-            if isinstance(x, str) and self.model.tokenizer is None:
-                raise HTTPException(400, "this model has no tokenizer: send token id lists")
+        check_inputs(req.inputs, vocab_size=self.vocab_size, max_chars=self.opts.max_input_chars,
+                     has_tokenizer=self.model.tokenizer is not None)
         if req.task is not None and req.task not in self.model.tasks:
             raise HTTPException(400, f"unknown task {req.task!r} (known: {', '.join(self.model.tasks)})")
         router = req.router or self.model.router
@@ -161,6 +181,9 @@ class RoutedServer:
         if req.task is None and (router == "oracle" or router == "none") and len(self.model.tasks) > 1:
             raise HTTPException(400, f"router {router!r} needs `task` (one of {', '.join(self.model.tasks)})")
         results = await asyncio.gather(*[self._predict_batch((x, req.task, router)) for x in req.inputs])
+        for i, r in enumerate(results):
+            if "error" in r:
+                raise HTTPException(422, f"`inputs[{i}]` could not be processed: {r['error']}")
         return PredictResponse(predictions=[Prediction(**r) for r in results], router=router,
                                took_ms=round(1000 * (time.perf_counter() - t0), 3))
 
@@ -171,16 +194,33 @@ class RoutedServer:
         return await asyncio.to_thread(self._run, items)
 
     def _run(self, items: list[tuple[Any, str | None, str]]) -> list[dict[str, Any]]:
+        """One forward pass per router over the batch; if it raises, each of its inputs is run
+        alone, so only the input that fails gets an error ({"error": message})."""
         out: list[dict[str, Any] | None] = [None] * len(items)
         by_router: dict[str, list[int]] = {}
         for i, (_, _, router) in enumerate(items):
             by_router.setdefault(router, []).append(i)
         for router, idx in by_router.items():
-            preds = self.model.predict([items[i][0] for i in idx], [items[i][1] for i in idx], router=router,
-                                       max_length=self.opts.max_length)
+            try:
+                preds = self._forward([items[i] for i in idx], router)
+            except Exception as err:  # noqa: BLE001 - isolate the input that caused it
+                log.warning("a batch of %d failed (%s: %s); running its inputs one by one", len(idx),
+                            type(err).__name__, err)
+                preds = []
+                for i in idx:
+                    try:
+                        preds.extend(self._forward([items[i]], router))
+                    except Exception as one:  # noqa: BLE001 - this input's own failure, reported to its caller
+                        preds.append({"error": f"{type(one).__name__}: {one}"})
             for i, p in zip(idx, preds):
                 out[i] = p
         return out  # type: ignore[return-value]
+
+    def _forward(self, items: list[tuple[Any, str | None, str]], router: str) -> list[dict[str, Any]]:
+        if self.opts.debug_fail_input is not None and any(x == self.opts.debug_fail_input for x, _, _ in items):
+            raise RuntimeError(f"debug_fail_input {self.opts.debug_fail_input!r} in the batch")
+        return self.model.predict([x for x, _, _ in items], [t for _, t, _ in items], router=router,
+                                  max_length=self.max_length)
 
 
 def deployment_options(spec: Any, max_queued_requests: int | None = None) -> dict[str, Any]:
@@ -196,13 +236,16 @@ def deployment_options(spec: Any, max_queued_requests: int | None = None) -> dic
     return opts
 
 
-def build(options: ServeOptions | dict[str, Any], spec: Any = None, max_queued_requests: int | None = None):
-    """The bound Serve application for a model directory."""
+def build(options: ServeOptions | dict[str, Any], spec: Any = None, max_queued_requests: int | None = None,
+          constructor_retries: int | None = None):
+    """The bound Serve application for a model directory. constructor_retries: how often Serve
+    tries to start a replica before the deployment fails (default: Ray Serve's)."""
     from esm_ray.spec import ServeSpec
 
     spec = spec or ServeSpec()
     opts = options if isinstance(options, ServeOptions) else ServeOptions.model_validate(options)
-    dep = RoutedServer.options(**deployment_options(spec, max_queued_requests))
+    extra = {} if constructor_retries is None else {"max_constructor_retry_count": constructor_retries}
+    dep = RoutedServer.options(**deployment_options(spec, max_queued_requests), **extra)
     return dep.bind(opts.model_dump())
 
 
@@ -218,7 +261,8 @@ def app_builder(args: dict[str, Any]):
     knobs = {k: args.pop(k) for k in ("num_replicas", "num_cpus", "num_gpus", "max_ongoing_requests")
              if k in args}
     queued = args.pop("max_queued_requests", None)
-    for k in ("max_batch_size", "batch_wait_timeout_s", "max_inputs_per_request"):
+    for k in ("max_batch_size", "batch_wait_timeout_s", "max_inputs_per_request", "max_body_bytes",
+              "max_input_chars"):
         if k in args:
             knobs[k] = args[k]
     spec = ServeSpec(**knobs)

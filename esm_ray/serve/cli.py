@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 
 from esm_ray.errors import SpecError
@@ -20,8 +21,12 @@ def _heads(values: list[str]) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from esm_ray.raylocal import loopback_env
+
+    if not args.address:
+        loopback_env()  # the private Ray stays on 127.0.0.1: set before Ray is first imported
     from esm_ray.serve.app import ServeOptions
-    from esm_ray.serve.runner import start, stop
+    from esm_ray.serve.runner import ReplicaFailed, start, stop
     from esm_ray.spec import ServeSpec, load_spec
 
     base = ServeSpec()
@@ -31,14 +36,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host, "port": args.port, "num_replicas": args.replicas, "num_cpus": args.num_cpus,
         "num_gpus": args.num_gpus, "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s, "max_ongoing_requests": args.max_ongoing_requests,
-        "max_inputs_per_request": args.max_inputs}.items() if v is not None}
+        "max_inputs_per_request": args.max_inputs, "max_body_bytes": args.max_body_bytes,
+        "max_input_chars": args.max_input_chars}.items() if v is not None}
     spec = ServeSpec.model_validate({**base.model_dump(), **updates})
     opts = ServeOptions(model_dir=args.dir, router=args.router, heads=_heads(args.head or []),
                         max_inputs_per_request=spec.max_inputs_per_request, max_length=args.max_length,
                         max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
+                        max_body_bytes=spec.max_body_bytes, max_input_chars=spec.max_input_chars,
                         threads=max(1, int(spec.num_cpus)))
     queued = args.max_queued_requests if args.max_queued_requests is not None else 4 * spec.max_ongoing_requests
-    running = start(opts, spec, max_queued_requests=queued, address=args.address, name=args.name)
+    try:
+        running = start(opts, spec, max_queued_requests=queued, address=args.address, name=args.name)
+    except ReplicaFailed as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
     print(f"serving {args.dir} on {running.url}  (POST /v1/predict, GET /v1/model, GET /healthz, docs at /docs)",
           flush=True)
     done = threading.Event()
@@ -66,7 +77,11 @@ def register(sub) -> None:
     p.add_argument("--max-queued-requests", type=int,
                    help="requests waiting beyond that before 503 (default 4 x max-ongoing-requests; -1 = no limit)")
     p.add_argument("--max-inputs", type=int, help="inputs per request before 413")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per input (longer inputs are truncated)")
+    p.add_argument("--max-body-bytes", type=int, help="request body bytes before 413 (default 1 MiB)")
+    p.add_argument("--max-input-chars", type=int, help="characters (or token ids) per input before 413 "
+                                                       "(default 20000)")
+    p.add_argument("--max-length", type=int, default=128,
+                   help="tokens per input (longer inputs are truncated; never above the model's position limit)")
     p.add_argument("--router", choices=["prototype", "sim", "oracle", "none"], help="default router")
     p.add_argument("--head", action="append", metavar="TASK=PATH",
                    help="a task head from an expert directory or head file (repeatable)")

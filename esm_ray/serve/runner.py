@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -13,9 +13,6 @@ from esm_ray.spec import ServeSpec
 
 log = logging.getLogger("esm_ray.serve")
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 @dataclass
 class Running:
     """A started application: its URL and what to undo on stop."""
@@ -23,6 +20,43 @@ class Running:
     url: str
     name: str
     started_ray: bool
+
+
+class ReplicaFailed(Exception):
+    """A replica could not start for a reason that is not the input's (exit 1 at the CLI)."""
+
+
+_ERROR_LINE = re.compile(r"esm_ray\.errors\.(\w+Error): (.+)")
+_LAST_ERROR = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.M)
+
+
+def _deployment_messages(name: str) -> str:
+    """What Serve says about the application's deployments (a failed replica's traceback)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(name)
+    except Exception:  # noqa: BLE001 - only used to word the error; the failure itself is reported anyway
+        return ""
+    if app is None:
+        return ""
+    return "\n".join([app.message or ""] + [d.message or "" for d in app.deployments.values()])
+
+
+def replica_failure(text: str) -> Exception:
+    """The cause of a failed deployment in one line: an esm-ray error (bad model directory, head,
+    spec) comes back as that error class; anything else as ReplicaFailed."""
+    from esm_ray import errors
+
+    found = _ERROR_LINE.findall(text)
+    if found:
+        cls, msg = found[-1]
+        kind = getattr(errors, cls, errors.InputError)
+        return (kind if isinstance(kind, type) and issubclass(kind, errors.EsmRayError) else errors.InputError)(
+            f"the model could not be served: {msg.strip()}")
+    causes = _LAST_ERROR.findall(text)
+    line = f"{causes[-1][0]}: {causes[-1][1].strip()}" if causes else (text.strip().splitlines() or [repr(err)])[-1]
+    return ReplicaFailed(f"the model could not be served: {line}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -35,7 +69,12 @@ def start(options: ServeOptions | dict[str, Any], spec: ServeSpec | None = None,
           max_queued_requests: int | None = None, address: str | None = None, name: str = "esm-ray",
           route_prefix: str = "/", num_cpus: int | None = None) -> Running:
     """Deploy the model and return once it answers. Starts a private Ray when none is running
-    and no address is given (bound to loopback when the HTTP host is loopback)."""
+    and no address is given; that Ray listens on 127.0.0.1 only, whatever the HTTP host
+    (esm_ray.raylocal)."""
+    from esm_ray.raylocal import connect, init_private, loopback_env
+
+    if not address:
+        loopback_env()
     import ray
     from ray import serve
 
@@ -43,14 +82,20 @@ def start(options: ServeOptions | dict[str, Any], spec: ServeSpec | None = None,
     started = False
     if not ray.is_initialized():
         if address:
-            ray.init(address=address)
+            connect(address)
         else:
-            if spec.host in LOOPBACK:
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            init_private(num_cpus)
             started = True
     serve.start(http_options={"host": spec.host, "port": spec.port})
-    serve.run(build(options, spec, max_queued_requests), name=name, route_prefix=route_prefix)
+    try:
+        serve.run(build(options, spec, max_queued_requests, constructor_retries=1), name=name,
+                  route_prefix=route_prefix)
+    except Exception as err:  # noqa: BLE001 - Serve reports a replica that cannot start as a long traceback
+        text = f"{err}\n{_deployment_messages(name)}"
+        if started:
+            serve.shutdown()
+            ray.shutdown()
+        raise replica_failure(text) from None
     host = f"[{spec.host}]" if ":" in spec.host else spec.host
     url = f"http://{host}:{spec.port}{route_prefix.rstrip('/')}"
     log.info("serving on %s", url)

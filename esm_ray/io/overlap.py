@@ -26,8 +26,12 @@ __all__ = ["check_no_overlap", "relation"]
 
 
 def _local(path: str) -> tuple[str, ...]:
-    p = Path(os.path.abspath(os.path.expanduser(path))).resolve()
-    return p.parts
+    p = Path(os.path.expanduser(path))
+    p = p if p.is_absolute() else Path.cwd() / p  # `..` is applied after the links before it
+    try:
+        return p.resolve().parts
+    except (OSError, RuntimeError):  # a link loop: compared as written (opening it fails anyway)
+        return Path(os.path.abspath(p)).parts
 
 
 def _s3_forms(u: Uri) -> list[tuple[str, ...]]:

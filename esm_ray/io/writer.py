@@ -42,8 +42,7 @@ from esm_ray.io import s3 as s3io
 from esm_ray.io.format import CODES, encode_header, tensor_bytes
 from esm_ray.io.guard import MARKER_KEY, check_replaceable, marker
 from esm_ray.io.model_files import model_files
-from esm_ray.io.staging import _OWNER, _owner, aside_path, make_staging, recover_leftovers, remove_tree
-from esm_ray.io.staging import dead_owner as _stale
+from esm_ray.io.staging import aside_path, make_staging, recover_leftovers, remove_tree
 from esm_ray.io.uri import Uri, parse_uri
 from esm_ray.spec import S3Options, parse_size
 

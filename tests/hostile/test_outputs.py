@@ -75,6 +75,10 @@ def test_relation_compares_whole_path_segments(tmp_path):
     assert relation(str(tmp_path / "alias"), str(tmp_path / "models" / "e")) == "is"
     assert relation(str(tmp_path / "alias" / "out"), str(tmp_path / "models" / "e")) == "lies inside"
     assert relation(str(tmp_path / "models"), "s3://b/models") is None
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    (tmp_path / "ylink").symlink_to(tmp_path / "x" / "y")  # `..` after a link leaves the link's target
+    assert relation(str(tmp_path / "ylink" / ".." / "models"), str(tmp_path / "x" / "models" / "e")) == "contains"
+    assert relation(str(tmp_path / "ylink" / ".." / "models"), str(tmp_path / "models" / "e")) is None
 
 
 def test_output_equal_to_an_expert_is_refused(tiny_llama, tmp_path, capsys):

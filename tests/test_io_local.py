@@ -528,7 +528,8 @@ def test_staging_of_a_killed_writer_is_removed_by_the_next_one(tmp_path):
 def test_staging_owner_pid_reused_by_another_process_counts_as_dead(tmp_path):
     import socket
 
-    from esm_ray.io.writer import _OWNER, _owner, _stale
+    from esm_ray.io.staging import _OWNER, _owner
+    from esm_ray.io.staging import dead_owner as _stale
 
     d = tmp_path / ".x.partial-1"
     d.mkdir()

@@ -208,8 +208,14 @@ def test_existing_output_refused_unless_overwrite(tiny_llama, tmp_path, capsys):
     assert main(["merge", str(spec), "--no-progress"]) == 2
     assert str(out) in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
+    # overwrite replaces only an esm-ray output: a folder with the user's data is left alone
+    assert main(["merge", str(spec), "--no-progress", "--overwrite"]) == 2
+    assert "not an esm-ray output" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()  # an empty folder may be used
     assert main(["merge", str(spec), "--no-progress", "--overwrite"]) == 0
-    assert (out / "model.safetensors.index.json").exists() and not (out / "keep.txt").exists()
+    assert main(["merge", str(spec), "--no-progress", "--overwrite"]) == 0  # and an esm-ray output replaced
+    assert (out / "model.safetensors.index.json").exists()
 
 
 def test_methods_command_lists_parameters(capsys):

@@ -27,6 +27,7 @@ import torch
 from esm_ray.errors import InputError
 from esm_ray.io import s3 as s3io
 from esm_ray.io.format import Header, TensorMeta, header_length, parse_header
+from esm_ray.io.model_files import check_link
 from esm_ray.io.uri import Uri, parse_uri
 from esm_ray.spec import S3Options
 
@@ -101,6 +102,8 @@ class _LocalStore:
             raise InputError(f"{self.where(rel)}: cannot read: {err.strerror or err}") from None
 
     def read_all(self, rel: str) -> bytes:
+        if not self.single:
+            check_link(self.root, rel)  # a link out of the model directory is never read
         try:
             return self._path(rel).read_bytes()
         except OSError as err:

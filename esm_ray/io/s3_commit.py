@@ -32,15 +32,15 @@ from dataclasses import dataclass, field
 
 from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
+from esm_ray.io.guard import MARKER_FORMAT, MARKER_KEY
 
 __all__ = ["INDEX_NAME", "MARKER", "Output", "PrefixState", "check", "check_writable", "clean_leftovers",
-           "index_metadata", "inspect", "new_job", "publish", "read_output", "shard_name", "staging_prefix"]
+           "inspect", "new_job", "publish", "read_output", "shard_name", "staging_prefix"]
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
-MARKER = "esm_ray"  # key of esm-ray's record in the index's metadata
-FORMAT = 1
+MARKER, FORMAT = MARKER_KEY, MARKER_FORMAT  # esm-ray's record in the index's metadata (io.guard)
 _SHARD = re.compile(r"^model-[0-9a-f]{8}-\d{5}-of-\d{5}\.safetensors$")
 _PROBE = re.compile(r"^\.esm-ray-probe-[0-9a-f]+$")
 _STAGED = re.compile(r"^\.partial-[0-9a-f]+/")
@@ -58,11 +58,6 @@ def shard_name(job: str, i: int, n: int) -> str:
 
 def staging_prefix(prefix: str, job: str) -> str:
     return f"{prefix}.partial-{job}/"
-
-
-def index_metadata(job: str, files) -> dict[str, object]:
-    """esm-ray's record for the index's metadata: the job and every non-shard file written."""
-    return {MARKER: {"format": FORMAT, "job": job, "files": sorted(files)}}
 
 
 def _is_relpath(rel: object) -> bool:

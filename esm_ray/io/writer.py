@@ -4,9 +4,11 @@ Tensors are buffered until the next one would push the shard past `max_shard_byt
 shard is written (only one shard is ever held). Shard names model-0000i-of-0000N.safetensors
 depend on N, known only at commit, so shards are staged under temporary names:
 
-- local: everything goes into a sibling `.<name>.partial-<random>` directory, renamed onto the
-  final path at commit (an existing output, with overwrite=True, is moved aside and removed only
-  after that rename succeeded);
+- local: everything goes into a sibling `.<name>.partial-<owner>-<random>` directory, renamed
+  onto the final path at commit (an existing output, with overwrite=True, is moved aside to
+  `.<name>.old-<owner>-<random>` and removed only after that rename succeeded; io.staging
+  cleans up after a writer killed at any point, io.guard says which existing folder may be
+  replaced: only an esm-ray output, marked in its index);
 - S3 (esm_ray/io/s3_commit.py): shards are named after the write's job token
   (model-<job>-0000i-of-0000N.safetensors), so they never replace the old output's; other files
   are staged under `<prefix>/.partial-<job>/`. Commit copies the staged objects to their keys and
@@ -27,12 +29,10 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from glob import escape as glob_escape
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
 from esm_ray.io import s3_commit as s3c
 from esm_ray.io.format import CODES, encode_header, tensor_bytes
+from esm_ray.io.guard import MARKER_KEY, check_replaceable, marker
+from esm_ray.io.model_files import model_files
+from esm_ray.io.staging import aside_path, make_staging, recover_leftovers, remove_tree
 from esm_ray.io.uri import Uri, parse_uri
 from esm_ray.spec import S3Options, parse_size
 
@@ -189,59 +192,10 @@ class _OpenShard:
             pass
 
 
-_OWNER = ".esm-ray-owner.json"  # in a local staging directory: which process writes it
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of process `pid` (Linux /proc, in clock ticks since boot), '' where /proc
-    is missing but the process exists, None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except FileNotFoundError:
-        if Path("/proc/self/stat").exists():
-            return None
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except (OSError, ValueError):
-        pass
-    return ""
-
-
-def _owner() -> dict[str, object]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
-
-
-def _stale(staging: Path) -> int | None:
-    """The pid of the dead process that left `staging`, or None when it may still be alive or
-    its owner is unknown (another host, no owner record: left alone)."""
-    try:
-        rec = json.loads((staging / _OWNER).read_text())
-        pid = int(rec["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if rec.get("host") != socket.gethostname():
-        return None
-    start = _process_start(pid)
-    return pid if start is None or (start and rec.get("start") and start != rec.get("start")) else None
-
-
 def remove_stale_staging(final: Path) -> list[Path]:
-    """Remove the staging directories of `final` left by writers on this host that were killed
-    before they could commit or abort; return what was removed."""
-    removed = []
-    for d in final.parent.glob(f".{glob_escape(final.name)}.partial-*"):
-        pid = _stale(d) if d.is_dir() and not d.is_symlink() else None
-        if pid is not None:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-            log.warning("%s: removed %s, the staging directory of an earlier write (pid %d) that was "
-                        "killed before it finished", final, d.name, pid)
-    return removed
+    """Clean up what writers of `final` on this host left when they were killed: their staging
+    directories, and old outputs their commit had moved aside (see io.staging)."""
+    return recover_leftovers(final)
 
 
 class _LocalTarget:
@@ -249,13 +203,19 @@ class _LocalTarget:
         self.final = Path(uri.path)
         self.overwrite = overwrite
         self.fsync = fsync
-        if self.final.exists() and not overwrite:
-            raise OutputError(f"{self.final}: output already exists; choose another path or pass overwrite")
+        try:
+            if self.final.parent.is_dir():
+                recover_leftovers(self.final)
+        except OSError as err:
+            raise OutputError(f"{self.final}: cannot clean up earlier writes in {self.final.parent}: "
+                              f"{err.strerror or err}") from None
+        if self.final.exists() or self.final.is_symlink():
+            if not overwrite:
+                raise OutputError(f"{self.final}: output already exists; choose another path or pass overwrite")
+            check_replaceable(self.final)
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_staging(self.final)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
-            (self.tmp / _OWNER).write_text(json.dumps(_owner()))
+            self.tmp = make_staging(self.final)
         except OSError as err:
             raise OutputError(f"{self.final}: cannot create the output's staging directory in "
                               f"{self.final.parent}: {err.strerror or err}") from None
@@ -302,14 +262,14 @@ class _LocalTarget:
                 if s.staged != shard_name(s.index, n):
                     os.rename(self.tmp / s.staged, self.tmp / shard_name(s.index, n))
             self.put_file(INDEX_NAME, index)  # last file of the output
-            (self.tmp / _OWNER).unlink(missing_ok=True)
             _fsync_dir(self.tmp)
             old = None
             if self.final.exists() or self.final.is_symlink():
                 if not self.overwrite:
                     raise OutputError(f"{self.final}: output appeared while writing; not replacing "
                                       "it without overwrite")
-                old = self.final.parent / f".{self.final.name}.old-{secrets.token_hex(4)}"
+                check_replaceable(self.final)  # again: something may have been put there meanwhile
+                old = aside_path(self.final)  # owned by this process: a kill leaves it recoverable
                 os.rename(self.final, old)
             try:
                 os.rename(self.tmp, self.final)
@@ -319,10 +279,7 @@ class _LocalTarget:
                 raise
             _fsync_dir(self.final.parent)
             if old is not None:
-                if old.is_dir() and not old.is_symlink():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    old.unlink(missing_ok=True)
+                remove_tree(old)
         return len(index)
 
     def abort(self) -> None:
@@ -353,9 +310,6 @@ class _S3Target:
 
     def shard_name(self, i: int, n: int) -> str:
         return s3c.shard_name(self.job, i, n)
-
-    def index_metadata(self) -> dict[str, object]:
-        return s3c.index_metadata(self.job, self.staged)
 
     def _upload(self, key: str, chunks: Iterable, what: str) -> s3io.UploadResult:
         with s3io.s3_errors(str(self.uri), write=True, what=what):
@@ -410,9 +364,10 @@ class ShardedWriter:
 
     Use as a context manager; a clean exit commits (if commit() was not called), an exception
     aborts. `add` keeps a reference to each tensor until its shard is written: do not modify a
-    tensor in place after adding it. overwrite=True replaces the directory (local), or on S3 the
-    esm-ray output under the prefix (its index, shards and files; nothing else there, and a prefix
-    holding other objects but no esm-ray output is refused) at commit.
+    tensor in place after adding it. overwrite=True replaces, at commit, only an esm-ray output:
+    locally a directory holding nothing but what esm-ray wrote (io.guard), on S3 the output under
+    the prefix (its index, shards and files; nothing else there, and a prefix holding other
+    objects but no esm-ray output is refused).
 
     Options: `metadata` goes into every shard's __metadata__; `part_size` is the S3 multipart
     part size (>= 5 MiB; shards up to one part are a single PUT); `fsync` local files before the
@@ -641,10 +596,11 @@ class ShardedWriter:
         self._account_file(rel, n, t0)
 
     def copy_aux_from(self, reader, skip: Iterable[str] = ()) -> list[str]:
-        """Copy a ModelReader's auxiliary files (config, tokenizer, ...) except `skip`."""
+        """Copy the files a model directory needs (io.model_files: config, tokenizer, ...) from a
+        ModelReader, except `skip`; never subfolders or other files."""
         skip = set(skip)
         done = []
-        for name in reader.aux_names():
+        for name in model_files(reader.aux_names()):
             if name not in skip:
                 self.write_file(name, reader.read_aux(name))
                 done.append(name)
@@ -674,8 +630,11 @@ class ShardedWriter:
                                   f"{len(self._names)} were added")
             n = len(self.shards)
             names = {s.index: self._shard_name(s.index, n) for s in self.shards}
-            own = self._target.index_metadata() if self.uri.is_s3 else {}
-            index = {"metadata": {**dict(extra_metadata or {}), **own, "total_size": self.stats.tensor_bytes},
+            record = marker([*names.values(), *self._files])  # the marker of an esm-ray output (io.guard)
+            if self.uri.is_s3:
+                record["job"] = self._target.job
+            index = {"metadata": {**dict(extra_metadata or {}), "total_size": self.stats.tensor_bytes,
+                                  MARKER_KEY: record},
                      "weight_map": {name: names[k] for name, k in self._weight_map.items()}}
             body = (json.dumps(index, indent=2) + "\n").encode("utf-8")
             t0 = time.perf_counter()
@@ -747,8 +706,10 @@ def check_writable(uri: str, overwrite: bool = False, s3: S3Options | None = Non
             s3c.check_writable(s3io.make_client(s3), u.bucket, u.dir_prefix, str(u), overwrite)
         return
     p = Path(u.path)
-    if (p.exists() or p.is_symlink()) and not overwrite:
-        raise OutputError(f"{p}: output already exists; choose another path or pass overwrite")
+    if p.exists() or p.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{p}: output already exists; choose another path or pass overwrite")
+        check_replaceable(p)
     anc = p.parent
     while not anc.exists():
         if anc.parent == anc:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import esm_ray
+from esm_ray.io.model_files import model_files
 from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
@@ -40,8 +41,6 @@ from esm_ray.runtime.resume import ResumeStore
 from esm_ray.runtime.sinks import OutputSink, PostStage, SpillSink
 
 log = logging.getLogger("esm_ray.job")
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 @dataclass
@@ -330,9 +329,7 @@ class MergeJob:
 
     def _write_aux(self, writer: ShardedWriter, base, report: dict[str, Any]) -> None:
         out_dtype = str(self.plan.out_dtype).removeprefix("torch.")
-        for name in base.aux_names():
-            if name in WEIGHT_FILES or name.endswith(".safetensors") or name == "merge_report.json":
-                continue
+        for name in model_files(base.aux_names()):  # config, tokenizer, ...: never subfolders
             data = base.read_aux(name)
             if name == "config.json":
                 cfg = json.loads(data)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from esm_ray.errors import InputError, SpecError
+from esm_ray.io.overlap import check_no_overlap
 from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import check_writable
@@ -174,6 +175,21 @@ def check_needs(spec: MergeSpec, needs: Needs, what: str, base_config: dict | No
         raise SpecError(f"field `method.name`: {what} needs labelled data, which a merge spec cannot give")
 
 
+def spec_inputs(spec: MergeSpec, needs_stats: bool) -> list[tuple[str, str]]:
+    """(field, location) of everything a merge reads or keeps: base, experts, their calibration
+    data and the calibration cache (when statistics are computed or the cache is named)."""
+    out = [("base", spec.base)]
+    for i, e in enumerate(spec.experts):
+        out.append((f"experts.{i}.model", e.model))
+        if e.data:
+            out.append((f"experts.{i}.data", e.data))
+    if needs_stats or spec.calibration.cache_dir:
+        from esm_ray.stats.calibrate import cache_root
+
+        out.append(("calibration.cache_dir", str(cache_root(spec.calibration))))
+    return out
+
+
 def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     """Validate everything that can be checked without computing. Raises EsmRayError subclasses."""
     t = len(spec.experts)
@@ -185,6 +201,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         purifier = build_purifier(spec.purify.name, spec.purify.params, n_experts=t, seed=spec.seed)
     needs = method.needs() | (purifier.needs() if purifier is not None else Needs())
     what = f"method {spec.method.name!r}" + (f" with {spec.purify.name}" if spec.purify else "")
+    check_no_overlap(spec.output, spec_inputs(spec, needs.stats))
     aux_names: list[list[str]] = []
 
     base = open_model(spec.base, spec.s3)

@@ -168,13 +168,29 @@ class Needs:
         return out + (["task heads (encoders)"] if self.heads else []) + (["labels"] if self.labels else [])
 
 
-class MergeMethod(ABC, Generic[P]):
-    """A merge method, generic over its own parameter model: `class Ties(MergeMethod[TiesParams])`
-    sets `Params` and types `self.params`. Set the class attributes, register with @register."""
+class Parametrised(ABC, Generic[P]):
+    """A method or purifier with its own parameter model: `class Ties(MergeMethod[TiesParams])`
+    sets `Params` (what the registry validates a spec's `params` with) and types `self.params`."""
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
     params: P
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        params = _params_of(cls)
+        if params is not None and "Params" not in cls.__dict__:
+            cls.Params = params
+
+    def __init__(self, params: P, n_experts: int, seed: int = 0) -> None:
+        self.params = params
+        self.n_experts = n_experts
+        self.seed = seed
+
+
+class MergeMethod(Parametrised[P]):
+    """A merge method, generic over its own parameter model. Set the class attributes,
+    implement `fuse` (and the optional stages below), register with @register."""
     summary: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
@@ -189,17 +205,6 @@ class MergeMethod(ABC, Generic[P]):
     # over a tensor, no per-tensor randomness): the local executor may then merge a large
     # tensor in row blocks and never hold it whole in float32.
     elementwise: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        params = _params_of(cls)
-        if params is not None and "Params" not in cls.__dict__:
-            cls.Params = params
-
-    def __init__(self, params: P, n_experts: int, seed: int = 0) -> None:
-        self.params = params
-        self.n_experts = n_experts
-        self.seed = seed
 
     def needs(self) -> Needs:
         """Everything this method needs, from its declarations (checked once by the plan)."""
@@ -293,27 +298,12 @@ class MergeMethod(ABC, Generic[P]):
         return None
 
 
-class Purifier(ABC, Generic[P]):
+class Purifier(Parametrised[P]):
     """Replaces an expert tensor by a purified one before the method's ``prepare``; generic over
     its parameter model like MergeMethod."""
-
-    name: ClassVar[str]
-    Params: ClassVar[type[MethodParams]] = MethodParams
-    params: P
     summary: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = True
     decomposes: ClassVar[bool] = False  # prepass / purify run on the worker's device
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        params = _params_of(cls)
-        if params is not None and "Params" not in cls.__dict__:
-            cls.Params = params
-
-    def __init__(self, params: P, n_experts: int, seed: int = 0) -> None:
-        self.params = params
-        self.n_experts = n_experts
-        self.seed = seed
 
     def needs(self) -> Needs:
         return Needs(stats=self.needs_stats)

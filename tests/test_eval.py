@@ -15,7 +15,7 @@ from esm_ray.eval.metrics import evaluate_encoder, evaluate_lm, evaluate_probe, 
 from esm_ray.eval.report import ReportTable, Row, to_markdown, write_report
 from esm_ray.eval.sweep import ScaledModel, golden_section_max, search_alpha, select_lambda, sweep
 from esm_ray.spec import spec_from_dict
-from esm_ray.zoo.encoder import features, load_tokenizer, mean_pool
+from esm_ray.models.encoder import features, load_tokenizer, mean_pool
 from esm_ray.zoo.layout import open_zoo, write_json, write_jsonl
 
 WORDS = ["good", "bad", "film", "plot", "great", "awful", "the", "a", "is", "was", "very", "not"]
@@ -99,7 +99,7 @@ def test_missing_encoder_weights_are_an_error(fake_zoo: Path, tmp_path: Path):
 
 
 def test_mean_pooling_ignores_padding(fake_zoo: Path):
-    from esm_ray.zoo.encoder import load_encoder
+    from esm_ray.models.encoder import load_encoder
 
     model, tok = load_encoder(fake_zoo / "base"), load_tokenizer(fake_zoo / "base")
     alone = features(model, tok, ["good"])

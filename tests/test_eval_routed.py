@@ -95,7 +95,8 @@ def _by_hand(out: Path, zoo_dir: Path, router: str) -> dict:
     """Per task, one sample at a time: accuracy with the zoo's head of the true task, and the
     routed task of each sample."""
     from esm_ray.routed import load_routed
-    from esm_ray.zoo.encoder import load_head, load_tokenizer
+    from esm_ray.models.encoder import load_tokenizer
+    from esm_ray.models.heads import load_head
 
     zoo = open_zoo(zoo_dir)
     rm = load_routed(out)

@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from esm_ray.core.routing import DEFAULT_ROUTED_LAYERS, fit_subspace, pooled_features, stack_subspaces
+from esm_ray.routed.format import DEFAULT_ROUTED_LAYERS
+from esm_ray.core.routing import fit_subspace, stack_subspaces
+from esm_ray.models.features import pooled_features
 from esm_ray.routed import Head, SimRouter, build_routed, load_routed, routed_modules
 from esm_ray.spec import CalibrationSpec
 from tests.fixtures.models import _bert_config

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from esm_ray.core.routing import (
-    apply_routed, cosine_scores, fit_subspace, prototype_route, residual_expert, sim_residuals, sim_route,
-    stack_experts, stack_subspaces, token_mean, vote,
+    apply_routed,
+    cosine_scores,
+    fit_subspace,
+    prototype_route,
+    residual_expert,
+    sim_residuals,
+    sim_route,
+    stack_experts,
+    stack_subspaces,
+    token_mean,
+    vote,
 )
 from esm_ray.routed.layers import RoutedLinear, RoutingState
 

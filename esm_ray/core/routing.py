@@ -27,9 +27,7 @@ its batch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -255,27 +253,6 @@ def stack_subspaces(spaces: list[TaskSubspace]) -> tuple[Tensor, Tensor]:
 # ---- features ---------------------------------------------------------------------------------
 
 
-def last_hidden(output: Any) -> Tensor:
-    """The last hidden state of a Hugging Face model output (encoders and causal LMs)."""
-    h = getattr(output, "last_hidden_state", None)
-    if h is None:
-        hs = getattr(output, "hidden_states", None)
-        if not hs:
-            raise ValueError("model output has neither last_hidden_state nor hidden_states")
-        h = hs[-1]
-    return h
-
-
-@torch.no_grad()
-def pooled_features(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Mean of the last hidden state over each sample's non-padding tokens. (N, hidden) float32."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    return token_mean(last_hidden(out), attention_mask).float()
-
-
-# ---- the sample-level task of a layer-wise routed forward ----------------------------------
-
-
 def vote(layer_choices: Tensor, n_tasks: int, layer_scores: Tensor | None = None) -> Tensor:
     """One task per sample from per-layer choices (N, L): the most used expert; ties go to
     the larger mean score when scores (N, L, T) are given, else to the lower task index."""
@@ -286,146 +263,3 @@ def vote(layer_choices: Tensor, n_tasks: int, layer_scores: Tensor | None = None
         # scores are cosines in [-1, 1]: ±0.25 · mean breaks ties but never overturns a count
         counts = counts + 0.25 * layer_scores.to(torch.float64).mean(1)
     return counts.argmax(-1)
-
-
-# Routed linears by default: every attention and MLP linear of a block, as in the RoBERTa
-# recipe of ESM++ (BERT/RoBERTa: query, key, value, attention output, intermediate, output;
-# LLaMA: q/k/v/o projections, gate, up, down). Matched with re.search on module names.
-DEFAULT_ROUTED_LAYERS = (
-    r"(^|\.)(encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)"
-    r"|layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)))$"
-)
-
-RouterKind = Literal["prototype", "sim", "oracle", "none"]
-ROUTER_KINDS: tuple[str, ...] = ("prototype", "sim", "oracle", "none")
-
-# ---- the routed directory (written by the esm_pp / sim methods, read by esm_ray.routed) -----
-
-ROUTED_FORMAT = "esm-ray/routed/1"
-MANIFEST_FILE = "routed/manifest.json"
-EXPERTS_FILE = "routed/experts.safetensors"   # "<module>.B" (T, d_out, r), "<module>.A" (T, r, d_in)
-ROUTER_FILE = "routed/router.safetensors"     # "prototype.<module>" (T, d_in); "sim.mean", "sim.basis"
-BACKBONE_FILE = "routed/backbone.safetensors"  # SiM: the pretrained backbone for the feature pass
-HEADS_DIR = "heads"                            # "heads/<task>.safetensors": weight, bias
-SIM_MEAN_KEY = "sim.mean"
-SIM_BASIS_KEY = "sim.basis"
-
-
-def expert_keys(module: str) -> tuple[str, str]:
-    """Keys of a layer's stacked factors in EXPERTS_FILE: (B, A)."""
-    return f"{module}.B", f"{module}.A"
-
-
-def prototype_key(module: str) -> str:
-    return f"prototype.{module}"
-
-
-def head_file(task: str) -> str:
-    """Relative path of a task's head; the task name is made safe for a file name."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task).lstrip(".") or "task"
-    return f"{HEADS_DIR}/{safe}.safetensors"
-
-
-def parse_labels(text: str) -> list[str]:
-    """Labels kept in a head file's metadata: a JSON list (`["2012", "2016"]`) or tab-separated."""
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            got = json.loads(stripped)
-        except json.JSONDecodeError:
-            got = None
-        if isinstance(got, list):
-            return [str(x) for x in got]
-    return text.split("\t")
-
-
-def head_labels(weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None,
-                metadata: dict[str, str] | None, labels: list[str] | None = None) -> list[str]:
-    """A head's labels, checked against its tensors: `labels` if given, else the metadata's
-    "labels" (parse_labels), else the label ids. ValueError when weight [labels, hidden],
-    bias [labels] and the label count disagree."""
-    if len(weight_shape) != 2 or bias_shape is None or tuple(bias_shape) != (weight_shape[0],):
-        raise ValueError(f"head weight {tuple(weight_shape)} and bias "
-                         f"{None if bias_shape is None else tuple(bias_shape)} do not agree "
-                         "(need weight [labels, hidden], bias [labels])")
-    n = int(weight_shape[0])
-    if labels is None and (metadata or {}).get("labels"):
-        labels = parse_labels(str(metadata["labels"]))  # type: ignore[index]
-    labels = [str(x) for x in labels] if labels else [str(i) for i in range(n)]
-    if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for a head with {n} outputs")
-    return labels
-
-
-def safetensors_header(data: bytes) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """({tensor: shape}, metadata) from a safetensors file's bytes, without loading tensors."""
-    if len(data) < 8:
-        raise ValueError("not a safetensors file (shorter than its header length)")
-    size = int.from_bytes(data[:8], "little")
-    if size > len(data) - 8:
-        raise ValueError("not a safetensors file (header longer than the file)")
-    try:
-        header = json.loads(data[8:8 + size])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise ValueError("not a safetensors file (unreadable header)") from None
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file (header is not an object)")
-    meta = header.pop("__metadata__", None) or {}
-    shapes = {k: tuple(int(d) for d in v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}
-    return shapes, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-
-
-def pack_routed(experts: dict[str, tuple[Tensor, Tensor]], prototypes: dict[str, Tensor] | None = None,
-                sim_means: Tensor | None = None, sim_bases: Tensor | None = None,
-                expert_dtype: torch.dtype = torch.float16) -> dict[str, dict[str, Tensor]]:
-    """The tensors of the routed files: {EXPERTS_FILE: {...}, ROUTER_FILE: {...}}.
-
-    experts:    {module: (B (T, d_out, r), A (T, r, d_in))}, stored in expert_dtype
-    prototypes: {module: (T, d_in)}, stored in float32
-    sim_means, sim_bases: (T, d) and (T, d, k), stored in float32
-    """
-    ex: dict[str, Tensor] = {}
-    for module, (b, a) in experts.items():
-        kb, ka = expert_keys(module)
-        ex[kb] = b.to(expert_dtype).contiguous()
-        ex[ka] = a.to(expert_dtype).contiguous()
-    rt: dict[str, Tensor] = {}
-    for module, p in (prototypes or {}).items():
-        rt[prototype_key(module)] = p.to(torch.float32).contiguous()
-    if sim_means is not None and sim_bases is not None:
-        rt[SIM_MEAN_KEY] = sim_means.to(torch.float32).contiguous()
-        rt[SIM_BASIS_KEY] = sim_bases.to(torch.float32).contiguous()
-    return {EXPERTS_FILE: ex, ROUTER_FILE: rt}
-
-
-def unpack_routed(modules: list[str], experts: dict[str, Tensor], router: dict[str, Tensor]
-                  ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor], Tensor | None, Tensor | None]:
-    """Inverse of pack_routed for the listed modules: (experts, prototypes, sim_means, sim_bases)."""
-    ex: dict[str, tuple[Tensor, Tensor]] = {}
-    protos: dict[str, Tensor] = {}
-    for module in modules:
-        kb, ka = expert_keys(module)
-        if kb not in experts or ka not in experts:
-            raise KeyError(f"routed experts of layer {module!r} are missing")
-        ex[module] = (experts[kb], experts[ka])
-        pk = prototype_key(module)
-        if pk in router:
-            protos[module] = router[pk]
-    return ex, protos, router.get(SIM_MEAN_KEY), router.get(SIM_BASIS_KEY)
-
-
-def routed_manifest(*, method: str, tasks: list[str], router: str, rank: int, expert_dtype: str,
-                    layers: dict[str, tuple[int, int]], routers: list[str], sim: dict[str, Any] | None = None,
-                    heads: dict[str, dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
-    """The JSON manifest of a routed directory (MANIFEST_FILE).
-
-    layers: {module: (d_out, d_in)} of the routed linears, in model order
-    routers: the routers the stored state supports, e.g. ["prototype", "sim"]
-    sim:    SiM settings (rank, center, normalize, relative, samples, backbone)
-    heads:  {task: {"file": relative path, "labels": [...]}}
-    """
-    return {"format": ROUTED_FORMAT, "method": method, "tasks": list(tasks), "router": router,
-            "routers": list(routers), "rank": int(rank), "expert_dtype": expert_dtype,
-            "layers": [{"module": m, "d_out": int(o), "d_in": int(i)} for m, (o, i) in layers.items()],
-            "sim": sim, "heads": heads or {}, **extra}

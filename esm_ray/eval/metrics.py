@@ -15,7 +15,8 @@ from typing import Literal, Sequence
 import torch
 
 from esm_ray.errors import InputError
-from esm_ray.zoo.encoder import features, load_head, load_tokenizer, predict
+from esm_ray.models.encoder import features, load_tokenizer, predict
+from esm_ray.models.heads import load_head
 from esm_ray.zoo.layout import Zoo, open_zoo, read_jsonl
 
 Heads = Literal["expert", "probe"]

@@ -18,7 +18,7 @@ from esm_ray.errors import InputError
 from esm_ray.eval.metrics import _as_zoo, _tasks, expert_reference
 from esm_ray.eval.report import Row
 from esm_ray.routed.load import MANIFEST_FILE, head_from, load_routed
-from esm_ray.zoo.encoder import load_tokenizer
+from esm_ray.models.encoder import load_tokenizer
 from esm_ray.zoo.layout import Zoo
 
 log = logging.getLogger("esm_ray.eval")

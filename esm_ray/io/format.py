@@ -157,3 +157,21 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def safetensors_header(data: bytes) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({tensor: shape}, metadata) from a safetensors file's bytes, without loading tensors."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors file (shorter than its header length)")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError("not a safetensors file (header longer than the file)")
+    try:
+        header = json.loads(data[8:8 + size])
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ValueError("not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (header is not an object)")
+    meta = header.pop("__metadata__", None) or {}
+    shapes = {k: tuple(int(d) for d in v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}
+    return shapes, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}

@@ -24,11 +24,18 @@ from pydantic import Field
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from esm_ray.core.routing import (
-    DEFAULT_ROUTED_LAYERS, EXPERTS_FILE, MANIFEST_FILE, ROUTER_FILE, head_file, head_labels, pack_routed,
-    residual_expert, routed_manifest, safetensors_header,
+from esm_ray.routed.format import (
+    DEFAULT_ROUTED_LAYERS,
+    EXPERTS_FILE,
+    MANIFEST_FILE,
+    ROUTER_FILE,
+    head_file,
+    pack_routed,
+    routed_manifest,
 )
-from esm_ray.errors import InputError, SpecError
+from esm_ray.models.heads import read_expert_head
+from esm_ray.core.routing import residual_expert
+from esm_ray.errors import SpecError
 from esm_ray.methods._common import in_expert_order
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Needs, TensorInfo
 from esm_ray.methods.registry import METHODS, build_method, register
@@ -92,32 +99,6 @@ def _inner(params: RoutedParams, n_experts: int, seed: int) -> MergeMethod:
     return inner
 
 
-def read_head(reader: Any) -> tuple[bytes | None, list[str] | None]:
-    """An expert's head.safetensors bytes and its labels (manifest.json's "labels", else the
-    head's metadata: a JSON list or tab-separated), checked here, when the merge reads them:
-    InputError naming the file if weight, bias and labels disagree."""
-    names = set(reader.aux_names())
-    if "head.safetensors" not in names:
-        return None, None
-    head = reader.read_aux("head.safetensors")
-    labels = None
-    if "manifest.json" in names:
-        try:
-            got = json.loads(reader.read_aux("manifest.json")).get("labels")
-            labels = [str(x) for x in got] if isinstance(got, list) else None
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            labels = None
-    where = f"{str(getattr(reader, 'uri', 'expert')).rstrip('/')}/head.safetensors"
-    try:
-        shapes, meta = safetensors_header(head)
-        if "weight" not in shapes or "bias" not in shapes:
-            raise ValueError(f"a head needs 'weight' and 'bias' (has {', '.join(sorted(shapes)) or 'nothing'})")
-        labels = head_labels(shapes["weight"], shapes["bias"], meta, labels)
-    except ValueError as err:
-        raise InputError(f"{where}: {err}") from None
-    return head, labels
-
-
 RP = TypeVar("RP", bound=RoutedParams)
 
 
@@ -174,7 +155,7 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
 
     # ---- support stage: heads (and SiM features in the subclass) -----------------------------
     def support_part(self, side: Any, ctx: ExpertContext) -> SupportPart:
-        head, labels = read_head(side.model)
+        head, labels = read_expert_head(side.model)
         return SupportPart(head=head, labels=labels, base_uri=side.spec.base, s3=side.spec.s3)
 
     def support_fuse(self, parts: list[Any], ctxs: list[ExpertContext]) -> None:

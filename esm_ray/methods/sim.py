@@ -22,10 +22,13 @@ from pydantic import Field
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from esm_ray.core.routing import BACKBONE_FILE, fit_subspace, pooled_features, stack_subspaces
+from esm_ray.routed.format import BACKBONE_FILE
+from esm_ray.core.routing import fit_subspace, stack_subspaces
+from esm_ray.models.features import pooled_features
 from esm_ray.errors import InputError
 from esm_ray.methods.base import ExpertContext
-from esm_ray.methods.esm_pp import ESMPlusPlus, RoutedParams, SupportPart, read_head
+from esm_ray.methods.esm_pp import ESMPlusPlus, RoutedParams, SupportPart
+from esm_ray.models.heads import read_expert_head
 from esm_ray.methods.registry import register
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,7 @@ class SiM(ESMPlusPlus[SimParams]):
         self._fitted_samples = 0
 
     def support_part(self, side: Any, ctx: ExpertContext) -> SupportPart:
-        head, labels = read_head(side.model)
+        head, labels = read_expert_head(side.model)
         feats = support_features(side, self.params.support_samples)
         return SupportPart(head=head, labels=labels, features=feats, base_uri=side.spec.base, s3=side.spec.s3)
 

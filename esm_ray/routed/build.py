@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from esm_ray.core.layerstats import LayerStats
-from esm_ray.core.routing import DEFAULT_ROUTED_LAYERS, residual_expert, stack_experts
+from esm_ray.routed.format import DEFAULT_ROUTED_LAYERS
+from esm_ray.core.routing import residual_expert, stack_experts
 from esm_ray.routed.model import Head, RoutedModel, SimRouter
 
 

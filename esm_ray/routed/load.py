@@ -24,9 +24,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from esm_ray.core.routing import (
-    EXPERTS_FILE, HEADS_DIR, MANIFEST_FILE, ROUTED_FORMAT, ROUTER_FILE, head_labels, unpack_routed,
+from esm_ray.routed.format import (
+    EXPERTS_FILE,
+    HEADS_DIR,
+    MANIFEST_FILE,
+    ROUTED_FORMAT,
+    ROUTER_FILE,
+    unpack_routed,
 )
+from esm_ray.models.heads import head_labels
 from esm_ray.errors import InputError
 from esm_ray.routed.model import Head, RoutedModel, SimRouter
 

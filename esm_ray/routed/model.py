@@ -23,10 +23,17 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from esm_ray.core.routing import (
-    BACKBONE_FILE, EXPERTS_FILE, MANIFEST_FILE, ROUTER_FILE, ROUTER_KINDS, last_hidden, pack_routed,
-    pooled_features, routed_manifest, sim_route, token_mean, vote,
+from esm_ray.routed.format import (
+    BACKBONE_FILE,
+    EXPERTS_FILE,
+    MANIFEST_FILE,
+    ROUTER_FILE,
+    ROUTER_KINDS,
+    pack_routed,
+    routed_manifest,
 )
+from esm_ray.models.features import last_hidden, pooled_features
+from esm_ray.core.routing import sim_route, token_mean, vote
 from esm_ray.routed.layers import RoutedLinear, RoutingState
 
 
@@ -449,7 +456,7 @@ class RoutedModel(nn.Module):
 
     def state_files(self, expert_dtype: str | None = None) -> dict[str, dict[str, Tensor] | bytes]:
         """{relative path: tensors or bytes} of everything but the merged base."""
-        from esm_ray.core.routing import head_file
+        from esm_ray.routed.format import head_file
 
         dt = expert_dtype or self.manifest.get("expert_dtype", "float32")
         experts = {m: (r.expert_B, r.expert_A) for m, r in self.routed.items()}

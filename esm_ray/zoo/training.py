@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from esm_ray.zoo.encoder import batches, embed, features
+from esm_ray.models.encoder import batches, embed, features
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The encoder side of the zoo: mean pooling, linear heads, batching and feature extraction.
+"""Sentence encoders: loading, tokenizing, mean pooling, batching, features and predictions.
 
 Experts and merged models are plain `BertModel` directories; a task head is a separate
 `head.safetensors` with `weight` [n_labels, hidden] and `bias` [n_labels], applied to the
@@ -11,12 +11,8 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from esm_ray.errors import InputError
-
-HEAD_FILE = "head.safetensors"
-
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Average of the token states where mask == 1 (padding excluded)."""
@@ -68,23 +64,6 @@ def features(model, tokenizer, texts: Sequence[str], batch_size: int = 64, max_l
     for idx, b in batches(texts, tokenizer, batch_size, max_length, sort=True):
         out[idx] = embed(model, b).float()
     return out
-
-
-def save_head(head: torch.nn.Linear, path: str | Path, labels: Sequence[str]) -> None:
-    save_file({"weight": head.weight.detach().float().contiguous(), "bias": head.bias.detach().float().contiguous()},
-              str(path), metadata={"labels": "\t".join(labels)})
-
-
-def load_head(path: str | Path) -> torch.nn.Linear:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: task head not found")
-    sd = load_file(str(p))
-    if set(sd) != {"weight", "bias"} or sd["weight"].ndim != 2:
-        raise InputError(f"{p}: a head needs exactly 'weight' [labels, hidden] and 'bias' [labels]")
-    head = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
-    head.load_state_dict(sd)
-    return head.eval()
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 import esm_ray
+from esm_ray.errors import InputError, OutputError
 from esm_ray.io.reader import check_finite, open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
@@ -382,5 +383,17 @@ def _module(name: str, modules: set[str]) -> str | None:
 
 
 def _finish(w: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
-    check_finite(name, w, "merged result")
-    return w.to(dtype)
+    """The merged tensor cast to the output dtype, checked after the cast: a NaN or Inf in the
+    result raises InputError, a finite value the output dtype cannot hold (it becomes Inf)
+    raises OutputError naming the tensor and the `dtype` field. Nothing reaches the writer."""
+    out = w.to(dtype)
+    try:
+        check_finite(name, out, "merged result")
+    except InputError:
+        check_finite(name, w, "merged result")  # already NaN/Inf before the cast
+        big = float(w.abs().max())
+        kind = str(dtype).removeprefix("torch.")
+        raise OutputError(f"merged result: tensor '{name}' holds values up to {big:.6g}, beyond the largest "
+                          f"finite {kind} ({torch.finfo(dtype).max:.6g}); they would be written as Inf. "
+                          f"Set the spec's `dtype` to float32 or bfloat16") from None
+    return out

@@ -206,6 +206,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total)
     if not needs_stats and any(e.data for e in spec.experts):
         plan.notes.append(f"method {method.name!r} does not use calibration data; `data` is ignored")
-    plan.notes.append("tensor values are checked for NaN/Inf while merging; nothing is written on failure")
+    plan.notes.append("tensor values are checked for NaN/Inf in the output dtype while merging; "
+                      "nothing is written on failure")
     base.close()
     return plan

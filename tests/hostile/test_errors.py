@@ -3,11 +3,15 @@ through the CLI with exit 2, a message naming the file, tensor or field, and not
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+import yaml
 from safetensors.torch import load_file, save_file
 
 from esm_ray.cli import main
+from tests.fixtures.ray import merge_spec
 from tests.test_merge_cli import _copy_family, _write_spec
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
@@ -35,4 +39,38 @@ def test_overflow_to_inf_in_the_output_dtype_fails_naming_the_tensor(tiny_llama,
     err = capsys.readouterr().err
     assert TENSOR in err and "float16" in err, err
     assert "Traceback" not in err
+    _nothing_written(tmp_path)
+
+
+# ---- finding 10: tracebacks instead of clean errors -------------------------------------------
+
+def _nested(depth: int) -> dict:
+    x: object = 1
+    for _ in range(depth):
+        x = {"k": x}
+    return x  # type: ignore[return-value]
+
+
+_ALIAS_BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}' if p else 'x'] * 10)}]\n"
+                      for p, k in zip(["", "a", "b", "c", "d", "e"], "abcdef"))  # 10^6 values
+
+
+@pytest.mark.parametrize("fmt, depth", [("yaml", 600), ("json", 3000), ("json", 200), ("aliases", 6)])
+def test_deeply_nested_spec_is_a_clean_error(tiny_llama, tmp_path, capsys, fmt, depth):
+    raw = merge_spec(tiny_llama, tmp_path / "out", "linear")
+    if fmt == "aliases":
+        text = yaml.safe_dump(raw) + _ALIAS_BOMB
+        path = tmp_path / "s.yaml"
+    elif fmt == "json":
+        # written by hand: json.dumps itself cannot write this depth
+        text = json.dumps(raw)[:-1] + ', "method": {"name": "linear", "params": {"p": ' + \
+            '{"k": ' * depth + "1" + "}" * depth + "}}}"
+        path = tmp_path / "s.json"
+    else:
+        text = yaml.safe_dump(raw) + "seed: " + "[" * depth + "]" * depth + "\n"
+        path = tmp_path / "s.yaml"
+    path.write_text(text)
+    assert main(["merge", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "nest" in err, err
     _nothing_written(tmp_path)

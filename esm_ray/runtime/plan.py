@@ -18,6 +18,8 @@ from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import check_writable
 from esm_ray.methods import MergeMethod, Purifier, TensorInfo, build_method, build_purifier
 from esm_ray.spec import MergeSpec
+from esm_ray.stats.cache import check_cache_dir
+from esm_ray.stats.data import check_token_ids
 
 log = logging.getLogger("esm_ray.plan")
 
@@ -133,13 +135,21 @@ def _arch(cfg: dict | None) -> dict:
     return {k: cfg.get(k) for k in _ARCH_KEYS if cfg and k in cfg}
 
 
-def _check_data(uri: str, expert: str) -> None:
+def _check_data(uri: str, expert: str, vocab_size: object) -> None:
     if is_s3(uri):
         return  # read (and validated) when calibration runs
     if not Path(uri).is_file():
         raise InputError(f"expert {expert!r}: calibration data {uri} not found")
     if os.path.getsize(uri) == 0:
         raise InputError(f"expert {expert!r}: calibration data {uri} is empty")
+    if isinstance(vocab_size, int) and vocab_size > 0:
+        check_token_ids(uri, vocab_size)
+
+
+def _cache_is_here(spec: MergeSpec) -> bool:
+    """Whether this process sees the filesystem the cache is written on: the local executor and
+    a private local Ray do; the nodes of a remote cluster check it when they calibrate."""
+    return spec.runtime.name == "local" or spec.runtime.address in (None, "", "local")
 
 
 def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
@@ -197,7 +207,9 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
                 raise SpecError(f"field `experts.{spec.experts.index(e)}.data`: method "
                                 f"{spec.method.name!r}{' with ' + spec.purify.name if spec.purify else ''} "
                                 f"needs unlabelled calibration data for expert {e.name!r}")
-            _check_data(e.data, e.name)
+            _check_data(e.data, e.name, (base.config or {}).get("vocab_size"))
+    if (needs_stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):
+        check_cache_dir(spec.calibration)  # statistics, and an S3 output's resume staging, live there
     if check_output:
         check_writable(spec.output, spec.overwrite, spec.s3)
     float_dtypes = [d for d in dtypes.values() if d.is_floating_point]

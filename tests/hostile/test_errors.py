@@ -4,6 +4,7 @@ through the CLI with exit 2, a message naming the file, tensor or field, and not
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from esm_ray.cli import main
-from tests.fixtures.ray import merge_spec
+from tests.fixtures.ray import calibration_files, merge_spec
 from tests.test_merge_cli import _copy_family, _write_spec
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
@@ -74,3 +75,88 @@ def test_deeply_nested_spec_is_a_clean_error(tiny_llama, tmp_path, capsys, fmt, 
     err = capsys.readouterr().err
     assert str(path) in err and "nest" in err, err
     _nothing_written(tmp_path)
+
+
+def _calibrated_spec(fam: dict[str, Path], tmp_path: Path, data: list[Path], **calibration) -> Path:
+    raw = merge_spec(fam, tmp_path / "out", "esm", data=data)
+    raw["calibration"].update(calibration)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cache_cases(tmp_path: Path) -> dict[str, Path]:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return {"file": a_file, "under_a_file": a_file / "cache", "read_only_dir": locked / "cache",
+            "proc": Path("/proc/esm-ray-cache")}
+
+
+@pytest.mark.parametrize("case", ["file", "under_a_file", "read_only_dir", "proc"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_unusable_cache_dir_names_the_field(tiny_llama, tmp_path, capsys, case, dry_run):
+    if case == "read_only_dir" and os.geteuid() == 0:
+        pytest.skip("root writes into a read-only directory")
+    if case == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc")
+    cache = _cache_cases(tmp_path)[case]
+    data = calibration_files(tmp_path / "data", 3, vocab=80)
+    spec = _calibrated_spec(tiny_llama, tmp_path, data, cache_dir=str(cache))
+    try:
+        rc = main(["merge", str(spec), "--no-progress"] + (["--dry-run"] if dry_run else []))
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    assert "calibration.cache_dir" in err and str(cache) in err, err
+    _nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_calibration_ids_outside_the_vocabulary_name_the_file_and_line(tiny_llama, tmp_path, capsys, dry_run):
+    data = calibration_files(tmp_path / "data", 3, vocab=80)
+    lines = data[1].read_text().splitlines()
+    lines[4] = json.dumps({"input_ids": [2, 99999, 3]})
+    data[1].write_text("\n".join(lines) + "\n")
+    spec = _calibrated_spec(tiny_llama, tmp_path, data, cache_dir=str(tmp_path / "cache"), samples=12)
+    rc = main(["merge", str(spec), "--no-progress"] + (["--dry-run"] if dry_run else []))
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    assert f"{data[1]}, line 5" in err and "99999" in err and "80" in err, err
+    _nothing_written(tmp_path)
+
+
+def test_calibration_on_a_worker_names_the_data_line_and_the_cache_field(tiny_llama, tmp_path):
+    """The same faults met where calibration runs (a remote cluster's node, where the plan could
+    not look): errors naming the file and line, or the field, instead of IndexError/OSError."""
+    from esm_ray.errors import InputError, SpecError
+    from esm_ray.spec import CalibrationSpec
+    from esm_ray.stats import calibrate_expert
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"input_ids": [1, 2, 3]}) + "\n" + json.dumps({"input_ids": [4, 80]}) + "\n")
+    settings = CalibrationSpec(samples=2, max_length=8, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(InputError, match=rf"{data}, line 2: token id 80 is outside"):
+        calibrate_expert(str(tiny_llama["expert_0"]), str(data), settings)
+    data.write_text(json.dumps({"input_ids": [1, 2, 3]}) + "\n")
+    (tmp_path / "a_file").write_text("x")
+    settings = CalibrationSpec(samples=1, max_length=8, cache_dir=str(tmp_path / "a_file"))
+    with pytest.raises(SpecError, match=r"calibration\.cache_dir.*a_file"):
+        calibrate_expert(str(tiny_llama["expert_0"]), str(data), settings)
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_calibrate_refuses_token_ids_the_embedding_has_no_row_for(tiny_llama):
+    """Ids from a tokenizer of another model (text rows): InputError, not IndexError mid-forward."""
+    from transformers import AutoModelForCausalLM
+
+    from esm_ray.errors import InputError
+    from esm_ray.spec import CalibrationSpec
+    from esm_ray.stats import calibrate
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama["expert_0"]))
+    with pytest.raises(InputError, match=r"row 1: token id 80 is outside.*80 ids"):
+        calibrate(model, [{"input_ids": [1, 2]}, {"input_ids": [3, 80]}], None, CalibrationSpec(samples=2))

@@ -160,3 +160,26 @@ def test_calibrate_refuses_token_ids_the_embedding_has_no_row_for(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama["expert_0"]))
     with pytest.raises(InputError, match=r"row 1: token id 80 is outside.*80 ids"):
         calibrate(model, [{"input_ids": [1, 2]}, {"input_ids": [3, 80]}], None, CalibrationSpec(samples=2))
+
+
+@pytest.mark.parametrize("where", ["header", "config", "index"])
+def test_deeply_nested_json_in_a_model_names_the_file(tiny_llama, tmp_path, capsys, where):
+    """JSON nested past Python's recursion limit in a model's safetensors header, config.json or
+    shard index: InputError naming the file, not a RecursionError traceback."""
+    fam = _copy_family(tiny_llama, tmp_path / "m")
+    deep = "[" * 100_000 + "]" * 100_000
+    d = fam["expert_1"]
+    if where == "header":
+        blob = ('{"x": ' + deep + "}").encode()
+        (d / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob)
+        name = "model.safetensors"
+    elif where == "config":
+        name = "config.json"
+        (d / name).write_text('{"x": ' + deep + "}")
+    else:
+        name = "model.safetensors.index.json"
+        (d / name).write_text('{"weight_map": ' + deep + "}")
+    spec = _write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="linear")
+    assert main(["merge", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(d / name) in err and "Traceback" not in err, err

@@ -23,8 +23,8 @@ import yaml
 
 from esm_ray.cli import main
 from tests.fixtures.ray import REPO, merge_spec, output_files
-from tests.test_merge_cli import _copy_family, _write_spec
 from tests.hostile.test_errors import _nothing_written
+from tests.test_merge_cli import _copy_family, _write_spec
 
 
 # ---- specs: wrong types and unknown keys, through the CLI -------------------------------------

@@ -183,3 +183,11 @@ def test_deeply_nested_json_in_a_model_names_the_file(tiny_llama, tmp_path, caps
     assert main(["merge", str(spec), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert str(d / name) in err and "Traceback" not in err, err
+
+
+def test_deeply_nested_spec_json_of_a_ray_job_exits_2(capsys):
+    """What `esm-ray submit` sends to the cluster entrypoint, nested past the recursion limit."""
+    from jobs.merge import main as job_main
+
+    assert job_main(["--spec-json", '{"base": ' + "[" * 100_000 + "]" * 100_000 + "}"]) == 2
+    assert "--spec-json" in capsys.readouterr().err

@@ -201,9 +201,36 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+MAX_NESTING = 32  # levels of mappings/lists; a real spec needs about 5
+MAX_VALUES = 100_000  # values counted with repeats: a YAML alias bomb expands past this
+
+
+def check_nesting(raw: Any, source: str) -> None:
+    """Raise SpecError naming the field where a parsed spec nests deeper than MAX_NESTING, or
+    when it holds more than MAX_VALUES values; walks iteratively, so any depth is safe here."""
+    stack: list[tuple[Any, int, str]] = [(raw, 0, "")]
+    seen = 0
+    while stack:
+        node, depth, path = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise SpecError(f"{source}: the spec holds more than {MAX_VALUES} values (nested or repeated "
+                            "through YAML aliases); a merge spec is small")
+        if isinstance(node, dict):
+            items: Any = node.items()
+        elif isinstance(node, list):
+            items = enumerate(node)
+        else:
+            continue
+        if depth >= MAX_NESTING:
+            raise SpecError(f"{source}: field `{path}` nests deeper than {MAX_NESTING} levels")
+        stack.extend((v, depth + 1, f"{path}.{k}" if path else str(k)) for k, v in items)
+
+
 def spec_from_dict(raw: Any, source: str = "spec", root: Path | None = None) -> MergeSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a merge spec must be a mapping at the top level, got {type(raw).__name__}")
+    check_nesting(raw, source)
     if root is not None:
         raw = resolve_paths(raw, root)
     try:
@@ -222,6 +249,9 @@ def load_spec(path: str | Path) -> MergeSpec:
         raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise SpecError(f"{p}: cannot parse spec: {err}") from None
+    except RecursionError:  # the parsers recurse once per level of nesting
+        raise SpecError(f"{p}: cannot parse spec: it nests too deeply (a merge spec needs about 5 levels, "
+                        f"at most {MAX_NESTING} are accepted)") from None
     return spec_from_dict(raw, source=str(p), root=p.parent.resolve())
 
 

@@ -42,10 +42,11 @@ def load(args: argparse.Namespace):
     else:
         try:
             raw = json.loads(args.spec_json)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             from esm_ray.errors import SpecError
 
-            raise SpecError(f"--spec-json: not JSON: {err}") from None
+            why = err if isinstance(err, json.JSONDecodeError) else "it nests too deeply"
+            raise SpecError(f"--spec-json: not JSON: {why}") from None
         spec = spec_from_dict(raw, source="--spec-json")
     updates: dict = {"runtime": spec.runtime.model_copy(update={"name": "ray", "address": args.address})}
     if args.output:

@@ -51,6 +51,12 @@ class Header:
     metadata: dict[str, str]
 
 
+def json_problem(err: Exception) -> str:
+    """What went wrong parsing JSON, in words: the parser's message, or the nesting that ran past
+    Python's recursion limit (json raises RecursionError there)."""
+    return "it nests too deeply" if isinstance(err, RecursionError) else str(err)
+
+
 def header_length(prefix: bytes, size: int, where: str) -> int:
     """Read N from the first 8 bytes and check that 8 + N fits in a file of `size` bytes."""
     if size < 8 or len(prefix) < 8:
@@ -77,8 +83,8 @@ def parse_header(raw: bytes, size: int, where: str, file: str | None = None) -> 
         raise InputError(f"{where}: corrupt safetensors header: got {len(raw) - 8} of {n} header bytes")
     try:
         doc = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{where}: corrupt safetensors header: invalid JSON ({err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise InputError(f"{where}: corrupt safetensors header: invalid JSON ({json_problem(err)})") from None
     if not isinstance(doc, dict):
         raise InputError(f"{where}: corrupt safetensors header: expected a JSON object, got "
                          f"{type(doc).__name__}")

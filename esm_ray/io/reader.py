@@ -26,7 +26,7 @@ import torch
 
 from esm_ray.errors import InputError
 from esm_ray.io import s3 as s3io
-from esm_ray.io.format import Header, TensorMeta, header_length, parse_header
+from esm_ray.io.format import Header, TensorMeta, header_length, json_problem, parse_header
 from esm_ray.io.model_files import check_link
 from esm_ray.io.uri import Uri, parse_uri
 from esm_ray.spec import S3Options
@@ -335,8 +335,8 @@ class ModelReader:
                 where = self._store.where("config.json")
                 try:
                     cfg = json.loads(self._store.read_all("config.json").decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    raise InputError(f"{where}: invalid JSON ({err})") from None
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+                    raise InputError(f"{where}: invalid JSON ({json_problem(err)})") from None
                 if not isinstance(cfg, dict):
                     raise InputError(f"{where}: expected a JSON object")
                 self._config = cfg
@@ -426,8 +426,8 @@ def _pick_weights(store, files: dict[str, int], uri: str) -> tuple[list[str], st
         where = store.where(index)
         try:
             doc = json.loads(store.read_all(index).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"{where}: invalid JSON in the shard index ({err})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise InputError(f"{where}: invalid JSON in the shard index ({json_problem(err)})") from None
         wmap = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
             raise InputError(f"{where}: the shard index has no valid 'weight_map' object")

@@ -19,6 +19,8 @@ from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import check_writable
 from esm_ray.methods import MergeMethod, Needs, Purifier, TensorInfo, build_method, build_purifier
 from esm_ray.spec import MergeSpec
+from esm_ray.stats.cache import check_cache_dir
+from esm_ray.stats.data import check_token_ids
 
 log = logging.getLogger("esm_ray.plan")
 
@@ -141,13 +143,21 @@ def _arch(cfg: dict | None) -> dict:
     return {k: cfg.get(k) for k in _ARCH_KEYS if cfg and k in cfg}
 
 
-def _check_data(uri: str, expert: str) -> None:
+def _check_data(uri: str, expert: str, vocab_size: object) -> None:
     if is_s3(uri):
         return  # read (and validated) when calibration runs
     if not Path(uri).is_file():
         raise InputError(f"expert {expert!r}: calibration data {uri} not found")
     if os.path.getsize(uri) == 0:
         raise InputError(f"expert {expert!r}: calibration data {uri} is empty")
+    if isinstance(vocab_size, int) and vocab_size > 0:
+        check_token_ids(uri, vocab_size)
+
+
+def _cache_is_here(spec: MergeSpec) -> bool:
+    """Whether this process sees the filesystem the cache is written on: the local executor and
+    a private local Ray do; the nodes of a remote cluster check it when they calibrate."""
+    return spec.runtime.name == "local" or spec.runtime.address in (None, "", "local")
 
 
 def _scores_with_heads(config: dict | None) -> bool:
@@ -167,7 +177,7 @@ def check_needs(spec: MergeSpec, needs: Needs, what: str, base_config: dict | No
             if not e.data:
                 kind = "unlabelled calibration data" if needs.stats else "unlabelled data for its search"
                 raise SpecError(f"field `experts.{i}.data`: {what} needs {kind} for expert {e.name!r}")
-            _check_data(e.data, e.name)
+            _check_data(e.data, e.name, (base_config or {}).get("vocab_size"))
         if needs.heads and _scores_with_heads(base_config) and "head.safetensors" not in aux_names[i]:
             raise InputError(f"expert {e.name!r} ({e.model}): no head.safetensors; {what} scores this encoder "
                              "through each expert's task head (weight [labels, hidden], bias [labels])")
@@ -245,6 +255,8 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         aux_names.append(list(r.aux_names()) if needs.heads else [])
         r.close()
     check_needs(spec, needs, what, base.config, aux_names)
+    if (needs.stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):
+        check_cache_dir(spec.calibration)  # statistics, and an S3 output's resume staging, live there
     if check_output:
         check_writable(spec.output, spec.overwrite, spec.s3)
     float_dtypes = [d for d in dtypes.values() if d.is_floating_point]
@@ -253,6 +265,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total)
     if not needs.reads_data and any(e.data for e in spec.experts):
         plan.notes.append(f"method {method.name!r} does not use calibration data; `data` is ignored")
-    plan.notes.append("tensor values are checked for NaN/Inf while merging; nothing is written on failure")
+    plan.notes.append("tensor values are checked for NaN/Inf in the output dtype while merging; "
+                      "nothing is written on failure")
     base.close()
     return plan

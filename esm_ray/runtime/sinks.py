@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from esm_ray.errors import InputError, OutputError
 from esm_ray.io.reader import check_finite
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, MergeMethod, TensorInfo
@@ -22,9 +23,21 @@ from esm_ray.runtime.resume import ResumeStore
 
 
 def finish(merged: Tensor, name: str, dtype: torch.dtype) -> Tensor:
-    """The written value of a merged tensor: checked for NaN/Inf, cast to the output dtype."""
-    check_finite(name, merged, "merged result")
-    return merged.to(dtype)
+    """The written value of a merged tensor: cast to the output dtype and checked after the cast.
+    A NaN or Inf in the result raises InputError; a finite value the output dtype cannot hold
+    (it becomes Inf) raises OutputError naming the tensor and the `dtype` field. Nothing
+    reaches the writer."""
+    out = merged.to(dtype)
+    try:
+        check_finite(name, out, "merged result")
+    except InputError:
+        check_finite(name, merged, "merged result")  # already NaN/Inf before the cast
+        big = float(merged.abs().max())
+        kind = str(dtype).removeprefix("torch.")
+        raise OutputError(f"merged result: tensor '{name}' holds values up to {big:.6g}, beyond the largest "
+                          f"finite {kind} ({torch.finfo(dtype).max:.6g}); they would be written as Inf. "
+                          f"Set the spec's `dtype` to float32 or bfloat16") from None
+    return out
 
 
 class PostStage:

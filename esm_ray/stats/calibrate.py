@@ -11,7 +11,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +23,8 @@ from torch import Tensor, nn
 from esm_ray.errors import InputError
 from esm_ray.io.uri import is_s3
 from esm_ray.spec import CalibrationSpec, S3Options
-from esm_ray.stats.data import data_hash, load_calibration_rows
+from esm_ray.stats.cache import cache_root, cache_source, unusable
+from esm_ray.stats.data import check_token_ids, data_hash, load_calibration_rows
 from esm_ray.stats.hooks import ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
 from esm_ray.stats.store import FORMAT_VERSION, StatsStore
 
@@ -51,6 +51,20 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> 
             raise InputError(f"calibration row {i} encodes to no tokens")
         out.append(ids[:max_length])
     return out
+
+
+def _check_vocab(model: nn.Module, ids: list[list[int]]) -> None:
+    """InputError for a token id the model's input embedding has no row for (the embedding
+    would raise IndexError in the middle of a forward pass)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n = getattr(emb, "num_embeddings", None)
+    if not isinstance(n, int):
+        return
+    for i, row in enumerate(ids):
+        if max(row) >= n or min(row) < 0:
+            bad = max(row) if max(row) >= n else min(row)
+            raise InputError(f"calibration row {i}: token id {bad} is outside the model's vocabulary "
+                             f"({n} ids, 0 to {n - 1}); the data or tokenizer belongs to another model")
 
 
 def make_batches(ids: list[list[int]], batch_size: int, pad_id: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -121,6 +135,7 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
     if not rows:
         raise InputError("no calibration rows")
     ids = encode_rows(rows, tokenizer, settings.max_length)
+    _check_vocab(model, ids)
     batches = list(make_batches(ids, settings.batch_size, _pad_id(model, tokenizer)))
     was_training = model.training
     model.eval()
@@ -245,12 +260,6 @@ def _checkpoint_names(model: nn.Module, names: list[str], ckpt_keys: set[str]) -
 
 
 # cache ---------------------------------------------------------------------------------------
-def cache_root(settings: CalibrationSpec) -> Path:
-    """settings.cache_dir, else $ESM_RAY_CACHE, else ~/.cache/esm-ray."""
-    root = settings.cache_dir or os.environ.get("ESM_RAY_CACHE") or "~/.cache/esm-ray"
-    return Path(root).expanduser()
-
-
 def cache_key(model_fp: str, data_fp: str, settings: CalibrationSpec, extra: dict[str, Any] | None = None) -> str:
     """sha256 of everything the statistics depend on.
 
@@ -279,6 +288,9 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
     rows = load_calibration_rows(data_uri, settings.samples, settings.seed)
     src = ModelSource(model_uri, s3)
     try:
+        vocab = src.config.get("vocab_size")
+        if isinstance(vocab, int) and vocab > 0 and not is_s3(data_uri):
+            check_token_ids(data_uri, vocab)  # names the file and line
         with tempfile.TemporaryDirectory(prefix="esm-ray-tok-") as tmp:
             tokenizer, tok_fp = None, None
             if any("input_ids" not in r for r in rows):
@@ -313,7 +325,10 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
                 wanted = set(modules)
                 selected = [m for m, ck in rename.items() if ck in wanted]
             t1 = time.perf_counter()
-            stats = calibrate(model, rows, tokenizer, settings, modules=selected, max_bytes=max_bytes)
+            try:
+                stats = calibrate(model, rows, tokenizer, settings, modules=selected, max_bytes=max_bytes)
+            except InputError as err:
+                raise InputError(f"{data_uri}: {err}") from None
             t_fwd = time.perf_counter() - t1
     finally:
         src.close()
@@ -324,7 +339,10 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
                 "data": data_uri, "data_hash": data_fp, "rows": len(rows), "tokens": tokens,
                 "settings": settings.model_dump(mode="json"), "dtype": extra["dtype"],
                 "seconds": round(took, 3), "seconds_forward": round(t_fwd, 3)}
-    store = StatsStore.save(stats, path, manifest)
+    try:
+        store = StatsStore.save(stats, path, manifest)
+    except OSError as err:  # the cache directory went away or became read-only since the plan
+        raise unusable(cache_root(settings), cache_source(settings), err) from None
     log.info("calibration of %s: %d rows, %d tokens, %d modules (%d distinct inputs) in %.2fs -> %s",
              label, len(rows), tokens, len(stats), store.manifest["distinct_inputs"], took, path.name)
     return store

@@ -69,13 +69,35 @@ def _parse_json_row(line: str, path: Path, lineno: int) -> dict[str, Any]:
     raise InputError(f"{where}: missing field 'text' or 'input_ids' (keys: {', '.join(sorted(obj)) or 'none'})")
 
 
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def check_token_ids(uri: str, vocab_size: int) -> None:
+    """Raise InputError naming the file and line of the first row whose `input_ids` hold an id
+    the model does not have (ids run from 0 to vocab_size - 1). Text rows are not checked here:
+    the tokenizer makes their ids (see calibrate.encode_rows)."""
+    path = _local_path(uri)
+    lines = _lines(path)
+    if not _is_jsonl(path, lines):
+        return
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        ids = _parse_json_row(ln, path, i).get("input_ids")
+        if ids and max(ids) >= vocab_size:
+            raise InputError(f"{path}, line {i}: token id {max(ids)} is outside the model's vocabulary "
+                             f"({vocab_size} ids, 0 to {vocab_size - 1}); the data was tokenized for "
+                             "another model")
+
+
 def read_rows(uri: str) -> list[dict[str, Any]]:
     """Every valid row of a calibration file, in file order."""
     path = _local_path(uri)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = _lines(path)
     if _is_jsonl(path, lines):
         rows = [_parse_json_row(ln, path, i) for i, ln in enumerate(lines, 1) if ln.strip()]
     else:

@@ -22,7 +22,7 @@ import pytest
 from esm_ray.io.writer import INDEX_NAME
 from esm_ray.methods import TensorInfo
 from esm_ray.runtime import run_merge
-from esm_ray.runtime.job import _groups
+from esm_ray.runtime.layout import layer_groups as _groups
 from esm_ray.runtime.plan import build_plan
 from esm_ray.runtime.ray_executor import NAMESPACE, TEST_SLOW_ENV
 from esm_ray.spec import spec_from_dict

@@ -31,6 +31,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.fixtures import mergekit as _mergekit  # noqa: E402  (the venv helper the tests use)
 from _util import (  # noqa: E402
     Family,
     LlamaShape,
@@ -46,8 +48,6 @@ from _util import (  # noqa: E402
     ties_ties,
 )
 
-MERGEKIT = "mergekit==0.1.5"
-TORCH = "torch==2.13.0"
 METHODS = ("task_arithmetic", "ties")
 
 SMOL = LlamaShape("smollm2-135m", hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3,
@@ -77,19 +77,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ---- mergekit in its own venv ------------------------------------------------------------------
+# ---- mergekit in its own venv (shared with the tests) -------------------------------------------
 
 def mergekit_bin(cache: Path) -> Path:
-    """mergekit-yaml from a venv under the cache, created on first use (about a minute)."""
-    venv = cache / "mergekit-venv"
-    exe = venv / "bin" / "mergekit-yaml"
-    if exe.exists():
-        return exe
-    log(f"installing {MERGEKIT} into {venv} ...")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", TORCH, MERGEKIT],
-                   check=True)
-    return exe
+    """mergekit-yaml from mergekit 0.1.5's own venv, created on first use (about a minute)."""
+    return _mergekit.mergekit_bin(None, log=log)
 
 
 # ---- configs -----------------------------------------------------------------------------------

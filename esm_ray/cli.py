@@ -49,12 +49,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from esm_ray.methods import METHODS, PURIFIERS
-    from esm_ray.methods.base import describe_params
+    from pydantic import ValidationError
+
+    from esm_ray.errors import SpecError
+    from esm_ray.methods.base import Needs, describe_params
 
     rows = [("method", cls) for cls in METHODS.values()] + [("purifier", cls) for cls in PURIFIERS.values()]
 
     def needs(cls) -> list[str]:  # with default parameters (a routed method adds its base method's)
-        return cls(cls.Params(), n_experts=2).needs().describe()
+        try:
+            return cls(cls.Params(), n_experts=2).needs().describe()
+        except (SpecError, ValidationError):  # a required parameter, or a fixed number of experts
+            return Needs(stats=cls.needs_stats, data=getattr(cls, "needs_data", False),
+                         heads=getattr(cls, "needs_heads", False),
+                         labels=getattr(cls, "needs_labels", False)).describe()
 
     if args.json:
         print(json.dumps({cls.name: {"kind": kind, "summary": cls.summary, "needs": needs(cls),

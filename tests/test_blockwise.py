@@ -19,6 +19,7 @@ from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.core.ties import magnitude_trim, trim_threshold
 from esm_ray.methods import METHODS, TensorInfo, build_method
+from tests.fixtures.ray import method_experts, test_params as method_params
 from esm_ray.runtime.job import MergeJob
 from esm_ray.runtime.plan import build_plan
 from esm_ray.runtime.pool import LocalPool
@@ -104,8 +105,9 @@ def test_blocks_on_a_real_model_in_bfloat16(tmp_path):
 
 def test_which_methods_are_merged_in_blocks():
     info = TensorInfo.of("w", (4, 4))
-    blockwise = {n for n, m in METHODS.items() if build_method(n, {}, n_experts=2).blockwise(info)}
-    assert blockwise == {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"}
+    blockwise = {n for n, m in METHODS.items()
+                 if build_method(n, method_params(n), n_experts=method_experts(n, 2)).blockwise(info)}
+    assert blockwise == {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "nearswap", "passthrough"}
     assert not build_method("ties", {"rescale": True}, n_experts=2).blockwise(info)  # L1 sums over the tensor
     assert not build_method("dare_ties", {"rescale_mode": "l1"}, n_experts=2).blockwise(info)
 

@@ -14,7 +14,7 @@ import yaml
 
 from tests.fixtures.models import make_family
 from tests.fixtures.ray import calibration_files, import_methods
-from tests.fixtures.ray import test_params as method_params
+from tests.fixtures.ray import method_experts, test_params as method_params
 
 import_methods()
 
@@ -41,7 +41,7 @@ def test_needs_are_declared_for_every_method():
             "concrete_ta": Needs(data=True, heads=True), "adamerging": Needs(data=True, heads=True),
             "concrete_adamerging": Needs(data=True, heads=True)}
     for name, cls in METHODS.items():
-        got = build_method(name, {}, n_experts=3).needs()
+        got = build_method(name, method_params(name), n_experts=method_experts(name, 3)).needs()
         assert got == want.get(name, Needs()), name
     assert PURIFIERS["pave"](PURIFIERS["pave"].Params(), 3).needs() == Needs(stats=True)
     # a routed method adds what its base method needs

@@ -108,3 +108,22 @@ def expert_density(ctx: ExpertContext, params: HasDensity) -> float:
 def weights_of(ctxs: list[ExpertContext]) -> list[float]:
     """Per-expert weights; the spec's `experts[i].weight` (default 1.0) is authoritative."""
     return [float(c.weight) for c in ctxs]
+
+
+def dense_list(parts: Sequence[Any], ctxs: list[ExpertContext]) -> tuple[list[Tensor], list[ExpertContext]]:
+    """All parts at once as dense float32 tensors in expert order, with the sorted contexts
+    (for methods that need every expert's tensor together: a norm, a variance, an angle)."""
+    tvs, ctxs = dense_in_order(parts, ctxs)
+    return list(tvs), ctxs
+
+
+def exactly(n_experts: int, n: int | tuple[int, None], method: str) -> None:
+    """SpecError naming `experts` unless there are exactly n experts (or at least n[0])."""
+    from esm_ray.errors import SpecError
+
+    if isinstance(n, tuple):
+        if n_experts < n[0]:
+            raise SpecError(f"field `experts`: method {method!r} needs at least {n[0]} experts, got {n_experts}")
+    elif n_experts != n:
+        raise SpecError(f"field `experts`: method {method!r} needs exactly {n} expert{'s' if n > 1 else ''} "
+                        f"besides the base, got {n_experts}")

@@ -346,7 +346,8 @@ def describe_params(params: type[MethodParams]) -> list[ParamDoc]:
     for fname, f in params.model_fields.items():
         ann = f.annotation
         tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        out.append(ParamDoc(f.alias or fname, tname, f.default, f.description or ""))
+        out.append(ParamDoc(f.alias or fname, tname, "required" if f.is_required() else f.default,
+                            f.description or ""))
     return out
 
 

@@ -1,0 +1,36 @@
+"""`passthrough`: one expert's weights, optionally scaled, as mergekit 0.1.5."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from torch import Tensor
+
+from esm_ray.methods._common import dense_list, exactly
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.registry import register
+
+
+@register
+class Passthrough(MergeMethod):
+    """W = scale · W_1 (W_1 itself without scale): the one expert copied (frankenmerge slices)."""
+
+    name = "passthrough"
+    summary = "copy one expert's weights, optionally scaled"
+    elementwise = True
+
+    class Params(MethodParams):
+        scale: float | None = Field(None, description="factor applied to the weights (none: copied)")
+
+    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+        exactly(n_experts, 1, self.name)
+        super().__init__(params, n_experts, seed)
+
+    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        return expert
+
+    def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        (w1,), _ = dense_list(parts, ctxs)
+        s = self.params.scale  # type: ignore[attr-defined]
+        return ((w1 if s is None else w1 * s) - base.float()).float()

@@ -15,19 +15,20 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class ArceeFusionParams(MethodParams):
+    quantile_samples: int = Field(
+        0, ge=0, description="0: exact quartiles; n: quartiles of n entries drawn with replacement when "
+                             "the tensor has more (mergekit: 1000000)")
+
+
 @register
-class ArceeFusion(MergeMethod):
+class ArceeFusion(MergeMethod[ArceeFusionParams]):
     """ΔW = τ · [importance ≥ median + 1.5 IQR], importance = |τ| · KL of the rows' softmaxes."""
 
     name = "arcee_fusion"
     summary = "keep the entries of one expert whose importance is an upper outlier"
 
-    class Params(MethodParams):
-        quantile_samples: int = Field(
-            0, ge=0, description="0: exact quartiles; n: quartiles of n entries drawn with replacement when "
-                                 "the tensor has more (mergekit: 1000000)")
-
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: ArceeFusionParams, n_experts: int, seed: int = 0) -> None:
         exactly(n_experts, 1, self.name)
         super().__init__(params, n_experts, seed)
 
@@ -36,6 +37,6 @@ class ArceeFusion(MergeMethod):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
-        n = self.params.quantile_samples  # type: ignore[attr-defined]
+        n = self.params.quantile_samples
         gen = torch.Generator().manual_seed(della_seed(self.seed, 0, "arcee_fusion/" + info.name)) if n else None
         return arcee_fusion(base.float(), w1, n, gen).float()

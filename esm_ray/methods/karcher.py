@@ -13,18 +13,19 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class KarcherParams(MethodParams):
+    max_iter: int = Field(10, ge=0, description="iterations of the fixed-point update")
+    tol: float = Field(1e-5, gt=0.0, description="stop when the tangent step is shorter")
+    include_base: bool = Field(False, description="average the base too (mergekit with a base_model)")
+
+
 @register
-class Karcher(MergeMethod):
+class Karcher(MergeMethod[KarcherParams]):
     """W = karcher_mean(W_1..W_T), equal weights; with include_base the base is one more input,
     last (mergekit adds a config's base_model to the inputs of this base-agnostic method)."""
 
     name = "karcher"
     summary = "Riemannian (Karcher) mean of the expert weights on the sphere"
-
-    class Params(MethodParams):
-        max_iter: int = Field(10, ge=0, description="iterations of the fixed-point update")
-        tol: float = Field(1e-5, gt=0.0, description="stop when the tangent step is shorter")
-        include_base: bool = Field(False, description="average the base too (mergekit with a base_model)")
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         return expert
@@ -33,5 +34,5 @@ class Karcher(MergeMethod):
         ws, _ = dense_list(parts, ctxs)
         p = self.params
         b = base.float()
-        xs = ws + [b] if p.include_base else ws  # type: ignore[attr-defined]
-        return (karcher_mean(xs, max_iter=p.max_iter, tol=p.tol) - b).float()  # type: ignore[attr-defined]
+        xs = ws + [b] if p.include_base else ws
+        return (karcher_mean(xs, max_iter=p.max_iter, tol=p.tol) - b).float()

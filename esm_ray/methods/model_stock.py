@@ -13,17 +13,18 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class ModelStockParams(MethodParams):
+    filter_wise: bool = Field(False, description="one angle per row instead of per tensor")
+
+
 @register
-class ModelStock(MergeMethod):
+class ModelStock(MergeMethod[ModelStockParams]):
     """W = t · mean(W_i) + (1 − t) W_0 with t from the mean pairwise cosine of the task vectors."""
 
     name = "model_stock"
     summary = "Model Stock: interpolate base and expert average by the task vectors' angle"
 
-    class Params(MethodParams):
-        filter_wise: bool = Field(False, description="one angle per row instead of per tensor")
-
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: ModelStockParams, n_experts: int, seed: int = 0) -> None:
         exactly(n_experts, (2, None), self.name)
         super().__init__(params, n_experts, seed)
 
@@ -33,4 +34,4 @@ class ModelStock(MergeMethod):
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         ws, _ = dense_list(parts, ctxs)
         b = base.float()
-        return (model_stock(b, ws, filter_wise=self.params.filter_wise) - b).float()  # type: ignore[attr-defined]
+        return (model_stock(b, ws, filter_wise=self.params.filter_wise) - b).float()

@@ -13,18 +13,19 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class NearSwapParams(MethodParams):
+    t: float = Field(description="distance below which the expert's entry is taken whole")
+
+
 @register
-class NearSwap(MergeMethod):
+class NearSwap(MergeMethod[NearSwapParams]):
     """W = s W_1 + (1 − s) W_0, s = clamp(t / |W_0 − W_1|, 0, 1) per entry (one expert)."""
 
     name = "nearswap"
     summary = "take the expert's entries that lie within t of the base's"
     elementwise = True
 
-    class Params(MethodParams):
-        t: float = Field(description="distance below which the expert's entry is taken whole")
-
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: NearSwapParams, n_experts: int, seed: int = 0) -> None:
         exactly(n_experts, 1, self.name)
         super().__init__(params, n_experts, seed)
 
@@ -34,4 +35,4 @@ class NearSwap(MergeMethod):
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
         b = base.float()
-        return (nearswap(b, w1, self.params.t) - b).float()  # type: ignore[attr-defined]
+        return (nearswap(b, w1, self.params.t) - b).float()

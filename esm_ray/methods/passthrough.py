@@ -12,18 +12,19 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class PassthroughParams(MethodParams):
+    scale: float | None = Field(None, description="factor applied to the weights (none: copied)")
+
+
 @register
-class Passthrough(MergeMethod):
+class Passthrough(MergeMethod[PassthroughParams]):
     """W = scale · W_1 (W_1 itself without scale): the one expert copied (frankenmerge slices)."""
 
     name = "passthrough"
     summary = "copy one expert's weights, optionally scaled"
     elementwise = True
 
-    class Params(MethodParams):
-        scale: float | None = Field(None, description="factor applied to the weights (none: copied)")
-
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: PassthroughParams, n_experts: int, seed: int = 0) -> None:
         exactly(n_experts, 1, self.name)
         super().__init__(params, n_experts, seed)
 
@@ -32,5 +33,5 @@ class Passthrough(MergeMethod):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
-        s = self.params.scale  # type: ignore[attr-defined]
+        s = self.params.scale
         return ((w1 if s is None else w1 * s) - base.float()).float()

@@ -15,34 +15,36 @@ from esm_ray.methods.registry import register
 _EPS = Field(1e-5, ge=0.0, description="|τ| above which an expert counts as having changed an entry")
 
 
+class RamParams(MethodParams):
+    epsilon: float = _EPS
+
+
 @register
-class Ram(MergeMethod):
+class Ram(MergeMethod[RamParams]):
     """Entries changed by one expert are kept, entries changed by several are averaged."""
 
     name = "ram"
     summary = "RAM: keep unique changes, average shared ones"
 
-    class Params(MethodParams):
-        epsilon: float = _EPS
-
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, _ = dense_list(parts, ctxs)
-        return ram_merge(tvs, self.params.epsilon).float()  # type: ignore[attr-defined]
+        return ram_merge(tvs, self.params.epsilon).float()
+
+
+class RamPlusTLParams(MethodParams):
+    r: float = Field(0.1, description="boost per unit of overlap ratio")
+    alpha: float = Field(0.2, description="cap on the overlap ratio")
+    epsilon: float = _EPS
 
 
 @register
-class RamPlusTL(MergeMethod):
+class RamPlusTL(MergeMethod[RamPlusTLParams]):
     """RAM with each expert's unique changes boosted by its overlap ratio, per tensor."""
 
     name = "ramplus_tl"
     summary = "RAM+ (tensor-local): RAM with overlap-scaled unique changes"
 
-    class Params(MethodParams):
-        r: float = Field(0.1, description="boost per unit of overlap ratio")
-        alpha: float = Field(0.2, description="cap on the overlap ratio")
-        epsilon: float = _EPS
-
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, _ = dense_list(parts, ctxs)
         p = self.params
-        return ram_merge(tvs, p.epsilon, r=p.r, alpha=p.alpha).float()  # type: ignore[attr-defined]
+        return ram_merge(tvs, p.epsilon, r=p.r, alpha=p.alpha).float()

@@ -13,19 +13,20 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
+class SceParams(MethodParams):
+    select_topk: float = Field(1.0, ge=0.0, le=1.0,
+                               description="fraction of the entries with nonzero variance across experts kept")
+    int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect on the result")
+
+
 @register
-class Sce(MergeMethod):
+class Sce(MergeMethod[SceParams]):
     """ΔW = Σ c_i e_i τ_i / Σ c_i e_i over the top-variance entries (core.sce). The spec weights
     are not used (mergekit's `sce` takes none)."""
 
     name = "sce"
     summary = "SCE: select high-variance entries, weight by energy, erase sign conflicts"
 
-    class Params(MethodParams):
-        select_topk: float = Field(1.0, ge=0.0, le=1.0,
-                                   description="fraction of the entries with nonzero variance across experts kept")
-        int8_mask: bool = Field(False, description="accepted for mergekit configs; no effect on the result")
-
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, _ = dense_list(parts, ctxs)
-        return sce_merge(tvs, self.params.select_topk).float()  # type: ignore[attr-defined]
+        return sce_merge(tvs, self.params.select_topk).float()

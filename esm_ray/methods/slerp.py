@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import Field
 from torch import Tensor
@@ -13,35 +13,47 @@ from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Tenso
 from esm_ray.methods.registry import register
 
 
-class _Weights(MergeMethod):
+WP = TypeVar("WP", bound=MethodParams)
+
+
+class _Weights(MergeMethod[WP], Generic[WP]):
     """Ships each expert's own weights (not τ), so the interpolation sees mergekit's inputs."""
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         return expert
 
 
+class SlerpParams(MethodParams):
+    t: float = Field(description="interpolation fraction: 0 gives the base, 1 the expert")
+
+
 @register
-class Slerp(_Weights):
+class Slerp(_Weights[SlerpParams]):
     """W = slerp(t, W_0, W_1): from the base (t = 0) to the one expert (t = 1) along the great
     circle through the two flattened tensors, per tensor."""
 
     name = "slerp"
     summary = "spherical interpolation from the base to one expert at fraction t"
 
-    class Params(MethodParams):
-        t: float = Field(description="interpolation fraction: 0 gives the base, 1 the expert")
-
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: SlerpParams, n_experts: int, seed: int = 0) -> None:
         exactly(n_experts, 1, self.name)
         super().__init__(params, n_experts, seed)
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
-        return (slerp(self.params.t, base.float(), w1) - base).float()  # type: ignore[attr-defined]
+        return (slerp(self.params.t, base.float(), w1) - base).float()
+
+
+class NuSlerpParams(MethodParams):
+    flatten: bool = Field(True, alias="nuslerp_flatten", description="one vector per tensor (else per row)")
+    row_wise: bool = Field(False, alias="nuslerp_row_wise",
+                           description="without flatten: vectors along the first dimension (columns)")
+    task_vectors: bool = Field(True, description="interpolate W_i − W_0 and add W_0 (mergekit with a "
+                                                 "base_model); false: interpolate W_i themselves")
 
 
 @register
-class NuSlerp(_Weights):
+class NuSlerp(_Weights[NuSlerpParams]):
     """NuSLERP of two experts at t = w_2 / (w_1 + w_2) (their spec weights): of their task
     vectors, added to the base (`task_vectors`, mergekit with a base_model), or of their
     weights (mergekit without one)."""
@@ -49,14 +61,7 @@ class NuSlerp(_Weights):
     name = "nuslerp"
     summary = "spherical interpolation of two experts by their weights, per tensor or per row"
 
-    class Params(MethodParams):
-        flatten: bool = Field(True, alias="nuslerp_flatten", description="one vector per tensor (else per row)")
-        row_wise: bool = Field(False, alias="nuslerp_row_wise",
-                               description="without flatten: vectors along the first dimension (columns)")
-        task_vectors: bool = Field(True, description="interpolate W_i − W_0 and add W_0 (mergekit with a "
-                                                     "base_model); false: interpolate W_i themselves")
-
-    def __init__(self, params: MethodParams, n_experts: int, seed: int = 0) -> None:
+    def __init__(self, params: NuSlerpParams, n_experts: int, seed: int = 0) -> None:
         exactly(n_experts, 2, self.name)
         super().__init__(params, n_experts, seed)
 
@@ -65,24 +70,25 @@ class NuSlerp(_Weights):
         p = self.params
         t = nuslerp_fraction(*weights_of(ctxs))
         b = base.float()
-        if p.task_vectors:  # type: ignore[attr-defined]
-            return nuslerp(t, w1 - b, w2 - b, flatten=p.flatten, row_wise=p.row_wise)  # type: ignore[attr-defined]
-        return nuslerp(t, w1, w2, flatten=p.flatten, row_wise=p.row_wise) - b  # type: ignore[attr-defined]
+        if p.task_vectors:
+            return nuslerp(t, w1 - b, w2 - b, flatten=p.flatten, row_wise=p.row_wise)
+        return nuslerp(t, w1, w2, flatten=p.flatten, row_wise=p.row_wise) - b
+
+
+class MultiSlerpParams(MethodParams):
+    normalize_weights: bool = Field(True, description="divide the weights by their sum")
+    eps: float = Field(1e-8, gt=0.0, description="added to norms against division by zero")
+    task_vectors: bool = Field(True, description="interpolate W_i − W_0 and add W_0 (mergekit with a "
+                                                 "base_model); false: interpolate W_i themselves")
 
 
 @register
-class MultiSlerp(_Weights):
+class MultiSlerp(_Weights[MultiSlerpParams]):
     """Barycentric SLERP of T experts by their spec weights: of their task vectors, added to
     the base (`task_vectors`, mergekit with a base_model), or of their weights (without one)."""
 
     name = "multislerp"
     summary = "spherical barycentre of T experts by their weights"
-
-    class Params(MethodParams):
-        normalize_weights: bool = Field(True, description="divide the weights by their sum")
-        eps: float = Field(1e-8, gt=0.0, description="added to norms against division by zero")
-        task_vectors: bool = Field(True, description="interpolate W_i − W_0 and add W_0 (mergekit with a "
-                                                     "base_model); false: interpolate W_i themselves")
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         ws, ctxs = dense_list(parts, ctxs)
@@ -90,6 +96,6 @@ class MultiSlerp(_Weights):
         b = base.float()
         if len(ws) == 1:  # mergekit returns the one expert as it is, base or not
             return ws[0] - b
-        if p.task_vectors:  # type: ignore[attr-defined]
-            return multislerp([w - b for w in ws], weights_of(ctxs), p.normalize_weights, p.eps)  # type: ignore[attr-defined]
-        return multislerp(ws, weights_of(ctxs), p.normalize_weights, p.eps) - b  # type: ignore[attr-defined]
+        if p.task_vectors:
+            return multislerp([w - b for w in ws], weights_of(ctxs), p.normalize_weights, p.eps)
+        return multislerp(ws, weights_of(ctxs), p.normalize_weights, p.eps) - b

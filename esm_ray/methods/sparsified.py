@@ -3,7 +3,7 @@ magnitude rank, then summed or merged by TIES's sign consensus, as mergekit 0.1.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import Field
 from torch import Tensor
@@ -18,7 +18,44 @@ from esm_ray.methods.registry import register
 _INT8 = Field(False, description="accepted for mergekit configs; no effect on the result")
 
 
-class _Sparsified(MergeMethod):
+class SparsifiedParams(MethodParams):
+    """What the fuse of every sparsified method reads."""
+
+    normalize: bool = Field(False, description="divide by the sum of the weights of the contributing experts")
+    lambda_: float = lambda_field()
+
+
+class BreadcrumbsParams(SparsifiedParams):
+    density: float = density_field(1.0)
+    gamma: float = Field(0.01, ge=0.0, le=1.0, description="fraction of the largest |τ| entries dropped as outliers")
+    normalize: bool = Field(False, description="divide by the sum of the weights of the contributing experts")
+    rescale: bool = Field(False, description="rescale each sparsified task vector to its original L1 norm")
+    lambda_: float = lambda_field()
+    int8_mask: bool = _INT8
+
+
+class DellaParams(SparsifiedParams):
+    density: float = density_field(1.0)
+    epsilon: float = Field(0.15, ge=0.0, lt=1.0,
+                           description="keep probabilities span density ± epsilon by magnitude rank in the row")
+    normalize: bool = Field(True, description="divide by the sum of the weights of the contributing experts")
+    rescale: bool = Field(True, description="rescale the surviving entries (see rescale_mode)")
+    rescale_mode: DellaRescale = Field(
+        "l1", description="'l1': match the task vector's L1 norm (mergekit); "
+                         "'inverse_probability': divide each survivor by its keep probability (DELLA paper)")
+    lambda_: float = lambda_field()
+    int8_mask: bool = _INT8
+
+
+class DellaLinearParams(DellaParams):
+    normalize: bool = Field(False, description="divide by the sum of the expert weights")
+
+
+SP = TypeVar("SP", bound=SparsifiedParams)
+DP = TypeVar("DP", bound=DellaParams)
+
+
+class _Sparsified(MergeMethod[SP], Generic[SP]):
     """Expert side: sparsify τ_i (a sparse part when smaller). Coordinator: λ Σ w_i τ̃_i (divided
     by Σ w_i with normalize), or with `ties` TIES's sign election and disjoint mean."""
 
@@ -34,26 +71,15 @@ class _Sparsified(MergeMethod):
         tvs, ctxs = dense_in_order(parts, ctxs)
         p = self.params
         if self.ties:
-            return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,  # type: ignore[attr-defined]
+            return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,
                                         method="sum").float()
-        return task_arithmetic(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize).float()  # type: ignore[attr-defined]
+        return task_arithmetic(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize).float()
 
 
-class BreadcrumbsParams(MethodParams):
-    density: float = density_field(1.0)
-    gamma: float = Field(0.01, ge=0.0, le=1.0, description="fraction of the largest |τ| entries dropped as outliers")
-    normalize: bool = Field(False, description="divide by the sum of the weights of the contributing experts")
-    rescale: bool = Field(False, description="rescale each sparsified task vector to its original L1 norm")
-    lambda_: float = lambda_field()
-    int8_mask: bool = _INT8
-
-
-class _Breadcrumbs(_Sparsified):
-    Params = BreadcrumbsParams
-
+class _Breadcrumbs(_Sparsified[BreadcrumbsParams]):
     def sparsify(self, info: TensorInfo, tv: Tensor, ctx: ExpertContext) -> Tensor:
         p = self.params
-        return breadcrumbs(tv, expert_density(ctx, p), p.gamma, p.rescale)  # type: ignore[attr-defined]
+        return breadcrumbs(tv, expert_density(ctx, p), p.gamma, p.rescale)
 
 
 @register
@@ -73,34 +99,19 @@ class BreadcrumbsTies(_Breadcrumbs):
     ties = True
 
 
-class DellaParams(MethodParams):
-    density: float = density_field(1.0)
-    epsilon: float = Field(0.15, ge=0.0, lt=1.0,
-                           description="keep probabilities span density ± epsilon by magnitude rank in the row")
-    normalize: bool = Field(True, description="divide by the sum of the weights of the contributing experts")
-    rescale: bool = Field(True, description="rescale the surviving entries (see rescale_mode)")
-    rescale_mode: DellaRescale = Field(
-        "l1", description="'l1': match the task vector's L1 norm (mergekit); "
-                         "'inverse_probability': divide each survivor by its keep probability (DELLA paper)")
-    lambda_: float = lambda_field()
-    int8_mask: bool = _INT8
-
-
-class _Della(_Sparsified):
+class _Della(_Sparsified[DP], Generic[DP]):
     """MAGPRUNE: keep τ entries at random with probabilities density ± epsilon by magnitude rank
     in the row. The random stream of a tensor of an expert is seeded from (job seed, expert
     index, tensor name), so a spec gives the same masks anywhere."""
 
-    Params = DellaParams
-
     def sparsify(self, info: TensorInfo, tv: Tensor, ctx: ExpertContext) -> Tensor:
         p = self.params
-        return della_drop(tv, expert_density(ctx, p), p.epsilon, della_generator(self.seed, ctx.index, info.name),  # type: ignore[attr-defined]
-                          rescale=p.rescale, rescale_mode=p.rescale_mode)  # type: ignore[attr-defined]
+        return della_drop(tv, expert_density(ctx, p), p.epsilon, della_generator(self.seed, ctx.index, info.name),
+                          rescale=p.rescale, rescale_mode=p.rescale_mode)
 
 
 @register
-class Della(_Della):
+class Della(_Della[DellaParams]):
     """DELLA: MAGPRUNE, then TIES's sign consensus (normalized by default)."""
 
     name = "della"
@@ -109,11 +120,8 @@ class Della(_Della):
 
 
 @register
-class DellaLinear(_Della):
+class DellaLinear(_Della[DellaLinearParams]):
     """DELLA's MAGPRUNE, then task arithmetic."""
 
     name = "della_linear"
     summary = "DELLA magnitude-ranked random drop, then task arithmetic"
-
-    class Params(DellaParams):
-        normalize: bool = Field(False, description="divide by the sum of the expert weights")

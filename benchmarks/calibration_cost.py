@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModel, AutoTokenizer
 
     from esm_ray.spec import CalibrationSpec
-    from esm_ray.stats.calibrate import _pad_id, calibrate, encode_rows, make_batches
+    from esm_ray.models.text import encode_rows, make_batches
+    from esm_ray.models.text import pad_id as _pad_id
+    from esm_ray.stats.calibrate import calibrate
     from esm_ray.zoo.build import build_zoo
     from esm_ray.zoo.layout import open_zoo, read_jsonl
 

@@ -352,7 +352,8 @@ def bert_calibrated(tiny_bert):
     from transformers import AutoModel
 
     from esm_ray.spec import CalibrationSpec
-    from esm_ray.stats.calibrate import calibrate, make_batches
+    from esm_ray.models.text import make_batches
+    from esm_ray.stats.calibrate import calibrate
     from esm_ray.stats.hooks import linear_modules
 
     g = _gen(13)

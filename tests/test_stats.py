@@ -13,7 +13,7 @@ from torch import nn
 from esm_ray.errors import InputError
 from esm_ray.spec import CalibrationSpec
 from esm_ray.stats import StatsCollector, StatsStore, calibrate, calibrate_expert, data_hash, load_calibration_rows
-from esm_ray.stats.calibrate import make_batches
+from esm_ray.models.text import make_batches
 from esm_ray.stats.hooks import plan_passes, stats_bytes
 
 

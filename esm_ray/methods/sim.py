@@ -40,14 +40,15 @@ def support_features(side: Any, samples: int, batch_size: int = 16) -> Tensor:
     The rows are drawn like calibration rows (same file, same seed, same max_length); text rows
     are tokenized with the base model's tokenizer.
     """
-    from esm_ray.stats.calibrate import _Source, encode_rows, make_batches
+    from esm_ray.models.hf import StoredModel
+    from esm_ray.models.text import encode_rows, make_batches
     from esm_ray.stats.data import load_calibration_rows
 
     spec, expert = side.spec, side.expert
     if not expert.data:
         raise InputError(f"expert {expert.name!r}: SiM needs support samples (`data`)")
     rows = load_calibration_rows(expert.data, samples, spec.calibration.seed)
-    src = _Source(spec.base, spec.s3)
+    src = StoredModel(spec.base, spec.s3)
     tokenizer = None
     with tempfile.TemporaryDirectory(prefix="esm-ray-sim-") as tmp:
         if any("input_ids" not in r for r in rows):

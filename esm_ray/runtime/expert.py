@@ -285,7 +285,7 @@ class ExpertSide:
     # -- search stage (Concrete, AdaMerging): this expert's task entropy and its gradient ---
     def _searcher(self):
         if self._search is None:
-            from esm_ray.runtime.search import TaskSearcher
+            from esm_ray.runtime.search_expert import TaskSearcher
 
             self._search = TaskSearcher(self.spec, self.index, self.method.params, self.base, self.model)
         if self._search_fixed is not None:

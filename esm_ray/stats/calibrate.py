@@ -8,12 +8,10 @@ reads the data file, and caches the result (see `esm_ray.stats.store` for the fi
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +23,14 @@ from esm_ray.io.uri import is_s3
 from esm_ray.spec import CalibrationSpec, S3Options
 from esm_ray.stats.cache import cache_root, cache_source, unusable
 from esm_ray.stats.data import check_token_ids, data_hash, load_calibration_rows
+from esm_ray.models.hf import StoredModel, copy_tokenizer
+from esm_ray.models.text import TOKENIZER_FILES, encode_rows, forward_kwargs, make_batches, pad_id
 from esm_ray.stats.hooks import ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
 from esm_ray.stats.store import FORMAT_VERSION, StatsStore
 
 log = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json")
-
-
-# batching ------------------------------------------------------------------------------------
-def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[list[int]]:
-    """Token ids per row, truncated to max_length. Rows with input_ids need no tokenizer."""
-    out = []
-    for i, row in enumerate(rows):
-        if "input_ids" in row:
-            ids = [int(t) for t in row["input_ids"]]
-        elif "text" in row:
-            if tokenizer is None:
-                raise InputError(f"calibration row {i} is text but no tokenizer was given")
-            ids = list(tokenizer(row["text"], truncation=True, max_length=max_length)["input_ids"])
-        else:
-            raise InputError(f"calibration row {i} has neither 'text' nor 'input_ids'")
-        if not ids:
-            raise InputError(f"calibration row {i} encodes to no tokens")
-        out.append(ids[:max_length])
-    return out
-
-
+# batching: esm_ray.models.text ----------------------------------------------------------------
 def _check_vocab(model: nn.Module, ids: list[list[int]]) -> None:
     """InputError for a token id the model's input embedding has no row for (the embedding
     would raise IndexError in the middle of a forward pass)."""
@@ -67,35 +45,9 @@ def _check_vocab(model: nn.Module, ids: list[list[int]]) -> None:
                              f"({n} ids, 0 to {n - 1}); the data or tokenizer belongs to another model")
 
 
-def make_batches(ids: list[list[int]], batch_size: int, pad_id: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """(input_ids, attention_mask) of shape (B, L_max), padded on the right; mask 0 = padding."""
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        width = max(len(r) for r in chunk)
-        input_ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for b, r in enumerate(chunk):
-            input_ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, :len(r)] = 1
-        yield input_ids, mask
-
-
-def _pad_id(model: nn.Module, tokenizer: Any) -> int:
-    for src in (tokenizer, getattr(model, "config", None)):
-        pid = getattr(src, "pad_token_id", None) if src is not None else None
-        if isinstance(pid, int) and pid >= 0:
-            return pid
-    return 0  # any valid id: padded positions are masked out and never counted
-
-
-def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
-    params = inspect.signature(model.forward).parameters
-    return {"use_cache": False} if "use_cache" in params else {}
-
-
 def _run_passes(model: nn.Module, batches: list[tuple[Tensor, Tensor]], modules: ModuleFilter,
                 max_bytes: int | None, device: torch.device) -> tuple[dict[str, ModuleStats], int]:
-    kwargs = _forward_kwargs(model)
+    kwargs = forward_kwargs(model)
 
     def forward(col: StatsCollector, batch: tuple[Tensor, Tensor]) -> None:
         ids, mask = batch[0].to(device), batch[1].to(device)
@@ -136,7 +88,7 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
         raise InputError("no calibration rows")
     ids = encode_rows(rows, tokenizer, settings.max_length)
     _check_vocab(model, ids)
-    batches = list(make_batches(ids, settings.batch_size, _pad_id(model, tokenizer)))
+    batches = list(make_batches(ids, settings.batch_size, pad_id(model, tokenizer)))
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -150,7 +102,7 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
     return stats
 
 
-# model loading -------------------------------------------------------------------------------
+# model loading: esm_ray.models.hf -------------------------------------------------------------
 def _hash_files(paths: list[Path], root: Path) -> str:
     """sha256 over the names and bytes of some files (the tokenizer's part of the cache key)."""
     h = hashlib.sha256()
@@ -162,80 +114,21 @@ def _hash_files(paths: list[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-class ModelSource:
-    """A model to calibrate, read through `esm_ray.io.reader` (local directory or s3://)."""
-
-    def __init__(self, uri: str, s3: S3Options | None) -> None:
-        from esm_ray.io.reader import open_model
-
-        self.uri = uri
-        self.reader = open_model(uri, s3)
-        if self.reader.config is None:
-            raise InputError(f"{uri}: no config.json (not a Hugging Face model directory)")
-        self.config = dict(self.reader.config)
-
-    def keys(self) -> set[str]:
-        return set(self.reader.keys())
-
-    def fingerprint(self) -> str:
-        return str(self.reader.fingerprint())
-
-    def load(self, dtype: torch.dtype, device: str) -> nn.Module:
-        """The HF model class chosen from `architectures`, built from config and loaded weights."""
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-        archs = self.config.get("architectures") or []
-        auto = AutoModelForCausalLM if any(str(a).endswith("ForCausalLM") for a in archs) else AutoModel
-        cfg = dict(self.config)
-        if "model_type" not in cfg:
-            raise InputError(f"{self.uri}: config.json has no model_type")
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        try:
-            cls = auto._model_mapping[type(config)]
-        except KeyError:
-            raise InputError(f"{self.uri}: {auto.__name__} does not support {type(config).__name__}") from None
-        state = {k: self.reader.get(k) for k in self.reader.keys()}
-        model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-        return model.to(device).eval()
-
-    def tokenizer_dir(self, tmp: Path) -> Path | None:
-        """The model's tokenizer files copied into `tmp`, or None when it has none."""
-        return _copy_tokenizer(self.reader, self.config, tmp)
-
-    def close(self) -> None:
-        self.reader.close()
-
-
-def _copy_tokenizer(reader: Any, config: dict | None, tmp: Path) -> Path | None:
-    names = [n for n in reader.aux_names() if "/" not in n and n in _TOKENIZER_FILES]
-    if not names:
-        return None
-    tmp.mkdir(parents=True, exist_ok=True)
-    for n in names:
-        (tmp / n).write_bytes(reader.read_aux(n))
-    if config is not None:  # some tokenizers read model_type from it
-        (tmp / "config.json").write_text(json.dumps(config))
-    return tmp
-
-
-def _find_tokenizer(tokenizer_uri: str | None, src: ModelSource, s3: S3Options | None, tmp: Path) -> Path | None:
+def _find_tokenizer(tokenizer_uri: str | None, src: StoredModel, s3: S3Options | None, tmp: Path) -> Path | None:
     """Tokenizer files: from `tokenizer_uri` (a local tokenizer or model directory, or an s3://
     model whose auxiliary files hold one) when it has them, else from the expert itself."""
     if tokenizer_uri and is_s3(tokenizer_uri):
         from esm_ray.io.reader import open_model
 
         with open_model(tokenizer_uri, s3) as reader:
-            found = _copy_tokenizer(reader, reader.config, tmp / "given")
+            found = copy_tokenizer(reader, reader.config, tmp / "given")
         if found is not None:
             return found
     elif tokenizer_uri:
         local = Path(tokenizer_uri.removeprefix("file://")).expanduser()
-        if local.is_dir() and any((local / n).is_file() for n in _TOKENIZER_FILES):
+        if local.is_dir() and any((local / n).is_file() for n in TOKENIZER_FILES):
             return local
     return src.tokenizer_dir(tmp / "model")
-
-
-_Source = ModelSource  # older name, still imported elsewhere
 
 
 def _checkpoint_names(model: nn.Module, names: list[str], ckpt_keys: set[str]) -> dict[str, str]:
@@ -286,7 +179,7 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
     label = name or model_uri.rstrip("/").rsplit("/", 1)[-1]
     t0 = time.perf_counter()
     rows = load_calibration_rows(data_uri, settings.samples, settings.seed)
-    src = ModelSource(model_uri, s3)
+    src = StoredModel(model_uri, s3)
     try:
         vocab = src.config.get("vocab_size")
         if isinstance(vocab, int) and vocab > 0 and not is_s3(data_uri):
@@ -302,7 +195,7 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-                tok_fp = _hash_files([p for p in tok_dir.iterdir() if p.name in _TOKENIZER_FILES], tok_dir)
+                tok_fp = _hash_files([p for p in tok_dir.iterdir() if p.name in TOKENIZER_FILES], tok_dir)
             extra = {"dtype": str(dtype).replace("torch.", ""), "tokenizer": tok_fp,
                      "modules": sorted(modules) if modules is not None else None}
             model_fp = src.fingerprint()

@@ -109,6 +109,36 @@ class ExpertContext:
     plan: Any = None
 
 
+@dataclass(frozen=True)
+class SupportInputs:
+    """What the runtime reads on an expert's side for a method's support stage.
+
+    head:       the expert's head.safetensors bytes, checked (None when it has none)
+    labels:     the head's labels
+    features:   pooled pretrained-backbone features (n, d) of the expert's first
+                `support_samples()` unlabelled rows, when the method asks for them
+    base_uri:   where the base model is
+    base_bytes: the bytes of the base's tensors
+    """
+
+    head: bytes | None = None
+    labels: list[str] | None = None
+    features: Tensor | None = None
+    base_uri: str = ""
+    base_bytes: int = 0
+
+
+class BaseWeights:
+    """An artifact value meaning "a safetensors copy of the base model's tensors": the runtime
+    writes it, so a method never opens a model itself."""
+
+    def __repr__(self) -> str:
+        return "BASE_WEIGHTS"
+
+
+BASE_WEIGHTS = BaseWeights()
+
+
 class Parts(Sequence):
     """The experts' parts of one tensor, as `fuse` receives them: part i is expert i's.
 
@@ -265,17 +295,22 @@ class MergeMethod(Parametrised[P]):
         """Coordinator: consume the experts' post parts (kept in the method's state)."""
         raise NotImplementedError
 
-    def artifacts(self) -> dict[str, bytes]:
-        """Extra files written into the output next to the weights, {relative path: bytes}."""
+    def artifacts(self) -> dict[str, bytes | BaseWeights]:
+        """Extra files written into the output next to the weights, {relative path: bytes, or
+        BASE_WEIGHTS for a copy of the base's tensors}."""
         return {}
 
     # -- optional support stage (routed models): once per expert, before the merge loop ------
     needs_support_features: ClassVar[bool] = False
 
-    def support_part(self, side: Any, ctx: ExpertContext) -> Any:
-        """Expert side: what the coordinator needs from this expert before merging (SiM's
-        support features from the pretrained backbone, the task head). `side` is the
-        ExpertSide (its spec, expert entry and lazy `base` / `model` readers)."""
+    def support_samples(self) -> int:
+        """How many of each expert's unlabelled rows the runtime turns into pooled backbone
+        features for `support_part` (0: none)."""
+        return 0
+
+    def support_part(self, ctx: ExpertContext, inputs: SupportInputs) -> Any:
+        """Expert side: what the coordinator needs from this expert before merging (the task
+        head, SiM's support features), from what the runtime read for it."""
         raise NotImplementedError
 
     def support_fuse(self, parts: list[Any], ctxs: list[ExpertContext]) -> None:

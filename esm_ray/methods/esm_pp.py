@@ -33,11 +33,11 @@ from esm_ray.routed.format import (
     pack_routed,
     routed_manifest,
 )
-from esm_ray.models.heads import read_expert_head
 from esm_ray.core.routing import residual_expert
 from esm_ray.errors import SpecError
 from esm_ray.methods._common import in_expert_order
-from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Needs, TensorInfo
+from esm_ray.methods.base import (BaseWeights, ExpertContext, MergeMethod, MethodParams, Needs, SupportInputs,
+                                  TensorInfo)
 from esm_ray.methods.registry import METHODS, build_method, register
 
 log = logging.getLogger(__name__)
@@ -64,17 +64,6 @@ class ExpertPart:
     A: Tensor          # (r, d_in)
     prototype: Tensor  # (d_in,) float32
     kept: int          # nonzero factors (≤ r)
-
-
-@dataclass(frozen=True)
-class SupportPart:
-    """What an expert sends before the merge: its head and, for SiM, its support features."""
-
-    head: bytes | None = None
-    labels: list[str] | None = None
-    features: Tensor | None = None  # (n, d) pooled backbone features
-    base_uri: str = ""
-    s3: Any = None
 
 
 def _inner(params: RoutedParams, n_experts: int, seed: int) -> MergeMethod:
@@ -135,7 +124,7 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         self._protos: dict[str, Tensor] = {}
         self._kept: dict[str, list[int]] = {}
         self._tasks: list[str] = []
-        self._support: list[SupportPart] = []
+        self._support: list[SupportInputs] = []
 
     # ---- the static base: delegated ----------------------------------------------------------
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
@@ -154,9 +143,8 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         return f"{note}; {mine}" if note else mine
 
     # ---- support stage: heads (and SiM features in the subclass) -----------------------------
-    def support_part(self, side: Any, ctx: ExpertContext) -> SupportPart:
-        head, labels = read_expert_head(side.model)
-        return SupportPart(head=head, labels=labels, base_uri=side.spec.base, s3=side.spec.s3)
+    def support_part(self, ctx: ExpertContext, inputs: SupportInputs) -> SupportInputs:
+        return inputs
 
     def support_fuse(self, parts: list[Any], ctxs: list[ExpertContext]) -> None:
         parts, ctxs = in_expert_order(parts, ctxs)
@@ -191,18 +179,18 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
     def routers(self) -> list[str]:
         return ["prototype"]
 
-    def sim_state(self) -> tuple[Tensor | None, Tensor | None, dict[str, Any] | None, dict[str, bytes]]:
+    def sim_state(self) -> tuple[Tensor | None, Tensor | None, dict[str, Any] | None, dict[str, BaseWeights]]:
         """(means, bases, manifest entry, extra files) of the SiM router; none for ESM++."""
         return None, None, None, {}
 
-    def artifacts(self) -> dict[str, bytes]:
+    def artifacts(self) -> dict[str, bytes | BaseWeights]:
         if not self._experts:
             raise RuntimeError(f"{self.name}: no linear layer matched the routed-layer pattern "
                                f"{self.params.layers or DEFAULT_ROUTED_LAYERS!r}")
         p = self.params
         means, bases, sim_meta, extra = self.sim_state()
         packed = pack_routed(self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype])
-        files: dict[str, bytes] = {rel: st_save(tensors) for rel, tensors in packed.items()}
+        files: dict[str, bytes | BaseWeights] = {rel: st_save(tensors) for rel, tensors in packed.items()}
         files.update(extra)
         heads: dict[str, dict[str, Any]] = {}
         used: set[str] = set()
@@ -215,10 +203,11 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
             used.add(rel)
             files[rel] = part.head
             heads[task] = {"file": rel, "labels": part.labels}
+        size = {rel: len(v) if isinstance(v, bytes) else 0 for rel, v in files.items()}
         layers = {m: (int(b.shape[1]), int(a.shape[2])) for m, (b, a) in self._experts.items()}
-        sizes = {"experts_bytes": len(files[EXPERTS_FILE]), "router_bytes": len(files[ROUTER_FILE]),
-                 "backbone_bytes": sum(len(v) for v in extra.values()),
-                 "heads_bytes": sum(len(files[h["file"]]) for h in heads.values())}
+        sizes = {"experts_bytes": size[EXPERTS_FILE], "router_bytes": size[ROUTER_FILE],
+                 "backbone_bytes": self._support[0].base_bytes if extra else 0,
+                 "heads_bytes": sum(size[h["file"]] for h in heads.values())}
         man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=p.rank,
                               expert_dtype=p.expert_dtype, layers=layers, routers=self.routers(), sim=sim_meta,
                               heads=heads, base_method=p.base_method,

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from esm_ray.io.reader import check_finite, open_model
 from esm_ray.methods import ExpertContext, TensorInfo, build_method, build_purifier
+from esm_ray.methods.base import SupportInputs
 from esm_ray.runtime.device import CPU, resolve_device, to_device
 from esm_ray.spec import MergeSpec
 
@@ -278,9 +279,16 @@ class ExpertSide:
 
     def support_features(self) -> Any:
         """Before the merge loop (methods with needs_support_features): this expert's support
-        part, e.g. SiM's pooled backbone features of its support samples and its task head."""
+        part, from its task head and, when the method asks, pooled backbone features of its rows."""
+        from esm_ray.models.heads import read_expert_head
+        from esm_ray.runtime.support import support_features
+
         ctx = ExpertContext(self.index, self.expert.name, self.expert.weight, self.expert.density)
-        return self.method.support_part(self, ctx)
+        head, labels = read_expert_head(self.model)
+        n = self.method.support_samples()
+        feats = support_features(self.spec, self.index, n) if n else None
+        base_bytes = sum(self.base.info(k).nbytes for k in self.base.keys())
+        return self.method.support_part(ctx, SupportInputs(head, labels, feats, self.spec.base, base_bytes))
 
     # -- search stage (Concrete, AdaMerging): this expert's task entropy and its gradient ---
     def _searcher(self):

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 import esm_ray
@@ -33,6 +34,7 @@ from esm_ray.io.model_files import model_files
 from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
+from esm_ray.methods.base import BaseWeights
 from esm_ray.runtime.expert import math_threads, read_to_float32, reuse_freed_memory, scratch, torch_threads
 from esm_ray.runtime.layout import Group, OutTensor, layer_groups, plan_groups, tensor_infos, write_order
 from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan
@@ -222,6 +224,8 @@ class MergeJob:
     def commit(self, writer: ShardedWriter, elapsed: float) -> None:
         """The method's files, the base's auxiliary files and the report; then the commit."""
         for rel, data in self.plan.method.artifacts().items():
+            if isinstance(data, BaseWeights):  # a copy of the base's tensors
+                data = st_save({k: self._base.get(k).contiguous() for k in self._base.keys()})
             writer.write_file(rel, data)
         self._report_data = self._report(self.plan.method, elapsed)
         self._write_aux(writer, self._base, self._report_data)

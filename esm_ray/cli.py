@@ -77,8 +77,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_to_output(spec) -> str:
+    """Run a merge spec; its output location (what `esm-ray eval --sweep` merges with)."""
+    from esm_ray.runtime import run_merge
+
+    return str(run_merge(spec).output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esm-ray", description=__doc__)
+    parser.set_defaults(merge_fn=merge_to_output)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,12 +6,6 @@ import argparse
 import json
 
 
-def _merge_fn(spec):
-    from esm_ray.runtime import run_merge
-
-    return str(run_merge(spec).output)
-
-
 def _is_routed(model: str) -> bool:
     from esm_ray.eval.routed import is_routed_dir
 
@@ -58,7 +52,7 @@ def _table(args: argparse.Namespace):
             if args.out:
                 write_report(t, args.out, title=args.title)
 
-        table = sweep(args.sweep, zoo, _merge_fn, split=args.split, tasks=args.tasks, select=args.select,
+        table = sweep(args.sweep, zoo, args.merge_fn, split=args.split, tasks=args.tasks, select=args.select,
                       on_row=progress)
     elif args.model and _is_routed(args.model):  # ESM++ / SiM directory: one row per router
         from esm_ray.eval.routed import routed_rows

@@ -265,7 +265,7 @@ def build_lm_zoo(out: str | Path | None = None, n_experts: int = 3, domains: Seq
     """Build (or find cached) the SmolLM2 domain-expert zoo; returns `<root>/<hash>`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from esm_ray.eval.metrics import perplexity
+    from esm_ray.models.lm import perplexity
 
     names = list(domains) if domains else list(DEFAULT_DOMAINS[:n_experts])
     unknown = [d for d in names if d not in DOMAINS]

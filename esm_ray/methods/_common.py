@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from pydantic import Field
@@ -30,7 +30,6 @@ def consensus_field() -> Any:
     return Field("sum", description="sign election: 'sum' (sign of Σ w·τ, TIES) or 'count' (majority of signs)")
 
 
-Consensus = Literal["sum", "count"]
 
 
 @dataclass(frozen=True)

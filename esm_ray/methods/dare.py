@@ -12,8 +12,8 @@ from torch import Tensor
 from esm_ray.core.arithmetic import task_arithmetic
 from esm_ray.core.dare import dare_drop, dare_generator
 from esm_ray.core.ties import sign_consensus_merge
+from esm_ray.core.ties import Consensus
 from esm_ray.methods._common import (
-    Consensus,
     compact,
     consensus_field,
     dense_in_order,

@@ -33,6 +33,7 @@ from esm_ray.routed.format import (
     pack_routed,
     routed_manifest,
 )
+from esm_ray.core.dtypes import DTYPES
 from esm_ray.core.routing import residual_expert
 from esm_ray.errors import SpecError
 from esm_ray.methods._common import in_expert_order
@@ -42,7 +43,7 @@ from esm_ray.methods.registry import METHODS, build_method, register
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = DTYPES
 ROUTED_METHODS = ("esm_pp", "sim")
 
 

@@ -8,8 +8,8 @@ from pydantic import Field
 from torch import Tensor
 
 from esm_ray.core.ties import TrimThreshold, kept_count, magnitude_trim, rescale_l1, sign_consensus_merge, trim_threshold
+from esm_ray.core.ties import Consensus
 from esm_ray.methods._common import (
-    Consensus,
     compact,
     consensus_field,
     dense_in_order,

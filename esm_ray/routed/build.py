@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from esm_ray.core.dtypes import DTYPES
 from esm_ray.core.layerstats import LayerStats
 from esm_ray.routed.format import DEFAULT_ROUTED_LAYERS
 from esm_ray.core.routing import residual_expert, stack_experts
@@ -36,7 +37,7 @@ def build_routed(merged: nn.Module, experts: Sequence[Mapping[str, Tensor]],
     """
     if not (len(experts) == len(stats) == len(tasks)):
         raise ValueError(f"{len(experts)} experts, {len(stats)} statistics, {len(tasks)} tasks")
-    dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[expert_dtype]
+    dt = DTYPES[expert_dtype]
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     protos: dict[str, Tensor] = {}
     for module in routed_modules(merged, layers):

@@ -34,20 +34,11 @@ from esm_ray.routed.format import (
 )
 from esm_ray.models.heads import head_labels
 from esm_ray.errors import InputError
+from esm_ray.models.hf import model_class
+from esm_ray.models.text import TOKENIZER_FILES
 from esm_ray.routed.model import Head, RoutedModel, SimRouter
 
 log = logging.getLogger(__name__)
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
-
-
-def model_class(config: dict[str, Any]):
-    """AutoModelForCausalLM for *ForCausalLM checkpoints, else AutoModel (encoders)."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    archs = config.get("architectures") or []
-    return AutoModelForCausalLM if any(str(a).endswith("ForCausalLM") for a in archs) else AutoModel
-
 
 def read_head(path: str | Path, labels: list[str] | None = None) -> Head:
     """A head file (weight [labels, hidden], bias [labels]); labels from the argument, else the
@@ -204,7 +195,7 @@ def load_routed(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
                 raise InputError(f"head for task {task!r}, but the routed model's tasks are {', '.join(tasks)}")
             tasks.append(task)
     tokenizer = None
-    if any((d / n).is_file() for n in _TOKENIZER_FILES):
+    if any((d / n).is_file() for n in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(d))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from esm_ray.core.dtypes import DTYPES
 from esm_ray.errors import InputError, SpecError
 from esm_ray.io.overlap import check_no_overlap
 from esm_ray.io.reader import open_model
@@ -24,7 +25,7 @@ from esm_ray.stats.data import check_token_ids
 
 log = logging.getLogger("esm_ray.plan")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = DTYPES
 _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
               "intermediate_size", "num_key_value_heads", "n_embd", "n_layer")
 _VOCAB_HINTS = ("embed", "wte", "word_embeddings", "lm_head", "output.weight")

@@ -15,6 +15,7 @@ import torch
 from esm_ray.errors import InputError, SpecError
 from esm_ray.io.overlap import check_no_overlap
 from esm_ray.io.composite import open_base, open_expert
+from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import check_writable
 from esm_ray.methods import MergeMethod, Needs, Purifier, TensorInfo, build_method, build_purifier
@@ -200,6 +201,17 @@ def spec_inputs(spec: MergeSpec, needs_stats: bool) -> list[tuple[str, str]]:
     return out
 
 
+def check_tokenizer(spec: MergeSpec, base_config: dict | None) -> None:
+    """The spec's `tokenizer` model must share the base's vocabulary size: its tokenizer files are
+    copied, the embeddings are not re-mapped (no vocabulary union)."""
+    with open_model(spec.tokenizer, spec.s3) as tok:
+        theirs, ours = (tok.config or {}).get("vocab_size"), (base_config or {}).get("vocab_size")
+        if theirs is not None and ours is not None and theirs != ours:
+            raise InputError(f"field `tokenizer`: {spec.tokenizer} has a vocabulary of {theirs}, the base "
+                             f"{ours}; esm-ray copies a tokenizer but does not re-map embeddings (no "
+                             "vocabulary union): use a tokenizer of the same vocabulary")
+
+
 def method_for(spec: MergeSpec) -> MergeMethod:
     """The spec's method with its per-tensor settings: the method's, each expert's and each
     slice's (methods.schedule)."""
@@ -223,6 +235,8 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     aux_names: list[list[str]] = []
 
     base = open_base(spec)
+    if spec.tokenizer is not None:
+        check_tokenizer(spec, base.config)
     names = list(base.keys())
     shapes = {n: tuple(base.info(n).shape) for n in names}
     dtypes = {n: base.info(n).dtype for n in names}

@@ -231,6 +231,9 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         purifier = build_purifier(spec.purify.name, spec.purify.params, n_experts=t, seed=spec.seed)
     needs = method.needs() | (purifier.needs() if purifier is not None else Needs())
     what = f"method {spec.method.name!r}" + (f" with {spec.purify.name}" if spec.purify else "")
+    if spec.slices and (needs.reads_data or method.search_stage or method.output_kind != "static"):
+        raise SpecError(f"field `slices`: {what} reads data or builds a routed model; slices take static "
+                        "methods that read the weights only")
     check_no_overlap(spec.output, spec_inputs(spec, needs.stats))
     aux_names: list[list[str]] = []
 

@@ -19,11 +19,32 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _is_mergekit(path: str) -> bool:
+    """Whether a YAML spec file is a mergekit configuration (it names `merge_method`)."""
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    if p.suffix == ".json" or not p.is_file():
+        return False
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError):
+        return False  # load_spec reports it
+    return isinstance(raw, dict) and "merge_method" in raw
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from esm_ray.runtime import build_plan, run_merge
     from esm_ray.spec import load_spec
 
-    spec = load_spec(args.spec)
+    if _is_mergekit(args.spec):
+        from esm_ray.compat.mergekit import load_config
+
+        spec = load_config(args.spec, args.output, getattr(args, "mergekit_overrides", None))
+    else:
+        spec = load_spec(args.spec)
     updates = {}
     if args.output:
         updates["output"] = args.output
@@ -37,7 +58,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update=updates)
     plan = build_plan(spec)
     if args.dry_run:
+        from esm_ray.runtime.resolved import resolved_lines
+
         print(plan.describe())
+        for line in resolved_lines(plan):
+            print(line)
         print("dry run: spec and inputs are valid; nothing was computed")
         return 0
     result = run_merge(spec, progress=not args.no_progress, plan=plan)
@@ -105,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_methods)
 
-    for module in ("esm_ray.zoo.cli", "esm_ray.eval.cli", "esm_ray.serve.cli", "esm_ray.runtime.cli",
+    for module in ("esm_ray.compat.cli", "esm_ray.zoo.cli", "esm_ray.eval.cli", "esm_ray.serve.cli", "esm_ray.runtime.cli",
                    "esm_ray.demo"):
         try:
             mod = __import__(module, fromlist=["register"])

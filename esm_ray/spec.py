@@ -55,6 +55,9 @@ class ExpertSpec(Frozen):
     data: str | None = None
     weight: float = 1.0
     density: float | None = Field(default=None, gt=0.0, le=1.0)
+    # This expert's own method parameters, each a value, a gradient or conditional values
+    # (methods.schedule); `weight` and `density` given here may vary by tensor.
+    params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -69,6 +72,44 @@ class MethodSpec(Frozen):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class SliceSource(Frozen):
+    """Layers [start, stop) of one model, as one input of a `slices` entry."""
+
+    model: str
+    layer_range: tuple[int, int]
+    params: dict[str, Any] = Field(default_factory=dict)  # this input's own settings in the slice
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, stop) with 0 <= start < stop")
+        return v
+
+
+class SliceSpec(Frozen):
+    """One run of output layers (mergekit's `slices`): output layers are numbered on from the
+    previous slice's; layer k of the run comes from layer range[0] + k of each input. `experts[j]`
+    stands in for expert j of the spec, `base` for the base (default: expert 0's input, which
+    makes a one-expert passthrough a copy). Tensors outside the layers come from the first slice's
+    inputs (embeddings) or the last's (final norm, LM head)."""
+
+    base: SliceSource | None = None
+    experts: list[SliceSource] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)  # settings of this slice, before the method's
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "SliceSpec":
+        n = {s.layer_range[1] - s.layer_range[0] for s in ([self.base] if self.base else []) + self.experts}
+        if len(n) > 1:
+            raise ValueError(f"every input of a slice must span the same number of layers, got {sorted(n)}")
+        return self
+
+    @property
+    def length(self) -> int:
+        return self.experts[0].layer_range[1] - self.experts[0].layer_range[0]
 
 
 class PurifySpec(Frozen):
@@ -134,6 +175,11 @@ class MergeSpec(Frozen):
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     serve: ServeSpec | None = None
+    # Output layers assembled from layer ranges of several models (mergekit's `slices`).
+    slices: list[SliceSpec] | None = None
+    # The model whose tokenizer files the output gets (default: the base's). It must share the
+    # base's vocabulary: embeddings are not re-mapped.
+    tokenizer: str | None = None
 
     @field_validator("shard_size")
     @classmethod
@@ -148,6 +194,9 @@ class MergeSpec(Frozen):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"expert names must be unique; repeated: {', '.join(dup)}")
+        for k, sl in enumerate(self.slices or []):
+            if len(sl.experts) != len(self.experts):
+                raise ValueError(f"slices.{k}.experts: {len(sl.experts)} inputs for {len(self.experts)} experts")
         return self
 
     @property
@@ -166,10 +215,22 @@ def _resolve(value: str | None, root: Path) -> str | None:
     return str(p if p.is_absolute() else (root / p).resolve())
 
 
+def _resolve_slice(raw: Any, root: Path) -> Any:
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    if isinstance(out.get("base"), dict) and isinstance(out["base"].get("model"), str):
+        out["base"] = {**out["base"], "model": _resolve(out["base"]["model"], root)}
+    if isinstance(out.get("experts"), list):
+        out["experts"] = [{**e, "model": _resolve(e["model"], root)} if isinstance(e, dict)
+                          and isinstance(e.get("model"), str) else e for e in out["experts"]]
+    return out
+
+
 def resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
     """Make every local path of a raw spec dict absolute, relative to `root`."""
     out = dict(raw)
-    for key in ("base", "output"):
+    for key in ("base", "output", "tokenizer"):
         if isinstance(out.get(key), str):
             out[key] = _resolve(out[key], root)
     if isinstance(out.get("experts"), list):
@@ -182,6 +243,8 @@ def resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
                         e[key] = _resolve(e[key], root)
             exps.append(e)
         out["experts"] = exps
+    if isinstance(out.get("slices"), list):
+        out["slices"] = [_resolve_slice(s, root) for s in out["slices"]]
     cal = out.get("calibration")
     if isinstance(cal, dict) and isinstance(cal.get("cache_dir"), str):
         out["calibration"] = {**cal, "cache_dir": _resolve(cal["cache_dir"], root)}

@@ -31,6 +31,18 @@ MODEL_FILES = frozenset({
 })
 
 
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+})
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether `name` is one of a tokenizer's files (what a spec's `tokenizer` model supplies)."""
+    return name in TOKENIZER_FILES
+
+
 def model_files(names: Iterable[str]) -> list[str]:
     """Those of `names` (a reader's auxiliary files) that a merged output copies, in order."""
     return [n for n in names if n in MODEL_FILES]

@@ -37,6 +37,6 @@ class ArceeFusion(MergeMethod[ArceeFusionParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
-        n = self.params.quantile_samples
+        n = self.params_for(info).quantile_samples
         gen = torch.Generator().manual_seed(della_seed(self.seed, 0, "arcee_fusion/" + info.name)) if n else None
         return arcee_fusion(base.float(), w1, n, gen).float()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Sequence
 from typing import Any, Callable, ClassVar, Generic, Iterator, Literal, TypeVar, get_args
 
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from esm_ray.core.layerstats import LayerStats
+from esm_ray.methods.schedule import Setting, first_value
 
 _INDEX = re.compile(r"\.(\d+)\.")
 
@@ -61,6 +62,9 @@ class TensorInfo:
     layer_type:  the key with the block index replaced by '*', e.g.
                  'encoder.layer.*.attention.self.query.weight' (groups tensors across depth)
     layer_index: the block index, or None for tensors outside the repeated blocks
+    position:    where gradients are read (methods.schedule): i / (n - 1) for layer i of a
+                 run of n layers, 0 outside the blocks
+    slice:       the index of the spec's `slices` entry the tensor belongs to (0 without slices)
     """
 
     name: str
@@ -68,6 +72,8 @@ class TensorInfo:
     module: str | None = None
     layer_type: str = ""
     layer_index: int | None = None
+    position: float = 0.0
+    slice: int = 0
 
     @staticmethod
     def of(name: str, shape: tuple[int, ...], module: str | None = None) -> "TensorInfo":
@@ -99,6 +105,9 @@ class ExpertContext:
     stats:   calibration statistics of this tensor's layer in this expert, when the
              method needs them and the tensor belongs to a hooked linear layer
     plan:    the purifier's plan for this expert (PAVE rank ratio), if any
+    params:  this expert's own values of other method parameters for this tensor (spec
+             `experts[i].params`, e.g. gamma, epsilon), resolved by `MergeMethod.context_for`;
+             `params_for(info, ctx)` lays them over the method's
     """
 
     index: int
@@ -107,6 +116,7 @@ class ExpertContext:
     density: float | None = None
     stats: LayerStats | None = None
     plan: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,74 @@ class Parametrised(ABC, Generic[P]):
         self.params = params
         self.n_experts = n_experts
         self.seed = seed
+        # Per-tensor parameters (methods.schedule), set by registry.build_method: the scalar
+        # parameters as given, the varying ones (gradients, filters) by name, each slice's own
+        # settings, and each expert's (per slice) settings.
+        self.fixed: dict[str, Any] = params.model_dump(by_alias=True, exclude_unset=True)
+        self.varying: dict[str, Setting] = {}
+        self.slice_params: list[dict[str, Setting]] = []
+        self.expert_params: list[dict[str, Setting]] = []
+        self.slice_expert_params: list[list[dict[str, Setting]]] = []
+        self._resolved: dict[tuple, Any] = {}
+
+    @property
+    def per_tensor(self) -> bool:
+        """Whether any parameter may differ from tensor to tensor or from expert to expert."""
+        return bool(self.varying or any(self.slice_params) or any(self.expert_params)
+                    or any(any(s) for s in self.slice_expert_params))
+
+    def params_for(self, info: "TensorInfo", ctx: "ExpertContext | None" = None) -> P:
+        """The parameters for one tensor: gradients and filters resolved at its name and
+        position (its slice's settings first), and with `ctx`, that expert's own values laid
+        over them. `self.params` itself when nothing varies. Cached by the resolved values."""
+        own = {k: v for k, v in (ctx.params.items() if ctx is not None else ()) if k in self._fields()}
+        sp = self.slice_params[info.slice] if info.slice < len(self.slice_params) else {}
+        if not self.varying and not sp and not own:
+            return self.params
+        raw = dict(self.fixed)
+        for name in set(self.varying) | set(sp):
+            v = first_value(sp.get(name), self.varying.get(name), self.fixed.get(name),
+                            tensor_name=info.name, t=info.position)
+            if v is None:
+                raw.pop(name, None)
+            else:
+                raw[name] = v
+        raw.update(own)
+        key = tuple(sorted((k, repr(v)) for k, v in raw.items()))
+        got = self._resolved.get(key)
+        if got is None:
+            from pydantic import ValidationError
+
+            from esm_ray.errors import SpecError
+
+            try:
+                got = self._resolved[key] = type(self.params).model_validate(raw)
+            except ValidationError as err:
+                e = err.errors()[0]
+                raise SpecError(f"tensor {info.name!r}: parameter `{'.'.join(map(str, e['loc']))}` of "
+                                f"{self.name!r} resolves to {e.get('input')!r}: {e['msg']}") from None
+        return got
+
+    def _fields(self) -> set[str]:
+        return {f.alias or n for n, f in type(self.params).model_fields.items()}
+
+    def context_for(self, ctx: "ExpertContext", info: "TensorInfo") -> "ExpertContext":
+        """`ctx` with this expert's per-tensor settings resolved for `info`: `weight` and
+        `density` replaced where a setting gives them, other parameters in `ctx.params`."""
+        own = self.expert_params[ctx.index] if ctx.index < len(self.expert_params) else {}
+        per_slice = self.slice_expert_params[info.slice] if info.slice < len(self.slice_expert_params) else []
+        sl = per_slice[ctx.index] if ctx.index < len(per_slice) else {}
+        if not own and not sl:
+            return ctx
+        values: dict[str, Any] = {}
+        for name in set(own) | set(sl):
+            v = first_value(sl.get(name), own.get(name), tensor_name=info.name, t=info.position)
+            if v is not None:
+                values[name] = v
+        weight = float(values.pop("weight", ctx.weight))
+        density = values.pop("density", ctx.density)
+        return replace(ctx, weight=weight, density=None if density is None else float(density),
+                       params=values)
 
 
 class MergeMethod(Parametrised[P]):

@@ -51,7 +51,7 @@ class _Dare(MergeMethod[DP], Generic[DP]):
     name), so the expert side is reproducible anywhere."""
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
-        p = self.params
+        p = self.params_for(info, ctx)
         tv = expert.float() - base.float()
         gen = dare_generator(self.seed, ctx.index, info.name)
         return compact(dare_drop(tv, expert_density(ctx, p), gen, rescale=p.rescale, rescale_mode=p.rescale_mode))
@@ -61,7 +61,7 @@ class _Dare(MergeMethod[DP], Generic[DP]):
     # state is that stream; the executor asks for each expert's blocks once, in order.
     # L1 rescaling sums over the whole tensor, in an order that blocks would change.
     def blockwise(self, info: TensorInfo) -> bool:
-        p = self.params
+        p = self.params_for(info)
         return not (p.rescale and p.rescale_mode == "l1")
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
@@ -70,7 +70,7 @@ class _Dare(MergeMethod[DP], Generic[DP]):
 
     def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
                       state: torch.Generator, start: int) -> Tensor:
-        p = self.params
+        p = self.params_for(info, ctx)
         return dare_drop(expert - base, expert_density(ctx, p), state, rescale=p.rescale,
                          rescale_mode=p.rescale_mode)
 
@@ -84,7 +84,7 @@ class DareLinear(_Dare[DareParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         return task_arithmetic(tvs, weights_of(ctxs), lam=p.lambda_,
                                normalize=p.normalize).float()
 
@@ -98,6 +98,6 @@ class DareTies(_Dare[DareTiesParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,
                                     method=p.consensus).float()

@@ -32,7 +32,7 @@ class Karcher(MergeMethod[KarcherParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         ws, _ = dense_list(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         b = base.float()
         xs = ws + [b] if p.include_base else ws
         return (karcher_mean(xs, max_iter=p.max_iter, tol=p.tol) - b).float()

@@ -34,7 +34,7 @@ class Linear(MergeMethod[LinearParams]):
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
         weights = weights_of(ctxs)
-        normalize = self.params.normalize
+        normalize = self.params_for(info).normalize
         if normalize and sum(weights) == 0.0:
             raise SpecError("field `experts[*].weight`: the weights sum to 0, which `linear` with "
                             "normalize=true cannot divide by")

@@ -34,4 +34,4 @@ class ModelStock(MergeMethod[ModelStockParams]):
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         ws, _ = dense_list(parts, ctxs)
         b = base.float()
-        return (model_stock(b, ws, filter_wise=self.params.filter_wise) - b).float()
+        return (model_stock(b, ws, filter_wise=self.params_for(info).filter_wise) - b).float()

@@ -35,4 +35,4 @@ class NearSwap(MergeMethod[NearSwapParams]):
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
         b = base.float()
-        return (nearswap(b, w1, self.params.t) - b).float()
+        return (nearswap(b, w1, self.params_for(info).t) - b).float()

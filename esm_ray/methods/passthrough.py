@@ -33,5 +33,5 @@ class Passthrough(MergeMethod[PassthroughParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
-        s = self.params.scale
+        s = self.params_for(info, ctxs[0]).scale
         return ((w1 if s is None else w1 * s) - base.float()).float()

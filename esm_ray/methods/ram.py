@@ -28,7 +28,7 @@ class Ram(MergeMethod[RamParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, _ = dense_list(parts, ctxs)
-        return ram_merge(tvs, self.params.epsilon).float()
+        return ram_merge(tvs, self.params_for(info).epsilon).float()
 
 
 class RamPlusTLParams(MethodParams):
@@ -46,5 +46,5 @@ class RamPlusTL(MergeMethod[RamPlusTLParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, _ = dense_list(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         return ram_merge(tvs, p.epsilon, r=p.r, alpha=p.alpha).float()

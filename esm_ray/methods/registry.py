@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from esm_ray.errors import SpecError
 from esm_ray.methods.base import MergeMethod, MethodParams, Purifier
+from esm_ray.methods.schedule import check_setting, is_fixed
 
 METHODS: dict[str, type[MergeMethod]] = {}
 PURIFIERS: dict[str, type[Purifier]] = {}
@@ -43,9 +44,73 @@ def method_class(name: str) -> type[MergeMethod]:
     return METHODS[name]
 
 
-def build_method(name: str, params: dict[str, Any], n_experts: int, seed: int = 0) -> MergeMethod:
+def _leaves(setting: Any) -> list[Any]:
+    """Every scalar a setting can give (to validate each against the parameter's type)."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        return [x for e in setting for x in (_leaves(e["value"]) if isinstance(e, dict) else [e])]
+    return [setting]
+
+
+def _split(params: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(fixed, varying) parameters; each varying setting checked for its form."""
+    fixed, varying = {}, {}
+    for k, v in params.items():
+        if is_fixed(v):
+            fixed[k] = v
+            continue
+        try:
+            check_setting(v, f"field `{where}.{k}`")
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+        varying[k] = v
+    return fixed, varying
+
+
+def _check_leaves(cls: type[MergeMethod[Any]], fixed: dict[str, Any], varying: dict[str, Any], where: str) -> None:
+    for k, setting in varying.items():
+        for leaf in _leaves(setting):
+            _params(cls, {**fixed, k: leaf}, where)
+
+
+def build_method(name: str, params: dict[str, Any], n_experts: int, seed: int = 0,
+                 expert_params: list[dict[str, Any]] | None = None,
+                 slices: list[tuple[dict[str, Any], list[dict[str, Any]]]] | None = None) -> MergeMethod:
+    """The method `name` with its parameters validated. A parameter may be a gradient or a
+    filter (methods.schedule): each value it can take is validated here, and the method resolves
+    it per tensor (`params_for`). `expert_params`: each expert's own settings (spec
+    `experts[i].params`); `slices`: per `slices` entry, its shared settings and its experts'."""
     cls = method_class(name)
-    return cls(_params(cls, params, "method"), n_experts=n_experts, seed=seed)
+    fixed, varying = _split(params, "method.params")
+    first = {k: _leaves(v)[0] for k, v in varying.items()}
+    _check_leaves(cls, fixed, varying, "method")
+    method = cls(_params(cls, {**fixed, **first}, "method"), n_experts=n_experts, seed=seed)
+    method.fixed, method.varying = fixed, varying
+    fields = method._fields()
+    for s, (shared, per_expert) in enumerate(slices or []):
+        for k in shared:
+            if k not in fields:
+                raise SpecError(f"field `slices.{s}.params.{k}`: unknown parameter of {name!r} "
+                                f"(allowed: {', '.join(sorted(fields)) or '(none)'})")
+        sf, sv = _split(shared, f"slices.{s}.params")
+        _check_leaves(cls, {**fixed, **first}, {**{k: v for k, v in sf.items()}, **sv}, f"slices.{s}")
+        for j, own in enumerate(per_expert):
+            _split(own, f"slices.{s}.experts.{j}.params")
+    method.slice_params = [dict(shared) for shared, _ in (slices or [])]
+    method.slice_expert_params = [[dict(o) for o in per] for _, per in (slices or [])]
+    method.expert_params = [dict(e) for e in (expert_params or [])]
+    for i, own in enumerate(method.expert_params):
+        _split(own, f"experts.{i}.params")
+        for k, setting in own.items():
+            if k in ("weight", "density"):
+                continue
+            if k not in fields:
+                raise SpecError(f"field `experts.{i}.params.{k}`: unknown parameter of {name!r} "
+                                f"(allowed: weight, density, {', '.join(sorted(fields)) or '(none)'})")
+            for leaf in _leaves(setting):
+                _params(cls, {**fixed, **first, k: leaf}, f"experts.{i}")
+    return method
 
 
 def build_purifier(name: str, params: dict[str, Any], n_experts: int, seed: int = 0) -> Purifier:

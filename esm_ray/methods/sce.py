@@ -29,4 +29,4 @@ class Sce(MergeMethod[SceParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, _ = dense_list(parts, ctxs)
-        return sce_merge(tvs, self.params.select_topk).float()
+        return sce_merge(tvs, self.params_for(info).select_topk).float()

@@ -41,7 +41,7 @@ class Slerp(_Weights[SlerpParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
-        return (slerp(self.params.t, base.float(), w1) - base).float()
+        return (slerp(self.params_for(info).t, base.float(), w1) - base).float()
 
 
 class NuSlerpParams(MethodParams):
@@ -67,7 +67,7 @@ class NuSlerp(_Weights[NuSlerpParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1, w2), ctxs = dense_list(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         t = nuslerp_fraction(*weights_of(ctxs))
         b = base.float()
         if p.task_vectors:
@@ -92,7 +92,7 @@ class MultiSlerp(_Weights[MultiSlerpParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         ws, ctxs = dense_list(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         b = base.float()
         if len(ws) == 1:  # mergekit returns the one expert as it is, base or not
             return ws[0] - b

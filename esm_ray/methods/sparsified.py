@@ -69,7 +69,7 @@ class _Sparsified(MergeMethod[SP], Generic[SP]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         if self.ties:
             return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,
                                         method="sum").float()
@@ -78,7 +78,7 @@ class _Sparsified(MergeMethod[SP], Generic[SP]):
 
 class _Breadcrumbs(_Sparsified[BreadcrumbsParams]):
     def sparsify(self, info: TensorInfo, tv: Tensor, ctx: ExpertContext) -> Tensor:
-        p = self.params
+        p = self.params_for(info, ctx)
         return breadcrumbs(tv, expert_density(ctx, p), p.gamma, p.rescale)
 
 
@@ -105,7 +105,7 @@ class _Della(_Sparsified[DP], Generic[DP]):
     index, tensor name), so a spec gives the same masks anywhere."""
 
     def sparsify(self, info: TensorInfo, tv: Tensor, ctx: ExpertContext) -> Tensor:
-        p = self.params
+        p = self.params_for(info, ctx)
         return della_drop(tv, expert_density(ctx, p), p.epsilon, della_generator(self.seed, ctx.index, info.name),
                           rescale=p.rescale, rescale_mode=p.rescale_mode)
 

@@ -27,6 +27,6 @@ class TaskArithmetic(MergeMethod[TaskArithmeticParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         return task_arithmetic(tvs, weights_of(ctxs), lam=p.lambda_,
                                normalize=p.normalize).float()

@@ -43,9 +43,9 @@ class Ties(MergeMethod[TiesParams]):
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         tv = expert.float() - base.float()
-        density = expert_density(ctx, self.params)
+        density = expert_density(ctx, self.params_for(info, ctx))
         trimmed = magnitude_trim(tv, density)
-        if self.params.rescale and trimmed is not tv:
+        if self.params_for(info, ctx).rescale and trimmed is not tv:
             trimmed = rescale_l1(tv, trimmed)
         return compact(trimmed, max_nonzero=kept_count(tv.numel(), density))
 
@@ -53,11 +53,11 @@ class Ties(MergeMethod[TiesParams]):
     # block is trimmed by it; the sign election and the disjoint mean are elementwise.
     # L1 rescaling sums over the whole tensor, in an order that blocks would change.
     def blockwise(self, info: TensorInfo) -> bool:
-        return not self.params.rescale
+        return not self.params_for(info).rescale
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
                     ctx: ExpertContext) -> TrimThreshold | None:
-        k = kept_count(info.numel, expert_density(ctx, self.params))
+        k = kept_count(info.numel, expert_density(ctx, self.params_for(info, ctx)))
         if k >= info.numel:
             return None
         return trim_threshold(lambda: (e - b for b, e in blocks()), k)
@@ -69,6 +69,6 @@ class Ties(MergeMethod[TiesParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
-        p = self.params
+        p = self.params_for(info)
         return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,
                                     method=p.consensus).float()

@@ -60,7 +60,7 @@ class Tsvm(MergeMethod[TsvmParams]):
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         parts, ctxs = in_expert_order(parts, ctxs)
         weights = weights_of(ctxs)
-        lam = float(self.params.lambda_)
+        lam = float(self.params_for(info).lambda_)
         low_rank = [isinstance(p, LowRankPart) for p in parts]
         if any(low_rank) and not all(low_rank):
             raise ValueError(f"{info.name}: mixed low-rank and dense parts")

@@ -19,7 +19,8 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import Tensor
 
-from esm_ray.io.reader import check_finite, open_model
+from esm_ray.io.composite import open_base, open_expert
+from esm_ray.io.reader import check_finite
 from esm_ray.methods import ExpertContext, TensorInfo, build_method, build_purifier
 from esm_ray.methods.base import SupportInputs
 from esm_ray.runtime.device import CPU, resolve_device, to_device
@@ -143,7 +144,9 @@ class ExpertSide:
         e = spec.experts[index]
         self.expert = e
         t = len(spec.experts)
-        self.method = build_method(spec.method.name, spec.method.params, n_experts=t, seed=spec.seed)
+        from esm_ray.runtime.plan import method_for
+
+        self.method = method_for(spec)
         self.purifier = (build_purifier(spec.purify.name, spec.purify.params, n_experts=t, seed=spec.seed)
                          if spec.purify else None)
         self._base = None
@@ -182,13 +185,13 @@ class ExpertSide:
     @property
     def base(self):
         if self._base is None:
-            self._base = open_model(self.spec.base, self.spec.s3)
+            self._base = open_base(self.spec)
         return self._base
 
     @property
     def model(self):
         if self._model is None:
-            self._model = open_model(self.expert.model, self.spec.s3)
+            self._model = open_expert(self.spec, self.index)
         return self._model
 
     def ping(self) -> int:
@@ -212,8 +215,8 @@ class ExpertSide:
 
     def _ctx(self, info: TensorInfo) -> ExpertContext:
         stats = self._stats.get(info.module) if (self._stats is not None and info.module) else None
-        return ExpertContext(self.index, self.expert.name, self.expert.weight, self.expert.density,
-                             stats, self._plan)
+        return self.method.context_for(ExpertContext(self.index, self.expert.name, self.expert.weight,
+                                                     self.expert.density, stats, self._plan), info)
 
     def _tensors(self, info: TensorInfo) -> tuple[Tensor, Tensor]:
         b = self.base.get(info.name)

@@ -30,7 +30,8 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 import esm_ray
-from esm_ray.io.model_files import model_files
+from esm_ray.io.model_files import is_tokenizer_file, model_files
+from esm_ray.io.composite import open_base
 from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
@@ -96,7 +97,7 @@ class MergeJob:
     def _run(self) -> MergeResult:
         plan, spec = self.plan, self.plan.spec
         t_all = time.perf_counter()
-        self._base = open_model(spec.base, spec.s3)
+        self._base = open_base(spec)
         try:
             # Resolving runtime.device on every side first fails early where it cannot be used.
             self.devices = dict(zip((e.name for e in spec.experts), self.pool.call("device_name")))
@@ -239,7 +240,7 @@ class MergeJob:
             sink.add_blocks(o, self._merged_blocks(o, parts))
             return
         b = read_to_float32(self._base, info.name, spec.base, slot="base")
-        delta = method.fuse(info, b, parts.of(j, info, b), self.ctxs)
+        delta = method.fuse(info, b, parts.of(j, info, b), [method.context_for(c, info) for c in self.ctxs])
         _check_shape(method.name, info, delta)
         if isinstance(sink, SpillSink):
             sink.add_delta(o, delta)
@@ -257,7 +258,8 @@ class MergeJob:
         for r0, r1 in o.blocks:
             sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
             b = read_to_float32(self._base, info.name, spec.base, slot="base", rows=(r0, r1))
-            delta = method.fuse(sub, b, parts.rows(sub, b, (r0, r1), states), self.ctxs)
+            delta = method.fuse(sub, b, parts.rows(sub, b, (r0, r1), states),
+                                [method.context_for(c, info) for c in self.ctxs])
             _check_shape(method.name, sub, delta)
             yield torch.add(b, delta, out=scratch("merged", sub.shape))
             b = delta = None
@@ -333,16 +335,31 @@ class MergeJob:
 
     def _write_aux(self, writer: ShardedWriter, base, report: dict[str, Any]) -> None:
         out_dtype = str(self.plan.out_dtype).removeprefix("torch.")
-        for name in model_files(base.aux_names()):  # config, tokenizer, ...: never subfolders
-            data = base.read_aux(name)
-            if name == "config.json":
-                cfg = json.loads(data)
-                for key in ("torch_dtype", "dtype"):
-                    if key in cfg:
-                        cfg[key] = out_dtype
-                data = json.dumps(cfg, indent=2).encode()
-            writer.write_file(name, data)
+        tok = None
+        if self.plan.spec.tokenizer is not None:  # tokenizer files from that model, the rest from the base
+            tok = open_model(self.plan.spec.tokenizer, self.plan.spec.s3)
+        try:
+            names = model_files(base.aux_names())
+            if tok is not None:
+                names = [n for n in names if not is_tokenizer_file(n)] + \
+                        [n for n in model_files(tok.aux_names()) if is_tokenizer_file(n)]
+            for name in names:
+                src = tok if tok is not None and is_tokenizer_file(name) else base
+                self._write_one_aux(writer, name, src.read_aux(name), out_dtype)
+        finally:
+            if tok is not None:
+                tok.close()
         writer.write_file("merge_report.json", json.dumps(report, indent=2).encode())
+
+    @staticmethod
+    def _write_one_aux(writer: ShardedWriter, name: str, data: bytes, out_dtype: str) -> None:
+        if name == "config.json":
+            cfg = json.loads(data)
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg:
+                    cfg[key] = out_dtype
+            data = json.dumps(cfg, indent=2).encode()
+        writer.write_file(name, data)
 
 
 def _check_shape(method: str, info: TensorInfo, delta: torch.Tensor) -> None:

@@ -16,12 +16,14 @@ predict the loop's order.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
+from esm_ray.io.composite import is_pre
 from esm_ray.methods import TensorInfo
+from esm_ray.methods.schedule import position
 from esm_ray.runtime.plan import MergePlan
 
 How = Literal["copy", "whole", "blocks", "restored"]
@@ -66,8 +68,28 @@ def linear_module(name: str, modules: set[str]) -> str | None:
 
 
 def tensor_infos(plan: MergePlan, modules: set[str]) -> list[TensorInfo]:
-    """Every tensor of the model in the base's order, tagged with its calibrated module."""
-    return [TensorInfo.of(n, plan.shapes[n], linear_module(n, modules)) for n in plan.names]
+    """Every tensor of the model in the base's order, tagged with its calibrated module and
+    placed for per-tensor parameters (its slice, its position in it)."""
+    infos = [TensorInfo.of(n, plan.shapes[n], linear_module(n, modules)) for n in plan.names]
+    return placed(infos, [sl.length for sl in plan.spec.slices] if plan.spec.slices else None)
+
+
+def placed(infos: list[TensorInfo], runs: list[int] | None) -> list[TensorInfo]:
+    """`infos` with `slice` and `position` set (methods.schedule): layer k of a run of n layers
+    (one per `slices` entry, or the whole model) at k / (n - 1); tensors outside the blocks at 0,
+    in the first run (embeddings) or the last (the rest), as mergekit places them."""
+    if runs is None:
+        idx = [i.layer_index for i in infos if i.layer_index is not None]
+        runs = [max(idx) + 1] if idx else [1]
+    starts = [sum(runs[:k]) for k in range(len(runs))]
+    out = []
+    for info in infos:
+        if info.layer_index is None:
+            out.append(replace(info, slice=0 if is_pre(info.name) else len(runs) - 1, position=0.0))
+            continue
+        s = max(k for k, st in enumerate(starts) if st <= info.layer_index) if info.layer_index >= 0 else 0
+        out.append(replace(info, slice=s, position=position(info.layer_index, starts[s], runs[s])))
+    return out
 
 
 def layer_groups(infos: list[TensorInfo], max_bytes: int) -> Iterator[list[TensorInfo]]:

@@ -15,6 +15,7 @@ import torch
 from esm_ray.core.dtypes import DTYPES
 from esm_ray.errors import InputError, SpecError
 from esm_ray.io.overlap import check_no_overlap
+from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import check_writable
@@ -201,10 +202,29 @@ def spec_inputs(spec: MergeSpec, needs_stats: bool) -> list[tuple[str, str]]:
     return out
 
 
+def check_tokenizer(spec: MergeSpec, base_config: dict | None) -> None:
+    """The spec's `tokenizer` model must share the base's vocabulary size: its tokenizer files are
+    copied, the embeddings are not re-mapped (no vocabulary union)."""
+    with open_model(spec.tokenizer, spec.s3) as tok:
+        theirs, ours = (tok.config or {}).get("vocab_size"), (base_config or {}).get("vocab_size")
+        if theirs is not None and ours is not None and theirs != ours:
+            raise InputError(f"field `tokenizer`: {spec.tokenizer} has a vocabulary of {theirs}, the base "
+                             f"{ours}; esm-ray copies a tokenizer but does not re-map embeddings (no "
+                             "vocabulary union): use a tokenizer of the same vocabulary")
+
+
+def method_for(spec: MergeSpec) -> MergeMethod:
+    """The spec's method with its per-tensor settings: the method's, each expert's and each
+    slice's (methods.schedule)."""
+    slices = [(sl.params, [src.params for src in sl.experts]) for sl in spec.slices or []]
+    return build_method(spec.method.name, spec.method.params, n_experts=len(spec.experts), seed=spec.seed,
+                        expert_params=[e.params for e in spec.experts], slices=slices)
+
+
 def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     """Validate everything that can be checked without computing. Raises EsmRayError subclasses."""
     t = len(spec.experts)
-    method = build_method(spec.method.name, spec.method.params, n_experts=t, seed=spec.seed)
+    method = method_for(spec)
     purifier = None
     if spec.purify is not None:
         if not method.accepts_purifier:
@@ -212,18 +232,23 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         purifier = build_purifier(spec.purify.name, spec.purify.params, n_experts=t, seed=spec.seed)
     needs = method.needs() | (purifier.needs() if purifier is not None else Needs())
     what = f"method {spec.method.name!r}" + (f" with {spec.purify.name}" if spec.purify else "")
+    if spec.slices and (needs.reads_data or method.search_stage or method.output_kind != "static"):
+        raise SpecError(f"field `slices`: {what} reads data or builds a routed model; slices take static "
+                        "methods that read the weights only")
     check_no_overlap(spec.output, spec_inputs(spec, needs.stats))
     aux_names: list[list[str]] = []
 
-    base = open_model(spec.base, spec.s3)
+    base = open_base(spec)
+    if spec.tokenizer is not None:
+        check_tokenizer(spec, base.config)
     names = list(base.keys())
     shapes = {n: tuple(base.info(n).shape) for n in names}
     dtypes = {n: base.info(n).dtype for n in names}
     base_arch = _arch(base.config)
     fps = []
     total = sum(base.info(n).nbytes for n in names)
-    for e in spec.experts:
-        r = open_model(e.model, spec.s3)
+    for i, e in enumerate(spec.experts):
+        r = open_expert(spec, i)
         fps.append(r.fingerprint())
         arch = _arch(r.config)
         if base_arch and arch and arch != base_arch:

@@ -111,7 +111,7 @@ def merge_to_output(spec) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esm-ray", description=__doc__)
-    parser.set_defaults(merge_fn=merge_to_output)
+    parser.set_defaults(merge_fn=merge_to_output, merge_cmd=cmd_merge)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)

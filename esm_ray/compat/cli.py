@@ -101,7 +101,8 @@ def parse_flags(flags: list[str]) -> tuple[argparse.Namespace, dict]:
 
 
 def cmd_mergekit(args: argparse.Namespace) -> int:
-    from esm_ray.cli import cmd_merge
+    """Translate the flags, then run the config as `esm-ray merge` does (`args.merge_cmd`, set
+    by the top-level parser)."""
     from esm_ray.compat.mergekit import load_config
 
     ns, over = parse_flags(args.flags)
@@ -112,4 +113,4 @@ def cmd_mergekit(args: argparse.Namespace) -> int:
     ns.spec = args.config
     ns.output = args.out_dir
     ns.mergekit_overrides = over
-    return cmd_merge(ns)
+    return int(args.merge_cmd(ns))

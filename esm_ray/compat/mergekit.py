@@ -193,7 +193,7 @@ def _models(raw: dict, spec: dict, base: str | None, per_input: dict, fields: se
             source: str) -> None:
     entries = raw["models"]
     if not isinstance(entries, list):
-        raise SpecError(f"field `models`: expected a list")
+        raise SpecError("field `models`: expected a list")
     refs, settings = [], []
     for i, m in enumerate(entries):
         if not isinstance(m, dict) or "model" not in m:

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from esm_ray.errors import InputError
 from esm_ray.eval.metrics import (evaluate_encoder, evaluate_lm, evaluate_model, evaluate_probe, expert_results,
                                   load_encoder_checked, mean_entropy, _tokenizer_for)
+from esm_ray.models.heads import HEAD_FILE
 from esm_ray.eval.report import ReportTable, Row, row_from_result
 from esm_ray.spec import MergeSpec, load_spec
 from esm_ray.zoo.layout import Zoo, open_zoo
@@ -44,7 +45,7 @@ REPORT_FILE = "merge_report.json"
 def read_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors files of an HF directory (float tensors as float32)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
-    files = [f for f in files if f.name != "head.safetensors"]
+    files = [f for f in files if f.name != HEAD_FILE]
     if not files:
         raise InputError(f"{model_dir}: no .safetensors weights")
     out = {}

@@ -34,6 +34,7 @@ from esm_ray.routed.format import (
 )
 from esm_ray.models.heads import head_labels
 from esm_ray.errors import InputError
+from esm_ray.models.heads import HEAD_FILE
 from esm_ray.models.hf import model_class
 from esm_ray.models.text import TOKENIZER_FILES
 from esm_ray.routed.model import Head, RoutedModel, SimRouter
@@ -79,7 +80,7 @@ def head_from(path: str | Path) -> Head:
     """A head from an expert directory (head.safetensors + manifest.json) or a head file."""
     p = Path(path)
     if p.is_dir():
-        return read_head(p / "head.safetensors", expert_labels(p))
+        return read_head(p / HEAD_FILE, expert_labels(p))
     return read_head(p)
 
 

@@ -19,6 +19,8 @@ from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import check_writable
+from esm_ray.models.heads import HEAD_FILE
+from esm_ray.models.hf import is_causal_lm
 from esm_ray.methods import MergeMethod, Needs, Purifier, TensorInfo, build_method, build_purifier
 from esm_ray.spec import MergeSpec
 from esm_ray.stats.cache import check_cache_dir
@@ -165,8 +167,7 @@ def _cache_is_here(spec: MergeSpec) -> bool:
 def _scores_with_heads(config: dict | None) -> bool:
     """Whether a model of this config is scored through per-task heads (an encoder), rather
     than through its own LM head (a causal LM)."""
-    archs = (config or {}).get("architectures") or []
-    return not any(str(a).endswith("ForCausalLM") for a in archs)
+    return not is_causal_lm(config)
 
 
 def check_needs(spec: MergeSpec, needs: Needs, what: str, base_config: dict | None,
@@ -180,7 +181,7 @@ def check_needs(spec: MergeSpec, needs: Needs, what: str, base_config: dict | No
                 kind = "unlabelled calibration data" if needs.stats else "unlabelled data for its search"
                 raise SpecError(f"field `experts.{i}.data`: {what} needs {kind} for expert {e.name!r}")
             _check_data(e.data, e.name, (base_config or {}).get("vocab_size"))
-        if needs.heads and _scores_with_heads(base_config) and "head.safetensors" not in aux_names[i]:
+        if needs.heads and _scores_with_heads(base_config) and HEAD_FILE not in aux_names[i]:
             raise InputError(f"expert {e.name!r} ({e.model}): no head.safetensors; {what} scores this encoder "
                              "through each expert's task head (weight [labels, hidden], bias [labels])")
     if needs.labels:

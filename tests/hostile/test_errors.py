@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from esm_ray.cli import main
 from tests.fixtures.ray import calibration_files, merge_spec
-from tests.test_merge_cli import _copy_family, _write_spec
+from tests.integration.test_merge_cli import _copy_family, _write_spec
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
 

@@ -1,12 +1,12 @@
 """Hostile cases that held when first tried; kept here so they keep holding.
 
 Covered elsewhere, not repeated here:
-- unknown keys and bad values of a spec, by field, at the plan: tests/test_merge_cli.py::test_spec_errors_name_the_field
-- a non-JSON safetensors header through the CLI: tests/test_merge_cli.py::test_bad_inputs_fail_clearly_and_write_nothing[corrupt_header]
-- every kind of corrupt header, at the reader: tests/test_io_local.py::test_corrupt_single_file
-- a directory holding only pytorch_model.bin: tests/test_io_local.py::test_missing_and_empty_inputs
-- a NaN in an expert, named, nothing written: tests/test_merge_cli.py::test_bad_inputs_fail_clearly_and_write_nothing[nan]
-- a killed writer's staging removed by the next one: tests/test_io_local.py::test_staging_of_a_killed_writer_is_removed_by_the_next_one
+- unknown keys and bad values of a spec, by field, at the plan: tests/integration/test_merge_cli.py::test_spec_errors_name_the_field
+- a non-JSON safetensors header through the CLI: tests/integration/test_merge_cli.py::test_bad_inputs_fail_clearly_and_write_nothing[corrupt_header]
+- every kind of corrupt header, at the reader: tests/unit/test_io_local.py::test_corrupt_single_file
+- a directory holding only pytorch_model.bin: tests/unit/test_io_local.py::test_missing_and_empty_inputs
+- a NaN in an expert, named, nothing written: tests/integration/test_merge_cli.py::test_bad_inputs_fail_clearly_and_write_nothing[nan]
+- a killed writer's staging removed by the next one: tests/unit/test_io_local.py::test_staging_of_a_killed_writer_is_removed_by_the_next_one
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import yaml
 from esm_ray.cli import main
 from tests.fixtures.ray import REPO, merge_spec, output_files
 from tests.hostile.test_errors import _nothing_written
-from tests.test_merge_cli import _copy_family, _write_spec
+from tests.integration.test_merge_cli import _copy_family, _write_spec
 
 
 # ---- specs: wrong types and unknown keys, through the CLI -------------------------------------

@@ -28,8 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.test_routed import TASKS, _rows
-from tests.test_serve import WORDS, _ids_text, ray_serve, routed_dir  # noqa: F401 - shared fixtures
+from tests.methods.test_routed import TASKS, _rows
+from tests.integration.test_serve import WORDS, _ids_text, ray_serve, routed_dir  # noqa: F401 - shared fixtures
 
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")

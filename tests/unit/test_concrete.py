@@ -399,7 +399,7 @@ def test_search_needs_data_and_heads(fam, tmp_path):
 
 def _package_registers_search_methods() -> bool:
     """Ray workers build methods through `esm_ray.methods`; they must be registered there."""
-    src = Path(__file__).resolve().parents[1] / "esm_ray" / "methods" / "__init__.py"
+    src = Path(__file__).resolve().parents[2] / "esm_ray" / "methods" / "__init__.py"
     return "concrete" in src.read_text()
 
 

@@ -8,7 +8,7 @@ the default run keeps one Ray case).
 
 Re-record after an intended change of output (and say why in the commit):
 
-    ESM_RAY_RECORD_GOLDEN=1 python -m pytest -q tests/test_golden.py -m ''
+    ESM_RAY_RECORD_GOLDEN=1 python -m pytest -q tests/methods/test_golden.py -m ''
 
 Float64 eigen/SVD results can differ in the last bits between CPU instruction sets, so the
 hashes are compared where torch reports the CPU capability they were recorded with; elsewhere
@@ -35,7 +35,7 @@ from esm_ray.methods import METHODS  # noqa: E402
 from esm_ray.runtime import run_merge  # noqa: E402
 from esm_ray.spec import spec_from_dict  # noqa: E402
 
-GOLDEN = Path(__file__).parent / "golden" / "hashes.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "hashes.json"
 RECORD = os.environ.get("ESM_RAY_RECORD_GOLDEN") == "1"
 PAVE_ON = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "tsvm")
 CASES = sorted(METHODS) + [f"{m}+pave" for m in PAVE_ON]

@@ -15,7 +15,7 @@ from esm_ray.core.adamerging import coefficient_table, entropy, entropy_objectiv
 from esm_ray.core.merged_model import MergedModel, merge_params, stack_task_vectors
 from esm_ray.methods.adamerging import SearchResult
 from esm_ray.runtime import run_merge
-from tests.test_concrete import search_family, search_spec, separable_tasks, task_entropy
+from tests.unit.test_concrete import search_family, search_spec, separable_tasks, task_entropy
 
 
 def test_entropy_definition():

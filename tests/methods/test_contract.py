@@ -11,7 +11,7 @@ import_methods()
 
 from esm_ray.methods import METHODS, PURIFIERS, MethodParams, build_method  # noqa: E402
 
-METHODS_DIR = Path(__file__).resolve().parents[1] / "esm_ray" / "methods"
+METHODS_DIR = Path(__file__).resolve().parents[2] / "esm_ray" / "methods"
 
 
 def test_every_method_names_its_params_as_generic_argument():

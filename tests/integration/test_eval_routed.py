@@ -24,12 +24,7 @@ TASKS = ["a", "b"]
 N_TEST = {"a": 9, "b": 7}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _texts(task: int, n: int, seed: int) -> list[str]:

@@ -99,13 +99,7 @@ def families(tmp_path_factory, tiny_llama):
     return {arch: (fam, calibration_files(root / arch, 3, vocab=ARCHS[arch])) for arch, fam in fams.items()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The same thread count on every machine (and as the Ray workers use)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _merge(families, arch: str, case: str, out: Path, runtime: dict | None = None) -> dict[str, str]:

@@ -18,13 +18,7 @@ from esm_ray.routed import Head, SimRouter, build_routed, load_routed, routed_mo
 from esm_ray.spec import CalibrationSpec
 from tests.fixtures.models import _bert_config
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TASKS = ["alpha", "beta", "gamma"]

@@ -26,7 +26,7 @@ from esm_ray.runtime.layout import layer_groups as _groups
 from esm_ray.runtime.plan import build_plan
 from esm_ray.runtime.ray_executor import NAMESPACE, TEST_SLOW_ENV
 from esm_ray.spec import spec_from_dict
-from tests.fixtures.ray import merge_spec, output_files
+from tests.builders import merge_spec, output_files
 from tests.integration.test_ray_runtime import _coordinator, _existing, _named, _start_job
 
 METHOD = "ties"

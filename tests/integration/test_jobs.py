@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fixtures.ray import merge_spec, output_files
+from tests.builders import merge_spec, output_files
 
 from esm_ray.errors import SpecError  # noqa: E402
 from esm_ray.runtime import run_merge  # noqa: E402

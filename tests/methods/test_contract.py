@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import get_args
 
-from tests.fixtures.ray import import_methods
+from tests.builders import import_methods
 
 import_methods()
 

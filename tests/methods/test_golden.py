@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from tests.fixtures.models import make_family
-from tests.fixtures.ray import calibration_files, import_methods, merge_spec
+from tests.builders import calibration_files, import_methods, merge_spec
 
 import_methods()
 

@@ -24,11 +24,12 @@ from esm_ray.core.concrete import (
     relaxed_bernoulli,
     sample_mask,
 )
-from esm_ray.core.merged_model import merge_params, stack_task_vectors
+from esm_ray.core.merged_model import merge_params
 from esm_ray.errors import InputError, SpecError
 from esm_ray.runtime import run_merge
 from esm_ray.spec import spec_from_dict
 from tests.fixtures.models import make_family
+from tests.oracles import stack_task_vectors
 
 # ---- core -----------------------------------------------------------------------------------
 

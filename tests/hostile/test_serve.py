@@ -35,7 +35,7 @@ httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 
 REPO = Path(__file__).resolve().parents[2]
-VOCAB = 96       # tests/fixtures/models.py: _bert_config
+VOCAB = 96       # tests/fixtures/family.py: bert_config
 POSITIONS = 64   # its max_position_embeddings
 FAIL_TEXT = "w7 w7 w7 w7"  # the isolation app's debug_fail_input: any batch holding it raises
 

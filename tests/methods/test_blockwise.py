@@ -24,7 +24,7 @@ from esm_ray.runtime.job import MergeJob
 from esm_ray.runtime.plan import build_plan
 from esm_ray.runtime.pool import LocalPool
 from esm_ray.spec import spec_from_dict
-from tests.fixtures.models import make_family
+from tests.fixtures.family import make_family
 from tests.builders import output_files
 
 SHAPES = {"embed.weight": (97, 13), "odd.weight": (37, 11), "vec.bias": (1001,), "cube.weight": (9, 7, 5),

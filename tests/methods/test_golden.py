@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.fixtures.models import make_family
+from tests.fixtures.family import make_family
 from tests.builders import calibration_files, import_methods, merge_spec
 
 import_methods()

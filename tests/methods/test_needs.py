@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.models import make_family
+from tests.fixtures.family import make_family
 from tests.builders import calibration_files, import_methods
 from tests.builders import TEST_CALIBRATION, method_experts, method_params, write_spec
 

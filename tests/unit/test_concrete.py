@@ -28,7 +28,7 @@ from esm_ray.core.merged_model import merge_params
 from esm_ray.errors import InputError, SpecError
 from esm_ray.runtime import run_merge
 from esm_ray.spec import spec_from_dict
-from tests.fixtures.models import make_family
+from tests.fixtures.family import make_family
 from tests.oracles import stack_task_vectors
 
 # ---- core -----------------------------------------------------------------------------------

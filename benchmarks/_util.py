@@ -147,9 +147,13 @@ def family_key(shape: LlamaShape, rank: int, scale: float, noise: float) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:12]
 
 
-def make_family(shape: LlamaShape, n_experts: int, root: Path | None = None, rank: int = 16,
-                scale: float = 2e-3, noise: float = 2e-4, log=print) -> Family:
-    """Generate (or reuse) a base and `n_experts` experts of this shape.
+def make_llama_family(shape: LlamaShape, n_experts: int, root: Path | None = None, rank: int = 16,
+                      scale: float = 2e-3, noise: float = 2e-4, log=print) -> Family:
+    """Generate (or reuse) a base and `n_experts` experts of this shape, at benchmark sizes.
+
+    Streamed to disk tensor by tensor in bfloat16 and cached by shape, so a 1B family needs no
+    model in memory; the tests' tiny Hugging Face families (which the smoke runs reuse) are
+    tests/fixtures/family.py's make_family.
 
     base: N(0, 0.02) matrices, norms around 1. expert i: base + a random rank-`rank` update
     with entries of std about `scale`, + N(0, noise) everywhere. All stored in bfloat16.

@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _util import LlamaShape, cache_root, make_family, print_table  # noqa: E402
+from _util import LlamaShape, cache_root, make_llama_family, print_table  # noqa: E402
 
 
 def write_data(root: Path, n: int, vocab: int, rows: int, length: int) -> list[Path]:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     shape = LlamaShape(f"scaling-h{args.hidden}-l{args.layers}", args.hidden, args.layers, args.intermediate,
                        heads=8, kv_heads=8, vocab=args.vocab, tied=False)
-    fam = make_family(shape, args.experts)
+    fam = make_llama_family(shape, args.experts)
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="esm-ray-scaling-", dir=cache_root()))
     data = write_data(work / "data", args.experts, args.vocab, args.samples, args.length)

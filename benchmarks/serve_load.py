@@ -110,8 +110,8 @@ def build_zoo_models(zoo_dir: str, rank: int, sim: bool) -> tuple[list[Target], 
 
 def build_tiny_models(root: Path) -> tuple[list[Target], dict[str, list[str]]]:
     """A tiny random routed model (smoke run): reuses the test suite's in-memory family."""
-    from tests.test_routed import TASKS, _rows, make_family_in_memory, routed_in_memory
-    from tests.test_serve import WORDS, _tokenizer
+    from tests.methods.test_routed import TASKS, _rows, make_family_in_memory, routed_in_memory
+    from tests.integration.test_serve import WORDS, _tokenizer
 
     fam = make_family_in_memory()
     rm = routed_in_memory(fam, rank=8)

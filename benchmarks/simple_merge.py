@@ -41,7 +41,7 @@ from _util import (  # noqa: E402
     compare_dirs,
     disk_free,
     floor_cmd,
-    make_family,
+    make_llama_family,
     median,
     print_table,
     run_timed,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             shape = smol_shape()
         log(f"{case}: {shape.name}, {shape.n_params / 1e6:.1f}M params, {shape.nbytes / 1e9:.2f} GB per model, T={t}")
         t0 = time.perf_counter()
-        fam = make_family(shape, t, log=log)
+        fam = make_llama_family(shape, t, log=log)
         log(f"  models ready in {time.perf_counter() - t0:.1f}s under {fam.root}")
         rows, checks = run_case(case, fam, args, mk, args.python)
         all_rows += rows

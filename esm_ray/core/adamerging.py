@@ -5,7 +5,7 @@
     objective    L = Σ_tasks mean_batch( −Σ_c p_c log(p_c + 1e-8) ),  p = softmax(logits)
 
 "Layer" means one state-dict tensor, as in the published code. The merge itself lives in
-`core.merged_model`; this module holds the objective and the coefficient helpers.
+`core.merged_model` (merge_params); this module holds the objective and the coefficient helpers.
 """
 
 from __future__ import annotations

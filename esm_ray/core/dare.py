@@ -2,7 +2,7 @@
 
     dropped_i = dare_drop(τ_i, density_i, generator_i)          (keep ~ Bernoulli(density))
     DARE-linear: ΔW = λ · Σ_i w_i dropped_i  (/ Σ w_i when normalize)
-    DARE-TIES:   ΔW = λ · disjoint_merge(dropped, w, elect_sign(w · dropped))
+    DARE-TIES:   ΔW = λ · sign_consensus_merge(dropped, w)   (TIES' sign election and disjoint mean)
 
 The random stream of one tensor of one expert comes from `tensor_seed(seed, expert, name)`, a
 stable hash, so a spec gives the same masks on any machine, in any executor and in any

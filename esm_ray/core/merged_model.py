@@ -1,38 +1,22 @@
-"""A module that runs with merged parameters, differentiably in the coefficients and the mask.
+"""The merged parameters, differentiably in the coefficients and the mask.
 
     θ_k = θ₀_k + m̃_k ⊙ Σ_i λ_{i,k} τ_{i,k}
 
 for every merged tensor k; λ is task-wise ([T], shared by all tensors) or layer-wise ([T, K]),
-m̃ an optional rescaled mask (shared by the tasks, see `core.concrete`). The forward pass is
-`torch.func.functional_call` on the frozen module with the merged dictionary, so gradients of
-any loss reach λ and the mask logits through θ.
+m̃ an optional rescaled mask (shared by the tasks, see `core.concrete`).
 
 `merge_params` is the formula alone; it is what the search coordinator uses, since there the
 forward pass happens elsewhere (on the expert sides) and only ∂L/∂θ comes back:
-`torch.autograd.backward(θ, ∂L/∂θ)` then chains to λ and the logits.
+`torch.autograd.backward(θ, ∂L/∂θ)` then chains to λ and the logits. (The tests hold it
+against a module evaluated at θ with `torch.func.functional_call`: tests/oracles.MergedModel.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
-
-from esm_ray.core.adamerging import Granularity, init_coefficients, project_
-
-
-def stack_task_vectors(task_vectors: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """[{name: τ_i}] for T tasks -> {name: [T, *shape]} (names of the first task, in its order)."""
-    if not task_vectors:
-        raise ValueError("need at least one task vector")
-    names = list(task_vectors[0])
-    for i, tv in enumerate(task_vectors[1:], 1):
-        if set(tv) != set(names):
-            raise ValueError(f"task vector {i} has different tensors than task vector 0")
-    return {n: torch.stack([tv[n] for tv in task_vectors]) for n in names}
+from torch import Tensor
 
 
 def combine(coefs: Tensor, stacked: Tensor) -> Tensor:
@@ -67,57 +51,4 @@ def merge_params(base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor],
     return out
 
 
-class MergedModel(nn.Module):
-    """A frozen `module` evaluated at merged parameters with learnable coefficients.
-
-    module:        any nn.Module whose parameter names include the merged tensors' names
-    base:          {name: θ₀} for the merged tensors
-    task_vectors:  {name: [T, *shape]} (see `stack_task_vectors`)
-    granularity:   'task' (λ: [T]) or 'layer' (λ: [T, K], one per merged tensor)
-    init:          initial λ (one value or one per task); 0.3 in AdaMerging
-    clamp:         (lo, hi) applied by `project()` after each optimiser step, or None
-    learn_coefficients: False keeps λ fixed (Concrete Task Arithmetic)
-
-    `forward(*args, mask=m̃, **kwargs)` merges and calls the module; `mask` maps tensor names to
-    rescaled masks (e.g. `ConcreteMask.sample(...)`), for a subset of the merged tensors.
-    """
-
-    def __init__(self, module: nn.Module, base: Mapping[str, Tensor], task_vectors: Mapping[str, Tensor],
-                 granularity: Granularity = "task", init: float | Sequence[float] = 0.3,
-                 clamp: tuple[float, float] | None = None, learn_coefficients: bool = True) -> None:
-        super().__init__()
-        own = dict(module.named_parameters())
-        unknown = [n for n in task_vectors if n not in own]
-        if unknown:
-            raise ValueError(f"merged tensor {unknown[0]!r} is not a parameter of the module")
-        for p in module.parameters():
-            p.requires_grad_(False)
-        self.module = module
-        self.names = list(task_vectors)
-        self.base = {n: base[n].detach() for n in self.names}
-        self.task_vectors = {n: t.detach() for n, t in task_vectors.items()}
-        first = next(iter(self.task_vectors.values()))
-        if granularity not in ("task", "layer"):
-            raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
-        self.granularity = granularity
-        c = init_coefficients(first.shape[0], len(self.names) if granularity == "layer" else None, init,
-                              dtype=first.dtype)
-        self.coefficients = nn.Parameter(c.detach(), requires_grad=learn_coefficients)
-        self.clamp = clamp
-
-    @property
-    def n_tasks(self) -> int:
-        return int(self.coefficients.shape[0])
-
-    def merged_params(self, mask: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        return merge_params(self.base, self.task_vectors, self.coefficients, mask, self.names)
-
-    def project(self) -> None:
-        """Apply the clamp to the coefficients (call after each optimiser step)."""
-        project_(self.coefficients, self.clamp)
-
-    def forward(self, *args: Any, mask: Mapping[str, Tensor] | None = None, **kwargs: Any) -> Any:
-        return functional_call(self.module, self.merged_params(mask), args, kwargs)
-
-
-__all__ = ["MergedModel", "combine", "merge_params", "stack_task_vectors"]
+__all__ = ["combine", "merge_params"]

@@ -1,9 +1,12 @@
 """TIES merging: trim each task vector, elect a sign per entry, average the agreeing entries.
 
-Written as a composition, as in the paper and in mergekit's generalized task arithmetic:
+As in the paper and in mergekit's generalized task arithmetic:
     trimmed_i = magnitude_trim(τ_i, density_i)
     sign      = elect_sign([w_i · trimmed_i])
     ΔW        = λ · disjoint_merge(trimmed, w, sign, normalize)
+Production trims on each expert side (`magnitude_trim`, or `trim_threshold` over row blocks)
+and elects and merges in one pass on the coordinator (`sign_consensus_merge`); the readable
+composition above is kept in the tests (tests/oracles.py), which hold these functions against it.
 Every tensor is handled the same way whatever its number of dimensions (it is flattened).
 """
 
@@ -150,52 +153,12 @@ def rescale_l1(original: Tensor, sparse: Tensor, eps: float = 1e-7) -> Tensor:
     return sparse * (before / after).to(sparse.dtype)
 
 
-def elect_sign(weighted_tvs: Sequence[Tensor], method: Consensus = "sum") -> Tensor:
-    """The majority sign per entry, +1 or -1 (a tie, including all zeros, elects +1).
-
-    'sum': the sign of Σ_i w_i τ_i (TIES); 'count': the sign of Σ_i sign(w_i τ_i).
-    weighted_tvs: T tensors of shape S -> S of ±1 in float32 (float64 for float64 inputs)
-    """
-    check_group(weighted_tvs, [1.0] * len(weighted_tvs))
-    if method not in ("sum", "count"):
-        raise ValueError(f"consensus method must be 'sum' or 'count', got {method!r}")
-    dtype = work_dtype(weighted_tvs)
-    total = torch.zeros(weighted_tvs[0].shape, dtype=dtype, device=weighted_tvs[0].device)
-    for t in weighted_tvs:
-        total += t.to(dtype) if method == "sum" else t.sign().to(dtype)
-    return torch.where(total >= 0, 1.0, -1.0).to(dtype)
-
-
-def disjoint_merge(tvs: Sequence[Tensor], weights: Sequence[float], sign: Tensor,
-                   normalize: bool = True) -> Tensor:
-    """Σ_i w_i τ_i over the entries where sign(w_i τ_i) equals the elected sign.
-
-    With normalize, each entry is divided by the sum of the weights of the experts that
-    contributed to it; an entry nobody contributed to (divisor exactly 0) is divided by 1.
-    Zero entries never contribute (their sign is 0).
-    tvs: T tensors of shape S, weights: T floats, sign: S of ±1 -> S
-    """
-    check_group(tvs, weights)
-    dtype = work_dtype(tvs)
-    acc = torch.zeros(tvs[0].shape, dtype=dtype, device=tvs[0].device)
-    divisor = torch.zeros_like(acc)
-    zero = torch.zeros((), dtype=dtype, device=acc.device)
-    for tv, w in zip(tvs, weights):
-        wt = tv.to(dtype) * float(w)
-        agree = wt.sign() == sign
-        acc += torch.where(agree, wt, zero)
-        divisor += agree.to(dtype) * float(w)
-    if normalize:
-        divisor[divisor == 0] = 1.0
-        acc /= divisor
-    return acc
-
-
 def sign_consensus_merge(tvs: Iterable[Tensor], weights: Sequence[float], lam: float = 1.0,
                          normalize: bool = True, method: Consensus = "sum") -> Tensor:
     """The coordinator half of TIES / DARE-TIES: elect signs over w_i τ_i, disjoint merge, × λ.
 
-    Equal bit for bit to disjoint_merge(tvs, w, elect_sign([w_i τ_i], method), normalize) · λ,
+    Equal bit for bit to disjoint_merge(tvs, w, elect_sign([w_i τ_i], method), normalize) · λ
+    (the paper's composition, tests/oracles.py),
     but computed in one pass: next to the election score it keeps the running sums of the
     positive entries of w_i τ_i and of the negative ones (and of the weights of each), in the
     same order of additions, and takes the elected side at the end. So memory does not grow
@@ -250,7 +213,7 @@ def sign_consensus_merge(tvs: Iterable[Tensor], weights: Sequence[float], lam: f
         raise ValueError("need at least one tensor")
     if n != len(weights):
         raise ValueError(f"got {len(weights)} weights for {n} tensors")
-    # The elected side, + on a tie as elect_sign. Picked with arithmetic, not torch.where (whose
+    # The elected side, + on a tie (as the paper's sign election). Picked with arithmetic, not torch.where (whose
     # CPU kernel branches on the random mask, 5x slower): a·u + (b - b·u) for u in {0, 1} is a
     # or b exactly here, as none of the sums is -0 (see above; the same holds for pos_w, neg_w).
     # (A sum that overflowed to ±inf would give NaN instead, which the executor reports.)
@@ -269,31 +232,12 @@ def sign_consensus_merge(tvs: Iterable[Tensor], weights: Sequence[float], lam: f
     return out
 
 
-def ties(task_vectors: Sequence[Tensor], weights: Sequence[float], density: float | Sequence[float],
-         lam: float = 1.0, normalize: bool = True, method: Consensus = "sum",
-         rescale: bool = False) -> Tensor:
-    """TIES: magnitude_trim each τ_i (L1-rescaled if `rescale`), then sign_consensus_merge.
-
-    density: one value for all, or one per task vector.
-    task_vectors: T tensors of shape S -> S
-    """
-    check_group(task_vectors, weights)
-    trimmed = []
-    for tv, d in zip(task_vectors, densities_for(density, len(task_vectors))):
-        t = magnitude_trim(tv, d)
-        trimmed.append(rescale_l1(tv, t) if rescale and t is not tv else t)
-    return sign_consensus_merge(trimmed, weights, lam, normalize, method)
-
-
 __all__ = [
     "Consensus",
     "check_density",
     "densities_for",
-    "disjoint_merge",
-    "elect_sign",
     "kept_count",
     "magnitude_trim",
     "rescale_l1",
     "sign_consensus_merge",
-    "ties",
 ]

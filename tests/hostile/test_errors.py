@@ -12,8 +12,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from esm_ray.cli import main
-from tests.fixtures.ray import calibration_files, merge_spec
-from tests.test_merge_cli import _copy_family, _write_spec
+from tests.builders import calibration_files, copy_family, merge_spec, write_spec
 
 TENSOR = "model.layers.0.mlp.up_proj.weight"
 
@@ -29,13 +28,13 @@ def _nothing_written(root: Path, name: str = "out") -> None:
 def test_overflow_to_inf_in_the_output_dtype_fails_naming_the_tensor(tiny_llama, tmp_path, capsys):
     """float32 inputs holding 1e5, written as float16 (largest finite 65504): the cast gives
     inf; the merge must fail naming the tensor and write nothing."""
-    fam = _copy_family(tiny_llama, tmp_path / "m")
+    fam = copy_family(tiny_llama, tmp_path / "m")
     for name in ("base", "expert_0", "expert_1", "expert_2"):
         f = fam[name] / "model.safetensors"
         sd = load_file(f)
         sd[TENSOR][0, 0] = 1e5
         save_file(sd, f, metadata={"format": "pt"})
-    spec = _write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="linear", dtype="float16")
+    spec = write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="linear", dtype="float16")
     assert main(["merge", str(spec), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert TENSOR in err and "float16" in err, err
@@ -166,7 +165,7 @@ def test_calibrate_refuses_token_ids_the_embedding_has_no_row_for(tiny_llama):
 def test_deeply_nested_json_in_a_model_names_the_file(tiny_llama, tmp_path, capsys, where):
     """JSON nested past Python's recursion limit in a model's safetensors header, config.json or
     shard index: InputError naming the file, not a RecursionError traceback."""
-    fam = _copy_family(tiny_llama, tmp_path / "m")
+    fam = copy_family(tiny_llama, tmp_path / "m")
     deep = "[" * 100_000 + "]" * 100_000
     d = fam["expert_1"]
     if where == "header":
@@ -179,7 +178,7 @@ def test_deeply_nested_json_in_a_model_names_the_file(tiny_llama, tmp_path, caps
     else:
         name = "model.safetensors.index.json"
         (d / name).write_text('{"weight_map": ' + deep + "}")
-    spec = _write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="linear")
+    spec = write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="linear")
     assert main(["merge", str(spec), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert str(d / name) in err and "Traceback" not in err, err

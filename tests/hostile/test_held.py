@@ -1,12 +1,12 @@
 """Hostile cases that held when first tried; kept here so they keep holding.
 
 Covered elsewhere, not repeated here:
-- unknown keys and bad values of a spec, by field, at the plan: tests/test_merge_cli.py::test_spec_errors_name_the_field
-- a non-JSON safetensors header through the CLI: tests/test_merge_cli.py::test_bad_inputs_fail_clearly_and_write_nothing[corrupt_header]
-- every kind of corrupt header, at the reader: tests/test_io_local.py::test_corrupt_single_file
-- a directory holding only pytorch_model.bin: tests/test_io_local.py::test_missing_and_empty_inputs
-- a NaN in an expert, named, nothing written: tests/test_merge_cli.py::test_bad_inputs_fail_clearly_and_write_nothing[nan]
-- a killed writer's staging removed by the next one: tests/test_io_local.py::test_staging_of_a_killed_writer_is_removed_by_the_next_one
+- unknown keys and bad values of a spec, by field, at the plan: tests/integration/test_merge_cli.py::test_spec_errors_name_the_field
+- a non-JSON safetensors header through the CLI: tests/integration/test_merge_cli.py::test_bad_inputs_fail_clearly_and_write_nothing[corrupt_header]
+- every kind of corrupt header, at the reader: tests/unit/test_io_local.py::test_corrupt_single_file
+- a directory holding only pytorch_model.bin: tests/unit/test_io_local.py::test_missing_and_empty_inputs
+- a NaN in an expert, named, nothing written: tests/integration/test_merge_cli.py::test_bad_inputs_fail_clearly_and_write_nothing[nan]
+- a killed writer's staging removed by the next one: tests/unit/test_io_local.py::test_staging_of_a_killed_writer_is_removed_by_the_next_one
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from esm_ray.cli import main
-from tests.fixtures.ray import REPO, merge_spec, output_files
+from tests.builders import copy_family, merge_spec, output_files, write_spec
+from tests.fixtures.ray import REPO
 from tests.hostile.test_errors import _nothing_written
-from tests.test_merge_cli import _copy_family, _write_spec
 
 
 # ---- specs: wrong types and unknown keys, through the CLI -------------------------------------
@@ -60,7 +60,7 @@ def test_a_spec_that_is_not_a_mapping_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("how", ["truncated_to_3_bytes", "cut_in_the_data", "header_length_beyond_file"])
 def test_corrupt_safetensors_exit_2_naming_the_file(tiny_llama, tmp_path, capsys, how):
-    fam = _copy_family(tiny_llama, tmp_path / "m")
+    fam = copy_family(tiny_llama, tmp_path / "m")
     f = fam["expert_2"] / "model.safetensors"
     blob = f.read_bytes()
     if how == "truncated_to_3_bytes":
@@ -69,7 +69,7 @@ def test_corrupt_safetensors_exit_2_naming_the_file(tiny_llama, tmp_path, capsys
         f.write_bytes(blob[: len(blob) // 2])
     else:
         f.write_bytes((len(blob) * 4).to_bytes(8, "little") + blob[8:])
-    spec = _write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="task_arithmetic")
+    spec = write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="task_arithmetic")
     assert main(["merge", str(spec), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(f) in err and "Traceback" not in err, err
@@ -89,23 +89,23 @@ class _Trap:
 
 
 def test_pickle_checkpoints_are_never_loaded(tiny_llama, tmp_path, capsys):
-    fam = _copy_family(tiny_llama, tmp_path / "m")
+    fam = copy_family(tiny_llama, tmp_path / "m")
     marker = tmp_path / "unpickled"
     trap = pickle.dumps({"model.norm.weight": _Trap(marker)})
     # an expert with only a pickle checkpoint: refused by name, not loaded
     (fam["expert_0"] / "model.safetensors").unlink()
     (fam["expert_0"] / "pytorch_model.bin").write_bytes(trap)
-    spec = _write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="linear")
+    spec = write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="linear")
     assert main(["merge", str(spec), "--no-progress"]) == 2
     assert "pytorch_model.bin" in capsys.readouterr().err
     assert not marker.exists(), "a pickle checkpoint was unpickled"
     _nothing_written(tmp_path)
     # a pickle beside safetensors weights: ignored, not copied into the output
-    fam = _copy_family(tiny_llama, tmp_path / "m2")
+    fam = copy_family(tiny_llama, tmp_path / "m2")
     for name in ("base", "expert_1"):
         (fam[name] / "pytorch_model.bin").write_bytes(trap)
         (fam[name] / "training_args.bin").write_bytes(trap)
-    spec = _write_spec(tmp_path / "s2.yaml", fam, tmp_path / "out2", method="linear")
+    spec = write_spec(tmp_path / "s2.yaml", fam, tmp_path / "out2", method="linear")
     assert main(["merge", str(spec), "--no-progress"]) == 0
     assert not marker.exists(), "a pickle checkpoint was unpickled"
     assert not [p.name for p in (tmp_path / "out2").iterdir() if p.suffix == ".bin"]
@@ -131,11 +131,11 @@ sys.exit(main(["merge", {spec!r}, "--no-progress"]))
 
 @pytest.mark.parametrize("after", [pytest.param(2, marks=pytest.mark.slow), 12])
 def test_sigkill_mid_merge_then_rerun_gives_the_uninterrupted_bytes(tiny_llama, tmp_path, after):
-    ref = _write_spec(tmp_path / "ref.yaml", tiny_llama, tmp_path / "ref", method="ties", shard_size="16KB",
-                      params={"density": 0.5})
+    ref = write_spec(tmp_path / "ref.yaml", tiny_llama, tmp_path / "ref", method="ties", shard_size="16KB",
+                     params={"density": 0.5})
     assert main(["merge", str(ref), "--no-progress"]) == 0
-    spec = _write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="ties", shard_size="16KB",
-                       params={"density": 0.5})
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="ties", shard_size="16KB",
+                      params={"density": 0.5})
     proc = subprocess.run([sys.executable, "-c", _KILL_AFTER.format(after=after, spec=str(spec))],
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
                           timeout=300)

@@ -4,6 +4,7 @@ directories, and writers killed inside the commit window."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -21,26 +22,13 @@ from esm_ray.errors import OutputError
 from esm_ray.io.overlap import relation
 from esm_ray.io.reader import open_model
 from esm_ray.io.writer import INDEX_NAME, ShardedWriter, check_writable
+from tests.builders import copy_family, write_spec
 
 # ---------------------------------------------------------------- helpers
 
 
-def _family(src: dict[str, Path], root: Path) -> dict[str, Path]:
-    """A private copy of a tiny family under root/models/ (the tests damage or nest into it)."""
-    out = {}
-    for name, p in src.items():
-        shutil.copytree(p, root / "models" / name)
-        out[name] = root / "models" / name
-    return out
-
-
-def _spec(path: Path, fam: dict[str, Path] | dict[str, str], out: Path | str, **extra) -> Path:
-    spec = {"base": str(fam["base"]),
-            "experts": [{"name": f"e{i}", "model": str(fam[f"expert_{i}"])} for i in range(3)],
-            "method": {"name": "task_arithmetic", "params": {"lambda": 0.5}},
-            "output": str(out), **extra}
-    path.write_text(yaml.safe_dump(spec))
-    return path
+# Every spec here: task arithmetic (lambda 0.5) of the three experts of `fam` into `out`.
+_spec = functools.partial(write_spec, method="task_arithmetic", params={"lambda": 0.5})
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -82,7 +70,7 @@ def test_relation_compares_whole_path_segments(tmp_path):
 
 
 def test_output_equal_to_an_expert_is_refused(tiny_llama, tmp_path, capsys):
-    fam = _family(tiny_llama, tmp_path)
+    fam = copy_family(tiny_llama, tmp_path / "models")
     before = _snapshot(tmp_path / "models")
     spec = _spec(tmp_path / "s.yaml", fam, fam["expert_1"], overwrite=True)
     assert _merge(spec, "--dry-run") == 2
@@ -93,7 +81,7 @@ def test_output_equal_to_an_expert_is_refused(tiny_llama, tmp_path, capsys):
 
 
 def test_output_parent_of_the_inputs_is_refused_and_nothing_is_lost(tiny_llama, tmp_path, capsys):
-    fam = _family(tiny_llama, tmp_path)
+    fam = copy_family(tiny_llama, tmp_path / "models")
     (tmp_path / "models" / "notes.txt").write_text("unrelated user data")
     before = _snapshot(tmp_path / "models")
     spec = _spec(tmp_path / "s.yaml", fam, tmp_path / "elsewhere")
@@ -110,7 +98,7 @@ def test_output_parent_of_the_inputs_is_refused_and_nothing_is_lost(tiny_llama, 
 
 
 def test_output_inside_the_base_is_refused(tiny_llama, tmp_path, capsys):
-    fam = _family(tiny_llama, tmp_path)
+    fam = copy_family(tiny_llama, tmp_path / "models")
     before = _snapshot(tmp_path / "models")
     spec = _spec(tmp_path / "s.yaml", fam, fam["base"] / "merged")
     assert _merge(spec, "--dry-run") == 2
@@ -121,7 +109,7 @@ def test_output_inside_the_base_is_refused(tiny_llama, tmp_path, capsys):
 
 
 def test_output_overlapping_calibration_data_or_cache_is_refused(tiny_llama, tmp_path, capsys):
-    fam = _family(tiny_llama, tmp_path)
+    fam = copy_family(tiny_llama, tmp_path / "models")
     data = tmp_path / "data"
     data.mkdir()
     (data / "e0.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
@@ -225,7 +213,7 @@ def test_writer_refuses_a_foreign_file_put_into_the_old_output_while_writing(tmp
 
 
 def test_only_model_files_are_copied_from_the_base(tiny_llama, tmp_path):
-    fam = _family(tiny_llama, tmp_path)
+    fam = copy_family(tiny_llama, tmp_path / "models")
     base = fam["base"]
     shutil.copytree(tiny_llama["expert_0"], base / "old_output")  # a nested model folder
     (base / "notes").mkdir()
@@ -244,7 +232,7 @@ def test_only_model_files_are_copied_from_the_base(tiny_llama, tmp_path):
 
 
 def test_aux_link_out_of_the_base_is_refused_by_name(tiny_llama, tmp_path, capsys):
-    fam = _family(tiny_llama, tmp_path)
+    fam = copy_family(tiny_llama, tmp_path / "models")
     secret = tmp_path / "secret.txt"
     secret.write_text("PRIVATE KEY")
     (fam["base"] / "tokenizer.json").symlink_to(secret)

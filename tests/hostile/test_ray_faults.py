@@ -3,7 +3,7 @@ when the output is being staged or committed. Each ends with the right output (t
 executor's bytes) or with the old output / none, never a half-finished one.
 
 Runs against the session's real Ray head (tests/fixtures/ray.py); the kill helpers are those of
-tests/test_ray_runtime.py.
+tests/integration/test_ray_runtime.py.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from esm_ray.runtime.layout import layer_groups as _groups
 from esm_ray.runtime.plan import build_plan
 from esm_ray.runtime.ray_executor import NAMESPACE, TEST_SLOW_ENV
 from esm_ray.spec import spec_from_dict
-from tests.fixtures.ray import merge_spec, output_files
-from tests.test_ray_runtime import _coordinator, _existing, _named, _start_job
+from tests.builders import merge_spec, output_files
+from tests.integration.test_ray_runtime import _coordinator, _existing, _named, _start_job
 
 METHOD = "ties"
 

@@ -28,14 +28,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.test_routed import TASKS, _rows
-from tests.test_serve import WORDS, _ids_text, ray_serve, routed_dir  # noqa: F401 - shared fixtures
+from tests.methods.test_routed import TASKS, _rows
+from tests.integration.test_serve import WORDS, _ids_text, ray_serve, routed_dir  # noqa: F401 - shared fixtures
 
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 
 REPO = Path(__file__).resolve().parents[2]
-VOCAB = 96       # tests/fixtures/models.py: _bert_config
+VOCAB = 96       # tests/fixtures/family.py: bert_config
 POSITIONS = 64   # its max_position_embeddings
 FAIL_TEXT = "w7 w7 w7 w7"  # the isolation app's debug_fail_input: any batch holding it raises
 
@@ -247,6 +247,8 @@ def _end(proc: subprocess.Popen, tmp: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.serve
 def test_esm_ray_serve_listens_on_loopback_only(routed_dir):  # noqa: F811
     from esm_ray.serve import free_port
 
@@ -275,6 +277,7 @@ def test_esm_ray_serve_listens_on_loopback_only(routed_dir):  # noqa: F811
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_merge_ray_session_listens_on_loopback_only(tmp_path):
     """The private Ray of `merge --runtime ray` (ray_session) comes from the same helper."""
     tmp = Path(tempfile.mkdtemp(prefix="esmmrg-"))
@@ -361,6 +364,8 @@ def test_merge_reads_json_labels_and_rejects_a_bad_head_by_name(tiny_bert, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.serve
 def test_serve_ends_at_once_when_the_replica_cannot_start(routed_dir, tmp_path):  # noqa: F811
     import shutil
 

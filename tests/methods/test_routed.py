@@ -16,15 +16,9 @@ from esm_ray.core.routing import fit_subspace, stack_subspaces
 from esm_ray.models.features import pooled_features
 from esm_ray.routed import Head, SimRouter, build_routed, load_routed, routed_modules
 from esm_ray.spec import CalibrationSpec
-from tests.fixtures.models import _bert_config
+from tests.fixtures.family import bert_config
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 TASKS = ["alpha", "beta", "gamma"]
@@ -61,13 +55,13 @@ def make_family_in_memory() -> dict:
     from esm_ray.stats.calibrate import calibrate
 
     torch.manual_seed(0)
-    base = BertModel(_bert_config()).eval()
+    base = BertModel(bert_config()).eval()
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     routed = routed_modules(base)
     g = torch.Generator().manual_seed(1)
     experts, stats = [], []
     for t in range(len(TASKS)):
-        m = BertModel(_bert_config()).eval()
+        m = BertModel(bert_config()).eval()
         sd = {k: v.clone() for k, v in base_sd.items()}
         for name in routed:
             w = sd[f"{name}.weight"]
@@ -85,7 +79,7 @@ def make_family_in_memory() -> dict:
 def _merged(family) -> torch.nn.Module:
     from transformers import BertModel
 
-    m = BertModel(_bert_config()).eval()
+    m = BertModel(bert_config()).eval()
     sd = {k: torch.stack([e.state_dict()[k] for e in family["experts"]]).mean(0) for k in family["base_sd"]}
     m.load_state_dict(sd)
     return m
@@ -97,7 +91,7 @@ def routed_in_memory(family, rank: int = 64, sim: bool = True, expert_dtype: str
     backbone = None
     sim_router = None
     if sim:
-        backbone = BertModel(_bert_config()).eval()
+        backbone = BertModel(bert_config()).eval()
         backbone.load_state_dict(family["base_sd"])
         spaces = []
         for t in range(len(TASKS)):

@@ -17,13 +17,7 @@ from esm_ray.models.text import make_batches
 from esm_ray.stats.hooks import plan_passes, stats_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids spin-waiting on a busy shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _id_rows(n: int, seed: int, vocab: int = 90, lo: int = 3, hi: int = 15) -> list[dict]:

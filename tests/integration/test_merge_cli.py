@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,26 +15,7 @@ from esm_ray.cli import main
 from esm_ray.errors import SpecError
 from esm_ray.io.reader import open_model
 from esm_ray.spec import load_spec, spec_from_dict
-
-
-def _write_spec(path: Path, family: dict[str, Path], out: Path, method: str = "ties", **extra) -> Path:
-    spec = {
-        "base": str(family["base"]),
-        "experts": [{"name": f"e{i}", "model": str(family[f"expert_{i}"])} for i in range(3)],
-        "method": {"name": method, "params": extra.pop("params", {})},
-        "output": str(out),
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def _copy_family(family: dict[str, Path], root: Path) -> dict[str, Path]:
-    out = {}
-    for name, p in family.items():
-        shutil.copytree(p, root / name)
-        out[name] = root / name
-    return out
+from tests.builders import copy_family, write_spec
 
 
 def _weights(d: Path) -> dict[str, torch.Tensor]:
@@ -44,7 +24,7 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 
 
 def test_merge_writes_loadable_model_with_report(tiny_llama, tmp_path, capsys):
-    spec = _write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", params={"density": 0.5})
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", params={"density": 0.5})
     assert main(["merge", str(spec), "--no-progress"]) == 0
     assert str(tmp_path / "out") in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
@@ -61,8 +41,8 @@ def test_merge_writes_loadable_model_with_report(tiny_llama, tmp_path, capsys):
 
 
 def test_task_arithmetic_equals_independent_sum(tiny_llama, tmp_path):
-    spec = _write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="task_arithmetic",
-                       params={"lambda": 0.5})
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="task_arithmetic",
+                      params={"lambda": 0.5})
     assert main(["merge", str(spec), "--no-progress"]) == 0
     base = _weights(tiny_llama["base"])
     experts = [_weights(tiny_llama[f"expert_{i}"]) for i in range(3)]
@@ -73,7 +53,7 @@ def test_task_arithmetic_equals_independent_sum(tiny_llama, tmp_path):
 
 
 def test_sharded_output_respects_limit(tiny_llama, tmp_path):
-    spec = _write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="linear", shard_size="16KB")
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="linear", shard_size="16KB")
     assert main(["merge", str(spec), "--no-progress"]) == 0
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -84,7 +64,7 @@ def test_sharded_output_respects_limit(tiny_llama, tmp_path):
 
 
 def test_output_dtype_and_config(tiny_llama, tmp_path):
-    spec = _write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="linear", dtype="bfloat16")
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="linear", dtype="bfloat16")
     assert main(["merge", str(spec), "--no-progress"]) == 0
     merged = _weights(tmp_path / "out")
     assert {v.dtype for v in merged.values()} == {torch.bfloat16}
@@ -93,7 +73,7 @@ def test_output_dtype_and_config(tiny_llama, tmp_path):
 
 
 def test_dry_run_validates_and_computes_nothing(tiny_llama, tmp_path, capsys):
-    spec = _write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out")
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out")
     assert main(["merge", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run" in out and "memory" in out
@@ -101,7 +81,7 @@ def test_dry_run_validates_and_computes_nothing(tiny_llama, tmp_path, capsys):
 
 
 def test_relative_paths_resolve_against_spec_dir(tiny_llama, tmp_path):
-    fam = _copy_family(tiny_llama, tmp_path / "models")
+    fam = copy_family(tiny_llama, tmp_path / "models")
     raw = {"base": "models/base", "output": "out/merged", "method": {"name": "linear"},
            "experts": [{"name": f"e{i}", "model": f"models/expert_{i}"} for i in range(3)]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
@@ -140,7 +120,7 @@ def test_cli_reports_spec_error_with_exit_2(tmp_path, capsys):
 
 def test_data_required_for_data_aware_method(tiny_llama, tmp_path, capsys):
     pytest.importorskip("esm_ray.methods.esm")
-    spec = _write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="esm")
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="esm")
     assert main(["merge", str(spec), "--dry-run"]) == 2
     assert "experts.0.data" in capsys.readouterr().err
 
@@ -190,9 +170,9 @@ def _break(fam: dict[str, Path], how: str) -> str:
 @pytest.mark.parametrize("how", ["missing_file", "corrupt_header", "missing_tensor", "shape", "dtype", "vocab",
                                  "nan", "architecture"])
 def test_bad_inputs_fail_clearly_and_write_nothing(tiny_llama, tmp_path, capsys, how):
-    fam = _copy_family(tiny_llama, tmp_path / "m")
+    fam = copy_family(tiny_llama, tmp_path / "m")
     fragment = _break(fam, how)
-    spec = _write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="task_arithmetic")
+    spec = write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="task_arithmetic")
     assert main(["merge", str(spec), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert fragment in err, err
@@ -204,7 +184,7 @@ def test_existing_output_refused_unless_overwrite(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    spec = _write_spec(tmp_path / "s.yaml", tiny_llama, out, method="linear")
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, out, method="linear")
     assert main(["merge", str(spec), "--no-progress"]) == 2
     assert str(out) in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
@@ -233,11 +213,11 @@ def test_merge_from_s3_to_s3(tiny_llama, tmp_path, s3_bucket, s3_env, s3_server)
     for name, d in tiny_llama.items():
         for p in sorted(d.iterdir()):
             client.upload_file(str(p), s3_bucket, f"models/{name}/{p.name}")
-    s3_spec = _write_spec(tmp_path / "s3.yaml", {k: f"s3://{s3_bucket}/models/{k}" for k in tiny_llama},
-                          f"s3://{s3_bucket}/out/merged", method="ties", params={"density": 0.4},
-                          shard_size="24KB")
-    local_spec = _write_spec(tmp_path / "local.yaml", tiny_llama, tmp_path / "local", method="ties",
-                             params={"density": 0.4})
+    s3_spec = write_spec(tmp_path / "s3.yaml", {k: f"s3://{s3_bucket}/models/{k}" for k in tiny_llama},
+                         f"s3://{s3_bucket}/out/merged", method="ties", params={"density": 0.4},
+                         shard_size="24KB")
+    local_spec = write_spec(tmp_path / "local.yaml", tiny_llama, tmp_path / "local", method="ties",
+                            params={"density": 0.4})
     assert main(["merge", str(s3_spec), "--no-progress"]) == 0
     assert main(["merge", str(local_spec), "--no-progress"]) == 0
     remote = open_model(f"s3://{s3_bucket}/out/merged")

@@ -19,13 +19,13 @@ from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.core.ties import magnitude_trim, trim_threshold
 from esm_ray.methods import METHODS, TensorInfo, build_method
-from tests.fixtures.ray import method_experts, test_params as method_params
+from tests.builders import method_experts, method_params
 from esm_ray.runtime.job import MergeJob
 from esm_ray.runtime.plan import build_plan
 from esm_ray.runtime.pool import LocalPool
 from esm_ray.spec import spec_from_dict
-from tests.fixtures.models import make_family
-from tests.fixtures.ray import output_files
+from tests.fixtures.family import make_family
+from tests.builders import output_files
 
 SHAPES = {"embed.weight": (97, 13), "odd.weight": (37, 11), "vec.bias": (1001,), "cube.weight": (9, 7, 5),
           "one_row.weight": (1, 300), "small.weight": (2, 3)}

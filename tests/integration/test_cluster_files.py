@@ -13,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 RAY_MM = ".".join(ray.__version__.split(".")[:2])
 

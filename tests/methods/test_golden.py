@@ -8,7 +8,7 @@ the default run keeps one Ray case).
 
 Re-record after an intended change of output (and say why in the commit):
 
-    ESM_RAY_RECORD_GOLDEN=1 python -m pytest -q tests/test_golden.py -m ''
+    ESM_RAY_RECORD_GOLDEN=1 python -m pytest -q tests/methods/test_golden.py -m ''
 
 Float64 eigen/SVD results can differ in the last bits between CPU instruction sets, so the
 hashes are compared where torch reports the CPU capability they were recorded with; elsewhere
@@ -26,8 +26,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.fixtures.models import make_family
-from tests.fixtures.ray import calibration_files, import_methods, merge_spec
+from tests.fixtures.family import make_family
+from tests.builders import calibration_files, import_methods, merge_spec
 
 import_methods()
 
@@ -35,7 +35,7 @@ from esm_ray.methods import METHODS  # noqa: E402
 from esm_ray.runtime import run_merge  # noqa: E402
 from esm_ray.spec import spec_from_dict  # noqa: E402
 
-GOLDEN = Path(__file__).parent / "golden" / "hashes.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "hashes.json"
 RECORD = os.environ.get("ESM_RAY_RECORD_GOLDEN") == "1"
 PAVE_ON = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "tsvm")
 CASES = sorted(METHODS) + [f"{m}+pave" for m in PAVE_ON]
@@ -99,13 +99,7 @@ def families(tmp_path_factory, tiny_llama):
     return {arch: (fam, calibration_files(root / arch, 3, vocab=ARCHS[arch])) for arch, fam in fams.items()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The same thread count on every machine (and as the Ray workers use)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _merge(families, arch: str, case: str, out: Path, runtime: dict | None = None) -> dict[str, str]:

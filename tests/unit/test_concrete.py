@@ -24,11 +24,12 @@ from esm_ray.core.concrete import (
     relaxed_bernoulli,
     sample_mask,
 )
-from esm_ray.core.merged_model import merge_params, stack_task_vectors
+from esm_ray.core.merged_model import merge_params
 from esm_ray.errors import InputError, SpecError
 from esm_ray.runtime import run_merge
 from esm_ray.spec import spec_from_dict
-from tests.fixtures.models import make_family
+from tests.fixtures.family import make_family
+from tests.oracles import stack_task_vectors
 
 # ---- core -----------------------------------------------------------------------------------
 
@@ -399,7 +400,7 @@ def test_search_needs_data_and_heads(fam, tmp_path):
 
 def _package_registers_search_methods() -> bool:
     """Ray workers build methods through `esm_ray.methods`; they must be registered there."""
-    src = Path(__file__).resolve().parents[1] / "esm_ray" / "methods" / "__init__.py"
+    src = Path(__file__).resolve().parents[2] / "esm_ray" / "methods" / "__init__.py"
     return "concrete" in src.read_text()
 
 

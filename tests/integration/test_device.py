@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.fixtures.ray import calibration_files, import_methods, merge_spec, output_files
+from tests.builders import calibration_files, import_methods, merge_spec, output_files
 
 import_methods()
 

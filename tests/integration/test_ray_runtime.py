@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.fixtures.ray import calibration_files, import_methods, merge_spec, output_files
+from tests.builders import calibration_files, import_methods, merge_spec, output_files
 
 import_methods()
 

@@ -18,18 +18,13 @@ from esm_ray.eval.routed import evaluate_routed_zoo, is_routed_dir
 from esm_ray.eval.sweep import sweep
 from esm_ray.zoo.layout import open_zoo, write_json, write_jsonl
 from esm_ray.zoo.specs import MethodEntry, spec_for
-from tests.test_eval import WORDS, _tiny_bert
+from tests.integration.test_eval import WORDS, _tiny_bert
 
 TASKS = ["a", "b"]
 N_TEST = {"a": 9, "b": 7}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _texts(task: int, n: int, seed: int) -> list[str]:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.test_routed import TASKS, _rows, make_family_in_memory, routed_in_memory
+from tests.methods.test_routed import TASKS, _rows, make_family_in_memory, routed_in_memory
 
 httpx = pytest.importorskip("httpx")
 
@@ -178,7 +178,7 @@ def test_rayservice_manifest_parses_and_names_a_buildable_app():
     import yaml
     from ray.serve.deployment import Application
 
-    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "rayservice.yaml").read_text())
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster" / "rayservice.yaml").read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
     cluster = doc["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == "2.60.0"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fixtures.ray import merge_spec, output_files
+from tests.builders import merge_spec, output_files
 
 from esm_ray.errors import SpecError  # noqa: E402
 from esm_ray.runtime import run_merge  # noqa: E402
@@ -158,6 +158,7 @@ def test_submit_no_wait_returns_at_once(ray_cluster, tiny_llama, local_ties, tmp
 
 
 @slow
+@pytest.mark.ray
 def test_esm_ray_merge_runtime_ray_starts_and_stops_a_private_ray(tiny_llama, local_ties, tmp_path):
     """The laptop path: no address -> a private Ray on 127.0.0.1, shut down after the job."""
     out = tmp_path / "out"
@@ -175,6 +176,7 @@ def test_esm_ray_merge_runtime_ray_starts_and_stops_a_private_ray(tiny_llama, lo
 
 
 @slow
+@pytest.mark.ray
 def test_token_auth_head_script_end_to_end(tiny_llama, local_ties, tmp_path):
     """cluster/start-local-head.sh keeps token auth on: a client without the token is refused
     (exit 2, told how to get it); with --token-file, or RAY_AUTH_MODE=token, the job runs."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import get_args
 
-from tests.fixtures.ray import import_methods
+from tests.builders import import_methods
 
 import_methods()
 
 from esm_ray.methods import METHODS, PURIFIERS, MethodParams, build_method  # noqa: E402
 
-METHODS_DIR = Path(__file__).resolve().parents[1] / "esm_ray" / "methods"
+METHODS_DIR = Path(__file__).resolve().parents[2] / "esm_ray" / "methods"
 
 
 def test_every_method_names_its_params_as_generic_argument():

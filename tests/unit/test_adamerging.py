@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 import esm_ray.methods.adamerging  # noqa: F401  (registers adamerging)
 from esm_ray.core.adamerging import coefficient_table, entropy, entropy_objective, init_coefficients, project_
-from esm_ray.core.merged_model import MergedModel, merge_params, stack_task_vectors
 from esm_ray.methods.adamerging import SearchResult
 from esm_ray.runtime import run_merge
-from tests.test_concrete import search_family, search_spec, separable_tasks, task_entropy
+from tests.oracles import MergedModel, stack_task_vectors
+from tests.unit.test_concrete import search_family, search_spec, separable_tasks, task_entropy
 
 
 def test_entropy_definition():

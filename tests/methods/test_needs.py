@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.fixtures.models import make_family
-from tests.fixtures.ray import calibration_files, import_methods
-from tests.fixtures.ray import method_experts, test_params as method_params
+from tests.fixtures.family import make_family
+from tests.builders import calibration_files, import_methods
+from tests.builders import TEST_CALIBRATION, method_experts, method_params, write_spec
 
 import_methods()
 
@@ -26,14 +25,8 @@ DATA_METHODS = ("concrete_ta", "adamerging", "concrete_adamerging", "esm", "esm_
 
 def _spec(path: Path, family: dict[str, Path], out: Path, method: str, data: list[Path] | None = None,
           **extra) -> Path:
-    experts = [{"name": f"e{i}", "model": str(family[f"expert_{i}"])} | ({"data": str(data[i])} if data else {})
-               for i in range(3)]
-    spec = {"base": str(family["base"]), "experts": experts,
-            "method": {"name": method, "params": method_params(method)}, "output": str(out),
-            "calibration": {"samples": 8, "max_length": 16, "batch_size": 4, "cache_dir": str(path.parent / "cache")},
-            **extra}
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_spec(path, family, out, method, params=method_params(method), data=data,
+                      calibration=TEST_CALIBRATION | {"cache_dir": str(path.parent / "cache")}, **extra)
 
 
 def test_needs_are_declared_for_every_method():

@@ -10,16 +10,9 @@ import torch
 
 from esm_ray.core.arithmetic import linear, task_arithmetic
 from esm_ray.core.dare import dare_drop, dare_generator, dare_linear, dare_mask, dare_ties, tensor_seed
-from esm_ray.core.ties import (
-    disjoint_merge,
-    elect_sign,
-    kept_count,
-    magnitude_trim,
-    rescale_l1,
-    sign_consensus_merge,
-    ties,
-)
+from esm_ray.core.ties import kept_count, magnitude_trim, rescale_l1, sign_consensus_merge
 from esm_ray.core.tsvm import drop_null_triplets
+from tests.oracles import disjoint_merge, elect_sign, ref_consensus, ref_trim, ties
 
 
 def _tvs(shape, n, seed, quantize=False, zeros=0.0):
@@ -36,29 +29,10 @@ def _tvs(shape, n, seed, quantize=False, zeros=0.0):
     return out
 
 
-# ---- independent reference implementations, element by element -------------------------------
-
-def ref_trim(v: np.ndarray, density: float) -> np.ndarray:
-    flat = v.reshape(-1)
-    k = max(1, int(density * flat.size)) if density < 1 else flat.size
-    order = np.argsort(-np.abs(flat), kind="stable")  # largest first, ties by position
-    out = np.zeros_like(flat)
-    out[order[:k]] = flat[order[:k]]
-    return out.reshape(v.shape)
-
-
-def ref_consensus(tvs: list[np.ndarray], weights: list[float], normalize: bool, method: str = "sum") -> np.ndarray:
-    shape = tvs[0].shape
-    flats = [t.reshape(-1).astype(np.float64) for t in tvs]
-    out = np.zeros(flats[0].size)
-    for j in range(out.size):
-        vals = [w * f[j] for f, w in zip(flats, weights)]
-        score = sum(vals) if method == "sum" else sum(np.sign(v) for v in vals)
-        elected = 1.0 if score >= 0 else -1.0
-        num = sum(v for v in vals if np.sign(v) == elected)
-        den = sum(w for v, w in zip(vals, weights) if np.sign(v) == elected)
-        out[j] = num / (den if den != 0 else 1.0) if normalize else num
-    return out.reshape(shape)
+def _ties(tvs, weights, density, lam=1.0, normalize=True, method="sum"):
+    """TIES as production runs it: magnitude_trim on each expert, sign_consensus_merge on the coordinator."""
+    ds = density if isinstance(density, list) else [density] * len(tvs)
+    return sign_consensus_merge([magnitude_trim(t, d) for t, d in zip(tvs, ds)], weights, lam, normalize, method)
 
 
 # ---- linear and task arithmetic ---------------------------------------------------------------
@@ -158,6 +132,7 @@ def test_ties_by_hand_two_experts():
     assert sign_consensus_merge([t1, t2], [1.0, 3.0], normalize=False).tolist() == [7.0, 3.0, -12.0, 0.0]
     assert sign_consensus_merge([t1, t2], [1.0, 3.0], lam=2.0).tolist() == [3.5, 2.0, -8.0, 0.0]
     # with trimming to one entry each (k = int(0.25 * 4) = 1): t1 keeps 3, t2 keeps -4
+    assert _ties([t1, t2], [1.0, 1.0], 0.25).tolist() == [0.0, 0.0, -4.0, 0.0]
     assert ties([t1, t2], [1.0, 1.0], 0.25).tolist() == [0.0, 0.0, -4.0, 0.0]
 
 
@@ -179,8 +154,10 @@ def test_ties_matches_elementwise_reference(density, weights, normalize, method)
     tvs = _tvs((9, 8), 3, seed=6, quantize=True, zeros=0.15)
     ds = density if isinstance(density, list) else [density] * 3
     expect = ref_consensus([ref_trim(t.numpy(), d) for t, d in zip(tvs, ds)], weights, normalize, method)
-    out = ties(tvs, weights, density, lam=0.9, normalize=normalize, method=method)
+    out = _ties(tvs, weights, density, lam=0.9, normalize=normalize, method=method)
     np.testing.assert_allclose(out.numpy(), 0.9 * expect, rtol=1e-6, atol=1e-6)
+    # the one-pass merge is the paper's trim -> elect -> disjoint merge, bit for bit
+    assert torch.equal(out, ties(tvs, weights, density, lam=0.9, normalize=normalize, method=method))
 
 
 def test_rescale_l1_restores_the_norm():

@@ -20,6 +20,7 @@ from esm_ray.methods._common import SparsePart
 from esm_ray.methods.base import ExpertContext, TensorInfo
 from esm_ray.methods.registry import build_method
 from esm_ray.methods.tsvm import LowRankPart
+from tests.oracles import ref_consensus, ref_trim, ref_tsvm
 
 
 def family(shape, n, seed=0, zeros=0.0, quantize=False):
@@ -53,43 +54,6 @@ def merge(method, name, base, experts, ctxs, seed=0):
 
 def tvs_np(base, experts):
     return [(e - base).numpy().astype(np.float64) for e in experts]
-
-
-def ref_trim(v, density):
-    flat = v.reshape(-1)
-    k = flat.size if density >= 1 else max(1, int(density * flat.size))
-    order = np.argsort(-np.abs(flat), kind="stable")
-    out = np.zeros_like(flat)
-    out[order[:k]] = flat[order[:k]]
-    return out.reshape(v.shape)
-
-
-def ref_consensus(tvs, weights, normalize, method="sum"):
-    flats = [t.reshape(-1) for t in tvs]
-    out = np.zeros(flats[0].size)
-    for j in range(out.size):
-        vals = [w * f[j] for f, w in zip(flats, weights)]
-        score = sum(vals) if method == "sum" else sum(np.sign(v) for v in vals)
-        elected = 1.0 if score >= 0 else -1.0
-        num = sum(v for v in vals if np.sign(v) == elected)
-        den = sum(w for v, w in zip(vals, weights) if np.sign(v) == elected)
-        out[j] = num / (den or 1.0) if normalize else num
-    return out.reshape(tvs[0].shape)
-
-
-def np_polar(m):
-    a, _, bt = np.linalg.svd(m, full_matrices=False)
-    return a @ bt
-
-
-def ref_tsvm(tvs, k, weights):
-    us, ss, vs = [], [], []
-    for t, w in zip(tvs, weights):
-        u, s, vt = np.linalg.svd(t, full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(w * s[:k])
-        vs.append(vt[:k].T)
-    return np_polar(np.concatenate(us, 1)) @ np.diag(np.concatenate(ss)) @ np_polar(np.concatenate(vs, 1)).T
 
 
 # ---- defaults and validation ------------------------------------------------------------------

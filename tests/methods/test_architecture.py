@@ -16,7 +16,7 @@ from esm_ray.methods import METHODS
 from esm_ray.runtime import run_merge
 from esm_ray.spec import spec_from_dict
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
 
 
 def test_the_worked_example_adds_a_working_method(tiny_llama, tmp_path, monkeypatch):

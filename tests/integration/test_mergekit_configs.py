@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from esm_ray.cli import main
-from tests.test_mergekit_methods import _make_family, _tensors
+from tests.methods.test_mergekit_methods import _make_family, _tensors
 
 
 def _configs(fam: dict[str, Path]) -> dict[str, dict]:

@@ -1,12 +1,17 @@
-"""Simple merges (task arithmetic, TIES) side by side with mergekit and with the read floor.
+"""Simple merges side by side with mergekit and with the read floor.
 
 For each case a LLaMA-shaped base and T experts (base + random low-rank update + noise, in
 bfloat16) are generated once and cached. Then, in one run and interleaved, each of these runs
 `--reps` times in a fresh process:
 
-  esm-ray    task_arithmetic, ties     `python -m esm_ray.cli merge spec.yaml`
-  mergekit   task_arithmetic, ties     `mergekit-yaml config.yml out` (0.1.5, own venv)
+  esm-ray    each of --methods         `python -m esm_ray.cli merge spec.yaml`
+  mergekit   each of --methods         `mergekit-yaml config.yml out` (0.1.5, own venv)
   floor      -                         read every input tensor once, sum into float32
+
+Methods (`--methods`, default task_arithmetic,ties): task_arithmetic, ties (density --density),
+slerp (t 0.5, the first expert only), model_stock, della (density --density, epsilon 0.1) and
+sce (select_topk --density). DELLA draws random masks, so its outputs differ from mergekit's
+by design (the comparison line says how much).
 
 The table gives medians: wall time of the whole process (Python start included), the merge
 time esm-ray reports in merge_report.json, the process's peak RSS, and the ratios. The outputs
@@ -48,7 +53,9 @@ from _util import (  # noqa: E402
     ties_ties,
 )
 
-METHODS = ("task_arithmetic", "ties")
+METHODS = ("task_arithmetic", "ties", "slerp", "model_stock", "della", "sce")
+DEFAULT_METHODS = "task_arithmetic,ties"
+DELLA_EPSILON = 0.1
 
 SMOL = LlamaShape("smollm2-135m", hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3,
                   vocab=49152, tied=True, rope_theta=100000.0, max_positions=8192)
@@ -86,21 +93,40 @@ def mergekit_bin(cache: Path) -> Path:
 
 # ---- configs -----------------------------------------------------------------------------------
 
-def esm_spec(fam: Family, method: str, density: float, out: Path, shard: int) -> dict:
-    params = {"lambda": 1.0, "normalize": method == "ties"}
+def method_setup(method: str, density: float) -> tuple[dict, dict, dict, int | None]:
+    """(esm-ray params, mergekit global parameters, mergekit per-model parameters, experts used
+    or None for all) for one benchmarked method; the same settings for both tools."""
+    if method == "task_arithmetic":
+        return {"lambda": 1.0, "normalize": False}, {"lambda": 1.0, "normalize": False}, {"weight": 1.0}, None
     if method == "ties":
-        params["density"] = density
+        p = {"lambda": 1.0, "normalize": True}
+        return {**p, "density": density}, p, {"weight": 1.0, "density": density}, None
+    if method == "slerp":
+        return {"t": 0.5}, {"t": 0.5}, {}, 1
+    if method == "model_stock":
+        return {}, {}, {}, None
+    if method == "della":
+        p = {"lambda": 1.0, "normalize": True}
+        return ({**p, "density": density, "epsilon": DELLA_EPSILON}, p,
+                {"weight": 1.0, "density": density, "epsilon": DELLA_EPSILON}, None)
+    if method == "sce":
+        return {"select_topk": density}, {"select_topk": density}, {}, None
+    raise ValueError(f"no benchmark settings for {method!r}; choose from {', '.join(METHODS)}")
+
+
+def esm_spec(fam: Family, method: str, density: float, out: Path, shard: int) -> dict:
+    params, _, _, n = method_setup(method, density)
     return {"base": str(fam.base),
-            "experts": [{"name": f"e{i}", "model": str(p)} for i, p in enumerate(fam.experts)],
+            "experts": [{"name": f"e{i}", "model": str(p)} for i, p in enumerate(fam.experts[:n])],
             "method": {"name": method, "params": params},
             "output": str(out), "dtype": "bfloat16", "shard_size": shard, "overwrite": True}
 
 
 def mergekit_config(fam: Family, method: str, density: float, dtype: str) -> dict:
-    per = {"weight": 1.0, **({"density": density} if method == "ties" else {})}
+    _, glob, per, n = method_setup(method, density)
     return {"merge_method": method, "base_model": str(fam.base),
-            "models": [{"model": str(p), "parameters": dict(per)} for p in fam.experts],
-            "parameters": {"lambda": 1.0, "normalize": method == "ties"},
+            "models": [{"model": str(p), **({"parameters": dict(per)} if per else {})} for p in fam.experts[:n]],
+            **({"parameters": glob} if glob else {}),
             "dtype": dtype, "out_dtype": "bfloat16"}
 
 
@@ -112,7 +138,7 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
     work.mkdir(parents=True)
     env = clean_env()
     runs: list[tuple[str, str, list[str], Path | None]] = []  # (tool, method, cmd, output dir)
-    for m in METHODS:
+    for m in args.methods:
         out = work / f"esm-ray-{m}"
         spec = work / f"esm-ray-{m}.yaml"
         spec.write_text(yaml.safe_dump(esm_spec(fam, m, args.density, out, args.shard_size)))
@@ -148,7 +174,7 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
 
     checks = []
     if mk is not None:
-        for m in METHODS:
+        for m in args.methods:
             c = compare_dirs(work / f"esm-ray-{m}", work / f"mergekit-{m}")
             c.update(case=case, method=m)
             if m == "ties" and c.get("elements_differing"):
@@ -187,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)} (default {DEFAULT_CASES})")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every run, interleaved (default 3)")
     p.add_argument("--quick", action="store_true", help="tiny model, one repetition: a smoke test of the script")
-    p.add_argument("--density", type=float, default=0.5, help="TIES density, the same for both tools (default 0.5)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated, from {', '.join(METHODS)} (default {DEFAULT_METHODS})")
+    p.add_argument("--density", type=float, default=0.5,
+                   help="TIES / DELLA density and SCE select_topk, the same for both tools (default 0.5)")
     p.add_argument("--shard-size", type=int, default=2_000_000_000,
                    help="output shard bytes, the same for both tools (default 2e9, esm-ray's default)")
     p.add_argument("--mergekit-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -203,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in names if c not in CASES]
     if bad:
         p.error(f"unknown case(s) {bad}; choose from {', '.join(CASES)}")
+    args.methods = args.methods.split(",")
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
 
     cache = cache_root()
     cache.mkdir(parents=True, exist_ok=True)
@@ -240,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             if "at_threshold_ties" in c:
                 extra += (f"; {c['at_threshold_ties']} of them where an expert's |tau| ties at its trim "
                           "threshold (tie-break convention)")
+            if c["method"] == "della":
+                extra += "; DELLA's masks are random draws (each tool its own RNG), so values differ by design"
             print(f"{c['case']} {c['method']}: esm-ray vs mergekit: max|diff| {c['max_abs_diff']:.3g}"
                   f" ({c['elements_differing']} of {c['elements']} elements differ){extra}")
     if args.json:

@@ -7,7 +7,7 @@ from esm_ray.methods.registry import METHODS, PURIFIERS, build_method, build_pur
 from esm_ray.methods import linear, task_arithmetic, ties, dare, tsvm  # noqa: E402,F401  classic
 from esm_ray.methods import slerp, karcher, model_stock, sparsified, sce  # noqa: E402,F401  mergekit's
 from esm_ray.methods import nearswap, arcee_fusion, passthrough, ram  # noqa: E402,F401  mergekit's
-from esm_ray.methods import esm, pave  # noqa: E402,F401  data-aware
+from esm_ray.methods import esm, pave, regmean  # noqa: E402,F401  data-aware
 from esm_ray.methods import esm_pp, sim  # noqa: E402,F401  routed
 from esm_ray.methods import adamerging, concrete  # noqa: E402,F401  searched
 

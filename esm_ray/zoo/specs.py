@@ -35,6 +35,9 @@ METHOD_TABLE: dict[str, MethodEntry] = {
     # this zoo's validation splits (78.4 vs 76.6 mean accuracy), so it is the zoo's label-free default
     "esm": MethodEntry("esm", {"preset": "vit", "alpha": 1.0}),
     "esm_roberta": MethodEntry("esm", {"preset": "roberta", "alpha": 1.0}),
+    # RegMean at the papers' off-diagonal scaling (FusionBench's reduce_non_diagonal_ratio), from
+    # the same cached statistics as ESM and PAVE
+    "regmean": MethodEntry("regmean", {"alpha": 0.9}),
     "pave_task_arithmetic": MethodEntry("task_arithmetic", {"lambda": 0.3}, {"rho": 0.96875}),
     "pave_ties": MethodEntry("ties", {"density": 0.2, "lambda": 1.0}, {"rho": 0.984375}),
     "pave_tsvm": MethodEntry("tsvm", {}, {"rho": 0.96875}),

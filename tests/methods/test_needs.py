@@ -20,7 +20,7 @@ import_methods()
 from esm_ray.cli import main  # noqa: E402
 from esm_ray.methods import METHODS, PURIFIERS, Needs, build_method  # noqa: E402
 
-DATA_METHODS = ("concrete_ta", "adamerging", "concrete_adamerging", "esm", "esm_pp", "sim")
+DATA_METHODS = ("concrete_ta", "adamerging", "concrete_adamerging", "esm", "esm_pp", "sim", "regmean")
 
 
 def _spec(path: Path, family: dict[str, Path], out: Path, method: str, data: list[Path] | None = None,
@@ -30,7 +30,7 @@ def _spec(path: Path, family: dict[str, Path], out: Path, method: str, data: lis
 
 
 def test_needs_are_declared_for_every_method():
-    want = {"esm": Needs(stats=True), "esm_pp": Needs(stats=True), "sim": Needs(stats=True),
+    want = {"esm": Needs(stats=True), "esm_pp": Needs(stats=True), "sim": Needs(stats=True), "regmean": Needs(stats=True),
             "concrete_ta": Needs(data=True, heads=True), "adamerging": Needs(data=True, heads=True),
             "concrete_adamerging": Needs(data=True, heads=True)}
     for name, cls in METHODS.items():

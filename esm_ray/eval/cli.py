@@ -12,6 +12,12 @@ def _is_routed(model: str) -> bool:
     return is_routed_dir(model)
 
 
+def _is_harness_zoo(zoo) -> bool:
+    from esm_ray.eval.lm_report import is_harness_zoo
+
+    return is_harness_zoo(zoo)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from esm_ray.errors import InputError
     from esm_ray.eval.report import ReportTable, combine, to_markdown, write_report
@@ -61,6 +67,18 @@ def _table(args: argparse.Namespace):
         for row in baseline_rows(zoo, args.split, args.tasks) + routed_rows(args.name or args.model, args.model, zoo,
                                                                             args.split, args.tasks):
             table.add(row)
+    elif args.model and _is_harness_zoo(zoo) and not args.search_alpha:  # LM zoo: lm-eval's local tasks
+        from esm_ray.eval.lm_report import evaluate_lm_harness, lm_baseline_rows, row_from_items, units
+
+        names = list(args.tasks or zoo.tasks)
+        res = evaluate_lm_harness(args.model, zoo, args.split, names)
+        table = ReportTable(names, metric="lm", split=args.split,
+                            meta={"zoo": str(zoo.root), "zoo_hash": zoo.manifest.get("hash"), "units": units(zoo, names),
+                                  "scorer": "lm-evaluation-harness"})
+        for row in lm_baseline_rows(zoo, args.split, names):
+            table.add(row)
+        table.add(row_from_items(zoo, args.name or args.model, res["items"], args.split, "model",
+                                 {"model": args.model}))
     else:
         if not args.model:
             raise SpecError("give MODEL_DIR to evaluate, or --sweep SPEC ...")

@@ -24,6 +24,7 @@ class Row:
     normalized: dict[str, float] | None = None  # per task: value / expert value
     kind: str = "merged"                        # "probe", "experts", "merged", "model"
     info: dict[str, Any] = field(default_factory=dict)
+    intervals: dict[str, list[float]] | None = None  # per task: 95% bootstrap interval [low, high]
 
     def average(self, tasks: Sequence[str]) -> float:
         vals = [self.values[t] for t in tasks if t in self.values]
@@ -40,7 +41,7 @@ class Row:
 class ReportTable:
     tasks: list[str]
     rows: list[Row] = field(default_factory=list)
-    metric: str = "accuracy"   # or "perplexity"
+    metric: str = "accuracy"   # or "perplexity", or "lm" (meta["units"]: per task "perplexity" / "accuracy")
     split: str = "test"
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -61,8 +62,8 @@ class ReportTable:
 
     @staticmethod
     def from_dict(d: dict) -> "ReportTable":
-        rows = [Row(r["name"], dict(r["values"]), r.get("normalized"), r.get("kind", "merged"), r.get("info", {}))
-                for r in d["rows"]]
+        rows = [Row(r["name"], dict(r["values"]), r.get("normalized"), r.get("kind", "merged"), r.get("info", {}),
+                    r.get("intervals")) for r in d["rows"]]
         return ReportTable(list(d["tasks"]), rows, d.get("metric", "accuracy"), d.get("split", "test"),
                            d.get("meta", {}))
 
@@ -110,13 +111,22 @@ def write_json(table: ReportTable, path: str | Path) -> Path:
     return p
 
 
-def _cell(v: float | None, n: float | None, pct: bool) -> str:
+def _cell(v: float | None, n: float | None, pct: bool, ci: Sequence[float] | None = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    s = f"{100 * v:.1f}" if pct else f"{v:.2f}"
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.2f}" if abs(x) < 1e4 else f"{x:.3g}")
+    s = f(v)
+    if ci is not None and len(ci) == 2 and not any(math.isnan(x) for x in ci):
+        s += f" [{f(ci[0])}, {f(ci[1])}]"
     if n is not None and not math.isnan(n):
         s += f" ({100 * n:.1f})"
     return s
+
+
+def _pct(table: "ReportTable", task: str) -> bool:
+    if table.metric == "lm":
+        return table.meta.get("units", {}).get(task) == "accuracy"
+    return table.metric == "accuracy"
 
 
 def to_markdown(table: ReportTable, title: str | None = None) -> str:
@@ -125,7 +135,11 @@ def to_markdown(table: ReportTable, title: str | None = None) -> str:
     lines = []
     if title:
         lines += [f"### {title}", ""]
-    if pct:
+    if table.metric == "lm":
+        lines += [f"{table.split}: word perplexity for domains (lower is better), accuracy (%) for label tasks; "
+                  "[95% bootstrap interval over items]; (normalised, % of the expert: share of its log-perplexity "
+                  "gain over the base kept, or accuracy / expert accuracy); avg: of the normalised scores.", ""]
+    elif pct:
         lines += [f"{table.split} accuracy (%), normalised accuracy (% of the fine-tuned expert) in parentheses.", ""]
     else:
         lines += [f"{table.split} {table.metric} (lower is better).", ""]
@@ -134,8 +148,12 @@ def to_markdown(table: ReportTable, title: str | None = None) -> str:
     for r in table.rows:
         cells = [r.name]
         for t in table.tasks:
-            cells.append(_cell(r.values.get(t), (r.normalized or {}).get(t), pct))
-        cells.append(_cell(r.average(table.tasks), r.normalized_average(table.tasks), pct))
+            cells.append(_cell(r.values.get(t), (r.normalized or {}).get(t), _pct(table, t), (r.intervals or {}).get(t)))
+        if table.metric == "lm":
+            na = r.normalized_average(table.tasks)
+            cells.append("-" if na is None or math.isnan(na) else f"({100 * na:.1f})")
+        else:
+            cells.append(_cell(r.average(table.tasks), r.normalized_average(table.tasks), pct))
         lines.append("| " + " | ".join(cells) + " |")
     lines += _routing_markdown(table)
     return "\n".join(lines) + "\n"
@@ -195,9 +213,14 @@ def write_png(table: ReportTable, path: str | Path, title: str | None = None) ->
     # tab10 without its grey (kept for the probe and expert rows), then tab20 for long tables
     palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("tab20b").colors)
     merged_i = 0
+    lm = table.metric == "lm"  # mixed units: plot the normalised scores (% of the expert)
     for i, r in enumerate(table.rows):
-        vals = [r.values.get(t, float("nan")) for t in table.tasks] + [r.average(table.tasks)]
-        vals = [100 * v if pct else v for v in vals]
+        if lm:
+            na = r.normalized_average(table.tasks)
+            vals = [(r.normalized or {}).get(t, float("nan")) for t in table.tasks] + [na if na is not None else float("nan")]
+        else:
+            vals = [r.values.get(t, float("nan")) for t in table.tasks] + [r.average(table.tasks)]
+        vals = [100 * v if pct or lm else v for v in vals]
         color = _KIND_COLORS.get(r.kind)
         if color is None:
             color = palette[merged_i % len(palette)]
@@ -212,7 +235,8 @@ def write_png(table: ReportTable, path: str | Path, title: str | None = None) ->
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels([c.replace("_", "\n", 1) for c in cols], fontsize=9)
     ax.axvline(len(cols) - 1.5, color="#999999", linewidth=0.8, linestyle=":")
-    ax.set_ylabel(f"{table.split} accuracy (%)" if pct else f"{table.split} {table.metric}")
+    ax.set_ylabel(f"{table.split} accuracy (%)" if pct else f"{table.split} normalised score (% of expert)" if lm
+                  else f"{table.split} {table.metric}")
     if pct:
         lows = [100 * v for r in table.rows for v in r.values.values() if not math.isnan(v)]
         ax.set_ylim(max(0.0, (min(lows) if lows else 0) - 10) // 10 * 10, 100)

@@ -205,6 +205,10 @@ def baseline_rows(zoo: Zoo, split: str = "test", tasks: Sequence[str] | None = N
     if zoo.kind == "encoder":
         return [row_from_result("pretrained (linear probe)", evaluate_probe(zoo, split, tasks), "probe"),
                 row_from_result("experts", expert_results(zoo, split, tasks), "experts")]
+    from esm_ray.eval.lm_report import is_harness_zoo, lm_baseline_rows
+
+    if is_harness_zoo(zoo):
+        return lm_baseline_rows(zoo, split, tasks)
     names = list(tasks) if tasks else zoo.tasks
     base = {d: zoo.task(d)["metrics"]["base"][split] for d in names}
     own = {d: zoo.task(d)["metrics"]["expert"][split] for d in names}
@@ -223,8 +227,13 @@ def sweep(specs: Sequence[MergeSpec | str | Path], zoo_dir: str | Path | Zoo,
     """
     zoo = zoo_dir if isinstance(zoo_dir, Zoo) else open_zoo(zoo_dir)
     names = list(tasks) if tasks else zoo.tasks
-    table = ReportTable(names, metric="accuracy" if zoo.kind == "encoder" else "perplexity", split=split,
-                        meta={"zoo": str(zoo.root), "zoo_hash": zoo.manifest.get("hash"), "select": select})
+    from esm_ray.eval.lm_report import evaluate_lm_harness, is_harness_zoo, row_from_items, units
+
+    harness = is_harness_zoo(zoo)
+    metric = "accuracy" if zoo.kind == "encoder" else "lm" if harness else "perplexity"
+    table = ReportTable(names, metric=metric, split=split,
+                        meta={"zoo": str(zoo.root), "zoo_hash": zoo.manifest.get("hash"), "select": select,
+                              **({"units": units(zoo, names), "scorer": "lm-evaluation-harness"} if harness else {})})
     for row in baseline_rows(zoo, split, names):
         table.add(row)
     for item in specs:
@@ -243,6 +252,10 @@ def sweep(specs: Sequence[MergeSpec | str | Path], zoo_dir: str | Path | Zoo,
         if is_routed_dir(out):  # ESM++ / SiM: one row per router, routing results in the row's info
             for row in routed_rows(label, out, zoo, split, names, info):
                 table.add(row)
+            continue
+        if harness:
+            items = evaluate_lm_harness(out, zoo, split, names)["items"]
+            table.add(row_from_items(zoo, label, items, split, "merged", info))
             continue
         if zoo.kind == "causal_lm":
             table.add(row_from_result(label, evaluate_lm(out, zoo, split, names), "merged", info))

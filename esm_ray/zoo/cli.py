@@ -1,4 +1,4 @@
-"""`esm-ray zoo build | smollm2 | specs | tasks`: the offline test bed from the command line."""
+"""`esm-ray zoo build | lm (alias smollm2) | specs | tasks`: the offline test bed from the command line."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_smollm2(args: argparse.Namespace) -> int:
-    from esm_ray.zoo.smollm2 import build_lm_zoo
+def cmd_lm(args: argparse.Namespace) -> int:
+    from esm_ray.zoo.lm_zoo import build_lm_zoo
 
-    zdir = build_lm_zoo(args.out, n_experts=args.experts, domains=args.domains, steps=args.steps,
-                        reduced=args.reduced, seed=args.seed, progress=not args.no_progress, threads=args.threads)
+    zdir = build_lm_zoo(args.out, domains=args.domains, tasks=args.label_tasks, reduced=args.reduced,
+                        seed=args.seed, progress=not args.no_progress, threads=args.threads, steps=args.steps)
     print(zdir)
     return 0
 
@@ -62,16 +62,18 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("smollm2", help="convert the packaged SmolLM2 GGUF and build causal-LM domain experts")
-    p.add_argument("--out", help="zoo root (default $ESM_RAY_ZOO or ~/.cache/esm-ray/zoo)")
-    p.add_argument("--experts", type=int, default=3, help="number of domain experts (default 3)")
-    p.add_argument("--domains", nargs="+", help="domain names (default: the first N of the packaged domains)")
-    p.add_argument("--steps", type=int, help="optimizer steps per expert")
-    p.add_argument("--reduced", action="store_true", help="tiny run: few steps, small held-out sets")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_smollm2)
+    for name, aliases in (("lm", ["smollm2"]),):
+        p = sub.add_parser(name, aliases=aliases, help="convert the packaged SmolLM2-135M GGUF and build its domain "
+                           "and label-task experts, with lm-eval task files (cached, resumable)")
+        p.add_argument("--out", help="zoo root (default $ESM_RAY_ZOO or ~/.cache/esm-ray/zoo)")
+        p.add_argument("--domains", nargs="*", help="text domains (default: all 7; see docs/zoo.md)")
+        p.add_argument("--label-tasks", nargs="*", help="instruction-style label tasks (default: 3)")
+        p.add_argument("--steps", type=int, help="override the optimizer steps per expert")
+        p.add_argument("--reduced", action="store_true", help="2 domains + 1 task, tiny splits, 3 steps (CI)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--no-progress", action="store_true")
+        p.set_defaults(func=cmd_lm)
 
     p = sub.add_parser("specs", help="write one merge spec YAML per method for a built zoo")
     p.add_argument("zoo", help="a built zoo directory (the one holding zoo.json)")

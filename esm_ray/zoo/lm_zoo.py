@@ -1,0 +1,278 @@
+"""`esm-ray zoo lm`: SmolLM2-135M domain experts and instruction-style task experts.
+
+`build_lm_zoo()` returns `<root>/<hash>/`; the hash covers the domain and task definitions
+(with the digests of their source files, the standard-library modules included), the seed,
+the split sizes and training settings, and the converted base. A finished zoo (zoo.json
+present) is returned at once; an interrupted build resumes: each expert is written under a
+temporary name and renamed when done, and a finished expert is reused.
+
+Columns (the zoo's "tasks"): domains (kind "domain", scored by word perplexity of their
+held-out passages) and label tasks (kind "label_task", scored by multiple-choice accuracy).
+Every expert is the base fine-tuned in float32 on one column's training split (domains: every
+token; label tasks: the answer tokens only) and saved in bfloat16 like the base. At build time
+the base and every expert are scored on every column's test split (and their own validation
+split) with `esm_ray.models.lm_items` (lm-eval's conventions), per item, under `scores/`. The
+manifest records each expert's task-vector norm and the pairwise cosines of the task vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from esm_ray.errors import InputError
+from esm_ray.models.lm_items import bootstrap_interval, choice_items, rolling_items, score
+from esm_ray.zoo.layout import FORMAT, MANIFEST, default_root, write_json, write_jsonl
+from esm_ray.zoo.lm_data import (DEFAULT_DOMAINS, DEFAULT_LABEL_TASKS, REDUCED_DOMAINS, REDUCED_LABEL_TASKS,
+                                 domain_texts, get_domain, get_label_task, label_rows)
+from esm_ray.zoo.lm_train import LMTrainConfig, answer_examples, domain_examples, train_lm
+
+log = logging.getLogger("esm_ray.zoo")
+RECIPE_VERSION = 1
+CALIB = 32
+
+
+@dataclass(frozen=True)
+class LMZooConfig:
+    max_length: int = 128
+    domain_sizes: dict = field(default_factory=lambda: {"test": 96, "validation": 48, "train": 2400})
+    task_sizes: dict = field(default_factory=lambda: {"test": 240, "validation": 120, "train": 1200})
+    domain_train: LMTrainConfig = LMTrainConfig(steps=60, batch_size=8, lr=2e-4, warmup=5)
+    task_train: LMTrainConfig = LMTrainConfig(steps=40, batch_size=8, lr=2e-4, warmup=5)
+    layers: int | None = None  # keep only the first N decoder blocks of the base (reduced zoos)
+    max_passages: int | None = None  # stop cutting a corpus into passages after this many (reduced zoos)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_LM_CONFIG = LMZooConfig()
+REDUCED_LM_CONFIG = LMZooConfig(max_length=32, domain_sizes={"test": 6, "validation": 4, "train": 16},
+                                task_sizes={"test": 8, "validation": 4, "train": 16},
+                                domain_train=LMTrainConfig(steps=3, batch_size=2, lr=1e-4, warmup=1),
+                                task_train=LMTrainConfig(steps=3, batch_size=2, lr=1e-4, warmup=1),
+                                layers=2, max_passages=400)
+
+
+def lm_zoo_key(domains: Sequence[str], tasks: Sequence[str], seed: int, cfg: LMZooConfig, base_sha: str) -> str:
+    blob = {"format": FORMAT, "kind": "causal_lm", "recipe": RECIPE_VERSION, "seed": seed, "config": cfg.to_dict(),
+            "domains": [get_domain(d).fingerprint() for d in domains],
+            "tasks": [get_label_task(t).fingerprint() for t in tasks], "base": base_sha}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Columns:
+    """The data of every column, and scoring of a model on them."""
+
+    def __init__(self, zdir: Path, tok, domains: Sequence[str], tasks: Sequence[str], seed: int, cfg: LMZooConfig):
+        self.tok, self.cfg = tok, cfg
+        self.kind: dict[str, str] = {}
+        self.rows: dict[str, dict[str, list[dict]]] = {}
+        for d in domains:
+            ds = cfg.domain_sizes
+            sp = domain_texts(get_domain(d), tok, cfg.max_length, seed, ds["test"], ds["validation"], ds["train"],
+                              cfg.max_passages)
+            self.rows[d] = {s: [{"text": t} for t in v] for s, v in sp.items()}
+            self.kind[d] = "domain"
+        for t in tasks:
+            self.rows[t] = label_rows(get_label_task(t), seed, cfg.task_sizes)
+            self.kind[t] = "label_task"
+        for n, sp in self.rows.items():
+            for s, rows in sp.items():
+                write_jsonl(zdir / "data" / n / f"{s}.jsonl", rows)
+            calib = [{"text": r.get("prompt", r["text"])} for r in sp["validation"][:CALIB]]
+            write_jsonl(zdir / "data" / n / "calib.jsonl", calib)
+
+    def metric(self, name: str) -> str:
+        return "perplexity" if self.kind[name] == "domain" else "accuracy"
+
+    def items(self, model, name: str, split: str) -> list[dict]:
+        rows = self.rows[name][split]
+        if self.kind[name] == "domain":
+            return rolling_items(model, self.tok, [r["text"] for r in rows])
+        task = get_label_task(name)
+        return choice_items(model, self.tok, [r["prompt"] for r in rows], task.choices, [r["label"] for r in rows])
+
+    def examples(self, name: str):
+        rows = self.rows[name]["train"]
+        if self.kind[name] == "domain":
+            return domain_examples(self.tok, [r["text"] for r in rows], self.cfg.max_length)
+        return answer_examples(self.tok, [r["prompt"] for r in rows], [r["answer"] for r in rows],
+                               self.cfg.max_length * 2)
+
+    def score_all(self, model, own: str | None = None) -> dict[str, dict[str, list[dict]]]:
+        """{split: {column: items}}: every column's test split, and validation of `own` (all if None)."""
+        out: dict[str, dict[str, list[dict]]] = {"test": {}, "validation": {}}
+        for n in self.rows:
+            out["test"][n] = self.items(model, n, "test")
+            if own is None or n == own:
+                out["validation"][n] = self.items(model, n, "validation")
+        return out
+
+
+def summarize(items: dict[str, dict[str, list[dict]]], metric_of) -> dict[str, dict[str, dict]]:
+    """{split: {column: {"score", "interval", "n"}}} from per-item records."""
+    return {s: {n: {"score": score(it, metric_of(n)), "interval": list(bootstrap_interval(it, metric_of(n))),
+                    "n": len(it)} for n, it in cols.items()} for s, cols in items.items()}
+
+
+def task_vector_stats(base_dir: Path, expert_dirs: dict[str, Path]) -> dict:
+    """Each expert's task-vector norm (expert - base over the trained tensors, float32) and the
+    pairwise cosines, accumulated tensor by tensor."""
+    from safetensors import safe_open
+
+    names = list(expert_dirs)
+    gram = torch.zeros(len(names), len(names), dtype=torch.float64)
+    with safe_open(str(base_dir / "model.safetensors"), "pt") as b:
+        keys = [k for k in b.keys() if k.startswith("model.layers.") or k == "model.norm.weight"]
+        handles = [safe_open(str(expert_dirs[n] / "model.safetensors"), "pt") for n in names]
+        for k in keys:
+            base = b.get_tensor(k).float()
+            vecs = torch.stack([(h.get_tensor(k).float() - base).flatten() for h in handles]).double()
+            gram += vecs @ vecs.T
+    norms = gram.diag().sqrt()
+    cos = gram / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+    return {"norm": {n: float(norms[i]) for i, n in enumerate(names)},
+            "cosine": {a: {b: round(float(cos[i, j]), 6) for j, b in enumerate(names)} for i, a in enumerate(names)},
+            "tensors": "decoder blocks + final norm"}
+
+
+def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = None,
+                 tasks: Sequence[str] | None = None, reduced: bool = False, seed: int = 0,
+                 config: LMZooConfig | None = None, progress: bool = True, threads: int | None = 2,
+                 steps: int | None = None) -> Path:
+    """Build (or find cached, or resume) the LM zoo; returns `<root>/<hash>`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from esm_ray.zoo.lm_tasks import write_harness_tasks
+    from esm_ray.zoo.build import _progress
+    from esm_ray.zoo.layout import open_zoo
+    from esm_ray.zoo.smollm2 import convert_smollm2, link_or_copy, truncated_smollm2
+
+    dnames = list(domains) if domains is not None else list(REDUCED_DOMAINS if reduced else DEFAULT_DOMAINS)
+    tnames = list(tasks) if tasks is not None else list(REDUCED_LABEL_TASKS if reduced else DEFAULT_LABEL_TASKS)
+    cols = dnames + tnames
+    if not cols or len(set(cols)) != len(cols):
+        raise InputError(f"LM zoo columns must be non-empty and distinct: {cols}")
+    for d in dnames:
+        get_domain(d)
+    for t in tnames:
+        get_label_task(t)
+    cfg = config or (REDUCED_LM_CONFIG if reduced else DEFAULT_LM_CONFIG)
+    if steps is not None:
+        cfg = LMZooConfig(**{**cfg.__dict__, "domain_train": cfg.domain_train.scaled(steps=steps),
+                             "task_train": cfg.task_train.scaled(steps=steps)})
+    root = Path(out).expanduser() if out else default_root()
+    if threads:
+        torch.set_num_threads(threads)
+    conv = truncated_smollm2(root, cfg.layers) if cfg.layers else convert_smollm2(root)
+    base_sha = json.loads((conv / "conversion.json").read_text())["source_sha256"]
+    key = lm_zoo_key(dnames, tnames, seed, cfg, base_sha)
+    zdir = root / key
+    if (zdir / MANIFEST).is_file():
+        log.info("LM zoo %s is cached at %s", key, zdir)
+        return zdir
+    t_start = time.perf_counter()
+    zdir.mkdir(parents=True, exist_ok=True)
+    if not (zdir / "base" / "config.json").is_file():
+        link_or_copy(conv, zdir / "base")
+    tok = AutoTokenizer.from_pretrained(str(zdir / "base"))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    data = _Columns(zdir, tok, dnames, tnames, seed, cfg)
+
+    base = AutoModelForCausalLM.from_pretrained(str(zdir / "base"), dtype=torch.float32).eval()
+    base_file = zdir / "scores" / "base.json"
+    if base_file.is_file():
+        base_items = json.loads(base_file.read_text())
+    else:
+        base_items = data.score_all(base)
+        write_json(base_file, base_items)
+    base_sum = summarize(base_items, data.metric)
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+
+    entries: dict[str, dict] = {}
+    cross: dict[str, dict[str, float]] = {"base": {n: v["score"] for n, v in base_sum["test"].items()}}
+    for n in cols:
+        edir = zdir / "experts" / n
+        if (edir / "manifest.json").is_file():
+            m = json.loads((edir / "manifest.json").read_text())
+            entries[n], cross[n] = m["zoo_entry"], m["test_all_columns"]
+            continue
+        base.load_state_dict(base_sd)
+        tcfg = cfg.domain_train if data.kind[n] == "domain" else cfg.task_train
+        tseed = zlib.crc32(f"{n}:{seed}".encode()) & 0x7FFFFFFF
+        stats = train_lm(base, data.examples(n), tcfg, tseed, tok.pad_token_id, on_step=_progress(n, progress))
+        tmp = edir.with_name(f".{n}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        base.to(torch.bfloat16).save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        base.float()
+        saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+        items = data.score_all(saved, own=n)
+        del saved
+        write_json(tmp / "scores.json", items)
+        summ = summarize(items, data.metric)
+        cross[n] = {c: v["score"] for c, v in summ["test"].items()}
+        entry = {
+            "kind": data.kind[n], "metric": "word_perplexity" if data.kind[n] == "domain" else "accuracy",
+            "expert": f"experts/{n}", "data": f"data/{n}", "calib": f"data/{n}/calib.jsonl",
+            "scores": f"experts/{n}/scores.json",
+            "description": (get_domain(n) if data.kind[n] == "domain" else get_label_task(n)).description,
+            "sizes": {s: len(v) for s, v in data.rows[n].items()}, "train_seed": tseed,
+            "metrics": {"base": {s: base_sum[s][n]["score"] for s in ("validation", "test")},
+                        "expert": {s: summ[s][n]["score"] for s in ("validation", "test")},
+                        "expert_interval": {s: summ[s][n]["interval"] for s in ("validation", "test")}},
+            "steps": stats["steps"], "train_seconds": round(stats["train_seconds"], 1),
+            "seconds_per_step": round(stats["seconds_per_step"], 3), "final_loss": stats["final_loss"],
+        }
+        if data.kind[n] == "domain":
+            entry["sources"] = list(get_domain(n).sources)
+        else:
+            lt = get_label_task(n)
+            entry.update({"choices": list(lt.choices), "prompt": lt.prompt, "source_task": lt.source_task,
+                          "majority_rate": _majority(data.rows[n]["test"])})
+        write_json(tmp / "manifest.json", {"column": n, "seed": seed, "config": cfg.to_dict(), "zoo_entry": entry,
+                                           "test_all_columns": cross[n]})
+        shutil.rmtree(edir, ignore_errors=True)
+        edir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(edir)
+        entries[n] = entry
+        log.info("LM expert %-16s %3d steps %6.0fs  test %s %.3f -> %.3f", n, stats["steps"], stats["train_seconds"],
+                 entry["metric"], entry["metrics"]["base"]["test"], entry["metrics"]["expert"]["test"])
+    manifest = {
+        "format": FORMAT, "kind": "causal_lm", "hash": key, "seed": seed, "reduced": reduced,
+        "backbone": {"name": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", "class": "LlamaForCausalLM",
+                     "layers": cfg.layers or "all"},
+        "max_length": cfg.max_length, "config": cfg.to_dict(), "trainable": "decoder blocks + final norm",
+        "base": "base", "base_scores": "scores/base.json", "domains": dnames, "label_tasks": tnames,
+        "tasks": entries, "test_scores": cross,
+        "task_vectors": task_vector_stats(zdir / "base", {n: zdir / "experts" / n for n in cols}),
+        "build_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    write_json(zdir / MANIFEST, manifest)
+    zoo = open_zoo(zdir)
+    for split in ("test", "validation"):
+        write_harness_tasks(zoo, split)
+    return zdir
+
+
+def _majority(rows: list[dict]) -> float:
+    counts: dict[int, int] = {}
+    for r in rows:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    return max(counts.values()) / max(len(rows), 1)
+
+
+def mean_log_ppl(values: Sequence[float]) -> float:
+    return sum(math.log(v) for v in values) / len(values)

@@ -26,15 +26,14 @@ import torch
 
 from esm_ray.errors import InputError
 from esm_ray.io import s3 as s3io
-from esm_ray.io.format import Header, TensorMeta, header_length, json_problem, parse_header
+from esm_ray.io.format import (INDEX_NAME, SINGLE_NAME, Header, TensorMeta, header_length, json_problem,
+                               parse_header)
 from esm_ray.io.model_files import check_link
 from esm_ray.io.uri import Uri, parse_uri
 from esm_ray.spec import S3Options
 
 __all__ = ["ModelReader", "TensorMeta", "open_model", "check_finite"]
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
 # Whole-model weights in other formats and trainer state: never copied as auxiliary files.
 _FOREIGN = re.compile(

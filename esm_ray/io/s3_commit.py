@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
+from esm_ray.io.format import INDEX_NAME
 from esm_ray.io.guard import MARKER_FORMAT, MARKER_KEY
 
 __all__ = ["INDEX_NAME", "MARKER", "Output", "PrefixState", "check", "check_writable", "clean_leftovers",
@@ -39,7 +40,6 @@ __all__ = ["INDEX_NAME", "MARKER", "Output", "PrefixState", "check", "check_writ
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 MARKER, FORMAT = MARKER_KEY, MARKER_FORMAT  # esm-ray's record in the index's metadata (io.guard)
 _SHARD = re.compile(r"^model-[0-9a-f]{8}-\d{5}-of-\d{5}\.safetensors$")
 _PROBE = re.compile(r"^\.esm-ray-probe-[0-9a-f]+$")

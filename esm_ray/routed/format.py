@@ -35,6 +35,8 @@ EXPERTS_FILE = "routed/experts.safetensors"   # "<module>.B" (T, d_out, r), "<mo
 ROUTER_FILE = "routed/router.safetensors"     # "prototype.<module>" (T, d_in); "sim.mean", "sim.basis"
 BACKBONE_FILE = "routed/backbone.safetensors"  # SiM: the pretrained backbone for the feature pass
 HEADS_DIR = "heads"                            # "heads/<task>.safetensors": weight, bias
+EXPERT_DTYPES: dict[str, torch.dtype] = {  # the dtypes experts may be stored in, by name
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SIM_MEAN_KEY = "sim.mean"
 SIM_BASIS_KEY = "sim.basis"
 

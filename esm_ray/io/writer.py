@@ -63,10 +63,6 @@ class WriteStats:
     seconds: float = 0.0  # from opening the writer to the end of commit
     io_seconds: float = 0.0  # time spent writing / uploading / publishing
 
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes_written / 1e6 / self.io_seconds if self.io_seconds > 0 else 0.0
-
 
 def _check_relpath(relpath: str, what: str) -> str:
     rel = str(relpath).replace("\\", "/").strip("/")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -33,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from esm_ray.errors import InputError
-from esm_ray.zoo.layout import FORMAT, MANIFEST, default_root, read_jsonl, write_json, write_jsonl
+from esm_ray.zoo.layout import FORMAT, MANIFEST, default_root, write_json, write_jsonl
 from esm_ray.zoo.sources import clean, data_file, file_digest, open_text, read_csv, sentences, smollm2_gguf
 
 log = logging.getLogger("esm_ray.zoo")
@@ -359,11 +358,3 @@ def build_lm_zoo(out: str | Path | None = None, n_experts: int = 3, domains: Seq
     }
     write_json(zdir / MANIFEST, manifest)
     return zdir
-
-
-def read_domain(zoo_dir: str | Path, domain: str, split: str) -> list[str]:
-    return [r["text"] for r in read_jsonl(Path(zoo_dir) / "data" / domain / f"{split}.jsonl")]
-
-
-def mean_log_ppl(values: Sequence[float]) -> float:
-    return sum(math.log(v) for v in values) / len(values)

@@ -13,6 +13,7 @@ import torch
 from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
 from esm_ray.io.format import serialize
+from esm_ray.io.s3_upload import upload_stream
 from esm_ray.io.targets import write_local
 from esm_ray.io.uri import parse_uri
 from esm_ray.spec import S3Options
@@ -36,7 +37,7 @@ def save_safetensors_atomic(path_or_uri: str | os.PathLike, tensors: Mapping[str
     if u.is_s3:
         client = s3io.make_client(s3)
         with s3io.s3_errors(str(u), write=True):
-            return s3io.upload_stream(client, u.bucket, u.key, [header, *views]).size
+            return upload_stream(client, u.bucket, u.key, [header, *views]).size
     p = Path(u.path)
     tmp = p.parent / f".{p.name}.tmp-{secrets.token_hex(4)}"
     try:

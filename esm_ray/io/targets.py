@@ -21,6 +21,7 @@ from esm_ray.io import s3 as s3io
 from esm_ray.io import s3_commit as s3c
 from esm_ray.io.format import INDEX_NAME
 from esm_ray.io.guard import check_replaceable
+from esm_ray.io.s3_upload import UploadResult, upload_stream
 from esm_ray.io.shards import ShardInfo, shard_name
 from esm_ray.io.staging import aside_path, make_staging, recover_leftovers, remove_tree
 from esm_ray.io.uri import Uri
@@ -262,9 +263,9 @@ class S3Target:
     def shard_name(self, i: int, n: int) -> str:
         return s3c.shard_name(self.job, i, n)
 
-    def _upload(self, key: str, chunks: Iterable, what: str) -> s3io.UploadResult:
+    def _upload(self, key: str, chunks: Iterable, what: str) -> UploadResult:
         with s3io.s3_errors(str(self.uri), write=True, what=what):
-            return s3io.upload_stream(self.client, self.bucket, key, chunks, self.part_size)
+            return upload_stream(self.client, self.bucket, key, chunks, self.part_size)
 
     def put_shard(self, k: int, header: bytes, views: list[memoryview],
                   final: str | None) -> ShardInfo:

@@ -76,7 +76,7 @@ def fuse_group(plan, base, group, parts) -> float:
     import torch
 
     from esm_ray.methods import ExpertContext
-    from esm_ray.runtime.expert import torch_threads
+    from esm_ray.runtime.threads import torch_threads
 
     ctxs = [ExpertContext(i, e.name, e.weight, e.density) for i, e in enumerate(plan.spec.experts)]
     t0 = time.perf_counter()

@@ -44,12 +44,6 @@ def mask_seed(seed: int, step: int, name: str) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
 
 
-def init_logits(shapes: Mapping[str, Sequence[int]], value: float = 0.0,
-                dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """One logit per scalar parameter: {name: full(shape, value)}, leaves that require grad."""
-    return {n: torch.full(tuple(s), float(value), dtype=dtype).requires_grad_() for n, s in shapes.items()}
-
-
 def logistic_noise(shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
     """log u − log(1 − u) with u ~ U(ε, 1 − ε), drawn on the CPU from `generator`."""
     u = torch.rand(tuple(shape), generator=generator, dtype=torch.float32).clamp_(_EPS, 1.0 - _EPS)
@@ -138,14 +132,6 @@ def densities(masks: Mapping[str, Tensor]) -> dict[str, float]:
     return {n: density(m) for n, m in masks.items()}
 
 
-def overall_density(masks: Mapping[str, Tensor]) -> float:
-    """Entry-weighted mean of the masks over all tensors."""
-    total = sum(m.numel() for m in masks.values())
-    return float(sum(float(m.float().sum()) for m in masks.values()) / total) if total else 1.0
-
-
-
-
 class ConcreteMask(torch.nn.Module):
     """The mask logits of a set of tensors as one module (for optimisers and state dicts).
 
@@ -182,13 +168,11 @@ __all__ = [
     "density",
     "densities",
     "final_mask",
-    "init_logits",
     "logistic_noise",
     "mask_seed",
     "masked_merge",
     "normalize_mask",
     "normalize_masks",
-    "overall_density",
     "relaxed_bernoulli",
     "sample_mask",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,8 @@ import torch
 from esm_ray.errors import InputError
 
 MAX_HEADER_BYTES = 100 * 2**20  # the limit the reference implementation enforces
+INDEX_NAME = "model.safetensors.index.json"  # a sharded model's index (HF layout)
+SINGLE_NAME = "model.safetensors"  # an unsharded model's one file
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -163,6 +166,19 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def serialize(tensors: Iterable[tuple[str, torch.Tensor]],
+              metadata: Mapping[str, str] | None) -> tuple[bytes, list[memoryview], int]:
+    """(header bytes, raw byte views of the tensors in order, data bytes) of one safetensors file.
+    Raises ValueError as `encode_header` does."""
+    items, views = [], []
+    for name, t in tensors:
+        v = tensor_bytes(t)
+        items.append((name, t.dtype, tuple(t.shape), len(v)))
+        views.append(v)
+    header = encode_header(items, dict(metadata or {}))
+    return header, views, sum(len(v) for v in views)
 
 
 def safetensors_header(data: bytes) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

@@ -21,10 +21,10 @@ import os
 from pathlib import Path
 
 from esm_ray.errors import OutputError
+from esm_ray.io.format import INDEX_NAME
 
 __all__ = ["MARKER_KEY", "MARKER_FORMAT", "marker", "written_files", "check_replaceable"]
 
-INDEX_NAME = "model.safetensors.index.json"
 MARKER_KEY = "esm_ray"
 MARKER_FORMAT = "esm-ray/output/1"
 

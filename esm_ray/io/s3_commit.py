@@ -32,14 +32,15 @@ from dataclasses import dataclass, field
 
 from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
+from esm_ray.io.format import INDEX_NAME
 from esm_ray.io.guard import MARKER_FORMAT, MARKER_KEY
+from esm_ray.io.s3_upload import copy_object
 
 __all__ = ["INDEX_NAME", "MARKER", "Output", "PrefixState", "check", "check_writable", "clean_leftovers",
            "inspect", "new_job", "publish", "read_output", "shard_name", "staging_prefix"]
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 MARKER, FORMAT = MARKER_KEY, MARKER_FORMAT  # esm-ray's record in the index's metadata (io.guard)
 _SHARD = re.compile(r"^model-[0-9a-f]{8}-\d{5}-of-\d{5}\.safetensors$")
 _PROBE = re.compile(r"^\.esm-ray-probe-[0-9a-f]+$")
@@ -199,7 +200,7 @@ def publish(client, bucket: str, prefix: str, uri: str, *, overwrite: bool, inde
         for src, rel, size in moves:
             if old is None or rel not in old.files:
                 created.append(prefix + rel)
-            futures.append(pool.submit(s3io.copy_object, client, bucket, src, prefix + rel, size,
+            futures.append(pool.submit(copy_object, client, bucket, src, prefix + rel, size,
                                        threshold=copy_threshold))
         for f in futures:
             f.result()

@@ -18,63 +18,39 @@ depend on N, known only at commit, so shards are staged under temporary names:
   straight to their final keys (no copy).
 
 Leaving the `with` block by an exception aborts: staged files and uploads are removed.
+
+The parts: io.shards (the packing rule and a planned write's layout, computed once), io.targets
+(the local and S3 targets behind one protocol), io.preflight (`check_writable`, `is_committed`),
+io.atomic (`save_safetensors_atomic`); their public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import os
 import re
-import secrets
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
-from esm_ray.io import s3_commit as s3c
-from esm_ray.io.format import CODES, encode_header, tensor_bytes
-from esm_ray.io.guard import MARKER_KEY, check_replaceable, marker
+from esm_ray.io.atomic import save_safetensors_atomic
+from esm_ray.io.format import CODES, INDEX_NAME, encode_header, serialize, tensor_bytes
+from esm_ray.io.guard import MARKER_KEY, marker
 from esm_ray.io.model_files import model_files
-from esm_ray.io.staging import aside_path, make_staging, recover_leftovers, remove_tree
-from esm_ray.io.uri import Uri, parse_uri
+from esm_ray.io.preflight import check_writable, is_committed
+from esm_ray.io.shards import ShardInfo, ShardLayout, nbytes_of, pack_shards, shard_name
+from esm_ray.io.targets import OpenShard, open_target
+from esm_ray.io.uri import parse_uri
 from esm_ray.spec import S3Options, parse_size
 
 __all__ = ["ShardedWriter", "ShardInfo", "WriteStats", "check_writable", "is_committed",
            "save_safetensors_atomic", "INDEX_NAME", "shard_name", "pack_shards"]
 
-log = logging.getLogger(__name__)
-
-INDEX_NAME = "model.safetensors.index.json"
 _RESERVED = re.compile(r"^(model-([0-9a-f]{8}-)?\d+-of-\d+\.safetensors|model\.safetensors\.index\.json|"
                        r"\.partial-.*|\.esm-ray-probe-.*)$")
-
-
-def shard_name(i: int, n: int) -> str:
-    """The HF name of shard i (1-based) of n."""
-    return f"model-{i:05d}-of-{n:05d}.safetensors"
-
-
-def pack_shards(sizes: Iterable[int], max_shard_bytes: int) -> list[int]:
-    """Shard number (1-based) of each tensor, given their sizes in order: a shard is closed when
-    the next tensor would overflow it or once it is full; a tensor larger than the limit gets a
-    shard of its own. ShardedWriter packs exactly like this."""
-    out, k, fill, count = [], 1, 0, 0
-    for nb in sizes:
-        if count and fill + nb > max_shard_bytes:
-            k, fill, count = k + 1, 0, 0
-        out.append(k)
-        fill, count = fill + nb, count + 1
-        if fill >= max_shard_bytes:
-            k, fill, count = k + 1, 0, 0
-    return out
 
 
 @dataclass
@@ -87,22 +63,6 @@ class WriteStats:
     seconds: float = 0.0  # from opening the writer to the end of commit
     io_seconds: float = 0.0  # time spent writing / uploading / publishing
 
-    @property
-    def mb_per_s(self) -> float:
-        return self.bytes_written / 1e6 / self.io_seconds if self.io_seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """A shard that has been staged: its number (1-based), staged name, bytes and tensors."""
-
-    index: int
-    staged: str
-    nbytes: int
-    n_tensors: int
-    parts: int = 0  # multipart parts (S3), 0 for a single PUT or a local file
-    etag: str = ""
-
 
 def _check_relpath(relpath: str, what: str) -> str:
     rel = str(relpath).replace("\\", "/").strip("/")
@@ -110,253 +70,6 @@ def _check_relpath(relpath: str, what: str) -> str:
     if not rel or str(relpath).startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise OutputError(f"{what}: {relpath!r} is not a relative file path inside the output")
     return rel
-
-
-def _serialize(tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None):
-    """(header bytes, list of raw tensor byte views, data bytes) for one safetensors file."""
-    items, views = [], []
-    for name, t in tensors:
-        v = tensor_bytes(t)
-        items.append((name, t.dtype, tuple(t.shape), len(v)))
-        views.append(v)
-    header = encode_header(items, dict(metadata or {}))
-    return header, views, sum(len(v) for v in views)
-
-
-def _write_local(path: Path, header: bytes, views: list[memoryview], fsync: bool) -> int:
-    with open(path, "wb") as f:
-        f.write(header)
-        for v in views:
-            f.write(v)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    return len(header) + sum(len(v) for v in views)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _os_errors(where: str) -> Iterator[None]:
-    """OSError inside the block -> OutputError naming `where`."""
-    try:
-        yield
-    except OSError as err:
-        raise OutputError(f"{where}: write failed: {err.strerror or err}") from None
-
-
-def _nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
-    n = torch.empty(0, dtype=dtype).element_size()
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-class _OpenShard:
-    """A local shard file being written tensor by tensor (streaming mode of ShardedWriter)."""
-
-    def __init__(self, index: int, path: Path, f, fsync: bool, where: str) -> None:
-        self.index, self.path, self._f, self._fsync, self._where = index, path, f, fsync, where
-        self.nbytes = 0
-        self.n_tensors = -1  # the header is the first write
-
-    def write(self, data) -> None:
-        with _os_errors(self._where):
-            self._f.write(data)
-        self.nbytes += len(data)
-        self.n_tensors += 1
-
-    def close(self) -> ShardInfo:
-        with _os_errors(self._where):
-            if self._fsync:
-                self._f.flush()
-                os.fsync(self._f.fileno())
-            self._f.close()
-        return ShardInfo(self.index, self.path.name, self.nbytes, self.n_tensors)
-
-    def discard(self) -> None:
-        try:
-            self._f.close()
-        except OSError:
-            pass
-
-
-def remove_stale_staging(final: Path) -> list[Path]:
-    """Clean up what writers of `final` on this host left when they were killed: their staging
-    directories, and old outputs their commit had moved aside (see io.staging)."""
-    return recover_leftovers(final)
-
-
-class _LocalTarget:
-    def __init__(self, uri: Uri, overwrite: bool, fsync: bool):
-        self.final = Path(uri.path)
-        self.overwrite = overwrite
-        self.fsync = fsync
-        try:
-            if self.final.parent.is_dir():
-                recover_leftovers(self.final)
-        except OSError as err:
-            raise OutputError(f"{self.final}: cannot clean up earlier writes in {self.final.parent}: "
-                              f"{err.strerror or err}") from None
-        if self.final.exists() or self.final.is_symlink():
-            if not overwrite:
-                raise OutputError(f"{self.final}: output already exists; choose another path or pass overwrite")
-            check_replaceable(self.final)
-        try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = make_staging(self.final)
-        except OSError as err:
-            raise OutputError(f"{self.final}: cannot create the output's staging directory in "
-                              f"{self.final.parent}: {err.strerror or err}") from None
-
-    def _guard(self, what: str):
-        return _os_errors(f"{self.final} ({what})")
-
-    def put_shard(self, k: int, header: bytes, views: list[memoryview],
-                  final: str | None) -> ShardInfo:
-        p = self.tmp / (final or f"shard-{k:05d}.tmp")
-        with self._guard(f"shard {k}"):
-            n = _write_local(p, header, views, self.fsync)
-        return ShardInfo(k, p.name, n, len(views))
-
-    def open_shard(self, k: int, header: bytes, final: str) -> "_OpenShard":
-        p = self.tmp / final
-        with self._guard(f"shard {k}"):
-            f = open(p, "wb")
-        shard = _OpenShard(k, p, f, self.fsync, f"{self.final} (shard {k})")
-        shard.write(header)
-        return shard
-
-    def put_file(self, rel: str, data) -> int:
-        p = self.tmp / rel
-        with self._guard(rel):
-            p.parent.mkdir(parents=True, exist_ok=True)
-            with open(p, "wb") as f:
-                f.write(data)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-        return len(memoryview(data).cast("B"))
-
-    def put_tensors(self, rel: str, header: bytes, views: list[memoryview]) -> int:
-        p = self.tmp / rel
-        with self._guard(rel):
-            p.parent.mkdir(parents=True, exist_ok=True)
-            return _write_local(p, header, views, self.fsync)
-
-    def publish(self, shards: list[ShardInfo], index: bytes) -> int:
-        n = len(shards)
-        with self._guard("commit"):
-            for s in shards:
-                if s.staged != shard_name(s.index, n):
-                    os.rename(self.tmp / s.staged, self.tmp / shard_name(s.index, n))
-            self.put_file(INDEX_NAME, index)  # last file of the output
-            _fsync_dir(self.tmp)
-            old = None
-            if self.final.exists() or self.final.is_symlink():
-                if not self.overwrite:
-                    raise OutputError(f"{self.final}: output appeared while writing; not replacing "
-                                      "it without overwrite")
-                check_replaceable(self.final)  # again: something may have been put there meanwhile
-                old = aside_path(self.final)  # owned by this process: a kill leaves it recoverable
-                os.rename(self.final, old)
-            try:
-                os.rename(self.tmp, self.final)
-            except OSError:
-                if old is not None:
-                    os.rename(old, self.final)
-                raise
-            _fsync_dir(self.final.parent)
-            if old is not None:
-                remove_tree(old)
-        return len(index)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-class _S3Target:
-    """An S3 prefix receiving an output; the layout and commit are esm_ray.io.s3_commit's."""
-
-    def __init__(self, uri: Uri, overwrite: bool, opts: S3Options | None, part_size: int,
-                 copy_threshold: int, client=None):
-        self.uri = uri
-        self.overwrite = overwrite
-        self.part_size = part_size
-        self.copy_threshold = copy_threshold
-        self.client = client or s3io.make_client(opts)
-        self.bucket = uri.bucket
-        self.prefix = uri.dir_prefix
-        self.job = s3c.new_job()
-        self.staging = s3c.staging_prefix(self.prefix, self.job)
-        self.staged: dict[str, tuple[str, int]] = {}  # final relpath -> (staged key, size)
-        self.created: list[str] = []  # keys outside the staging area this write created
-        with s3io.s3_errors(str(uri), write=True):
-            self.client.head_bucket(Bucket=self.bucket)
-            state = s3c.inspect(self.client, self.bucket, self.prefix)
-            s3c.check(state, str(uri), overwrite, self.bucket, self.prefix)
-            s3c.clean_leftovers(self.client, self.bucket, self.prefix, state, str(uri))
-
-    def shard_name(self, i: int, n: int) -> str:
-        return s3c.shard_name(self.job, i, n)
-
-    def _upload(self, key: str, chunks: Iterable, what: str) -> s3io.UploadResult:
-        with s3io.s3_errors(str(self.uri), write=True, what=what):
-            return s3io.upload_stream(self.client, self.bucket, key, chunks, self.part_size)
-
-    def put_shard(self, k: int, header: bytes, views: list[memoryview],
-                  final: str | None) -> ShardInfo:
-        if final is not None:  # name known up front: upload to the final key, no copy later
-            key = self.prefix + final
-            self.created.append(key)
-        else:
-            key = f"{self.staging}shard-{k:05d}.safetensors"
-        r = self._upload(key, [header, *views], f"shard {k}")
-        return ShardInfo(k, key, r.size, len(views), r.parts, r.etag)
-
-    def put_file(self, rel: str, data) -> int:
-        key = f"{self.staging}files/{rel}"
-        r = self._upload(key, [data], rel)
-        self.staged[rel] = (key, r.size)
-        return r.size
-
-    def put_tensors(self, rel: str, header: bytes, views: list[memoryview]) -> int:
-        key = f"{self.staging}files/{rel}"
-        r = self._upload(key, [header, *views], rel)
-        self.staged[rel] = (key, r.size)
-        return r.size
-
-    def publish(self, shards: list[ShardInfo], index: bytes) -> int:
-        n = len(shards)
-        moves = [(s.staged, self.shard_name(s.index, n), s.nbytes) for s in shards
-                 if s.staged.startswith(self.staging)]
-        direct = {s.staged[len(self.prefix):] for s in shards if not s.staged.startswith(self.staging)}
-        moves += [(key, rel, size) for rel, (key, size) in self.staged.items()]
-        with s3io.s3_errors(str(self.uri), write=True, what="commit"):
-            s3c.publish(self.client, self.bucket, self.prefix, str(self.uri), overwrite=self.overwrite,
-                        index=index, moves=moves, direct=direct, files=set(self.staged),
-                        staging=self.staging, copy_threshold=self.copy_threshold, created=self.created)
-        return len(index)
-
-    def abort(self) -> None:
-        try:
-            s3io.abort_open_uploads(self.client, self.bucket, self.staging)
-            keys = s3io.list_keys(self.client, self.bucket, self.staging) + self.created
-            s3io.delete_keys(self.client, self.bucket, keys)
-        except Exception as err:  # runs on error paths: never mask the original error
-            log.warning("%s: abort could not clean up (%s); what is left is not part of an output "
-                        "and the next write to this prefix removes it", self.uri, type(err).__name__)
 
 
 class ShardedWriter:
@@ -411,25 +124,13 @@ class ShardedWriter:
         self._names: set[str] = set()
         self._files: set[str] = set()
         self._state = "open"
-        self._plan: list[tuple[str, int]] | None = None
-        self._layout: list[tuple[torch.dtype, tuple[int, ...]]] | None = None
-        self._open: _OpenShard | None = None
-        if plan is not None:
-            items = [tuple(p) for p in plan]
-            if items and all(len(p) == 3 for p in items):
-                self._layout = [(p[1], tuple(int(d) for d in p[2])) for p in items]
-                items = [(p[0], _nbytes(p[1], p[2])) for p in items]
-            self._plan = [(str(n), int(b)) for n, b in items]
-            self._plan_shard = pack_shards([b for _, b in self._plan], self.max_shard_bytes)
-            self._plan_n = self._plan_shard[-1] if self._plan else 0
+        self._open: OpenShard | None = None
         # With a plan, shards go straight to their final names (on S3 versioned by the job, so
         # an output being overwritten stays whole until the index switches).
-        self._direct = self._plan is not None
-        if self.uri.is_s3:
-            self._target = _S3Target(self.uri, overwrite, s3, part_size, copy_threshold)
-        else:
-            self._target = _LocalTarget(self.uri, overwrite, fsync)
-        self._stream = self._layout is not None and isinstance(self._target, _LocalTarget)
+        self._plan = ShardLayout(plan, self.max_shard_bytes) if plan is not None else None
+        self._target = open_target(self.uri, overwrite, s3, part_size=part_size,
+                                   copy_threshold=copy_threshold, fsync=fsync)
+        self._stream = self._plan is not None and self._plan.dtypes_known and self._target.streams
 
     # building the output
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -460,18 +161,15 @@ class ShardedWriter:
         if dtype not in CODES:
             raise OutputError(f"{self.uri}: tensor '{name}' has dtype {dtype}, which safetensors cannot store")
         i = len(self._names)
-        if self._plan is not None:
-            if i >= len(self._plan) or self._plan[i] != (name, nbytes):
-                want = (f"'{self._plan[i][0]}' ({self._plan[i][1]} bytes)" if i < len(self._plan)
-                        else "nothing more")
-                raise OutputError(f"{self.uri}: tensor '{name}' ({nbytes} bytes) does not follow the "
-                                  f"plan; expected {want} next")
+        if self._plan is not None and not self._plan.follows(i, name, nbytes):
+            raise OutputError(f"{self.uri}: tensor '{name}' ({nbytes} bytes) does not follow the "
+                              f"plan; expected {self._plan.expected(i)} next")
         return i
 
     def _write_through(self, i: int, name: str, t: torch.Tensor) -> None:
         """Streaming mode: write tensor i of the plan into its shard file now."""
-        assert self._plan is not None and self._layout is not None
-        dtype, shape = self._layout[i]
+        assert self._plan is not None and self._plan.layout is not None
+        dtype, shape = self._plan.layout[i]
         if t.dtype != dtype or tuple(t.shape) != shape:
             raise OutputError(f"{self.uri}: tensor '{name}' ({str(t.dtype).removeprefix('torch.')} "
                               f"{tuple(t.shape)}) does not follow the plan: expected "
@@ -485,16 +183,12 @@ class ShardedWriter:
 
     def _shard_of(self, i: int) -> int:
         """Streaming mode: the shard of plan item i, opened (header written) if it is not yet."""
-        assert self._plan is not None and self._layout is not None
-        k = self._plan_shard[i]
+        assert self._plan is not None
+        k = self._plan.shard[i]
         if self._open is None or self._open.index != k:
             self._close_open()
-            j = i
-            while j < len(self._plan) and self._plan_shard[j] == k:
-                j += 1
-            header = encode_header([(self._plan[m][0], *self._layout[m], self._plan[m][1]) for m in range(i, j)],
-                                   self.metadata)
-            self._open = self._target.open_shard(k, header, shard_name(k, self._plan_n))
+            header = self._plan.header(i, self.metadata)
+            self._open = self._target.open_shard(k, header, shard_name(k, self._plan.n_shards))
         return k
 
     def _written(self, name: str, k: int, nbytes: int) -> None:
@@ -517,8 +211,9 @@ class ShardedWriter:
         if not self._stream:
             self.add(name, torch.cat([b.detach().cpu() for b in blocks]).reshape(shape))
             return
-        i = self._next(name, dtype, _nbytes(dtype, shape))
-        if self._layout[i] != (dtype, shape):
+        i = self._next(name, dtype, nbytes_of(dtype, shape))
+        assert self._plan is not None and self._plan.layout is not None
+        if self._plan.layout[i] != (dtype, shape):
             raise OutputError(f"{self.uri}: tensor '{name}' ({str(dtype).removeprefix('torch.')} {shape}) "
                               "does not follow the plan")
         k = self._shard_of(i)
@@ -555,9 +250,9 @@ class ShardedWriter:
         if not self._pending:
             return
         k = len(self.shards) + 1
-        final = self._shard_name(k, self._plan_n) if self._direct else None
+        final = self._shard_name(k, self._plan.n_shards) if self._plan is not None else None
         t0 = time.perf_counter()
-        header, views, data = _serialize(self._pending, self.metadata)
+        header, views, data = serialize(self._pending, self.metadata)
         info = self._target.put_shard(k, header, views, final)
         del views
         self.stats.io_seconds += time.perf_counter() - t0
@@ -588,7 +283,7 @@ class ShardedWriter:
         self._check_open()
         rel = self._check_file(relpath)
         try:
-            header, views, _ = _serialize(tensors.items(), metadata)
+            header, views, _ = serialize(tensors.items(), metadata)
         except ValueError as err:
             raise OutputError(f"{self.uri}: {rel}: {err}") from None
         t0 = time.perf_counter()
@@ -631,7 +326,7 @@ class ShardedWriter:
             n = len(self.shards)
             names = {s.index: self._shard_name(s.index, n) for s in self.shards}
             record = marker([*names.values(), *self._files])  # the marker of an esm-ray output (io.guard)
-            if self.uri.is_s3:
+            if self._target.job is not None:
                 record["job"] = self._target.job
             index = {"metadata": {**dict(extra_metadata or {}), "total_size": self.stats.tensor_bytes,
                                   MARKER_KEY: record},
@@ -671,7 +366,7 @@ class ShardedWriter:
 
     def _shard_name(self, i: int, n: int) -> str:
         """The final name of shard i of n: HF's, or on S3 the job-versioned one."""
-        return self._target.shard_name(i, n) if self.uri.is_s3 else shard_name(i, n)
+        return self._target.shard_name(i, n)
 
     def __enter__(self) -> "ShardedWriter":
         return self
@@ -681,73 +376,3 @@ class ShardedWriter:
             self.abort()
         elif self._state == "open":
             self.commit()
-
-
-def is_committed(uri: str, s3: S3Options | None = None) -> bool:
-    """Whether `uri` holds a finished output (its index exists). Partial writes never do."""
-    try:
-        u = parse_uri(uri)
-    except ValueError as err:
-        raise OutputError(str(err)) from None
-    if u.is_s3:
-        with s3io.s3_errors(str(u)):
-            return s3io.head(s3io.make_client(s3), u.bucket, u.dir_prefix + INDEX_NAME) is not None
-    return Path(u.path, INDEX_NAME).is_file()
-
-
-def check_writable(uri: str, overwrite: bool = False, s3: S3Options | None = None) -> None:
-    """Dry-run check that `uri` can receive an output; raises OutputError naming it."""
-    try:
-        u = parse_uri(uri)
-    except ValueError as err:
-        raise OutputError(str(err)) from None
-    if u.is_s3:
-        with s3io.s3_errors(str(u), write=True):
-            s3c.check_writable(s3io.make_client(s3), u.bucket, u.dir_prefix, str(u), overwrite)
-        return
-    p = Path(u.path)
-    if p.exists() or p.is_symlink():
-        if not overwrite:
-            raise OutputError(f"{p}: output already exists; choose another path or pass overwrite")
-        check_replaceable(p)
-    anc = p.parent
-    while not anc.exists():
-        if anc.parent == anc:
-            break
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputError(f"{p}: cannot create the output: {anc} is not a directory")
-    try:
-        probe = tempfile.mkdtemp(prefix=".esm-ray-probe-", dir=anc)
-        os.rmdir(probe)
-    except OSError as err:
-        raise OutputError(f"{p}: cannot write in {anc}: {err.strerror or err}") from None
-
-
-def save_safetensors_atomic(path_or_uri: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                            metadata: Mapping[str, str] | None = None,
-                            s3: S3Options | None = None) -> int:
-    """Write one small safetensors file atomically (temp name, then rename; an S3 PUT is atomic).
-    Returns the bytes written."""
-    try:
-        u = parse_uri(path_or_uri)
-    except ValueError as err:
-        raise OutputError(str(err)) from None
-    try:
-        header, views, _ = _serialize(tensors.items(), metadata)
-    except ValueError as err:
-        raise OutputError(f"{u}: {err}") from None
-    if u.is_s3:
-        client = s3io.make_client(s3)
-        with s3io.s3_errors(str(u), write=True):
-            return s3io.upload_stream(client, u.bucket, u.key, [header, *views]).size
-    p = Path(u.path)
-    tmp = p.parent / f".{p.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        n = _write_local(tmp, header, views, fsync=True)
-        os.replace(tmp, p)
-        return n
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{p}: write failed: {err.strerror or err}") from None

@@ -12,9 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from esm_ray.core.dtypes import DTYPES
 from esm_ray.core.layerstats import LayerStats
-from esm_ray.routed.format import DEFAULT_ROUTED_LAYERS
+from esm_ray.routed.format import DEFAULT_ROUTED_LAYERS, EXPERT_DTYPES
 from esm_ray.core.routing import residual_expert, stack_experts
 from esm_ray.routed.model import Head, RoutedModel, SimRouter
 
@@ -37,7 +36,7 @@ def build_routed(merged: nn.Module, experts: Sequence[Mapping[str, Tensor]],
     """
     if not (len(experts) == len(stats) == len(tasks)):
         raise ValueError(f"{len(experts)} experts, {len(stats)} statistics, {len(tasks)} tasks")
-    dt = DTYPES[expert_dtype]
+    dt = EXPERT_DTYPES[expert_dtype]
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     protos: dict[str, Tensor] = {}
     for module in routed_modules(merged, layers):

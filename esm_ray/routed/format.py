@@ -15,6 +15,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from esm_ray.core.dtypes import DTYPES
+
 # Routed linears by default: every attention and MLP linear of a block, as in the RoBERTa
 # recipe of ESM++ (BERT/RoBERTa: query, key, value, attention output, intermediate, output;
 # LLaMA: q/k/v/o projections, gate, up, down). Matched with re.search on module names.
@@ -35,6 +37,7 @@ EXPERTS_FILE = "routed/experts.safetensors"   # "<module>.B" (T, d_out, r), "<mo
 ROUTER_FILE = "routed/router.safetensors"     # "prototype.<module>" (T, d_in); "sim.mean", "sim.basis"
 BACKBONE_FILE = "routed/backbone.safetensors"  # SiM: the pretrained backbone for the feature pass
 HEADS_DIR = "heads"                            # "heads/<task>.safetensors": weight, bias
+EXPERT_DTYPES = DTYPES  # the dtypes experts may be stored in, by name
 SIM_MEAN_KEY = "sim.mean"
 SIM_BASIS_KEY = "sim.basis"
 

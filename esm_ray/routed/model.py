@@ -12,8 +12,6 @@ A sample may also carry a task of its own (`task_ids` ≥ 0) that overrides the 
 
 from __future__ import annotations
 
-import inspect
-import json
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,18 +21,14 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from esm_ray.routed.format import (
-    BACKBONE_FILE,
-    EXPERTS_FILE,
-    MANIFEST_FILE,
-    ROUTER_FILE,
-    ROUTER_KINDS,
-    pack_routed,
-    routed_manifest,
-)
-from esm_ray.models.features import last_hidden, pooled_features
 from esm_ray.core.routing import sim_route, token_mean, vote
+from esm_ray.models.features import last_hidden, pooled_features
+from esm_ray.routed.format import ROUTER_KINDS
+from esm_ray.models.text import forward_kwargs
 from esm_ray.routed.layers import RoutedLinear, RoutingState
+from esm_ray.routed.predict import encode, predict
+from esm_ray.routed.save import save, state_files
+from esm_ray.routed.sizes import sizes
 
 
 @dataclass
@@ -94,11 +88,7 @@ class Classified:
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
-    params = inspect.signature(model.forward).parameters
-    kw: dict[str, Any] = {"output_hidden_states": True}
-    if "use_cache" in params:
-        kw["use_cache"] = False
-    return kw
+    return {"output_hidden_states": True, **forward_kwargs(model)}
 
 
 def resolve_module(model: nn.Module, name: str) -> str:
@@ -314,107 +304,23 @@ class RoutedModel(nn.Module):
                 logits[i] = lg[j].float().cpu()
         return Classified(task, label_ids, logits, out)
 
-    # ---- text in, labels out ---------------------------------------------------------------
+    # ---- text in, labels out (routed.predict), sizes (routed.sizes), save (routed.save) -----
     def encode(self, inputs: Sequence[str | Sequence[int]], max_length: int = 128) -> tuple[Tensor, Tensor]:
-        """Right-padded (input_ids, attention_mask) for texts (needs the tokenizer) or id lists.
+        """Right-padded (input_ids, attention_mask) for texts or id lists (routed.predict.encode)."""
+        return encode(self, inputs, max_length)
 
-        Inputs are cut at max_length tokens, and max_length at the model's position limit;
-        a token id outside [0, vocab_size) is a ValueError naming the input.
-        """
-        limit = self.max_positions
-        if limit is not None:
-            max_length = min(max_length, limit)
-        vocab = self.vocab_size
-        ids: list[list[int]] = []
-        for i, x in enumerate(inputs):
-            if isinstance(x, str):
-                if self.tokenizer is None:
-                    raise ValueError("this model has no tokenizer; send token ids instead of text")
-                row = list(self.tokenizer(x, truncation=True, max_length=max_length)["input_ids"])
-            else:
-                row = [int(t) for t in x][:max_length]
-            if not row:
-                raise ValueError(f"input {i} has no tokens")
-            bad = next((t for t in row if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ValueError(f"input {i}: token id {bad} is outside the vocabulary [0, {vocab})")
-            ids.append(row)
-        width = max(len(r) for r in ids)
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        pad = pad if isinstance(pad, int) and pad >= 0 else 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for b, r in enumerate(ids):
-            input_ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[b, :len(r)] = 1
-        return input_ids, mask
-
-    @torch.inference_mode()
     def predict(self, inputs: Sequence[str | Sequence[int]], tasks: Sequence[str | None] | None = None,
                 router: str | None = None, max_length: int = 128) -> list[dict[str, Any]]:
-        """Per input: {"task", "label", "label_id", "scores" ({task: score} or None)}.
+        """Per input: {"task", "label", "label_id", "scores"} (routed.predict.predict)."""
+        return predict(self, inputs, tasks, router, max_length)
 
-        tasks: per input a task name (its expert and head are used) or None (routed). A model
-        without experts and with one head uses that head for every input.
-        """
-        if not inputs:
-            return []
-        tasks = list(tasks) if tasks is not None else [None] * len(inputs)
-        if len(tasks) != len(inputs):
-            raise ValueError(f"{len(tasks)} tasks for {len(inputs)} inputs")
-        router = router or self.router
-        if router == "none" or not self.routed:
-            if any(t is None for t in tasks):
-                if len(self.tasks) != 1:
-                    raise ValueError(f"this model does not route: name a task (one of {', '.join(self.tasks)})")
-                tasks = [t or self.tasks[0] for t in tasks]
-        task_ids = torch.tensor([-1 if t is None else self.task_index(t) for t in tasks], dtype=torch.long)
-        device = next(self.model.parameters()).device
-        ids, mask = self.encode(inputs, max_length)
-        if router != "none" and bool((task_ids >= 0).all()) and self.routed:
-            router = "oracle"
-        res = self.classify(ids.to(device), mask.to(device), router, task_ids)
-        scores = res.output.scores
-        out = []
-        for i in range(len(inputs)):
-            t = int(res.task[i])
-            head = self.heads[self.tasks[t]]
-            lid = int(res.label_ids[i])
-            out.append({"task": self.tasks[t], "label": head.labels[lid] if lid < len(head.labels) else str(lid),
-                        "label_id": lid,
-                        "scores": ({name: round(float(s), 6) for name, s in zip(self.tasks, scores[i].tolist())}
-                                   if scores is not None and int(task_ids[i]) < 0 else None)})
-        return out
-
-    # ---- size ------------------------------------------------------------------------------
     def sizes(self) -> dict[str, Any]:
-        """Bytes of each part and of T full experts (the merged model's weights, T times, plus
-        the heads). From the files when the model was loaded from a directory."""
-        merged = sum(p.numel() * p.element_size() for n, p in self._merged_state().items())
-        experts = sum(r.expert_A.numel() + r.expert_B.numel() for r in self.routed.values())
-        exp_bytes = experts * _dtype_size(self.manifest.get("expert_dtype", "float32"))
-        router = sum(r.prototypes.numel() * 4 for r in self.routed.values() if r.prototypes is not None)
-        if self.sim is not None:
-            router += (self.sim.means.numel() + self.sim.bases.numel()) * 4
-        backbone = (sum(p.numel() * p.element_size() for p in self.backbone.state_dict().values())
-                    if self.backbone is not None else 0)
-        heads = sum(h.linear.weight.numel() + h.linear.bias.numel() for h in self.heads.values()) * 4
-        d = self.source_dir
-        if d is not None:
-            merged = sum(p.stat().st_size for p in d.glob("*.safetensors"))
-            exp_bytes = _size(d / EXPERTS_FILE)
-            router = _size(d / ROUTER_FILE)
-            backbone = _size(d / BACKBONE_FILE) if self.backbone is not None and (d / BACKBONE_FILE).is_file() else 0
-            heads = sum(p.stat().st_size for p in (d / "heads").glob("*.safetensors")) if (d / "heads").is_dir() else 0
-        total = merged + exp_bytes + router + backbone + heads
-        full = len(self.tasks) * merged + heads
-        return {"tasks": len(self.tasks), "routed_layers": len(self.routed), "rank": self.rank,
-                "merged_bytes": merged, "experts_bytes": exp_bytes, "router_bytes": router,
-                "backbone_bytes": backbone, "heads_bytes": heads, "total_bytes": total,
-                "full_experts_bytes": full, "ratio_to_full_experts": round(total / full, 4) if full else None}
+        """Bytes of each part and of T full experts (routed.sizes.sizes)."""
+        return sizes(self)
 
-    # ---- save ------------------------------------------------------------------------------
-    def _merged_state(self) -> dict[str, Tensor]:
+    # ---- the plain merged model and saving -------------------------------------------------
+    def merged_state(self) -> dict[str, Tensor]:
+        """The merged model's state dict, with the plain nn.Linear layers' own names."""
         with self.unwrapped():
             return dict(self.model.state_dict())
 
@@ -435,69 +341,16 @@ class RoutedModel(nn.Module):
                 setattr(holder, child, rl)
 
     def save(self, path: str | Path, expert_dtype: str | None = None) -> Path:
-        """Write the routed directory: merged base (HF layout), routed/*, heads/*."""
-        from safetensors.torch import save_file
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        with self.unwrapped() as plain:
-            plain.save_pretrained(str(out))
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(out))
-        files = self.state_files(expert_dtype)
-        for rel, data in files.items():
-            p = out / rel
-            p.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(data, bytes):
-                p.write_bytes(data)
-            else:
-                save_file(data, str(p))
-        return out
+        """Write the routed directory: merged base (HF layout), routed/*, heads/* (routed.save)."""
+        return save(self, path, expert_dtype)
 
     def state_files(self, expert_dtype: str | None = None) -> dict[str, dict[str, Tensor] | bytes]:
-        """{relative path: tensors or bytes} of everything but the merged base."""
-        from esm_ray.routed.format import head_file
-
-        dt = expert_dtype or self.manifest.get("expert_dtype", "float32")
-        experts = {m: (r.expert_B, r.expert_A) for m, r in self.routed.items()}
-        protos = {m: r.prototypes for m, r in self.routed.items() if r.prototypes is not None}
-        files: dict[str, Any] = dict(pack_routed(experts, protos, self.sim.means if self.sim else None,
-                                                 self.sim.bases if self.sim else None, _DTYPES[dt]))
-        heads_meta = {}
-        for task, h in self.heads.items():
-            rel = head_file(task)
-            files[rel] = {"weight": h.linear.weight.detach().float().contiguous(),
-                          "bias": h.linear.bias.detach().float().contiguous()}
-            heads_meta[task] = {"file": rel, "labels": list(h.labels)}
-        sim_meta = dict(self.manifest.get("sim") or {}) if self.sim is not None else None
-        if sim_meta is not None and self.backbone is not None:
-            files[BACKBONE_FILE] = {k: v.contiguous() for k, v in self.backbone.state_dict().items()}
-            sim_meta.update(backbone=BACKBONE_FILE, normalize=self.sim.normalize, relative=self.sim.relative)
-        extra = {k: v for k, v in self.manifest.items()
-                 if k not in ("format", "method", "tasks", "router", "routers", "rank", "expert_dtype", "layers",
-                              "sim", "heads")}
-        man = routed_manifest(method=self.manifest.get("method", "routed"), tasks=self.tasks, router=self.router,
-                              rank=self.rank, expert_dtype=dt,
-                              layers={m: (r.out_features, r.in_features) for m, r in self.routed.items()},
-                              routers=[r for r in self.routers if r in ("prototype", "sim")], sim=sim_meta,
-                              heads=heads_meta, **extra)
-        files[MANIFEST_FILE] = json.dumps(man, indent=2).encode()
-        return files
+        """{relative path: tensors or bytes} of everything but the merged base (routed.save)."""
+        return state_files(self, expert_dtype)
 
 
 # model types whose position ids start at pad_token_id + 1 (RoBERTa's convention)
 _OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
                                "longformer", "roberta-prelayernorm", "xmod"})
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _dtype_size(name: str) -> int:
-    return _DTYPES.get(name, torch.float32).itemsize
-
-
-def _size(p: Path) -> int:
-    return p.stat().st_size if p.is_file() else 0
-
 
 __all__ = ["Classified", "Head", "RoutedModel", "RoutedOutput", "SimRouter", "resolve_module"]

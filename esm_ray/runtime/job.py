@@ -36,7 +36,8 @@ from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
 from esm_ray.methods.base import BaseWeights
-from esm_ray.runtime.expert import math_threads, read_to_float32, reuse_freed_memory, scratch, torch_threads
+from esm_ray.runtime.memory import read_to_float32, reuse_freed_memory, scratch
+from esm_ray.runtime.threads import math_threads, torch_threads
 from esm_ray.runtime.layout import Group, OutTensor, layer_groups, plan_groups, tensor_infos, write_order
 from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan
 from esm_ray.runtime.pool import ExpertPool, GroupParts
@@ -248,7 +249,7 @@ class MergeJob:
             sink.add(o, torch.add(b, delta, out=scratch("merged", info.shape)))
         else:
             sink.add(o, b + delta)
-        b = delta = None  # let the next tensor reuse their buffers (expert.scratch)
+        b = delta = None  # let the next tensor reuse their buffers (memory.scratch)
 
     def _merged_blocks(self, o: OutTensor, parts: GroupParts) -> Iterator[torch.Tensor]:
         """Merge one tensor a row block at a time (a blockwise method): the same bytes as the

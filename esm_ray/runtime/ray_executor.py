@@ -36,7 +36,8 @@ from esm_ray.errors import EsmRayError, SpecError
 from esm_ray.methods import TensorInfo
 from esm_ray.io.uri import is_s3
 from esm_ray.raylocal import connect, init_private
-from esm_ray.runtime.expert import ExpertSide, math_threads, torch_threads
+from esm_ray.runtime.expert import ExpertSide
+from esm_ray.runtime.threads import math_threads, torch_threads
 from esm_ray.runtime.job import MergeJob, MergeResult
 from esm_ray.runtime.plan import MergePlan
 from esm_ray.runtime.pool import FetchedParts

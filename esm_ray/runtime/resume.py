@@ -95,10 +95,6 @@ class ResumeStore:
     def path(self, index: int) -> Path:
         return self.root / f"group-{index:05d}.safetensors"
 
-    def group_files(self) -> list[Path]:
-        """Staged group files in group order."""
-        return sorted(self.root.glob("group-*.safetensors"))
-
     def _valid(self, index: int, names: list[str]) -> bool:
         p = self.path(index)
         if not p.is_file():

@@ -230,9 +230,8 @@ def deployment_options(spec: Any, max_queued_requests: int | None = None) -> dic
         "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
         "max_ongoing_requests": spec.max_ongoing_requests,
     }
-    q = getattr(spec, "max_queued_requests", None) if max_queued_requests is None else max_queued_requests
-    if q is not None:
-        opts["max_queued_requests"] = q
+    if max_queued_requests is not None:
+        opts["max_queued_requests"] = max_queued_requests
     return opts
 
 

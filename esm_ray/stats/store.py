@@ -85,17 +85,6 @@ class StatsStore:
             s1 = f.get_tensor(f"{src}.s1")
         return ModuleStats(int(entry["n"]), s1, gram, transposed=bool(entry.get("transposed", False)))
 
-    def load_all(self) -> dict[str, ModuleStats]:
-        """Every module at once; modules sharing an input share one object (tests, small models)."""
-        out: dict[str, ModuleStats] = {}
-        by_src: dict[tuple[str, bool], ModuleStats] = {}
-        for m, e in self.manifest["modules"].items():
-            k = (e["stored_as"], bool(e.get("transposed", False)))
-            if k not in by_src:
-                by_src[k] = self.get(m)  # type: ignore[assignment]
-            out[m] = by_src[k]
-        return out
-
     def __repr__(self) -> str:
         return f"StatsStore({self.path}, {len(self.manifest['modules'])} modules)"
 

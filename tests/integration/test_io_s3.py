@@ -13,6 +13,7 @@ from esm_ray.errors import InputError, OutputError
 from esm_ray.io import (INDEX_NAME, ShardedWriter, check_writable, is_committed, make_client,
                         open_model, save_safetensors_atomic)
 from esm_ray.io import s3 as s3io
+from esm_ray.io import s3_upload as s3up
 from esm_ray.spec import S3Options
 
 pytest_plugins = ["tests.fixtures.s3"]
@@ -207,23 +208,23 @@ def test_stream_upload_helpers(s3_bucket, s3_env, tmp_path):
     data = bytes(range(256)) * (45 * 1024)  # 11.25 MiB
     f = tmp_path / "blob"
     f.write_bytes(data)
-    res = s3io.upload_file(client, s3_bucket, "blob", f, part_size=5 * MiB)
+    res = s3up.upload_file(client, s3_bucket, "blob", f, part_size=5 * MiB)
     assert res.parts == 3 and res.etag.endswith("-3") and res.size == len(data)
     assert s3io.get_range(client, s3_bucket, "blob", 1000, 1010) == data[1000:1010]
     assert s3io.get_object(client, s3_bucket, "blob") == data
-    assert s3io.upload_stream(client, s3_bucket, "small", [b"ab", b"cd"]).parts == 0
+    assert s3up.upload_stream(client, s3_bucket, "small", [b"ab", b"cd"]).parts == 0
     assert s3io.list_keys(client, s3_bucket, "") == ["blob", "small"]
     with pytest.raises(ValueError, match="minimum"):
-        s3io.upload_stream(client, s3_bucket, "x", [b""], part_size=MiB)
+        s3up.upload_stream(client, s3_bucket, "x", [b""], part_size=MiB)
 
     def failing():
         yield data[:6 * MiB]
         raise RuntimeError("source broke")
 
     with pytest.raises(RuntimeError, match="source broke"):
-        s3io.upload_stream(client, s3_bucket, "aborted", failing(), part_size=5 * MiB)
+        s3up.upload_stream(client, s3_bucket, "aborted", failing(), part_size=5 * MiB)
     assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # aborted, not left open
-    s3io.copy_object(client, s3_bucket, "blob", "copy", len(data), part_size=5 * MiB, threshold=5 * MiB)
+    s3up.copy_object(client, s3_bucket, "blob", "copy", len(data), part_size=5 * MiB, threshold=5 * MiB)
     assert client.head_object(Bucket=s3_bucket, Key="copy")["ETag"].strip('"').endswith("-3")
     assert s3io.get_object(client, s3_bucket, "copy") == data
     s3io.delete_keys(client, s3_bucket, ["blob", "small", "copy"])

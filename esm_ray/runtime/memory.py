@@ -1,0 +1,105 @@
+"""Memory helpers of the merge loop: a per-thread pool of scratch buffers reused from tensor to
+tensor, reading a tensor as float32 into it, and glibc's allocator told to keep freed blocks.
+
+All three exist for one reason: on CPU a fresh large tensor costs a page fault per 4 KiB when
+first written, which costs more than the elementwise work of a simple merge.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from esm_ray.io.reader import check_finite
+
+__all__ = ["read_to_float32", "reuse_freed_memory", "scratch"]
+
+_scratch = threading.local()
+
+
+def _unshared(buf: Tensor) -> bool:
+    try:  # the buffer itself and the temporary storage wrapper; more means a view is still alive
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """An uninitialised tensor backed by this thread's buffer for `slot`.
+
+    On CPU a fresh large tensor costs a page fault per 4 KiB when first written, which costs
+    more than the elementwise work of a simple merge; so the local executor's per-tensor buffers
+    are reused from tensor to tensor. Reuse is safe whatever the caller does with the result: a
+    buffer that anything still references (a part, a method's state, the writer) is left to its
+    holders and the slot gets a new one.
+    """
+    n = torch.empty(0, dtype=dtype).element_size()
+    for d in shape:
+        n *= int(d)
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n or not _unshared(buf):
+        buf = bufs[slot] = torch.empty(n, dtype=torch.uint8)
+    return buf[:n].view(dtype).view(shape)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_GLIBC_DEFAULT = 128 * 1024
+
+
+def _glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+@contextmanager
+def reuse_freed_memory(threshold: int = 32 << 20) -> Iterator[None]:
+    """glibc only: while the block runs, blocks up to `threshold` bytes come from the heap and
+    freed memory stays there, instead of being mapped and unmapped for each tensor.
+
+    A merge allocates and frees same-sized tensors over and over. By default glibc gives every
+    block above an adaptive threshold its own mapping and unmaps it on free, so each reuse pays
+    a page fault per 4 KiB, which on a VM costs about as much as the arithmetic. 32 MiB is the
+    largest threshold glibc accepts; peak RSS is unchanged. The defaults are restored (and the
+    kept memory returned) afterwards.
+    """
+    libc = None
+    if _glibc():
+        try:
+            libc = ctypes.CDLL(None)
+            ok = libc.mallopt(_M_MMAP_THRESHOLD, threshold) and libc.mallopt(_M_TRIM_THRESHOLD, 4 * threshold)
+        except (OSError, AttributeError):
+            ok = False
+        if not ok:
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+            libc.malloc_trim(0)
+
+
+def read_to_float32(reader, name: str, source: str, slot: str | None = None,
+                    rows: tuple[int, int] | None = None) -> Tensor:
+    """Tensor `name` (or only its `rows`) checked for NaN/Inf, as float32: a fresh tensor, or
+    this thread's `slot` buffer (see `scratch`). A tensor stored in another dtype is read into
+    a scratch buffer."""
+    meta = reader.info(name)
+    shape = meta.shape if rows is None else (rows[1] - rows[0], *meta.shape[1:])
+    if meta.dtype == torch.float32 or not meta.nbytes:
+        raw = reader.get(name, rows=rows)
+        check_finite(name, raw, source)
+        return raw
+    raw = reader.get(name, out=scratch("read", shape, meta.dtype), rows=rows)
+    check_finite(name, raw, source)
+    return scratch(slot, shape).copy_(raw) if slot else raw.to(torch.float32)

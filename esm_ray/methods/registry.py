@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -53,11 +54,21 @@ def _leaves(setting: Any) -> list[Any]:
     return [setting]
 
 
-def _split(params: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _structured(cls: type[MergeMethod[Any]]) -> set[str]:
+    """Parameters whose value is itself a mapping (e.g. a routed method's `base_params`): they
+    are given whole, never as a gradient or a filter."""
+    out = set()
+    for n, f in cls.Params.model_fields.items():
+        if typing.get_origin(f.annotation) is dict or f.annotation is dict:
+            out.update({n, f.alias or n})
+    return out
+
+
+def _split(params: dict[str, Any], where: str, structured: set[str] = frozenset()) -> tuple[dict[str, Any], dict[str, Any]]:  # noqa: E501
     """(fixed, varying) parameters; each varying setting checked for its form."""
     fixed, varying = {}, {}
     for k, v in params.items():
-        if is_fixed(v):
+        if is_fixed(v) or k in structured:
             fixed[k] = v
             continue
         try:
@@ -82,7 +93,7 @@ def build_method(name: str, params: dict[str, Any], n_experts: int, seed: int = 
     it per tensor (`params_for`). `expert_params`: each expert's own settings (spec
     `experts[i].params`); `slices`: per `slices` entry, its shared settings and its experts'."""
     cls = method_class(name)
-    fixed, varying = _split(params, "method.params")
+    fixed, varying = _split(params, "method.params", _structured(cls))
     first = {k: _leaves(v)[0] for k, v in varying.items()}
     _check_leaves(cls, fixed, varying, "method")
     method = cls(_params(cls, {**fixed, **first}, "method"), n_experts=n_experts, seed=seed)

@@ -309,6 +309,10 @@ class Coordinator:
     def pid(self) -> int:
         return os.getpid()
 
+    def peak_rss(self) -> int:
+        """Peak resident memory of the coordinator process, bytes."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def _advance(self, n: int, total: int) -> None:
         self.state["done"] += n
         self.state["total"] = total

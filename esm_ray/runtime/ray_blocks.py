@@ -6,7 +6,7 @@ tensor's name and its row ranges travels. Then the coordinator asks every worker
 in parallel (`ExpertSide.prepare_rows`), `AHEAD` blocks in advance, so the workers prepare the
 next blocks while the coordinator fuses this one; the parts wait in the object store, and the
 coordinator fetches a block's parts as the method reads them (`RefParts.stream`). So the
-coordinator holds a few row blocks at a time, whatever T and the largest tensor.
+coordinator holds (AHEAD + 1) row blocks per expert, whatever the largest tensor.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from esm_ray.methods import Parts, TensorInfo
 
-AHEAD = 2  # blocks requested beyond the one being fused
+AHEAD = 1  # blocks requested beyond the one being fused (each holds T parts in the object store)
 
 
 class RefParts(Parts):

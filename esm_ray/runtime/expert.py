@@ -49,6 +49,7 @@ class ExpertSide:
         self._search: Any = None  # runtime.search.TaskSearcher, built on first use
         self._search_fixed: dict[str, Any] | None = None
         self._device: torch.device | None = None
+        self._cursors: dict[str, list[Any]] = {}  # tensor -> [block state, next block] (prepare_rows)
 
     @property
     def device(self) -> torch.device:
@@ -157,6 +158,41 @@ class ExpertSide:
                 b = w = None
 
         return self.method.block_state(info, read, self._ctx(info))
+
+    # -- row blocks asked for one at a time (the Ray pool): the state stays on this side -----
+    def block_begin(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> None:
+        """Compute and keep this side's `block_state` of `info` (TIES's trim threshold, DARE's
+        random stream, which need not and may not travel), for `prepare_rows` calls in order."""
+        self._cursors[info.name] = [self.block_state(info, blocks), 0]
+
+    def prepare_rows(self, info: TensorInfo, blocks: list[tuple[int, int]], b: int) -> Any:
+        """This side's part of row block `b` of `info` (the blocks of `block_begin`), against the
+        base rows read here: the part the local pool makes from the coordinator's base rows.
+
+        Blocks come in order; when this side has no state for block `b` (its process was
+        restarted, or a retried call asks again) the state is rebuilt deterministically and
+        the earlier blocks are prepared again and dropped (DARE's stream advances as before)."""
+        cursor = self._cursors.get(info.name)
+        if cursor is None or cursor[1] != b:
+            if cursor is not None or b:
+                log.warning("expert %s: rebuilding the block state of %r for block %d", self.expert.name,
+                            info.name, b)
+            cursor = self._cursors[info.name] = [self.block_state(info, blocks), 0]
+            while cursor[1] < b:
+                self._rows_part(info, blocks[cursor[1]], cursor[0])
+                cursor[1] += 1
+        part = self._rows_part(info, blocks[b], cursor[0])
+        if isinstance(part, Tensor) and part.untyped_storage().nbytes() > part.nbytes:
+            part = part.clone()  # a view of a reused buffer (expert.scratch): ship only its rows
+        cursor[1] += 1
+        if cursor[1] == len(blocks):
+            del self._cursors[info.name]
+        return part
+
+    def _rows_part(self, info: TensorInfo, rows: tuple[int, int], state: Any) -> Any:
+        sub = dataclasses.replace(info, shape=(rows[1] - rows[0], *info.shape[1:]))
+        base = read_to_float32(self.base, info.name, self.spec.base, slot="base", rows=rows)
+        return self.prepare_with_base(sub, base, rows, state)
 
     def _part(self, info: TensorInfo, b: Tensor, w: Tensor) -> Any:
         ctx = self._ctx(info)

@@ -74,9 +74,9 @@ class MergeJob:
                  executor: str = "local", resume: bool = False, block_bytes: int = BLOCK_BYTES) -> None:
         self.plan = plan
         self.pool = pool
-        # In one process, methods that allow it (MergeMethod.blockwise) merge tensors larger
-        # than this (in float32) in row blocks of about this size: peak memory then does not
-        # depend on the largest tensor.
+        # Methods that allow it (MergeMethod.blockwise) merge tensors larger than this (in
+        # float32) in row blocks of about this size, in both executors: the coordinator's peak
+        # memory then does not depend on the largest tensor.
         self.block_bytes = block_bytes
         self.resume = resume  # stage finished groups so a killed job can be resumed (runtime/resume.py)
         self.progress = progress
@@ -89,6 +89,7 @@ class MergeJob:
         self._store: ResumeStore | None = None
         self._base: Any = None
         self._report_data: dict[str, Any] = {}
+        self._row_blocks: dict[str, int] | None = None
 
     def run(self) -> MergeResult:
         with torch_threads(math_threads(self.plan.spec)), reuse_freed_memory():  # same bits in every executor
@@ -175,8 +176,12 @@ class MergeJob:
             self._store = ResumeStore.open(plan, self.group_bytes, math_threads(plan.spec))
             restored = self._store.scan([[i.name for i in g if plan.dtypes[i.name].is_floating_point]
                                          for g in groups])
-        return plan_groups(plan, groups, restored, blockwise=self.pool.blockwise and not self.resume,
-                           block_bytes=self.block_bytes)
+        out = plan_groups(plan, groups, restored, blockwise=self.pool.blockwise, block_bytes=self.block_bytes)
+        blocked = [o for g in out for o in g.tensors if o.how == "blocks"]
+        if blocked:
+            self._row_blocks = {"tensors": len(blocked), "blocks": sum(len(o.blocks) for o in blocked),
+                                "block_bytes": self.block_bytes}
+        return out
 
     def fuse(self, groups: list[Group], sink: OutputSink | SpillSink) -> None:
         """Merge group after group into `sink`: parts from the pool, fused here."""
@@ -188,9 +193,12 @@ class MergeJob:
                 if g.restored:
                     self._restore(g, sink)
                 else:
-                    parts = self.pool.group_parts([o.info for o in g.merged])
-                    for j, o in enumerate(g.merged):
+                    whole = [o for o in g.merged if o.how == "whole"]  # the parts a pool may fetch at once
+                    parts = self.pool.group_parts([o.info for o in whole])
+                    j = 0
+                    for o in g.merged:
                         self._fuse_tensor(o, j, parts, sink)
+                        j += o.how == "whole"
                     if isinstance(sink, OutputSink):
                         for o in g.tensors:
                             if o.how == "copy":
@@ -275,8 +283,11 @@ class MergeJob:
         for o in g.tensors:
             if o.how == "copy":
                 sink.copy(o, self._base.get(o.info.name))
-            else:
+            elif o.info.name in tensors:
                 sink.add_final(o, tensors[o.info.name])
+            else:  # staged as row blocks: read back the same way
+                blocks = list(o.blocks) or [(0, o.info.shape[0])]
+                sink.add_restored_blocks(o, self._store.rows(g.index, o.info.name, blocks))
 
     # -- helpers ---------------------------------------------------------------------------
     @contextmanager
@@ -326,6 +337,8 @@ class MergeJob:
         }
         if self._store is not None:
             rep["resume"] = {"groups": self._store.total, "restored": self._store.restored}
+        if self._row_blocks is not None:  # tensors merged in row blocks (this run)
+            rep["row_blocks"] = dict(self._row_blocks)
         extra = method.report()
         if extra is not None:
             rep["method_report"] = extra

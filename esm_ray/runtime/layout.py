@@ -6,8 +6,11 @@ sides per group, one resume checkpoint per group). Every output tensor gets one 
 - ``copy``:     not floating (e.g. integer buffers): the base's value, unchanged;
 - ``whole``:    the experts' parts of the whole tensor, fused at once;
 - ``blocks``:   row blocks of about `block_bytes`, fused one after another (a blockwise method,
-                in one process, without resume, purifier, layer scaling or post stage);
-- ``restored``: a group a killed run of the same job finished (runtime/resume.py).
+                without purifier, layer scaling or post stage; with resume, the finished
+                blocks are staged as they are written);
+- ``restored``: a group a killed run of the same job finished (runtime/resume.py); a tensor
+                that would be merged in blocks keeps them, and is read back block by block
+                when it was staged that way.
 
 The writer's layout is this list, and the merge loop walks the same list, so nothing has to
 predict the loop's order.
@@ -38,7 +41,7 @@ class OutTensor:
     group: int
     position: int  # index in the model's (the base's) tensor order
     how: How
-    blocks: tuple[tuple[int, int], ...] = ()  # [start, stop) rows, for how == 'blocks'
+    blocks: tuple[tuple[int, int], ...] = ()  # [start, stop) rows, for 'blocks' (and 'restored')
 
     @property
     def entry(self) -> tuple[str, torch.dtype, tuple[int, ...]]:
@@ -110,7 +113,7 @@ def layer_groups(infos: list[TensorInfo], max_bytes: int) -> Iterator[list[Tenso
 def plan_groups(plan: MergePlan, groups: list[list[TensorInfo]], restored: list[bool], *,
                 blockwise: bool, block_bytes: int) -> list[Group]:
     """Each group's output tensors with their strategy. `blockwise`: the pool may merge in row
-    blocks and no group is staged for resume."""
+    blocks."""
     out = []
     position = {n: i for i, n in enumerate(plan.names)}
     for gi, infos in enumerate(groups):

@@ -34,7 +34,7 @@ _ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
 _VOCAB_HINTS = ("embed", "wte", "word_embeddings", "lm_head", "output.weight")
 
 
-# The local executor merges tensors larger than this (float32 bytes) in row blocks of about
+# Both executors merge tensors larger than this (float32 bytes) in row blocks of about
 # this size, for methods that allow it (MergeMethod.blockwise). 4 MiB measured fastest on the
 # simple-merge benchmark (1, 2, 4, 8, 32 MiB tried) and keeps peak memory near one block.
 BLOCK_BYTES = 4 << 20
@@ -91,11 +91,11 @@ class MergePlan:
         return blocks if blocks is not None and self.method.blockwise(info) else None
 
     def largest_unit_bytes(self) -> int:
-        """float32 bytes of the largest piece merged at once: the largest tensor, or for the
-        local executor and a method that merges in row blocks, a block (see MergeJob)."""
+        """float32 bytes of the largest piece merged at once: the largest tensor, or for a
+        method that merges in row blocks (either executor), a block (see MergeJob)."""
         out = 0
         for n, s in self.shapes.items():
-            blocks = self.in_blocks(TensorInfo.of(n, s)) if self.spec.runtime.name == "local" else None
+            blocks = self.in_blocks(TensorInfo.of(n, s))
             rows = max(r1 - r0 for r0, r1 in blocks) if blocks else (s[0] if s else 1)
             out = max(out, rows * (_numel(s[1:]) if s else 1) * 4)
         return out

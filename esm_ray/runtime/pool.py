@@ -2,8 +2,8 @@
 
 Both pools (`LocalPool` here, `RayPool` in ray_executor) implement `ExpertPool`: calls on every
 side, and the experts' parts of a group of tensors as `GroupParts`. The local pool makes a
-part when the method first reads it and can merge a large tensor in row blocks; the Ray pool
-fetches a whole group's parts from the workers at once.
+part when the method first reads it; the Ray pool fetches a group's whole-tensor parts from
+the workers at once and a large tensor's row blocks one after another (runtime/ray_blocks.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class GroupParts(Protocol):
 
 class ExpertPool(Protocol):
     n: int
-    blockwise: bool  # merges large tensors in row blocks (sides in this process)
+    blockwise: bool  # may merge large tensors in row blocks
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every expert side; results in expert order."""
@@ -49,19 +49,6 @@ class ExpertPool(Protocol):
         """Every side's `block_state` of one tensor, before its row blocks (blockwise pools)."""
 
     def close(self) -> None: ...
-
-
-class FetchedParts:
-    """GroupParts fetched from the sides in one call: `parts[e][j]`, expert e's part of tensor j."""
-
-    def __init__(self, parts: list[list[Any]]) -> None:
-        self._parts = parts
-
-    def of(self, j: int, info: TensorInfo, base: Tensor) -> Parts:
-        return Parts([p[j] for p in self._parts])
-
-    def rows(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], states: list[Any]) -> Parts:
-        raise NotImplementedError("parts fetched per group are whole tensors")
 
 
 class _LazyGroup:

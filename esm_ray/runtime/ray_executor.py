@@ -9,9 +9,11 @@
   fanned out to all workers with ``.remote`` and gathered with ``ray.get``; shared arguments go
   into the object store once. Parts come back through the object store; what a part is (task
   vector, sparse values, low-rank factors) is the method's choice.
+  A tensor above `block_bytes` (blockwise methods) comes block by block instead
+  (runtime/ray_blocks.py), so the coordinator holds a few row blocks, not T whole tensors.
 - ``Coordinator`` runs ``MergeJob`` (layer loop, fusion, writer) next to the driver, stages
-  finished groups for resume, and answers ``progress()`` while it runs; the driver only shows
-  a progress bar.
+  finished groups (and blocked tensors' finished rows) for resume, and answers ``progress()``
+  while it runs; the driver only shows a progress bar.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from esm_ray.raylocal import connect, init_private
 from esm_ray.runtime.expert import ExpertSide
 from esm_ray.runtime.threads import math_threads, torch_threads
 from esm_ray.runtime.job import MergeJob, MergeResult
-from esm_ray.runtime.plan import MergePlan
-from esm_ray.runtime.pool import FetchedParts
+from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan
+from esm_ray.runtime.ray_blocks import BlockFeed, RayGroupParts
 from esm_ray.spec import MergeSpec, RuntimeSpec
 
 log = logging.getLogger("esm_ray.ray")
@@ -181,6 +183,7 @@ class RayPool:
         self.id = uuid.uuid4().hex
         self.current: str | None = None  # the call in flight (for progress)
         self._journal: list[list[tuple[str, Any]]] = [[] for _ in self.workers]
+        self._feeds: dict[str, BlockFeed] = {}  # tensor -> its row blocks in flight (ray_blocks)
 
     @classmethod
     def start(cls, spec: MergeSpec, options: Mapping[str, Any], job_id: str, slow_s: float = 0.0,
@@ -211,25 +214,30 @@ class RayPool:
             log.warning("waiting for %d of %d expert workers to be placed (%.0fs so far); "
                         "is the cluster short of the requested resources?", len(pending), self.n, waited)
 
+    def _get(self, i: int, ref: Any, method: str) -> Any:
+        """The result of worker i's call `method` (its application error re-raised as such)."""
+        try:
+            return ray.get(ref)
+        except RayActorError as err:
+            raise RuntimeError(f"expert worker {self.names[i]!r} died during {method} and could not be "
+                               f"restarted: {err}") from None
+        except RayTaskError as err:
+            cause = _cause(err)
+            if isinstance(cause, EsmRayError):
+                raise cause from None
+            raise
+
     def _gather(self, refs: list[Any], method: str) -> list[Any]:
-        out = []
-        for i, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref))
-            except RayActorError as err:
-                raise RuntimeError(f"expert worker {self.names[i]!r} died during {method} and could not be "
-                                   f"restarted: {err}") from None
-            except RayTaskError as err:
-                cause = _cause(err)
-                if isinstance(cause, EsmRayError):
-                    raise cause from None
-                raise
-        return out
+        return [self._get(i, ref, method) for i, ref in enumerate(refs)]
+
+    def _submit(self, method: str, per_worker: list[Any]) -> list[Any]:
+        """Start `method` on every worker (after the state calls it has not seen); the refs."""
+        return [w.call.remote(method, self.id, list(self._journal[i]), per_worker[i])
+                for i, w in enumerate(self.workers)]
 
     def _run(self, method: str, per_worker: list[Any]) -> list[Any]:
         self.current = method
-        refs = [w.call.remote(method, self.id, list(self._journal[i]), per_worker[i])
-                for i, w in enumerate(self.workers)]
+        refs = self._submit(method, per_worker)
         out = self._gather(refs, method)
         if method in ExpertSide.STATE_CALLS:
             for i, args in enumerate(per_worker):
@@ -244,14 +252,24 @@ class RayPool:
     def call_each(self, method: str, args: list[tuple]) -> list[Any]:
         return self._run(method, [ray.put(tuple(a)) for a in args])
 
-    blockwise = False  # the workers ship whole-tensor parts
+    blockwise = True  # large tensors come from the workers row block by row block (ray_blocks)
 
-    def group_parts(self, infos: list[TensorInfo]) -> FetchedParts:
-        """Every worker prepares its parts of the group in parallel; fetched at once."""
-        return FetchedParts(self.call("prepare", infos) if infos else [[] for _ in range(self.n)])
+    def group_parts(self, infos: list[TensorInfo]) -> RayGroupParts:
+        """Every worker prepares its parts of the group's whole tensors in parallel, fetched at
+        once; the group's blocked tensors come through `block_states`' feeds."""
+        return RayGroupParts(self.call("prepare", infos) if infos else [[] for _ in range(self.n)], self._feeds)
 
     def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
-        raise NotImplementedError("the Ray pool merges whole tensors")
+        """Every worker computes and keeps its block state of `info`; its blocks then come
+        through a feed (the states stay on the workers: None here)."""
+        self.call("block_begin", info, blocks)
+
+        def submit(b: int) -> list[Any]:
+            self.current = "prepare_rows"
+            return self._submit("prepare_rows", [ray.put((info, blocks, b))] * self.n)
+
+        self._feeds[info.name] = BlockFeed(submit, lambda i, r: self._get(i, r, "prepare_rows"), blocks)
+        return [None] * self.n
 
     def peak_rss(self) -> list[int]:
         return ray.get([w.peak_rss.remote() for w in self.workers])
@@ -274,7 +292,7 @@ class Coordinator:
     """Owns the layer loop, fusion and the writer; the driver only polls progress()."""
 
     def __init__(self, plan: MergePlan, worker_names: list[str], names: list[str], resume: bool = True,
-                 log_level: int = logging.INFO) -> None:
+                 log_level: int = logging.INFO, block_bytes: int = BLOCK_BYTES) -> None:
         # Workers are passed by actor name, not handle: handles in the constructor arguments would
         # put them in the object store, which a restarted coordinator might not find again.
         _actor_logging(log_level)
@@ -282,6 +300,7 @@ class Coordinator:
         self.worker_names = worker_names
         self.names = names
         self.resume = resume
+        self.block_bytes = block_bytes
         self.pool: RayPool | None = None
         self.state: dict[str, Any] = {"stage": "starting", "done": 0, "total": len(plan.names)}
 
@@ -290,6 +309,10 @@ class Coordinator:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def peak_rss(self) -> int:
+        """Peak resident memory of the coordinator process, bytes."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _advance(self, n: int, total: int) -> None:
         self.state["done"] += n
@@ -305,7 +328,8 @@ class Coordinator:
         workers = [ray.get_actor(n, namespace=NAMESPACE) for n in self.worker_names]
         self.pool = RayPool(workers, self.names, self.worker_names)  # a fresh journal on every (re)start
         self.state.update(stage="merge", done=0)
-        job = MergeJob(self.plan, self.pool, progress=False, executor="ray", resume=self.resume)
+        job = MergeJob(self.plan, self.pool, progress=False, executor="ray", resume=self.resume,
+                       block_bytes=self.block_bytes)
         job.on_progress = self._advance
         result = job.run()
         self.state["stage"] = "done"
@@ -366,8 +390,9 @@ class _Bar:
 
 
 def run_on_ray(plan: MergePlan, progress: bool = True, resume: bool = True,
-               wait_timeout_s: float | None = None) -> MergeResult:
-    """Run a validated plan on Ray: workers + coordinator actors; the driver shows progress."""
+               wait_timeout_s: float | None = None, block_bytes: int = BLOCK_BYTES) -> MergeResult:
+    """Run a validated plan on Ray: workers + coordinator actors; the driver shows progress.
+    `block_bytes`: tensors above it (float32) are merged in row blocks of about this size."""
     spec = plan.spec
     with ray_session(spec.runtime, plan.n_experts):
         cluster = ray.cluster_resources()
@@ -398,7 +423,7 @@ def run_on_ray(plan: MergePlan, progress: bool = True, resume: bool = True,
             coord = Coordinator.options(
                 name=f"{job_id}-coordinator", namespace=NAMESPACE, scheduling_strategy=strategy,
                 max_restarts=spec.runtime.max_restarts, max_task_retries=spec.runtime.max_restarts,
-            ).remote(plan, pool.actor_names, pool.names, resume, level)
+            ).remote(plan, pool.actor_names, pool.names, resume, level, block_bytes)
             return _follow(coord, coord.run.remote(), len(plan.names), progress)
         finally:
             if coord is not None:

@@ -12,6 +12,12 @@ complete; its metadata names the group's tensors and is checked before it is reu
 tensors are the exact bytes the writer received (or, for methods with a global layer-scaling
 pass, the fused updates and their norms), so a resumed job writes the same output bytes.
 
+A tensor merged in row blocks is never whole in memory: its finished blocks are streamed, as
+the writer receives them, into a file of its own (``rows-<group>-<hash>.safetensors``,
+renamed into place after its last row), and the group file, written after them, lists it
+under ``streamed``. A group counts as done only when its group file and every streamed file
+it lists are there; a resumed job reads those back block by block.
+
 The job directory is never the output: the writer stages the output elsewhere and writes the
 index last, so a killed job leaves no finished-looking model. The directory is removed once the
 output is committed.
@@ -24,6 +30,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import esm_ray
+from esm_ray.io.rowfile import file_metadata, read_rows, tee_rows
 from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import save_safetensors_atomic
 
@@ -95,6 +103,10 @@ class ResumeStore:
     def path(self, index: int) -> Path:
         return self.root / f"group-{index:05d}.safetensors"
 
+    def rows_path(self, index: int, name: str) -> Path:
+        """The file of one tensor of group `index` staged as its finished row blocks."""
+        return self.root / f"rows-{index:05d}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.safetensors"
+
     def _valid(self, index: int, names: list[str]) -> bool:
         p = self.path(index)
         if not p.is_file():
@@ -103,6 +115,11 @@ class ResumeStore:
             with safe_open(str(p), "pt") as f:
                 meta = f.metadata() or {}
                 ok = meta.get("key") == self.key and json.loads(meta.get("names", "null")) == names
+            for name in json.loads(meta.get("streamed", "[]")) if ok else []:
+                rows = self.rows_path(index, name)
+                if not rows.is_file() or file_metadata(rows).get("key") != self.key:
+                    log.warning("ignoring staged group %s: its rows of %r are missing", p.name, name)
+                    return False
         except (SafetensorError, OSError, ValueError) as err:
             log.warning("ignoring unreadable staged group %s: %s", p.name, err)
             return False
@@ -126,15 +143,34 @@ class ResumeStore:
         return done
 
     def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """(tensors, norms) of a staged group."""
+        """(tensors, norms) of a staged group; tensors staged as row blocks are not among the
+        tensors: read them with `rows`."""
         with safe_open(str(self.path(index)), "pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in json.loads(meta["names"])}
+            streamed = set(json.loads(meta.get("streamed", "[]")))
+            tensors = {k: f.get_tensor(k) for k in json.loads(meta["names"]) if k not in streamed}
         return tensors, {k: float(v) for k, v in json.loads(meta.get("norms", "{}")).items()}
 
-    def save(self, index: int, tensors: dict[str, torch.Tensor], norms: dict[str, float] | None = None) -> None:
-        """Stage a finished group atomically (temp file + rename)."""
-        meta = {"key": self.key, "group": str(index), "names": json.dumps(list(tensors))}
+    def rows(self, index: int, name: str, blocks: Iterable[tuple[int, int]]) -> Iterator[torch.Tensor]:
+        """A tensor of group `index` staged as row blocks, read back as `blocks` row ranges."""
+        return read_rows(self.rows_path(index, name), name, blocks)
+
+    def tee_rows(self, index: int, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                 blocks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """`blocks` (finished output rows of tensor `name`, in order) passed through while they
+        are staged; the file counts only once the group file that lists it is saved."""
+        return tee_rows(self.rows_path(index, name), name, dtype, shape, blocks,
+                        {"key": self.key, "group": str(index)})
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor], norms: dict[str, float] | None = None,
+             names: list[str] | None = None) -> None:
+        """Stage a finished group atomically (temp file + rename). `names`: every tensor of the
+        group in order, when some were staged as row blocks (`tee_rows`) before this call."""
+        names = list(tensors) if names is None else names
+        meta = {"key": self.key, "group": str(index), "names": json.dumps(names)}
+        streamed = [n for n in names if n not in tensors]
+        if streamed:
+            meta["streamed"] = json.dumps(streamed)
         if norms is not None:
             meta["norms"] = json.dumps(norms)  # repr of floats: exact round trip
         save_safetensors_atomic(self.path(index), {k: v.contiguous() for k, v in tensors.items()}, meta)

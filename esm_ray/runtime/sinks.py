@@ -73,6 +73,7 @@ class OutputSink:
     def __init__(self, writer: ShardedWriter, post: PostStage, store: ResumeStore | None) -> None:
         self.writer, self.post, self.store = writer, post, store
         self._group: dict[str, Tensor] = {}
+        self._names: list[str] = []  # the group's finished tensors in order, streamed ones too
 
     def add(self, out: OutTensor, merged: Tensor) -> None:
         """A merged float32 value: finish, write, tee."""
@@ -84,20 +85,31 @@ class OutputSink:
         self.post.offer(out.info, value)
         if self.store is not None and out.how != "restored":
             self._group[out.info.name] = value
+            self._names.append(out.info.name)
 
     def add_blocks(self, out: OutTensor, merged_blocks: Iterator[Tensor]) -> None:
-        """Row blocks of merged float32 values, in order (no tee applies: see layout)."""
-        self.writer.add_blocks(out.info.name, out.dtype, out.info.shape,
-                               (finish(b, out.info.name, out.dtype) for b in merged_blocks))
+        """Row blocks of merged float32 values, in order: finished and written block by block;
+        with resume, the finished blocks are staged as they pass (no post stage applies: see
+        layout)."""
+        name, dtype, shape = out.info.name, out.dtype, out.info.shape
+        blocks: Iterator[Tensor] = (finish(b, name, dtype) for b in merged_blocks)
+        if self.store is not None:
+            blocks = self.store.tee_rows(out.group, name, dtype, shape, blocks)
+            self._names.append(name)
+        self.writer.add_blocks(name, dtype, shape, blocks)
+
+    def add_restored_blocks(self, out: OutTensor, blocks: Iterator[Tensor]) -> None:
+        """Row blocks of a tensor restored from the resume store, already in the output dtype."""
+        self.writer.add_blocks(out.info.name, out.dtype, out.info.shape, blocks)
 
     def copy(self, out: OutTensor, value: Tensor) -> None:
         self.writer.add(out.info.name, value)
 
     def end_group(self, index: int) -> None:
         """A group is finished: stage it for resume, run the post stage on it."""
-        if self.store is not None and self._group:
-            self.store.save(index, self._group)
-        self._group = {}
+        if self.store is not None and self._names:
+            self.store.save(index, self._group, names=self._names)
+        self._group, self._names = {}, []
         self.post.flush()
 
 

@@ -5,7 +5,8 @@
 For each expert of a built zoo (default: the reduced zoo, built or reused), on the same
 calibration rows, batches and threads: a plain forward pass (inference mode), and
 `esm_ray.stats.calibrate` (the same forward with the hooks that accumulate n, Σx and the
-float64 Gram XᵀX of every linear layer's input, padding excluded). Prints per expert the
+Gram XᵀX of every linear layer's input, padding excluded), once with each
+`calibration.gram_precision` (float64, and mixed: float32 block products into float64). Prints per expert the
 fastest of `--repeats` runs of each, their ratio, and the size of the statistics; then the
 Gram's share estimated from flop counts. No cache is involved (the function is called directly).
 """
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     zoo = open_zoo(args.zoo or build_zoo(None, reduced=True, progress=False))
     max_length = int(zoo.manifest.get("max_length", 64))
-    settings = CalibrationSpec(samples=args.samples, max_length=max_length, batch_size=args.batch_size)
+    settings = {prec: CalibrationSpec(samples=args.samples, max_length=max_length, batch_size=args.batch_size,
+                                      gram_precision=prec) for prec in ("float64", "mixed")}
     rows_out = []
     for task in args.tasks or zoo.tasks:
         d = zoo.expert_dir(task)
@@ -70,28 +72,30 @@ def main(argv: list[str] | None = None) -> int:
 
         stats: dict = {}
 
-        def stats_pass() -> None:
+        def stats_pass(prec: str) -> None:
             stats.clear()
-            stats.update(calibrate(model, rows, tok, settings))
+            stats.update(calibrate(model, rows, tok, settings[prec]))
 
         plain()  # warm-up
         t_plain = _fastest(plain, args.repeats)
-        t_stats = _fastest(stats_pass, args.repeats)
+        t64 = _fastest(lambda: stats_pass("float64"), args.repeats)
+        t_mix = _fastest(lambda: stats_pass("mixed"), args.repeats)
         unique = {id(s): s for s in stats.values()}.values()
         size = sum(s.gram.numel() * s.gram.element_size() + s.s1.numel() * s.s1.element_size() for s in unique)
-        rows_out.append((task, len(rows), tokens, t_plain, t_stats, len(stats), len(unique), size))
-        print(f"{task}: plain {t_plain:.3f} s, with statistics {t_stats:.3f} s", file=sys.stderr)
+        rows_out.append((task, len(rows), tokens, t_plain, t64, t_mix, len(stats), len(unique), size))
+        print(f"{task}: plain {t_plain:.3f} s, statistics float64 {t64:.3f} s, mixed {t_mix:.3f} s", file=sys.stderr)
 
     print(f"\nzoo {zoo.root.name}, {args.threads} threads, batch {args.batch_size}, max length {max_length}, "
           f"fastest of {args.repeats}\n")
-    print("| expert | rows | tokens | plain forward s | with statistics s | ratio | layers (distinct inputs) | stats MB |")
-    print("|---|---:|---:|---:|---:|---:|---|---:|")
-    for task, n, tokens, tp, ts, n_layers, n_unique, size in rows_out:
-        print(f"| {task} | {n} | {tokens} | {tp:.3f} | {ts:.3f} | {ts / tp:.2f} | {n_layers} ({n_unique}) | "
-              f"{size / 1e6:.1f} |")
-    tp = sum(r[3] for r in rows_out)
-    ts = sum(r[4] for r in rows_out)
-    print(f"\ntotal: plain {tp:.2f} s, with statistics {ts:.2f} s, ratio {ts / tp:.2f}")
+    print("| expert | rows | tokens | plain forward s | float64 stats s | ratio | mixed stats s | ratio | "
+          "layers (distinct inputs) | stats MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for task, n, tokens, tp, t64, tm, n_layers, n_unique, size in rows_out:
+        print(f"| {task} | {n} | {tokens} | {tp:.3f} | {t64:.3f} | {t64 / tp:.2f} | {tm:.3f} | {tm / tp:.2f} | "
+              f"{n_layers} ({n_unique}) | {size / 1e6:.1f} |")
+    tp, t64, tm = (sum(r[i] for r in rows_out) for i in (3, 4, 5))
+    print(f"\ntotal: plain {tp:.2f} s, float64 statistics {t64:.2f} s (ratio {t64 / tp:.2f}), "
+          f"mixed {tm:.2f} s (ratio {tm / tp:.2f})")
     return 0
 
 

@@ -127,6 +127,9 @@ class CalibrationSpec(Frozen):
     batch_size: int = Field(default=8, ge=1)
     seed: int = 0
     cache_dir: str | None = None  # default: $ESM_RAY_CACHE or ~/.cache/esm-ray
+    # How each Gram XᵀX is accumulated: mixed = float32 products of token blocks (TF32 on GPUs
+    # where torch allows it) summed into a float64 accumulator; float64 = every product in float64.
+    gram_precision: Literal["mixed", "float64"] = "mixed"
 
 
 class RuntimeSpec(Frozen):

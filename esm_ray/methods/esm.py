@@ -54,6 +54,9 @@ class ESMParams(MethodParams):
     multiplier: float | None = Field(None, gt=0, description="override the preset's final factor (ViT 2, RoBERTa 1)")
     fuse_dtype: Literal["float64", "float32"] = Field(
         "float64", description="precision of the coordinator's polar factors (float32: about 2x faster)")
+    fuse_route: Literal["gram", "svd"] = Field(
+        "gram", description="polar factors from an eigh of each factor's smaller Gram (fast) or from "
+                            "its thin SVD (the exact reference)")
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ class ESM(MergeMethod[ESMParams]):
         scope = self.alpha_scope_of(info)
         if isinstance(first, ESDPart):
             recipe = self.recipe(info)
-            dw = esm_fuse([x.esd for x in parts], recipe, [x.norm for x in parts], getattr(torch, p.fuse_dtype))
+            dw = esm_fuse([x.esd for x in parts], recipe, [x.norm for x in parts], getattr(torch, p.fuse_dtype),
+                          p.fuse_route)
             if first.transposed:
                 dw = dw.T
             branch = "esd"

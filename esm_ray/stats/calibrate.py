@@ -1,5 +1,6 @@
 """Calibration: run an expert over its task's samples once and keep every linear layer's input
-statistics (n, Σx, XᵀX in float64), cached on disk per (model, data, settings).
+statistics (n, Σx, XᵀX accumulated in float64 from float32 block products, or all in float64
+with `calibration.gram_precision: float64`), cached on disk per (model, data, settings).
 
 `calibrate` works on a loaded nn.Module; `calibrate_expert` loads the Hugging Face model,
 reads the data file, and caches the result (see `esm_ray.stats.store` for the file layout).
@@ -25,7 +26,7 @@ from esm_ray.stats.cache import cache_root, cache_source, unusable
 from esm_ray.stats.data import check_token_ids, data_hash, load_calibration_rows
 from esm_ray.models.hf import StoredModel, copy_tokenizer
 from esm_ray.models.text import TOKENIZER_FILES, encode_rows, forward_kwargs, make_batches, pad_id
-from esm_ray.stats.hooks import ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
+from esm_ray.stats.hooks import GramPrecision, ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
 from esm_ray.stats.store import FORMAT_VERSION, StatsStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def _check_vocab(model: nn.Module, ids: list[list[int]]) -> None:
 
 
 def _run_passes(model: nn.Module, batches: list[tuple[Tensor, Tensor]], modules: ModuleFilter,
-                max_bytes: int | None, device: torch.device) -> tuple[dict[str, ModuleStats], int]:
+                max_bytes: int | None, device: torch.device,
+                precision: GramPrecision = "mixed") -> tuple[dict[str, ModuleStats], int]:
     kwargs = forward_kwargs(model)
 
     def forward(col: StatsCollector, batch: tuple[Tensor, Tensor]) -> None:
@@ -66,7 +68,7 @@ def _run_passes(model: nn.Module, batches: list[tuple[Tensor, Tensor]], modules:
         passes = plan_passes(list(grouped.values()) + unseen, widths, max_bytes)
     out: dict[str, ModuleStats] = {}
     for names in passes:
-        with StatsCollector(model, names) as col:
+        with StatsCollector(model, names, precision=precision) as col:
             for batch in batches:
                 forward(col, batch)
         out.update(col.results())
@@ -94,7 +96,8 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         with torch.inference_mode():
-            stats, n_passes = _run_passes(model, batches, modules, max_bytes, device)
+            stats, n_passes = _run_passes(model, batches, modules, max_bytes, device,
+                                          settings.gram_precision)
     finally:
         model.train(was_training)
     if n_passes > 1:
@@ -156,11 +159,13 @@ def _checkpoint_names(model: nn.Module, names: list[str], ckpt_keys: set[str]) -
 def cache_key(model_fp: str, data_fp: str, settings: CalibrationSpec, extra: dict[str, Any] | None = None) -> str:
     """sha256 of everything the statistics depend on.
 
+    gram_precision is in: the two precisions give Grams that differ in round-off.
     batch_size and cache_dir are left out: padding is masked, so batching changes only
     round-off, and where the cache lives does not change what is in it.
     """
     payload = {"format": FORMAT_VERSION, "model": model_fp, "data": data_fp, "samples": settings.samples,
-               "max_length": settings.max_length, "seed": settings.seed, **(extra or {})}
+               "max_length": settings.max_length, "seed": settings.seed,
+               "gram_precision": settings.gram_precision, **(extra or {})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,8 +1,11 @@
 """Forward hooks that accumulate the input statistics of every linear layer.
 
-Each hooked layer's input rows x (padding tokens removed) are accumulated in float64:
-n (rows), s1 = Σ x, G = Σ x xᵀ. Low-precision activations are upcast before anything is
-summed. Layers that are called with the very same input tensor (q/k/v projections, LLaMA's
+Each hooked layer's input rows x (padding tokens removed) are accumulated into float64:
+n (rows), s1 = Σ x, G = Σ x xᵀ. With precision "mixed" (the default) the rows are cut into
+blocks of `BLOCK_ROWS`; each block's XᵀX and Σx are computed in float32 (a float32 GEMM, TF32
+on GPUs where torch allows it) and added to the float64 accumulators, so the float32 round-off
+covers one block only. With "float64" every row is upcast and multiplied in float64 (2x to 64x
+slower). Low-precision activations are upcast before anything is multiplied. Layers that are called with the very same input tensor (q/k/v projections, LLaMA's
 gate/up) share one accumulation: it is stored once under the first such layer and the others
 map to it, which divides the memory of attention and MLP inputs by 3 and 2.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -64,19 +68,33 @@ def linear_modules(model: nn.Module, modules: ModuleFilter = None) -> dict[str, 
     return {name: m for name, m in model.named_modules() if name and is_hookable(m) and keep(name)}
 
 
-class _Acc:
-    __slots__ = ("n", "s1", "gram")
+GramPrecision = Literal["mixed", "float64"]
+BLOCK_ROWS = 1024  # token rows per float32 product in "mixed" precision
 
-    def __init__(self, d_in: int, device: torch.device) -> None:
+
+class _Acc:
+    __slots__ = ("n", "s1", "gram", "precision")
+
+    def __init__(self, d_in: int, device: torch.device, precision: GramPrecision = "mixed") -> None:
+        if precision not in ("mixed", "float64"):
+            raise ValueError(f"gram precision must be 'mixed' or 'float64', got {precision!r}")
         self.n = 0
+        self.precision = precision
         self.s1 = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
 
     def add(self, x: Tensor) -> None:
-        x64 = x.to(torch.float64)
-        self.n += int(x64.shape[0])
-        self.s1 += x64.sum(0)
-        self.gram.addmm_(x64.T, x64)
+        self.n += int(x.shape[0])
+        if self.precision == "float64":
+            x64 = x.to(torch.float64)
+            self.s1 += x64.sum(0)
+            self.gram.addmm_(x64.T, x64)
+            return
+        x32 = x.to(torch.float32)
+        for i in range(0, int(x32.shape[0]), BLOCK_ROWS):
+            blk = x32[i:i + BLOCK_ROWS]
+            self.s1 += blk.sum(0)
+            self.gram += blk.T @ blk
 
 
 class StatsCollector:
@@ -97,10 +115,13 @@ class StatsCollector:
     (B, d) first-token input) count every row.
 
     With `record_only=True` nothing is accumulated: one batch reveals the sharing groups.
+    precision: how the Grams are accumulated ("mixed" or "float64", see the module docstring).
     """
 
-    def __init__(self, model: nn.Module, modules: ModuleFilter = None, record_only: bool = False) -> None:
+    def __init__(self, model: nn.Module, modules: ModuleFilter = None, record_only: bool = False,
+                 precision: GramPrecision = "mixed") -> None:
         self.model = model
+        self.precision = precision
         self.targets = linear_modules(model, modules)
         self.record_only = record_only
         self.transposed = {n for n, m in self.targets.items() if not isinstance(m, nn.Linear)}
@@ -172,7 +193,7 @@ class StatsCollector:
             rows = self._rows(x.detach())
             acc = self._acc.get(known)
             if acc is None:
-                acc = self._acc[known] = _Acc(rows.shape[-1], rows.device)
+                acc = self._acc[known] = _Acc(rows.shape[-1], rows.device, self.precision)
             acc.add(rows)
 
         return hook

@@ -11,7 +11,7 @@ import torch
 from esm_ray.core.esd import ESD, esd_from_gram, esd_from_rows, esd_rank
 from esm_ray.core.esm import PRESETS, eigen_scales, esm_fuse, inter_layer_scales
 from esm_ray.core.layerstats import LayerStats
-from esm_ray.core.linalg import polar
+from esm_ray.core.linalg import polar, polar_gram
 from esm_ray.core.tsvm import tsv_truncate, tsvm_fuse
 from esm_ray.methods.base import ExpertContext, TensorInfo
 from esm_ray.methods.esm import ESM, ESDPart, ESMParams, TSVPart
@@ -213,6 +213,31 @@ def test_float32_fusion_matches_float64():
     torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
 
 
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30)])
+def test_polar_through_the_gram_equals_the_svd_polar(shape):
+    g = _gen(21)
+    m = torch.randn(*shape, generator=g, dtype=F64) @ torch.diag(torch.linspace(0.05, 3, shape[1], dtype=F64))
+    p_svd, ms_svd = polar(m)
+    p_gram, ms_gram = polar_gram(m)
+    torch.testing.assert_close(p_gram, p_svd, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ms_gram, ms_svd, rtol=1e-12, atol=0)
+    # rank-deficient: the partial isometry on the range (the SVD completes it arbitrarily)
+    low = torch.randn(40, 5, generator=g, dtype=F64) @ torch.randn(5, 12, generator=g, dtype=F64)
+    p_low, _ = polar_gram(low)
+    assert int(torch.linalg.matrix_rank(p_low)) == 5
+    torch.testing.assert_close(p_low @ p_low.T @ low, low)
+
+
+@pytest.mark.parametrize("preset", ["vit", "roberta"])
+def test_fuse_gram_route_matches_the_svd_route(preset):
+    parts, norms = _parts(3, 24, 16, 5, seed=17)
+    a = esm_fuse(parts, PRESETS[preset], norms, route="svd")
+    b = esm_fuse(parts, PRESETS[preset], norms)  # default: gram
+    assert float((b - a).norm() / a.norm()) < 1e-9
+    with pytest.raises(ValueError, match="route"):
+        esm_fuse(parts, PRESETS[preset], norms, route="qr")  # type: ignore[arg-type]
+
+
 def test_vit_and_roberta_recipes_pick_different_directions():
     parts, norms = _parts(3, 12, 20, 3, seed=8)
     a = esm_fuse(parts, PRESETS["vit"], norms)
@@ -353,7 +378,7 @@ def bert_calibrated(tiny_bert):
     g = _gen(13)
     rows = [{"input_ids": torch.randint(1, 90, (int(torch.randint(3, 15, (1,), generator=g)),),
                                         generator=g).tolist()} for _ in range(10)]
-    settings = CalibrationSpec(samples=10, max_length=16, batch_size=4)
+    settings = CalibrationSpec(samples=10, max_length=16, batch_size=4, gram_precision="float64")
     out = []
     base = AutoModel.from_pretrained(str(tiny_bert["base"]))
     for i in range(3):

@@ -155,7 +155,7 @@ def test_low_precision_inputs_are_upcast_and_conv1d_is_hooked():
     conv = Conv1D(4, 6)
     x = torch.randn(2, 3, 6, generator=g).to(torch.bfloat16)
     model = nn.ModuleDict({"lin": lin, "conv": conv})
-    with torch.inference_mode(), StatsCollector(model) as col:
+    with torch.inference_mode(), StatsCollector(model, precision="float64") as col:
         col.begin_batch(None)
         lin(x)
         conv(x.float())
@@ -269,3 +269,49 @@ def test_text_rows_without_tokenizer_fail_clearly(tiny_bert, tmp_path):
     data.write_text("hello world\n")
     with pytest.raises(InputError, match="tokenizer"):
         calibrate_expert(str(tiny_bert["expert_0"]), str(data), CalibrationSpec(cache_dir=str(tmp_path)))
+
+
+# ---- mixed-precision Gram --------------------------------------------------------------------
+
+def _collect(x_batches: list[torch.Tensor], precision: str):
+    model = nn.Sequential(nn.Linear(x_batches[0].shape[-1], 3))
+    with torch.inference_mode(), StatsCollector(model, precision=precision) as col:
+        for x in x_batches:
+            col.begin_batch(None)
+            model(x)
+    return col.results()["0"]
+
+
+def test_mixed_gram_is_within_tolerance_of_float64():
+    """float32 block products summed in float64: relative error ≤ 1e-7 on non-centred rows over
+    3000 calls and a multi-block call with a tail; an all-float32 accumulator (7e-7 here) or a
+    lost block misses this."""
+    from esm_ray.stats.hooks import BLOCK_ROWS
+
+    g = torch.Generator().manual_seed(3)
+    offset = 4.0 * torch.randn(48, generator=g)
+    batches = [torch.randn(16, 48, generator=g) + offset for _ in range(3000)]
+    batches.append(torch.randn(2 * BLOCK_ROWS + 77, 48, generator=g) + offset)  # several blocks + a tail
+    ref, mixed = _collect(batches, "float64"), _collect(batches, "mixed")
+    x64 = torch.cat(batches).double()
+    torch.testing.assert_close(ref.gram, x64.T @ x64)
+    assert mixed.n == ref.n == x64.shape[0]
+    assert mixed.gram.dtype == torch.float64
+    err = float((mixed.gram - ref.gram).norm() / ref.gram.norm())
+    assert err < 1e-7, err
+    assert float((mixed.s1 - ref.s1).norm() / ref.s1.norm()) < 1e-7
+    # the same rows accumulated in float32 throughout are measurably worse: the test can tell
+    acc32 = torch.zeros(48, 48)
+    for x in batches:
+        acc32 += x.T @ x
+    assert float((acc32.double() - ref.gram).norm() / ref.gram.norm()) > 1e-7
+
+
+def test_gram_precision_is_in_the_cache_key_and_the_default_is_mixed():
+    from esm_ray.stats.calibrate import cache_key
+
+    mixed, f64 = CalibrationSpec(), CalibrationSpec(gram_precision="float64")
+    assert mixed.gram_precision == "mixed"
+    assert cache_key("m", "d", mixed) != cache_key("m", "d", f64)
+    with pytest.raises(ValueError):
+        CalibrationSpec(gram_precision="float16")

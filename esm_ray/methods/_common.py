@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.methods.base import ExpertContext, Parts
+from esm_ray.methods.base import P, ExpertContext, MergeMethod, Parts, TensorInfo
 
 
 def density_field(default: float = 1.0) -> Any:
@@ -126,3 +126,15 @@ def exactly(n_experts: int, n: int | tuple[int, None], method: str) -> None:
     elif n_experts != n:
         raise SpecError(f"field `experts`: method {method!r} needs exactly {n} expert{'s' if n > 1 else ''} "
                         f"besides the base, got {n_experts}")
+
+
+class OneExpertMethod(MergeMethod[P], Generic[P]):
+    """A method of the base and exactly one expert whose expert side ships the expert's own
+    weights (not τ): `fuse` gets W_1 as the one part (`dense_list(parts, ctxs)`)."""
+
+    def __init__(self, params: P, n_experts: int, seed: int = 0) -> None:
+        exactly(n_experts, 1, self.name)
+        super().__init__(params, n_experts, seed)
+
+    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        return expert

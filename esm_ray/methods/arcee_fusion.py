@@ -10,8 +10,8 @@ from torch import Tensor
 
 from esm_ray.core.arcee_fusion import arcee_fusion
 from esm_ray.core.sparsify import della_seed
-from esm_ray.methods._common import dense_list, exactly
-from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods._common import OneExpertMethod, dense_list
+from esm_ray.methods.base import ExpertContext, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
 
@@ -22,18 +22,11 @@ class ArceeFusionParams(MethodParams):
 
 
 @register
-class ArceeFusion(MergeMethod[ArceeFusionParams]):
+class ArceeFusion(OneExpertMethod[ArceeFusionParams]):
     """ΔW = τ · [importance ≥ median + 1.5 IQR], importance = |τ| · KL of the rows' softmaxes."""
 
     name = "arcee_fusion"
     summary = "keep the entries of one expert whose importance is an upper outlier"
-
-    def __init__(self, params: ArceeFusionParams, n_experts: int, seed: int = 0) -> None:
-        exactly(n_experts, 1, self.name)
-        super().__init__(params, n_experts, seed)
-
-    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
-        return expert
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)

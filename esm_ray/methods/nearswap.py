@@ -8,8 +8,8 @@ from pydantic import Field
 from torch import Tensor
 
 from esm_ray.core.nearswap import nearswap
-from esm_ray.methods._common import dense_list, exactly
-from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods._common import OneExpertMethod, dense_list
+from esm_ray.methods.base import ExpertContext, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
 
@@ -18,19 +18,12 @@ class NearSwapParams(MethodParams):
 
 
 @register
-class NearSwap(MergeMethod[NearSwapParams]):
+class NearSwap(OneExpertMethod[NearSwapParams]):
     """W = s W_1 + (1 − s) W_0, s = clamp(t / |W_0 − W_1|, 0, 1) per entry (one expert)."""
 
     name = "nearswap"
     summary = "take the expert's entries that lie within t of the base's"
     elementwise = True
-
-    def __init__(self, params: NearSwapParams, n_experts: int, seed: int = 0) -> None:
-        exactly(n_experts, 1, self.name)
-        super().__init__(params, n_experts, seed)
-
-    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
-        return expert
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)

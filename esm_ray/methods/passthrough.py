@@ -7,8 +7,8 @@ from typing import Any
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.methods._common import dense_list, exactly
-from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods._common import OneExpertMethod, dense_list
+from esm_ray.methods.base import ExpertContext, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
 
@@ -17,19 +17,12 @@ class PassthroughParams(MethodParams):
 
 
 @register
-class Passthrough(MergeMethod[PassthroughParams]):
+class Passthrough(OneExpertMethod[PassthroughParams]):
     """W = scale · W_1 (W_1 itself without scale): the one expert copied (frankenmerge slices)."""
 
     name = "passthrough"
     summary = "copy one expert's weights, optionally scaled"
     elementwise = True
-
-    def __init__(self, params: PassthroughParams, n_experts: int, seed: int = 0) -> None:
-        exactly(n_experts, 1, self.name)
-        super().__init__(params, n_experts, seed)
-
-    def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
-        return expert
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)

@@ -35,10 +35,13 @@ class TaskModel(ABC):
     module: nn.Module
     prefix: str = ""  # checkpoint key = prefix + module parameter name
     pad_id: int = 0
+    rows: "_TextRows"  # how rows become token ids (set by the subclass)
 
-    @abstractmethod
     def encode(self, row: dict[str, Any]) -> list[int]:
         """Token ids of one row ({'text'} or {'input_ids'}), truncated."""
+        ids = self.rows.encode(row)
+        self.pad_id = self.rows.pad_id()
+        return ids
 
     @abstractmethod
     def logits(self, params: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -165,11 +168,6 @@ class BertWithHead(TaskModel):
         self.head_w, self.head_b = head["weight"].float(), head["bias"].float()
         self.rows = _TextRows(src)
 
-    def encode(self, row: dict[str, Any]) -> list[int]:
-        ids = self.rows.encode(row)
-        self.pad_id = self.rows.pad_id()
-        return ids
-
     def logits(self, params: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         out = functional_call(self.module, params, (), {"input_ids": input_ids, "attention_mask": attention_mask})
         m = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
@@ -193,11 +191,6 @@ class CausalLMFirstToken(TaskModel):
         src.load_into(self.module, "")
         self.module.eval().requires_grad_(False)
         self.rows = _TextRows(src)
-
-    def encode(self, row: dict[str, Any]) -> list[int]:
-        ids = self.rows.encode(row)
-        self.pad_id = self.rows.pad_id()
-        return ids
 
     def logits(self, params: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         out = functional_call(self.module, params, (), {"input_ids": input_ids, "attention_mask": attention_mask})

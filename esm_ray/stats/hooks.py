@@ -17,6 +17,8 @@ into passes under a byte budget, and calibration runs the data once per pass.
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -26,10 +28,12 @@ from torch import Tensor, nn
 
 from esm_ray.core.layerstats import LayerStats
 
-try:  # GPT-2 style layers: y = x W + b with W stored (d_in, d_out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()  # type: ignore[assignment,misc]
+
+def _conv1d() -> type | None:
+    """transformers' Conv1D (GPT-2 style layers: y = x W + b, W stored (d_in, d_out)) when
+    transformers is loaded; a model holding one has loaded it, so planning a merge never has to."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
 
 ModuleFilter = Iterable[str] | Callable[[str], bool] | None
 
@@ -42,7 +46,8 @@ class ModuleStats(LayerStats):
 
 
 def is_hookable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    conv1d = _conv1d()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def in_features(module: nn.Module) -> int:

@@ -15,7 +15,7 @@ from typing import Literal, Sequence
 import torch
 
 from esm_ray.errors import InputError
-from esm_ray.models.encoder import features, load_tokenizer, predict
+from esm_ray.models.encoder import features, load_encoder, load_tokenizer, predict
 from esm_ray.models.heads import load_head
 from esm_ray.models.lm import load_lm, perplexity  # noqa: F401  (eval API)
 from esm_ray.zoo.layout import Zoo, open_zoo, read_jsonl
@@ -35,19 +35,8 @@ def _tasks(zoo: Zoo, tasks: Sequence[str] | None) -> list[str]:
 
 
 def load_encoder_checked(model_dir: str | Path):
-    """A float32 BertModel from an HF directory; fails if encoder weights are missing from it
-    (a pooler may be absent: mean pooling does not use it)."""
-    from transformers import BertModel
-
-    p = Path(model_dir)
-    if not (p / "config.json").is_file():
-        raise InputError(f"{p}: not a Hugging Face model directory (no config.json)")
-    model, info = BertModel.from_pretrained(str(p), dtype=torch.float32, output_loading_info=True)
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
-    if missing:
-        raise InputError(f"{p}: encoder weights missing from the checkpoint: {', '.join(sorted(missing)[:5])}"
-                         + (" ..." if len(missing) > 5 else ""))
-    return model.eval()
+    """A float32 BertModel that must hold every encoder weight (models.encoder.load_encoder)."""
+    return load_encoder(model_dir, torch.float32, strict=True)
 
 
 def _tokenizer_for(model_dir: Path, zoo: Zoo):

@@ -20,14 +20,19 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def load_encoder(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """A BertModel from an HF directory, in eval mode and `dtype` (merged outputs may be bf16)."""
+def load_encoder(model_dir: str | Path, dtype: torch.dtype = torch.float32, strict: bool = False):
+    """A BertModel from an HF directory, in eval mode. `strict`: fail, naming them, if encoder
+    weights are missing from the checkpoint (a pooler may be absent: mean pooling does not use it)."""
     from transformers import BertModel
 
     p = Path(model_dir)
     if not (p / "config.json").is_file():
         raise InputError(f"{p}: not a Hugging Face model directory (no config.json)")
-    model = BertModel.from_pretrained(str(p), dtype=dtype)
+    model, info = BertModel.from_pretrained(str(p), dtype=dtype, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+    if strict and missing:
+        raise InputError(f"{p}: encoder weights missing from the checkpoint: {', '.join(sorted(missing)[:5])}"
+                         + (" ..." if len(missing) > 5 else ""))
     return model.eval()
 
 

@@ -128,7 +128,28 @@ class LocalPool:
             s.close()
 
 
-class LazyParts(Parts):
+class OnReadParts(Parts):
+    """Parts made (or fetched) by `_make(i)` when first read; indexing keeps what it made, a
+    subclass's `stream(order)` may hand parts out without keeping them."""
+
+    _done: dict[int, Any]
+
+    def _make(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if i not in self._done:
+            self._done[i] = self._make(i)
+        return self._done[i]
+
+
+class LazyParts(OnReadParts):
     """Expert i's part of one tensor, computed on first access.
 
     Indexing keeps what it computed (a method may read a part several times); `stream(order)`
@@ -162,17 +183,6 @@ class LazyParts(Parts):
 
     def __len__(self) -> int:
         return len(self._sides)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        if i not in self._done:
-            self._done[i] = self._make(i)
-        return self._done[i]
 
     def stream(self, order: list[int]) -> Iterator[Any]:
         todo = [i for i in order if i not in self._done]

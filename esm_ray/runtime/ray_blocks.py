@@ -18,11 +18,12 @@ from typing import Any
 from torch import Tensor
 
 from esm_ray.methods import Parts, TensorInfo
+from esm_ray.runtime.pool import OnReadParts
 
 AHEAD = 1  # blocks requested beyond the one being fused (each holds T parts in the object store)
 
 
-class RefParts(Parts):
+class RefParts(OnReadParts):
     """The experts' parts of one row block, as object references fetched on first read.
 
     Indexing keeps what it fetched; `stream(order)` fetches in that order without keeping."""
@@ -36,16 +37,8 @@ class RefParts(Parts):
     def __len__(self) -> int:
         return len(self._refs)
 
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        if i not in self._done:
-            self._done[i] = self._get(i, self._refs[i])
-        return self._done[i]
+    def _make(self, i: int) -> Any:
+        return self._get(i, self._refs[i])
 
     def stream(self, order: list[int]) -> Iterator[Any]:
         for i in order:

@@ -109,8 +109,8 @@ def test_esm_ray_mergekit_command(name, written, theirs, tmp_path, caplog):
     _compare(out, theirs / name, atol=0 if name.startswith("ties") else 1e-5)
 
 
-def test_dry_run_prints_per_tensor_values(written, capsys):
-    assert main(["-q", "mergekit", str(written["ties-gradients"]), "/tmp/never-written", "--dry-run"]) == 0
+def test_dry_run_prints_per_tensor_values(written, capsys, tmp_path):
+    assert main(["-q", "mergekit", str(written["ties-gradients"]), str(tmp_path / "never-written"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "model.layers.1.mlp.up_proj.weight" in x)
     assert "t=1.000" in line and "density=0.9" in line and "lambda=0.5" in line and "weight=0.2" in line

@@ -81,6 +81,48 @@ def numerical_rank(eigenvalues: Tensor, size: int, rtol: float | None = None) ->
     return int((eigenvalues > tol).sum())
 
 
+def oas_shrinkage(gram: Tensor, n: int) -> float:
+    """Oracle-approximating shrinkage intensity ρ ∈ [0, 1] of S = G / n toward (tr S / d) I.
+
+    Chen, Wiesel, Eldar & Hero (2010), in the form scikit-learn uses (the paper's 2/p terms
+    dropped), with p = d_in:
+
+        ρ = min(1, (tr(S²) + tr(S)²) / ((n + 1) (tr(S²) − tr(S)² / p)))
+
+    Label-free and closed-form: a few rows in a wide layer give ρ near 1 (the Gram says little
+    about most directions), many rows give ρ near 0. Rows are treated as independent, which
+    tokens of one sample are not, so ρ is, if anything, too small. gram: (d, d) = Σ x xᵀ.
+    """
+    if n <= 0:
+        return 1.0
+    s = gram.to(torch.float64) / n
+    p = s.shape[0]
+    tr = float(torch.diagonal(s).sum())
+    tr2 = float((s * s).sum())
+    den = (n + 1) * (tr2 - tr * tr / p)
+    if den <= 0:
+        return 1.0
+    return float(min(1.0, (tr2 + tr * tr) / den))
+
+
+def shrink_gram(gram: Tensor, beta: float) -> Tensor:
+    """(1 − β) G + β (tr G / d) I: the Gram pulled toward isotropic inputs of the same energy.
+
+    β = 0 keeps G; β = 1 weighs every input direction alike, so the ESD of ΔW becomes the top
+    singular directions of ΔW itself (the TSV truncation). (d, d) float64.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {beta}")
+    g = gram.to(torch.float64)
+    if beta == 0.0:
+        return g
+    d = g.shape[0]
+    iso = float(torch.diagonal(g).sum()) / d
+    out = (1.0 - beta) * g
+    out.diagonal().add_(beta * iso)
+    return out
+
+
 def _select_rank(eig: Tensor, d_out: int, d_in: int, n: int, k: int | None, n_tasks: int,
                  energy: float | None, rtol: float | None) -> int:
     target = esd_rank(d_out, n_tasks) if k is None else int(k)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.esd import ESD, esd_from_gram
+from esm_ray.core.esd import ESD, esd_from_gram, oas_shrinkage, shrink_gram
 from esm_ray.core.esm import PRESETS, ESMRecipe, esm_fuse, inter_layer_scales, mean_fuse
 from esm_ray.core.layerstats import LayerStats
 from esm_ray.core.tsvm import tsv_rank, tsv_truncate, tsvm_fuse
@@ -52,6 +52,10 @@ class ESMParams(MethodParams):
     inter_task_power: float | None = Field(None, ge=0, description="override the preset's (ViT 2, RoBERTa 0)")
     inter_column_power: float | None = Field(None, ge=0, description="override the preset's (ViT 2, RoBERTa 0)")
     multiplier: float | None = Field(None, gt=0, description="override the preset's final factor (ViT 2, RoBERTa 1)")
+    shrinkage: Annotated[float, Field(ge=0, le=1)] | Literal["oas"] = Field(
+        0.0, description="pull each layer's Gram toward isotropic inputs before ESD: β in [0, 1] "
+                         "(0 = the raw Gram, 1 = TSV-like), or 'oas' for the closed-form "
+                         "oracle-approximating intensity from the Gram and its row count")
     fuse_dtype: Literal["float64", "float32"] = Field(
         "float64", description="precision of the coordinator's polar factors (float32: about 2x faster)")
     fuse_route: Literal["gram", "svd"] = Field(
@@ -105,6 +109,7 @@ class ESM(MergeMethod[ESMParams]):
         self._ranks: dict[str, list[int]] = {}
         self._presets: dict[str, int] = {}
         self._scopes: set[str] = set()
+        self._shrink: dict[str, float] = {}
 
     # recipe ----------------------------------------------------------------------------------
     def preset_of(self, info: TensorInfo) -> str:
@@ -136,7 +141,12 @@ class ESM(MergeMethod[ESMParams]):
         if delta.ndim == 2 and ctx.stats is not None and ctx.stats.n > 0:
             t = oriented(info, ctx.stats)
             d = delta.T if t else delta
-            esd = esd_from_gram(d, ctx.stats.gram, ctx.stats.n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
+            beta = oas_shrinkage(ctx.stats.gram, ctx.stats.n) if p.shrinkage == "oas" else float(p.shrinkage)
+            gram = shrink_gram(ctx.stats.gram, beta)
+            # A shrunk Gram is full rank: the span of the n rows no longer caps the rank.
+            n = ctx.stats.n if beta == 0.0 else max(ctx.stats.n, d.shape[0])
+            esd = esd_from_gram(d, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
+            self._shrink[info.name] = beta
             return ESDPart(esd.to(torch.float32), float(delta.norm()), t)
         if delta.ndim == 2:
             u, s, vh = tsv_truncate(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts))
@@ -197,4 +207,5 @@ class ESM(MergeMethod[ESMParams]):
                 "alpha_scope_resolved": sorted(self._scopes),
                 "alpha_keys": self.alpha_keys, "presets": dict(self._presets),
                 "branches": count, "esd_keys": sorted(n for n, b in self._branch.items() if b == "esd"),
-                "esd_ranks": dict(sorted(self._ranks.items()))}
+                "esd_ranks": dict(sorted(self._ranks.items())),
+                "shrinkage": dict(sorted(self._shrink.items()))}

@@ -178,7 +178,7 @@ def load_routed(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
         router_state = read_router_state(d, manifest)
         protos = {m: router_state[prototype_key(m)] for m in experts if prototype_key(m) in router_state}
         means, bases = router_state.get(SIM_MEAN_KEY), router_state.get(SIM_BASIS_KEY)
-        sim, backbone = _sim_router(d, manifest, means, bases, model, dtype, s3)
+        sim, backbone = sim_router(d, manifest, means, bases, model, dtype, s3)
     elif (d / MANIFEST_FILE).is_file():
         manifest = json.loads((d / MANIFEST_FILE).read_text())
         if manifest.get("format") != ROUTED_FORMAT:
@@ -190,7 +190,7 @@ def load_routed(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
                                                           load_file(str(d / ROUTER_FILE)))
         except (KeyError, FileNotFoundError) as err:
             raise InputError(f"{d}: routed files are incomplete: {err}") from None
-        sim, backbone = _sim_router(d, manifest, means, bases, model, dtype, s3)
+        sim, backbone = sim_router(d, manifest, means, bases, model, dtype, s3)
         for task, h in (manifest.get("heads") or {}).items():
             head_map[task] = read_head(d / h["file"], h.get("labels"))
     else:
@@ -215,8 +215,8 @@ def load_routed(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     return rm.to(device)
 
 
-def _sim_router(d: Path, manifest: dict[str, Any], means: torch.Tensor | None, bases: torch.Tensor | None,
-                model: nn.Module, dtype: torch.dtype, s3) -> tuple[SimRouter | None, nn.Module | None]:
+def sim_router(d: Path, manifest: dict[str, Any], means: torch.Tensor | None, bases: torch.Tensor | None,
+               model: nn.Module, dtype: torch.dtype, s3) -> tuple[SimRouter | None, nn.Module | None]:
     """The SiM router and its backbone, when the manifest and the router state hold them."""
     sim_meta = manifest.get("sim") or None
     if not (sim_meta and means is not None and bases is not None):
@@ -243,4 +243,4 @@ def _load_backbone(d: Path, ref: Any, model: nn.Module, dtype: torch.dtype, s3) 
 
 
 __all__ = ["cache_paths", "expert_labels", "head_from", "load_routed", "local_dir", "model_class",
-           "read_head"]
+           "read_head", "sim_router"]

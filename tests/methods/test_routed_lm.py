@@ -252,3 +252,25 @@ def test_bad_router_or_adapter_files_are_input_errors_naming_the_file(lm_dirs, t
         if rel.startswith("adapters/") or "router.safetensors" in rel:  # the in-process loader says the same
             with pytest.raises(InputError, match=msg):
                 load_routed(d)
+
+
+def test_a_routed_lm_saved_in_process_round_trips_and_counts_its_adapters(lm_dirs, lms, tmp_path):
+    """RoutedModel.save of a causal LM writes the same layout as the method; sizes() reads it."""
+    src = lm_dirs["sim"]
+    rm = load_routed(src)
+    sizes = rm.sizes()
+    assert sizes["experts_bytes"] == sum(p.stat().st_size for p in (src / "adapters").rglob("*.safetensors"))
+    assert sizes["router_bytes"] == (src / "router" / "router.safetensors").stat().st_size
+    assert sizes["backbone_bytes"] == (src / "router" / "backbone.safetensors").stat().st_size
+    out = rm.save(tmp_path / "again")
+    assert not (out / "routed").exists()
+    again = load_routed_lm(out)
+    assert again.tasks == TASKS and again.routers == ["prototype", "sim"] and again.router == "sim"
+    cfg = json.loads((out / "adapters" / "beta" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(out)
+    rows, truth = _held_out()
+    ids, mask = _left(rows)
+    assert again.route(ids, mask) == truth
+    with torch.no_grad():
+        torch.testing.assert_close(again.logits(ids, mask, truth)[mask.bool()],
+                                   lms["sim"].logits(ids, mask, truth)[mask.bool()], atol=1e-6, rtol=1e-6)

@@ -156,7 +156,11 @@ def test_route_picks_each_calibration_domain_alone_or_batched(lms, method, route
     lm = lms[method]
     rows, truth = _held_out()
     ids, mask = _left(rows)
+    with torch.no_grad():
+        before = lm.model(input_ids=ids, attention_mask=mask).logits  # the active adapter's
     got = lm.route(ids, mask, router)
+    with torch.no_grad():  # the router pass (merged base alone) leaves every adapter as it was
+        assert torch.equal(lm.model(input_ids=ids, attention_mask=mask).logits, before)
     assert got == truth
     assert [lm.route(*_left([r]), router)[0] for r in rows[::5]] == got[::5]
     assert lm.route(*_right(rows), router) == got  # the mask, not the padding side, decides

@@ -90,6 +90,16 @@ def left(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def right(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    w = max(map(len, rows))
+    ids = torch.zeros(len(rows), w, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
 def timed(fn, repeat: int) -> float:
     fn()  # warm-up
     ts = []
@@ -153,8 +163,8 @@ def main() -> None:
             for router in ("prototype", "sim"):
                 got = torch.tensor([names.index(x) for x in lm.route(ids, mask, router)])
                 row[f"sequence_{router}"] = float((got == truth).float().mean())
-            with torch.no_grad():
-                o = per_layer(ids, mask, router="prototype")
+            with torch.no_grad():  # right-padded: RoutedModel counts positions from the first column
+                o = per_layer(*right(rows), router="prototype")
             row["per_layer_vote"] = float((o.task.cpu() == truth).float().mean())
             row["per_layer_decisions"] = float((o.layer_choices.cpu() == truth[:, None]).float().mean())
             acc[f"{lo}-{hi} tokens"] = row

@@ -319,10 +319,9 @@ class MergeMethod(Parametrised[P]):
         return Needs(stats=self.needs_stats, data=self.needs_data, heads=self.needs_heads,
                      labels=self.needs_labels)
 
-    def bind_model(self, config: dict[str, Any] | None, output: str) -> None:
-        """Told once by the plan, before any work: the base's config.json and the output
-        location. The default ignores them; a routed method writes a causal LM's experts as
-        adapters of the merged model at `output`."""
+    def bind_model(self, config: dict[str, Any] | None) -> None:
+        """Told once by the plan, before any work: the base's config.json. The default ignores
+        it; a routed method writes a causal LM's experts as PEFT adapters."""
 
     # -- row blocks (the local executor, tensors over MergeJob.block_bytes) -------------------
     def blockwise(self, info: TensorInfo) -> bool:

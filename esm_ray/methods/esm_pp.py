@@ -131,13 +131,11 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         self._tasks: list[str] = []
         self._support: list[SupportInputs] = []
         self._causal = False  # bind_model: a causal LM's experts are written as PEFT adapters
-        self._output = ""
 
-    def bind_model(self, config: dict[str, Any] | None, output: str) -> None:
+    def bind_model(self, config: dict[str, Any] | None) -> None:
         from esm_ray.models.hf import is_causal_lm
 
         self._causal = is_causal_lm(config)
-        self._output = output
 
     # ---- the static base: delegated ----------------------------------------------------------
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
@@ -243,8 +241,7 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
                               expert_dtype=p.expert_dtype, layers=layers, routers=self.routers(), sim=sim_meta,
                               heads={}, base_method=p.base_method, base_params=dict(p.base_params),
                               kept_ranks=self._kept)
-        packed = pack_lm(self._tasks, self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype],
-                         self._output, man)
+        packed = pack_lm(self._tasks, self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man)
         files: dict[str, bytes | BaseWeights] = {rel: v if isinstance(v, bytes) else st_save(v)
                                                  for rel, v in packed.items()}
         files.update(extra)

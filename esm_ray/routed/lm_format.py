@@ -5,7 +5,8 @@ the merged base in HF layout (loadable by AutoModelForCausalLM):
 
     adapters/<task>/adapter_config.json        one PEFT LoRA adapter per task: target modules =
     adapters/<task>/adapter_model.safetensors  the routed linears, r = rank, lora_alpha = r
-                                               (scaling 1), base = the merged model
+                                               (scaling 1), base = "../..", the merged model
+                                               relative to the adapter (BASE_REF)
     router/manifest.json                       format, method, tasks, adapter dirs, router, layers
     router/router.safetensors                  "prototype.<module>" (T, d_in); "sim.mean", "sim.basis"
     router/backbone.safetensors                SiM: the pretrained backbone for the feature pass
@@ -36,6 +37,9 @@ LM_BACKBONE_FILE = "router/backbone.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # how a routed LM picks one adapter per sequence (written into the manifest, shown by the server)
+# base_model_name_or_path of every adapter: the merged model, as a path relative to the adapter's
+# directory, so the output reads the same wherever it is written, copied or cached
+BASE_REF = "../.."
 ROUTING_RULES = {
     "prototype": "one router pass of the merged base (no adapter) over the prompt; per sequence the "
                  "cosine of each routed layer's token-mean input with that layer's task prototypes, "
@@ -61,12 +65,12 @@ def lora_keys(module: str) -> tuple[str, str]:
     return f"base_model.model.{module}.lora_A.weight", f"base_model.model.{module}.lora_B.weight"
 
 
-def adapter_config(modules: list[str], rank: int, base: str) -> dict[str, Any]:
+def adapter_config(modules: list[str], rank: int) -> dict[str, Any]:
     """A standard peft LoraConfig (as `LoraConfig.to_dict()` writes it, the fields that matter):
-    the routed linears by full name, rank r, lora_alpha = r so the scaling is 1."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+    the routed linears by full name (sorted), rank r, lora_alpha = r so the scaling is 1, the base BASE_REF."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": BASE_REF,
             "r": int(rank), "lora_alpha": int(rank), "lora_dropout": 0.0, "bias": "none",
-            "target_modules": list(modules), "fan_in_fan_out": False, "use_rslora": False,
+            "target_modules": sorted(modules), "fan_in_fan_out": False, "use_rslora": False,
             "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
 
@@ -87,7 +91,7 @@ def unique_dirs(tasks: list[str]) -> dict[str, str]:
 
 
 def pack_lm(tasks: list[str], experts: dict[str, tuple[Tensor, Tensor]], prototypes: dict[str, Tensor],
-            sim_means: Tensor | None, sim_bases: Tensor | None, expert_dtype: torch.dtype, base: str,
+            sim_means: Tensor | None, sim_bases: Tensor | None, expert_dtype: torch.dtype,
             manifest: dict[str, Any]) -> dict[str, dict[str, Tensor] | bytes]:
     """{relative path: tensors or JSON bytes} of the adapters and the router (not the backbone).
 
@@ -99,7 +103,7 @@ def pack_lm(tasks: list[str], experts: dict[str, tuple[Tensor, Tensor]], prototy
     rank = int(next(iter(experts.values()))[0].shape[2]) if experts else 0
     dirs = unique_dirs(tasks)
     files: dict[str, dict[str, Tensor] | bytes] = {}
-    cfg = json.dumps(adapter_config(modules, rank, base), indent=2).encode()
+    cfg = json.dumps(adapter_config(modules, rank), indent=2).encode()
     for t, task in enumerate(tasks):
         tensors: dict[str, Tensor] = {}
         for module, (b, a) in experts.items():
@@ -202,7 +206,7 @@ def read_lm_experts(d: Path, man: dict[str, Any]) -> dict[str, tuple[Tensor, Ten
             for m in modules}
 
 
-__all__ = ["ADAPTERS_DIR", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LM_BACKBONE_FILE", "LM_FORMAT",
+__all__ = ["ADAPTERS_DIR", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_REF", "LM_BACKBONE_FILE", "LM_FORMAT",
            "LM_MANIFEST_FILE", "LM_ROUTER_FILE", "ROUTING_RULES", "adapter_config", "adapter_dir", "adapter_name",
            "is_lm_dir", "lora_keys", "pack_lm", "read_adapter", "read_lm_experts", "read_lm_manifest",
            "read_router_state", "unique_dirs"]

@@ -31,7 +31,7 @@ def save(model: RoutedModel, path: str | Path, expert_dtype: str | None = None) 
         plain.save_pretrained(str(out))
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(out))
-    files = state_files(model, expert_dtype, base=str(out))
+    files = state_files(model, expert_dtype)
     for rel, data in files.items():
         p = out / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -42,15 +42,13 @@ def save(model: RoutedModel, path: str | Path, expert_dtype: str | None = None) 
     return out
 
 
-def state_files(model: RoutedModel, expert_dtype: str | None = None,
-                base: str = ".") -> dict[str, dict[str, Tensor] | bytes]:
-    """{relative path: tensors or bytes} of everything but the merged base. `base`: where the
-    merged base is, named in a causal LM's adapter configs."""
+def state_files(model: RoutedModel, expert_dtype: str | None = None) -> dict[str, dict[str, Tensor] | bytes]:
+    """{relative path: tensors or bytes} of everything but the merged base."""
     dt = expert_dtype or model.manifest.get("expert_dtype", "float32")
     experts = {m: (r.expert_B, r.expert_A) for m, r in model.routed.items()}
     protos = {m: r.prototypes for m, r in model.routed.items() if r.prototypes is not None}
     if is_causal_lm({"architectures": getattr(model.model.config, "architectures", None)}) and experts:
-        return _lm_files(model, dt, experts, protos, base)
+        return _lm_files(model, dt, experts, protos)
     files: dict[str, Any] = dict(pack_routed(experts, protos, model.sim.means if model.sim else None,
                                              model.sim.bases if model.sim else None, EXPERT_DTYPES[dt]))
     heads_meta = {}
@@ -75,8 +73,8 @@ def state_files(model: RoutedModel, expert_dtype: str | None = None,
     return files
 
 
-def _lm_files(model: RoutedModel, dt: str, experts: dict[str, tuple[Tensor, Tensor]], protos: dict[str, Tensor],
-              base: str) -> dict[str, dict[str, Tensor] | bytes]:
+def _lm_files(model: RoutedModel, dt: str, experts: dict[str, tuple[Tensor, Tensor]],
+              protos: dict[str, Tensor]) -> dict[str, dict[str, Tensor] | bytes]:
     """A causal LM's adapters/<task>/* and router/* (with the SiM backbone when it has one)."""
     sim_meta = dict(model.manifest.get("sim") or {}) if model.sim is not None else None
     files: dict[str, dict[str, Tensor] | bytes] = {}
@@ -91,5 +89,5 @@ def _lm_files(model: RoutedModel, dt: str, experts: dict[str, tuple[Tensor, Tens
                           layers={m: (r.out_features, r.in_features) for m, r in model.routed.items()},
                           routers=[r for r in model.routers if r in ("prototype", "sim")], sim=sim_meta, **extra)
     files.update(pack_lm(model.tasks, experts, protos, model.sim.means if model.sim else None,
-                         model.sim.bases if model.sim else None, EXPERT_DTYPES[dt], base, man))
+                         model.sim.bases if model.sim else None, EXPERT_DTYPES[dt], man))
     return files

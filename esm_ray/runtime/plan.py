@@ -240,7 +240,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     aux_names: list[list[str]] = []
 
     base = open_base(spec)
-    method.bind_model(base.config, spec.output)
+    method.bind_model(base.config)
     if spec.tokenizer is not None:
         check_tokenizer(spec, base.config)
     names = list(base.keys())

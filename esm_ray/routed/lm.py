@@ -279,6 +279,7 @@ def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
                 model.load_adapter(str(paths[t]), adapter_name=names[t])
         except (ValueError, KeyError, RuntimeError, OSError) as err:
             raise InputError(f"{paths[t]}: peft could not load the adapter: {err}") from None
+    assert model is not None  # the manifest names at least one task
     tokenizer = None
     from esm_ray.models.text import TOKENIZER_FILES
 

@@ -279,3 +279,24 @@ def test_a_routed_lm_saved_in_process_round_trips_and_counts_its_adapters(lm_dir
     with torch.no_grad():
         torch.testing.assert_close(again.logits(ids, mask, truth)[mask.bool()],
                                    lms["sim"].logits(ids, mask, truth)[mask.bool()], atol=1e-6, rtol=1e-6)
+
+
+def test_encode_left_pads_texts_with_the_directorys_tokenizer(lm_dirs, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path / "with_tokenizer"
+    shutil.copytree(lm_dirs["esm_pp"], d)
+    vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, 80)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<pad>").save_pretrained(str(d))
+    lm = load_routed_lm(d)
+    beta = _rows(1, 1, seed=3)[0]
+    ids, mask = lm.encode([" ".join(f"w{i}" for i in beta), "w1 w2"])
+    assert mask.tolist()[1] == [0] * (len(beta) - 2) + [1, 1]  # left-padded
+    assert ids[0].tolist() == beta and ids[1, -2:].tolist() == [1, 2]
+    assert lm.route(ids, mask)[0] == "beta"
+    assert lm.generate(ids, mask, max_new_tokens=3, do_sample=False).shape == (2, len(beta) + 3)
+    with pytest.raises(InputError, match="no tokenizer"):
+        load_routed_lm(lm_dirs["esm_pp"]).encode(["w1"])

@@ -266,7 +266,7 @@ def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
     modules = [layer["module"] for layer in man.get("layers", [])]
     paths = {t: _check_adapter(d, man["adapters"][t], modules) for t in man["tasks"]}
     state = read_router_state(d, man)
-    protos = {m: state[prototype_key(m)] for m in modules if prototype_key(m) in state}
+    protos = {m: state[prototype_key(m)].to(device) for m in modules if prototype_key(m) in state}
     base = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype)
     sim, backbone = sim_router(d, man, state.get(SIM_MEAN_KEY), state.get(SIM_BASIS_KEY), base, dtype, s3)
     names = {t: paths[t].name for t in man["tasks"]}
@@ -287,7 +287,7 @@ def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(d))
-    sim_state = (sim.means, sim.bases, sim.normalize, sim.relative) if sim is not None else None
+    sim_state = (sim.means.to(device), sim.bases.to(device), sim.normalize, sim.relative) if sim is not None else None
     lm = RoutedLM(model.to(device), list(man["tasks"]), names, man, protos, sim_state,
                   backbone.to(device) if backbone is not None else None, tokenizer, router)
     lm.source_dir = d

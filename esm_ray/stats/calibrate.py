@@ -24,9 +24,11 @@ from esm_ray.io.uri import is_s3
 from esm_ray.spec import CalibrationSpec, S3Options
 from esm_ray.stats.cache import cache_root, cache_source, unusable
 from esm_ray.stats.data import check_token_ids, data_hash, load_calibration_rows
+from esm_ray.models.blocks import BlockModel
 from esm_ray.models.hf import StoredModel, copy_tokenizer
 from esm_ray.models.text import TOKENIZER_FILES, encode_rows, forward_kwargs, make_batches, pad_id
 from esm_ray.stats.hooks import GramPrecision, ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
+from esm_ray.stats.layerwise import calibrate_layerwise
 from esm_ray.stats.store import FORMAT_VERSION, StatsStore
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,8 @@ def _run_passes(model: nn.Module, batches: list[tuple[Tensor, Tensor]], modules:
 
 
 def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, settings: CalibrationSpec,
-              *, modules: ModuleFilter = None, max_bytes: int | None = None) -> dict[str, ModuleStats]:
+              *, modules: ModuleFilter = None, max_bytes: int | None = None,
+              blocks: BlockModel | None = None) -> dict[str, ModuleStats]:
     """Input statistics of every linear layer of `model` over `rows`.
 
     Rows are encoded (truncated to settings.max_length), grouped in batches of
@@ -84,6 +87,8 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
     modules:   restrict to these module names (or a predicate on the name)
     max_bytes: budget for the statistics held at once; when the layers need more, the data
                is run several times, each pass over a group of layers (see hooks.plan_passes)
+    blocks:    `model` is this skeleton's (meta device): run layer-wise, one block loaded at a
+               time (esm_ray.stats.layerwise); max_bytes then applies within each block
     Returns {module name: ModuleStats}; modules reading the same input share one object.
     """
     if not rows:
@@ -91,6 +96,10 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
     ids = encode_rows(rows, tokenizer, settings.max_length)
     _check_vocab(model, ids)
     batches = list(make_batches(ids, settings.batch_size, pad_id(model, tokenizer)))
+    if blocks is not None:
+        names = list(linear_modules(model, modules))
+        with torch.inference_mode():
+            return calibrate_layerwise(blocks, batches, names, max_bytes, settings.gram_precision)
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -160,8 +169,9 @@ def cache_key(model_fp: str, data_fp: str, settings: CalibrationSpec, extra: dic
     """sha256 of everything the statistics depend on.
 
     gram_precision is in: the two precisions give Grams that differ in round-off.
-    batch_size and cache_dir are left out: padding is masked, so batching changes only
-    round-off, and where the cache lives does not change what is in it.
+    batch_size, mode and cache_dir are left out: padding is masked, so batching changes only
+    round-off, a layer-wise pass computes the same statistics as a full one (the same
+    operations on the same batches), and where the cache lives does not change what is in it.
     """
     payload = {"format": FORMAT_VERSION, "model": model_fp, "data": data_fp, "samples": settings.samples,
                "max_length": settings.max_length, "seed": settings.seed,
@@ -216,7 +226,8 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
                         return store
                 except InputError as err:
                     log.warning("calibration of %s: ignoring unreadable cache entry (%s)", label, err)
-            model = src.load(dtype, device)
+            blocks = BlockModel(src, dtype, torch.device(device)) if settings.mode == "layerwise" else None
+            model = blocks.model if blocks is not None else src.load(dtype, device)
             rename = _checkpoint_names(model, list(linear_modules(model)), src.keys())
             selected = None
             if modules is not None:
@@ -224,7 +235,8 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
                 selected = [m for m, ck in rename.items() if ck in wanted]
             t1 = time.perf_counter()
             try:
-                stats = calibrate(model, rows, tokenizer, settings, modules=selected, max_bytes=max_bytes)
+                stats = calibrate(model, rows, tokenizer, settings, modules=selected, max_bytes=max_bytes,
+                                  blocks=blocks)
             except InputError as err:
                 raise InputError(f"{data_uri}: {err}") from None
             t_fwd = time.perf_counter() - t1

@@ -24,6 +24,7 @@ equal the full pass's up to float round-off (the same operations on the same bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -126,12 +127,14 @@ def _outside(model: nn.Module, blocks_name: str, skip: set[str]) -> list[str]:
 
 
 def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], modules: list[str] | None = None,
-                        max_bytes: int | None = None,
-                        precision: GramPrecision = "mixed") -> dict[str, ModuleStats]:
+                        max_bytes: int | None = None, precision: GramPrecision = "mixed",
+                        emit: Callable[[dict[str, ModuleStats]], None] | None = None) -> dict[str, ModuleStats]:
     """Input statistics of the linear layers of `bm`'s model over `batches` ((ids, mask) pairs),
     loading one block at a time (module docstring). modules: restrict to these module names;
     max_bytes: budget for the statistics accumulated at once within a block (hooks.plan_passes).
-    Returns {module name: ModuleStats} like `calibrate.calibrate`."""
+    emit: called with each part's statistics as soon as it is complete (the layers before the
+    blocks, each block, the tail), which are then not kept (see stats.spill).
+    Returns {module name: ModuleStats} like `calibrate.calibrate` ({} when `emit` is given)."""
     model, device = bm.model, bm.device
     wanted = linear_modules(model, modules)
     blocks = bm.block_names()
@@ -146,6 +149,7 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
     for b, stub in zip(blocks, stubs):
         bm.replace(b, stub)
     out: dict[str, ModuleStats] = {}
+    done = emit if emit is not None else out.update
 
     # 1. record the blocks' arguments and the embeddings; hook linear layers before the blocks
     for name in _outside(model, bm.blocks_name, {emb_out} if emb_out else set()):
@@ -177,7 +181,7 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
     if between:
         raise InputError(f"{bm.uri}: {bm.arch} runs linear layer {between[0]} between its blocks; layer-wise "
                          "calibration supports blocks run one after another; use `calibration.mode: full`")
-    out.update(pre.results())
+    done(pre.results())
     if emb_in is not None:
         emb = model.get_submodule(emb_in)
         bm.replace(emb_in, _ZeroEmbedding(int(emb.weight.shape[1]), emb.weight.dtype))
@@ -206,7 +210,7 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
                     y = block(h[j], *rest, **kw)
                     if last:
                         h[j] = y[0] if isinstance(y, (tuple, list)) else y
-            out.update(col.results())
+            done(col.results())
         bm.replace(b, stubs[i])  # frees the block
         del block
 
@@ -221,6 +225,6 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
                 run.final, run.entered = h[j], 0
                 col.begin_batch(mask.to(device))
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        out.update(col.results())
+        done(col.results())
         run.final = None
     return out

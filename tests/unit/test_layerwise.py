@@ -63,6 +63,9 @@ def _both(model: Path, data: Path, tmp: Path, **settings) -> tuple[StatsStore, S
 
 
 def _assert_same(full: StatsStore, layer: StatsStore) -> None:
+    assert not list(layer.path.parent.glob(".esm-ray-spill-*")), "spilled parts left behind"
+    assert layer.manifest["tokens"] == full.manifest["tokens"]
+    assert layer.manifest["distinct_inputs"] == full.manifest["distinct_inputs"]
     assert full.modules() == layer.modules()
     assert full.shared() == layer.shared()
     for m in sorted(full.modules()):
@@ -122,14 +125,20 @@ def test_one_block_in_memory_at_a_time(more_models):
         bm = _Watched(src, torch.float32, torch.device("cpu"))
         rng = random.Random(1)
         rows = [{"input_ids": [rng.randrange(1, VOCAB) for _ in range(9)]} for _ in range(4)]
-        stats = calibrate(bm.model, rows, None, CalibrationSpec(samples=4, batch_size=2), blocks=bm)
+        parts: list[set[str]] = []
+        stats = calibrate(bm.model, rows, None, CalibrationSpec(samples=4, batch_size=2), blocks=bm,
+                          emit=lambda part: parts.append(set(part)))
     finally:
         src.close()
+    assert stats == {}  # every part was handed over, none kept
+    parts = [p for p in parts if p]
+    assert [sorted({".".join(n.split(".")[:3]) for n in p}) for p in parts] == \
+        [[f"model.layers.{i}"] for i in range(3)] + [["lm_head"]]
     assert [n for n in bm.loads if n.startswith("model.layers.")] == [f"model.layers.{i}" for i in range(3)]
     assert max(bm.loaded_blocks) == 1
     assert "lm_head" in bm.loads and bm.loads[-1] == "lm_head"  # the head only after the last block
     assert all(p.device.type == "meta" for b in bm.blocks for p in b.parameters())  # every block freed
-    assert "lm_head" in stats and "model.layers.2.mlp.down_proj" in stats
+    assert "model.layers.2.mlp.down_proj" in parts[2]
 
 
 def test_layerwise_budget_splits_passes_within_a_block(tiny_llama, tmp_path):

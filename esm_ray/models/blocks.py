@@ -39,6 +39,28 @@ def find_blocks(model: nn.Module, depth: int | None, arch: str, uri: str) -> tup
                      "`calibration.mode: full`")
 
 
+def skeleton(config: dict[str, Any], uri: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model class of a config.json's contents, built on the meta device (no memory, no
+    initialisation), in eval mode."""
+    auto = model_class(config)
+    cfg = hf_config(config, uri)
+    try:
+        cls = auto._model_mapping[type(cfg)]
+    except KeyError:
+        raise InputError(f"{uri}: {auto.__name__} does not support {type(cfg).__name__}") from None
+    with torch.device("meta"):
+        return cls(cfg).to(dtype).eval()
+
+
+def check_blocks(config: dict[str, Any] | None, uri: str) -> str:
+    """The block list's name of the model a config describes (what a plan checks before a
+    layer-wise calibration); InputError naming the architecture when it has none."""
+    if not config:
+        raise InputError(f"{uri}: no config.json; layer-wise calibration needs the model's architecture")
+    model = skeleton(config, uri)
+    return find_blocks(model, getattr(model.config, "num_hidden_layers", None), architecture(config), uri)[0]
+
+
 class BlockModel:
     """The skeleton of a stored model (meta device) with its parts loaded on demand.
 
@@ -53,15 +75,8 @@ class BlockModel:
         self.dtype = dtype
         self.device = device
         self.arch = architecture(src.config)
-        auto = model_class(src.config)
-        config = hf_config(src.config, src.uri)
-        try:
-            cls = auto._model_mapping[type(config)]
-        except KeyError:
-            raise InputError(f"{src.uri}: {auto.__name__} does not support {type(config).__name__}") from None
-        with torch.device("meta"):
-            self.model = cls(config).to(dtype).eval()
-        self.blocks_name, self.blocks = find_blocks(self.model, getattr(config, "num_hidden_layers", None),
+        self.model = skeleton(src.config, src.uri, dtype)
+        self.blocks_name, self.blocks = find_blocks(self.model, getattr(self.model.config, "num_hidden_layers", None),
                                                     self.arch, src.uri)
         self._keys = src.keys()
         self._prefix = getattr(self.model, "base_model_prefix", "") or ""

@@ -282,6 +282,13 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         aux_names.append(list(r.aux_names()) if needs.heads else [])
         r.close()
     check_needs(spec, needs, what, base.config, aux_names)
+    if needs.stats and spec.calibration.mode == "layerwise":
+        from esm_ray.models.blocks import check_blocks
+
+        try:
+            check_blocks(base.config, spec.base)  # the experts share the base's architecture (checked above)
+        except InputError as err:
+            raise InputError(f"field `calibration.mode`: {err}") from None
     if (needs.stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):
         check_cache_dir(spec.calibration)  # statistics, and an S3 output's resume staging, live there
     if check_output:

@@ -166,3 +166,19 @@ def test_unsupported_architecture_is_named(more_models, tmp_path):
     # the full pass still calibrates it
     assert calibrate_expert(str(more_models["albert"]), str(data),
                             CalibrationSpec(samples=4, cache_dir=str(tmp_path))).modules()
+
+
+def test_dry_run_names_an_unsupported_architecture(more_models, tmp_path, capsys):
+    from esm_ray.cli import main
+    from tests.builders import import_methods, write_spec
+
+    import_methods()
+    fam = {"base": more_models["albert"], "expert_0": more_models["albert"], "expert_1": more_models["albert"]}
+    data = [_data(tmp_path / f"d{i}.jsonl", seed=i) for i in range(2)]
+    spec = write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="esm", n_experts=2, data=data,
+                      calibration={"mode": "layerwise", "cache_dir": str(tmp_path / "cache")})
+    assert main(["merge", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "calibration.mode" in err and "AlbertModel" in err
+    spec.write_text(spec.read_text().replace("mode: layerwise", "mode: full"))
+    assert main(["merge", str(spec), "--dry-run"]) == 0

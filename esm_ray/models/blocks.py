@@ -120,7 +120,7 @@ class BlockModel:
             for n, t in list(real.named_parameters()) + [(n, b) for n, b in real.named_buffers() if n in persistent]:
                 key = self.checkpoint_key(f"{name}.{n}")
                 if key is not None:
-                    t.copy_(self.src.reader.get(key).to(t.dtype))
+                    t.copy_(self.src.reader.get(key))  # converts the stored dtype without a second copy
                 elif isinstance(t, nn.Parameter):
                     raise InputError(f"{self.uri}: tensor {name}.{n!r} is missing")
         self._set(name, real.eval())

@@ -185,6 +185,7 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
     if emb_in is not None:
         emb = model.get_submodule(emb_in)
         bm.replace(emb_in, _ZeroEmbedding(int(emb.weight.shape[1]), emb.weight.dtype))
+        del emb  # the last reference: the embedding is freed here
 
     # 2. one block at a time
     h = rows_in

@@ -31,9 +31,10 @@ def _data(path: Path, n: int = 7, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def more_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny Qwen2 (tied embeddings, sliding-window layers beside full-attention ones: a
-    different mask per layer), Mistral (sliding window) and ALBERT (shared layers: no block list)."""
-    from transformers import (AlbertConfig, AlbertModel, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    different mask per layer), Mistral (sliding window), GPT-2 (Conv1D layers, learned positions)
+    and ALBERT (shared layers: no block list)."""
+    from transformers import (AlbertConfig, AlbertModel, GPT2Config, GPT2LMHeadModel, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     root = tmp_path_factory.mktemp("layerwise_models")
     small = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -43,6 +44,8 @@ def more_models(tmp_path_factory) -> dict[str, Path]:
         "qwen2": Qwen2ForCausalLM(Qwen2Config(**small, num_hidden_layers=3, use_sliding_window=True,
                                               sliding_window=4, max_window_layers=1, tie_word_embeddings=True)),
         "mistral": MistralForCausalLM(MistralConfig(**small, num_hidden_layers=2, sliding_window=4)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           bos_token_id=1, eos_token_id=2)),  # Conv1D: weights stored (d_in, d_out)
         "albert": AlbertModel(AlbertConfig(vocab_size=80, embedding_size=16, hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=4, intermediate_size=48)),
     }
@@ -89,8 +92,8 @@ def test_layerwise_equals_full_on_bert(tiny_bert, tmp_path):
     _assert_same(full, layer)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_layerwise_equals_full_on_qwen2_and_mistral(more_models, tmp_path, arch):
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2"])
+def test_layerwise_equals_full_on_qwen2_mistral_gpt2(more_models, tmp_path, arch):
     full, layer = _both(more_models[arch], _data(tmp_path / "d.jsonl", seed=2), tmp_path)
     _assert_same(full, layer)
 

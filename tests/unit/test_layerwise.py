@@ -185,3 +185,20 @@ def test_dry_run_names_an_unsupported_architecture(more_models, tmp_path, capsys
     assert "calibration.mode" in err and "AlbertModel" in err
     spec.write_text(spec.read_text().replace("mode: layerwise", "mode: full"))
     assert main(["merge", str(spec), "--dry-run"]) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_layerwise_on_cuda_matches_full_on_cpu(tiny_llama, tmp_path):
+    """Blocks loaded straight onto the GPU, activations and Grams there (TF32 allowed or not)."""
+    data = _data(tmp_path / "d.jsonl")
+    settings = dict(samples=7, batch_size=3, max_length=16)
+    full = calibrate_expert(str(tiny_llama["expert_0"]), str(data),
+                            CalibrationSpec(**settings, cache_dir=str(tmp_path / "cpu")))
+    gpu = calibrate_expert(str(tiny_llama["expert_0"]), str(data),
+                           CalibrationSpec(**settings, cache_dir=str(tmp_path / "gpu"), mode="layerwise"),
+                           device="cuda")
+    assert full.modules() == gpu.modules()
+    for m in sorted(full.modules()):
+        a, b = full.get(m), gpu.get(m)
+        assert a.n == b.n
+        torch.testing.assert_close(b.gram, a.gram, rtol=2e-3, atol=2e-3 * float(a.gram.abs().max()), msg=m)

@@ -4,7 +4,8 @@ block's Grams (a 7B LLaMA's float64 Grams are ~44 GB, three times its bf16 weigh
 `StatsSpill.add` writes one part (e.g. one block's statistics) to a safetensors file in a
 temporary directory next to the cache entry and keeps only the manifest entries; `save` writes
 the cache entry (`<key>.safetensors` + `<key>.json`, the layout of `esm_ray.stats.store`) by
-streaming the parts' bytes into one safetensors file, a few MB at a time.
+streaming the parts' bytes into one safetensors file, a few MB at a time, removing each part
+once copied (the disk holds the statistics about once, plus one part).
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ class StatsSpill:
                 off += b - a
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
+        last = {part: k for k, (part, *_) in enumerate(copies)}
         with out.open("wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
-            for part, a, b, _ in copies:
+            for k, (part, a, b, _) in enumerate(copies):
                 with part.open("rb") as src:
                     src.seek(a)
                     left = b - a
@@ -89,6 +91,8 @@ class StatsSpill:
                             raise OSError(f"{part}: truncated statistics part")
                         f.write(block)
                         left -= len(block)
+                if last[part] == k:  # copied: the disk holds the statistics about once, not twice
+                    part.unlink()
 
     def save(self, path: Path, manifest: dict[str, Any]) -> StatsStore:
         """Write the cache entry at `path` (+ its .json manifest, last) and remove the parts."""

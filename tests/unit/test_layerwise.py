@@ -202,3 +202,20 @@ def test_layerwise_on_cuda_matches_full_on_cpu(tiny_llama, tmp_path):
         a, b = full.get(m), gpu.get(m)
         assert a.n == b.n
         torch.testing.assert_close(b.gram, a.gram, rtol=2e-3, atol=2e-3 * float(a.gram.abs().max()), msg=m)
+
+
+def test_dry_run_estimates_one_blocks_grams(tiny_llama, tmp_path, capsys):
+    from esm_ray.cli import main
+    from tests.builders import import_methods, write_spec
+
+    import_methods()
+    data = [_data(tmp_path / f"d{i}.jsonl", seed=i) for i in range(2)]
+    for mode in ("full", "layerwise"):
+        spec = write_spec(tmp_path / f"{mode}.yaml", tiny_llama, tmp_path / "out", method="esm", n_experts=2,
+                          data=data, calibration={"mode": mode, "cache_dir": str(tmp_path / "cache")})
+        assert main(["merge", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # hidden 32, intermediate 48: 7 matrices per block (6 read 32 wide, down_proj 48), 2 blocks, lm_head
+    assert "calibration Gram matrices, one expert at a time (upper bound): 0.2 MB" in out
+    assert "calibration Gram matrices of one block (layer-wise, upper bound): 0.1 MB" in out
+    assert "layer-wise, one of model.layers at a time" in out

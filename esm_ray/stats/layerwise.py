@@ -98,6 +98,13 @@ class _ZeroEmbedding(nn.Module):
         return torch.zeros(*ids.shape, self.dim, dtype=self.dtype, device=ids.device)
 
 
+def _call(model: nn.Module, method: str) -> nn.Module | None:
+    """model.<method>() (get_input_embeddings, get_output_embeddings) when it has one."""
+    fn = getattr(model, method, None)
+    got = fn() if callable(fn) else None
+    return got if isinstance(got, nn.Module) else None
+
+
 def _module_name(model: nn.Module, module: nn.Module | None) -> str | None:
     if module is None:
         return None
@@ -141,8 +148,8 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
     depth = len(blocks)
     in_block = {b: [n for n in wanted if n.startswith(b + ".")] for b in blocks}
     outside = [n for n in wanted if not any(n.startswith(b + ".") for b in blocks)]
-    emb_in = _module_name(model, model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None)
-    emb_out = _module_name(model, model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
+    emb_in = _module_name(model, _call(model, "get_input_embeddings"))
+    emb_out = _module_name(model, _call(model, "get_output_embeddings"))
     kwargs = forward_kwargs(model)
     run = _Run(depth)
     stubs = [_Stub(i, run) for i in range(depth)]
@@ -157,8 +164,12 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
     rows_in: list[Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = []
     order: dict[str, int] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.setdefault(n, run.entered))
-             for n, m in linear_modules(model, outside).items()]
+    def noting(name: str):
+        def hook(_module: nn.Module, _args: tuple) -> None:  # returns None: the input is left as it is
+            order.setdefault(name, run.entered)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(noting(n)) for n, m in linear_modules(model, outside).items()]
     try:
         with StatsCollector(model, outside, precision=precision) as pre:
             for ids, mask in batches:
@@ -175,17 +186,17 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
                 rows_in.append(_hidden(*run.calls[0]))
                 calls.append([_without_hidden(a, k) for a, k in run.calls])
     finally:
-        for h in hooks:
-            h.remove()
+        for handle in hooks:
+            handle.remove()
     between = sorted(n for n, at in order.items() if at > 0)
     if between:
         raise InputError(f"{bm.uri}: {bm.arch} runs linear layer {between[0]} between its blocks; layer-wise "
                          "calibration supports blocks run one after another; use `calibration.mode: full`")
     done(pre.results())
     if emb_in is not None:
-        emb = model.get_submodule(emb_in)
-        bm.replace(emb_in, _ZeroEmbedding(int(emb.weight.shape[1]), emb.weight.dtype))
-        del emb  # the last reference: the embedding is freed here
+        weight = model.get_submodule(emb_in).get_parameter("weight")
+        bm.replace(emb_in, _ZeroEmbedding(int(weight.shape[1]), weight.dtype))
+        del weight  # the last reference: the embedding is freed here
 
     # 2. one block at a time
     h = rows_in

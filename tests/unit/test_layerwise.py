@@ -31,10 +31,10 @@ def _data(path: Path, n: int = 7, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def more_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny Qwen2 (tied embeddings, sliding-window layers beside full-attention ones: a
-    different mask per layer), Mistral (sliding window), GPT-2 (Conv1D layers, learned positions)
-    and ALBERT (shared layers: no block list)."""
+    different mask per layer), Mistral (sliding window), GPT-2 (Conv1D layers, learned positions),
+    OPT (linear layers before and after the blocks) and ALBERT (shared layers: no block list)."""
     from transformers import (AlbertConfig, AlbertModel, GPT2Config, GPT2LMHeadModel, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                              MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     root = tmp_path_factory.mktemp("layerwise_models")
     small = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_attention_heads=4,
@@ -46,6 +46,10 @@ def more_models(tmp_path_factory) -> dict[str, Path]:
         "mistral": MistralForCausalLM(MistralConfig(**small, num_hidden_layers=2, sliding_window=4)),
         "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                            bos_token_id=1, eos_token_id=2)),  # Conv1D: weights stored (d_in, d_out)
+        "opt": OPTForCausalLM(OPTConfig(vocab_size=80, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=16,
+                                        pad_token_id=1, bos_token_id=2, eos_token_id=2)),  # linear layers before
+        # the blocks (project_in) and after them (project_out, then the head)
         "albert": AlbertModel(AlbertConfig(vocab_size=80, embedding_size=16, hidden_size=32, num_hidden_layers=2,
                                            num_attention_heads=4, intermediate_size=48)),
     }
@@ -92,9 +96,11 @@ def test_layerwise_equals_full_on_bert(tiny_bert, tmp_path):
     _assert_same(full, layer)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2"])
-def test_layerwise_equals_full_on_qwen2_mistral_gpt2(more_models, tmp_path, arch):
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2", "opt"])
+def test_layerwise_equals_full_on_more_architectures(more_models, tmp_path, arch):
     full, layer = _both(more_models[arch], _data(tmp_path / "d.jsonl", seed=2), tmp_path)
+    if arch == "opt":
+        assert {"model.decoder.project_in", "model.decoder.project_out", "lm_head"} <= full.modules()
     _assert_same(full, layer)
 
 

@@ -122,7 +122,8 @@ class BlockModel:
                 if key is not None:
                     t.copy_(self.src.reader.get(key))  # converts the stored dtype without a second copy
                 elif isinstance(t, nn.Parameter):
-                    raise InputError(f"{self.uri}: tensor {name}.{n!r} is missing")
+                    raise InputError(f"{self.uri}: tensor {name + '.' + n!r} is missing (layer-wise calibration "
+                                     f"loads it for {name})")
         self._set(name, real.eval())
         return real
 

@@ -252,7 +252,8 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
             except InputError as err:
                 if spill is not None:
                     spill.close()
-                raise InputError(f"{data_uri}: {err}") from None
+                msg = str(err)  # errors about the model (layer-wise loading) name it already
+                raise InputError(msg if msg.startswith(model_uri) else f"{data_uri}: {msg}") from None
             except BaseException:
                 if spill is not None:
                     spill.close()

@@ -225,3 +225,19 @@ def test_dry_run_estimates_one_blocks_grams(tiny_llama, tmp_path, capsys):
     assert "calibration Gram matrices, one expert at a time (upper bound): 0.2 MB" in out
     assert "calibration Gram matrices of one block (layer-wise, upper bound): 0.1 MB" in out
     assert "layer-wise, one of model.layers at a time" in out
+
+
+def test_missing_block_tensor_is_named(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests.builders import copy_family
+
+    fam = copy_family({"expert_0": tiny_llama["expert_0"]}, tmp_path / "fam")
+    f = fam["expert_0"] / "model.safetensors"
+    sd = load_file(f)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"^\S*expert_0: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+        calibrate_expert(str(fam["expert_0"]), str(_data(tmp_path / "d.jsonl")),
+                         CalibrationSpec(samples=4, cache_dir=str(tmp_path / "c"), mode="layerwise"))
+    assert not list((tmp_path / "c" / "stats").glob(".esm-ray-spill-*")), "spilled parts left behind"

@@ -66,7 +66,7 @@ class BlockModel:
 
     blocks_name: the ModuleList's name, e.g. 'model.layers'; blocks: the list (meta modules).
     `load(name)` materializes the sub-module `name` on `device` in `dtype` and puts it in place;
-    `unload(name)` puts the meta module back, freeing the loaded one.
+    `replace(name, module)` puts another module there (dropping the loaded one frees it).
     """
 
     def __init__(self, src: StoredModel, dtype: torch.dtype, device: torch.device) -> None:
@@ -102,11 +102,14 @@ class BlockModel:
 
     # loading --------------------------------------------------------------------------------
     def _init_buffers(self, module: nn.Module) -> None:
-        """Fill the non-persistent buffers of a freshly materialized module the way the model's
-        own initialisation does (transformers builds models on meta and does the same)."""
+        """Fill the buffers of a freshly materialized module the way the model's own
+        initialisation does (transformers builds models on meta and does the same): the
+        checkpoint does not hold non-persistent ones (rotary frequencies, position ids)."""
         init = getattr(self.model, "_init_weights", None)
+        if init is None:
+            return
         for sub in module.modules():
-            if getattr(sub, "_non_persistent_buffers_set", None) and init is not None:
+            if sub._buffers:
                 init(sub)
 
     def load(self, name: str) -> nn.Module:
@@ -127,13 +130,9 @@ class BlockModel:
         self._set(name, real.eval())
         return real
 
-    def unload(self, name: str) -> None:
-        """Put the meta module back in place of the loaded `name`."""
-        if name in self._meta:
-            self._set(name, self._meta[name])
-
     def replace(self, name: str, module: nn.Module) -> None:
-        """Put `module` in place of sub-module `name` (unload puts the meta one back)."""
+        """Put `module` in place of sub-module `name` (e.g. a stub in place of a loaded block, which
+        frees it); `load(name)` still builds the original from its meta version."""
         self._meta.setdefault(name, self.model.get_submodule(name))
         self._set(name, module)
 

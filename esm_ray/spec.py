@@ -130,6 +130,10 @@ class CalibrationSpec(Frozen):
     # How each Gram XᵀX is accumulated: mixed = float32 products of token blocks (TF32 on GPUs
     # where torch allows it) summed into a float64 accumulator; float64 = every product in float64.
     gram_precision: Literal["mixed", "float64"] = "mixed"
+    # How the expert is run: full = the whole model loaded, one forward pass per batch;
+    # layerwise = one block loaded at a time from the lazy reader, every batch run through it
+    # (memory: one block plus the activations, whatever the depth; same statistics).
+    mode: Literal["full", "layerwise"] = "full"
 
 
 class RuntimeSpec(Frozen):

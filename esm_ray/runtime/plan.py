@@ -65,6 +65,7 @@ class MergePlan:
     expert_fingerprints: list[str]
     input_bytes: int
     notes: list[str] = field(default_factory=list)
+    blocks: str | None = None  # the block list's name when calibration runs layer-wise
 
     @property
     def needs(self) -> Needs:
@@ -109,8 +110,16 @@ class MergePlan:
         if is_s3(self.spec.output):  # a local output is streamed into its shard files
             est["output shard buffer"] = min(self.spec.shard_bytes, self.input_bytes // (t + 1) + 1)
         if self.needs_stats:
-            grams = sum(s[1] * s[1] * 8 for n, s in self.shapes.items() if len(s) == 2 and n.endswith(".weight"))
-            est["calibration Gram matrices, one expert at a time (upper bound)"] = grams
+            grams = {n: s[1] * s[1] * 8 for n, s in self.shapes.items() if len(s) == 2 and n.endswith(".weight")}
+            if self.blocks is None:
+                est["calibration Gram matrices, one expert at a time (upper bound)"] = sum(grams.values())
+            else:  # each block's statistics go to disk when it is done
+                per: dict[str, int] = {}
+                for n, b in grams.items():
+                    head, _, rest = n.partition(self.blocks + ".")
+                    key = rest.split(".", 1)[0] if rest else n
+                    per[head + key] = per.get(head + key, 0) + b
+                est["calibration Gram matrices of one block (layer-wise, upper bound)"] = max(per.values(), default=0)
         return est
 
     def describe(self) -> str:
@@ -129,7 +138,8 @@ class MergePlan:
         lines.append(f"needs:    {', '.join(needs) if needs else 'the weights only'}")
         if self.needs_stats:
             lines.append(f"compute:  calibration statistics for {self.n_experts} experts "
-                         f"({s.calibration.samples} samples each, cached)")
+                         f"({s.calibration.samples} samples each, cached"
+                         + (f"; layer-wise, one of {self.blocks} at a time)" if self.blocks else ")"))
         for k, v in self.memory_estimate().items():
             lines.append(f"memory:   {k}: {v / 1e6:.1f} MB")
         lines.extend(f"note:     {n}" for n in self.notes)
@@ -283,6 +293,14 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         aux_names.append(list(r.aux_names()) if needs.heads else [])
         r.close()
     check_needs(spec, needs, what, base.config, aux_names)
+    blocks = None
+    if needs.stats and spec.calibration.mode == "layerwise":
+        from esm_ray.models.blocks import check_blocks
+
+        try:
+            blocks = check_blocks(base.config, spec.base)  # the experts share the base's architecture (checked above)
+        except InputError as err:
+            raise InputError(f"field `calibration.mode`: {err}") from None
     if (needs.stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):
         check_cache_dir(spec.calibration)  # statistics, and an S3 output's resume staging, live there
     if check_output:
@@ -290,7 +308,8 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     float_dtypes = [d for d in dtypes.values() if d.is_floating_point]
     base_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
     out_dtype = _DTYPES[spec.dtype] if spec.dtype else base_dtype
-    plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total)
+    plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total,
+                     blocks=blocks)
     if not needs.reads_data and any(e.data for e in spec.experts):
         plan.notes.append(f"method {method.name!r} does not use calibration data; `data` is ignored")
     plan.notes.append("tensor values are checked for NaN/Inf in the output dtype while merging; "

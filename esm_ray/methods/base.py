@@ -319,9 +319,10 @@ class MergeMethod(Parametrised[P]):
         return Needs(stats=self.needs_stats, data=self.needs_data, heads=self.needs_heads,
                      labels=self.needs_labels)
 
-    def bind_model(self, config: dict[str, Any] | None) -> None:
-        """Told once by the plan, before any work: the base's config.json. The default ignores
-        it; a routed method writes a causal LM's experts as PEFT adapters."""
+    def bind_model(self, config: dict[str, Any] | None, causal_lm: bool = False) -> None:
+        """Told once by the plan, before any work: the base's config.json and whether it is a
+        causal LM. The default ignores both; a routed method writes a causal LM's experts as
+        PEFT adapters."""
 
     # -- row blocks (the local executor, tensors over MergeJob.block_bytes) -------------------
     def blockwise(self, info: TensorInfo) -> bool:

@@ -132,10 +132,8 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         self._support: list[SupportInputs] = []
         self._causal = False  # bind_model: a causal LM's experts are written as PEFT adapters
 
-    def bind_model(self, config: dict[str, Any] | None) -> None:
-        from esm_ray.models.hf import is_causal_lm
-
-        self._causal = is_causal_lm(config)
+    def bind_model(self, config: dict[str, Any] | None, causal_lm: bool = False) -> None:
+        self._causal = causal_lm
 
     # ---- the static base: delegated ----------------------------------------------------------
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:

@@ -250,7 +250,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     aux_names: list[list[str]] = []
 
     base = open_base(spec)
-    method.bind_model(base.config)
+    method.bind_model(base.config, is_causal_lm(base.config))
     if spec.tokenizer is not None:
         check_tokenizer(spec, base.config)
     names = list(base.keys())

@@ -152,3 +152,15 @@ def truncate(update: LowRank, rank: int | None = None, energy: float | None = No
         keep = min(keep, energy_rank(s[:keep].square(), energy))
     root = s[:keep].sqrt()
     return LowRank(u[:, :keep] * root, root[:, None] * vh[:keep])
+
+
+def lowrank_of_dense(delta: Tensor, rtol: float | None = None) -> LowRank:
+    """A dense update (d_out, d_in) as a LowRank of its numerical rank, from its thin SVD in
+    float64 (for methods that give no factored update): b = U √S, a = √S Vh."""
+    d = delta.to(torch.float64)
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    if rtol is None:
+        rtol = max(d.shape) * torch.finfo(torch.float32).eps
+    keep = int((s > rtol * s.max()).sum()) if s.numel() and float(s.max()) > 0 else 0
+    root = s[:keep].sqrt()
+    return LowRank(u[:, :keep] * root, root[:, None] * vh[:keep])

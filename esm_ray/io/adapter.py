@@ -58,6 +58,7 @@ class Target:
     a_key, b_key: the adapter's tensor names of A and B as stored
     swap:         stored transposed (embedding, fan_in_fan_out): ΔW = s · (B A)ᵀ = s · Aᵀ Bᵀ
     rank, scale:  r and s
+    embedding:    an embedding's factors (lora_embedding_A / _B)
     """
 
     name: str
@@ -66,6 +67,7 @@ class Target:
     swap: bool
     rank: int
     scale: float
+    embedding: bool = False
 
 
 class AdapterModel:
@@ -141,7 +143,7 @@ class AdapterModel:
         name = f"{module}.weight"
         swap = emb or self.lora_config.fan_in_fan_out
         self._check_shape(f"{b_key} x {a_key}", name, (a[1], b[0]) if swap else (b[0], a[1]))
-        return Target(name, a_key, b_key, swap, r, self.lora_config.scale_of(module))
+        return Target(name, a_key, b_key, swap, r, self.lora_config.scale_of(module), emb)
 
     # -- LoRA views ----------------------------------------------------------------------------
     def targets(self) -> dict[str, Target]:

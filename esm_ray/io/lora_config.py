@@ -40,6 +40,7 @@ class LoraConfig:
     fan_in_fan_out:  the base stores its weights (d_in, d_out) (GPT-2 Conv1D)
     rank_pattern, alpha_pattern: per-module overrides {pattern: value}
     modules_to_save: modules stored whole in the adapter
+    task_type:       peft's task type (e.g. CAUSAL_LM), passed on to a written adapter
     where:           the config file, for messages
     """
 
@@ -50,6 +51,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
+    task_type: str | None = None
     where: str = CONFIG_NAME
 
     def _match(self, pattern: dict[str, Any], module: str) -> Any:
@@ -112,4 +114,5 @@ def parse_lora_config(data: bytes, where: str) -> LoraConfig:
                       fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
                       rank_pattern={k: int(v) for k, v in patterns["rank_pattern"].items()},
                       alpha_pattern={k: float(v) for k, v in patterns["alpha_pattern"].items()},
-                      modules_to_save=tuple(save), where=where)
+                      modules_to_save=tuple(save), task_type=doc.get("task_type") if isinstance(
+                          doc.get("task_type"), str) else None, where=where)

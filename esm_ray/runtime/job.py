@@ -108,6 +108,12 @@ class MergeJob:
             self.purify_plan(floating)
             self.support()
             self.search(floating)
+            if spec.output_format == "peft":  # one LoRA adapter instead of a model (runtime.peft_output)
+                from esm_ray.runtime.peft_output import merge_to_adapter
+
+                merge_to_adapter(self, floating)
+                self.timings["total"] = round(time.perf_counter() - t_all, 4)
+                return MergeResult(spec.output, self._report_data, dict(self.timings))
             groups = self.plan_tensors(infos)
             spilled = plan.method.needs_layer_scales
             layout = [o.entry for o in write_order(groups, spilled)]

@@ -15,6 +15,7 @@ import torch
 from esm_ray.core.dtypes import DTYPES
 from esm_ray.errors import InputError, SpecError
 from esm_ray.io.overlap import check_no_overlap
+from esm_ray.io.adapter import is_adapter
 from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
@@ -222,6 +223,22 @@ def method_for(spec: MergeSpec) -> MergeMethod:
                         expert_params=[e.params for e in spec.experts], slices=slices)
 
 
+def check_lora_inputs(spec: MergeSpec, method: MergeMethod) -> None:
+    """SpecError where LoRA adapter experts or `output_format: peft` meet what they cannot take:
+    slices (layer ranges of adapters), a routed output written as an adapter."""
+    if spec.slices and any(is_adapter(e.model, spec.s3) for e in spec.experts):
+        raise SpecError("field `slices`: an expert is a LoRA adapter; slices take whole models")
+    if spec.output_format == "peft":
+        if spec.slices:
+            raise SpecError("field `output_format`: 'peft' writes an adapter on the base; it does not take `slices`")
+        if method.output_kind != "static":
+            raise SpecError(f"field `output_format`: method {method.name!r} builds a routed model, which "
+                            "cannot be written as one LoRA adapter")
+        if not any(is_adapter(e.model, spec.s3) for e in spec.experts):
+            raise SpecError("field `output_format`: 'peft' writes a LoRA adapter, which needs LoRA adapter "
+                            "experts; no expert is one")
+
+
 def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     """Validate everything that can be checked without computing. Raises EsmRayError subclasses."""
     t = len(spec.experts)
@@ -237,6 +254,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         raise SpecError(f"field `slices`: {what} reads data or builds a routed model; slices take static "
                         "methods that read the weights only")
     check_no_overlap(spec.output, spec_inputs(spec, needs.stats))
+    check_lora_inputs(spec, method)
     aux_names: list[list[str]] = []
 
     base = open_base(spec)

@@ -166,18 +166,31 @@ class ESM(MergeMethod[ESMParams]):
         `fuse`. None for the mean branch."""
         p = self.params
         parts = list(parts)
+        scope = self.alpha_scope_of(info)
         if parts and all(isinstance(x, ESDPart) for x in parts):
-            c, pu, pv = esm_factors([x.esd for x in parts], self.recipe(info), [x.norm for x in parts],
+            recipe = self.recipe(info)
+            c, pu, pv = esm_factors([x.esd for x in parts], recipe, [x.norm for x in parts],
                                     getattr(torch, p.fuse_dtype), p.fuse_route)
             b, a = (pu * c).double(), pv.double()
             if parts[0].transposed:
                 b, a = a.T, b.T
+            self._ranks[info.name] = [x.esd.rank for x in parts]
+            self._presets[recipe.name] = self._presets.get(recipe.name, 0) + 1
+            self._record(info, "esd", scope)
             return LowRank(b * p.alpha, a)
         if parts and all(isinstance(x, TSVPart) for x in parts):
             b, a = tsvm_factors([x.u.double() for x in parts], [x.s.double() for x in parts],
                                 [x.vh.double() for x in parts])
-            return LowRank(b * (p.alpha if self.alpha_scope_of(info) == "all" else 1.0), a)
+            self._record(info, "tsv", scope)
+            return LowRank(b * (p.alpha if scope == "all" else 1.0), a)
         return None
+
+    def _record(self, info: TensorInfo, branch: str, scope: str) -> None:
+        """What `report()` says of a tensor merged by `fuse_lowrank` (as `fuse` records it)."""
+        self._branch[info.name] = branch
+        self._scopes.add(scope)
+        if scope == "all" or branch == "esd":
+            self._alpha_keys.add(info.name)
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         p = self.params

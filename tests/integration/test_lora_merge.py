@@ -58,7 +58,8 @@ def _peft_deltas(model, adapter: str) -> dict[str, torch.Tensor]:
     """{base weight name: ΔW} of one loaded adapter, from peft's own get_delta_weight."""
     out = {}
     for name, mod in model.base_model.model.named_modules():
-        if hasattr(mod, "get_delta_weight") and adapter in getattr(mod, "lora_A", {}):
+        if hasattr(mod, "get_delta_weight") and (adapter in getattr(mod, "lora_A", {})
+                                                 or adapter in getattr(mod, "lora_embedding_A", {})):
             out[f"{name}.weight"] = mod.get_delta_weight(adapter).detach().float()
     return out
 
@@ -172,13 +173,24 @@ def test_adapters_mixed_with_a_full_expert(lora_family, tmp_path):
     assert any(not torch.equal(v, base[k]) for k, v in _weights(tmp_path / "ties").items())
 
 
-def test_peft_output_with_saved_modules_loads_as_the_dense_merge(lora_family, tmp_path):
+@pytest.mark.parametrize("method", ["tsvm", "esm", "ties"])
+def test_peft_output_with_saved_modules_loads_as_the_dense_merge(method, lora_family, tmp_path):
+    """tsvm: factored update; esm: factored with statistics and layer scales; ties: from the SVD
+    of the dense update."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     experts = [lora_family["lora_0"], lora_family["saved"]]
-    _merge(_spec(lora_family["base"], experts, tmp_path / "dense", "tsvm"))
-    _merge(_spec(lora_family["base"], experts, tmp_path / "ad", "tsvm", output_format="peft"))
+    extra: dict = {}
+    if method == "esm":
+        data = calibration_files(tmp_path / "data", 2, vocab=80)
+        extra = {"calibration": {"samples": 8, "max_length": 16, "batch_size": 4, "cache_dir": str(tmp_path / "c")}}
+    for name, fmt in (("dense", "dense"), ("ad", "peft")):
+        s = _spec(lora_family["base"], experts, tmp_path / name, method, output_format=fmt, **extra)
+        if method == "esm":
+            for e, d in zip(s["experts"], data):
+                e["data"] = str(d)
+        _merge(s)
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["modules_to_save"] == ["lm_head"]
     model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(lora_family["base"]), tmp_path / "ad")
@@ -197,6 +209,25 @@ def test_peft_output_refuses_what_an_adapter_cannot_hold(lora_family, tmp_path, 
     with pytest.raises(SpecError, match="no expert is one"):
         _merge(only_full)
     assert not (tmp_path / "out").exists()
+
+
+def test_embedding_target_equals_peft_cat_and_round_trips(lora_family, tmp_path):
+    from tests.fixtures.lora import make_adapter
+
+    base = lora_family["base"]
+    emb = make_adapter(base, tmp_path / "emb", r=2, alpha=3, seed=20, targets=("embed_tokens", "q_proj"))
+    ads = [emb, lora_family["lora_1"]]
+    _merge(_spec(base, ads, tmp_path / "out", weights=[0.5, 1.0]))
+    _merge(_spec(base, ads, tmp_path / "ad", weights=[0.5, 1.0], output_format="peft"))
+    peft = _peft_model(base, ads)
+    peft.add_weighted_adapter(["a0", "a1"], [0.5, 1.0], "cat", combination_type="cat")
+    want = _peft_deltas(peft, "cat")
+    assert "model.embed_tokens.weight" in want
+    b, got = _weights(base), _weights(tmp_path / "out")
+    mine = _peft_deltas(_peft_model(base, [tmp_path / "ad"]), "a0")
+    for k, d in want.items():
+        assert _rel(got[k] - b[k], d) < 1e-5, k
+        assert _rel(mine[k], d) < 1e-5, k
 
 
 # ---- bad adapters --------------------------------------------------------------------------------
@@ -262,3 +293,37 @@ def test_ray_equals_local_bytes_for_adapters(lora_family, ray_driver, tmp_path):
     _merge(local)
     assert _merge(ray).report["executor"] == "ray"
     assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
+
+
+# ---- every method -----------------------------------------------------------------------------
+
+def _every_method() -> list[str]:
+    from tests.builders import import_methods
+
+    import_methods()
+    from esm_ray.methods import METHODS
+
+    return sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", _every_method())
+def test_every_method_merges_adapters_mixed_with_a_full_expert(method, lora_family, tmp_path):
+    """Each method on a full expert and LoRA adapters (one adapter for the one-expert methods):
+    the merge runs and every LoRA target comes out changed."""
+    from esm_ray.methods import METHODS
+    from tests.builders import TEST_CALIBRATION, method_experts, method_params
+
+    n = method_experts(method, 3)
+    experts = [lora_family["lora_0"]] if n == 1 else [lora_family["full_0"], lora_family["lora_0"],
+                                                        lora_family["lora_2"]][:n]
+    spec = _spec(lora_family["base"], experts, tmp_path / "out", method, params=method_params(method),
+                 calibration=TEST_CALIBRATION | {"cache_dir": str(tmp_path / "cache")})
+    m = METHODS[method]
+    if m.needs_stats or m.needs_data or m.search_stage:
+        for e, d in zip(spec["experts"], calibration_files(tmp_path / "data", n, vocab=80)):
+            e["data"] = str(d)
+    _merge(spec)
+    base = _weights(lora_family["base"])
+    if (tmp_path / "out" / "model.safetensors.index.json").exists():
+        got = _weights(tmp_path / "out")
+        assert all(not torch.equal(got[k], base[k]) for k in TARGET_KEYS)

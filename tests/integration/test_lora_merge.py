@@ -327,3 +327,28 @@ def test_every_method_merges_adapters_mixed_with_a_full_expert(method, lora_fami
     if (tmp_path / "out" / "model.safetensors.index.json").exists():
         got = _weights(tmp_path / "out")
         assert all(not torch.equal(got[k], base[k]) for k in TARGET_KEYS)
+
+
+def test_conv1d_adapter_with_fan_in_fan_out(tmp_path):
+    """GPT-2 stores its projections (d_in, d_out) (Conv1D); peft's adapter says fan_in_fan_out."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "base")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                      init_lora_weights=False))
+    model.save_pretrained(tmp_path / "ad_in")
+    _merge(_spec(tmp_path / "base", [tmp_path / "ad_in"], tmp_path / "out", weights=[0.5]))
+    _merge(_spec(tmp_path / "base", [tmp_path / "ad_in"], tmp_path / "ad", weights=[0.5], output_format="peft"))
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    want = {k: v * 0.5 for k, v in _peft_deltas(model, "default").items()}
+    reloaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "ad")
+    mine = _peft_deltas(reloaded, "default")
+    base, got = _weights(tmp_path / "base"), _weights(tmp_path / "out")
+    assert len(want) == 2 and sorted(mine) == sorted(want)
+    for k, d in want.items():
+        assert _rel(got[k] - base[k], d) < 1e-5, k
+        assert _rel(mine[k], d) < 1e-5, k

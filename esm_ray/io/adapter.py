@@ -73,8 +73,10 @@ class Target:
 class AdapterModel:
     """The base with one LoRA adapter applied, read tensor by tensor (see the module docstring)."""
 
-    def __init__(self, uri: str, adapter: ModelReader, base, config: LoraConfig) -> None:
+    def __init__(self, uri: str, adapter: ModelReader, base, config: LoraConfig,
+                 s3: S3Options | None = None) -> None:
         self.uri = uri
+        self._s3 = s3
         self._adapter = adapter
         self._base = base
         self.lora_config = config
@@ -236,6 +238,9 @@ class AdapterModel:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __reduce__(self):
+        return (_reopen, (self.uri, self._base.uri, self._s3))
+
     def __repr__(self) -> str:
         return f"AdapterModel({self.uri!r}, {len(self._targets)} LoRA targets, {len(self._saved)} saved)"
 
@@ -252,8 +257,13 @@ def open_adapter(uri: str, base, s3: S3Options | None = None) -> AdapterModel:
             raise InputError(f"{uri}: a PEFT adapter directory must hold {WEIGHTS_NAME} "
                              f"(found {', '.join(adapter.weight_files)})")
         cfg = parse_lora_config(adapter.read_aux(CONFIG_NAME), f"{uri.rstrip('/')}/{CONFIG_NAME}")
-        return AdapterModel(uri, adapter, base, cfg)
+        return AdapterModel(uri, adapter, base, cfg, s3)
     except BaseException:
         adapter.close()
         base.close()
         raise
+
+
+def _reopen(uri: str, base_uri: str, s3: S3Options | None) -> AdapterModel:
+    """An AdapterModel opened again elsewhere (unpickling), like ModelReader's __reduce__."""
+    return open_adapter(uri, open_model(base_uri, s3), s3)

@@ -15,7 +15,7 @@ import torch
 from esm_ray.core.dtypes import DTYPES
 from esm_ray.errors import InputError, SpecError
 from esm_ray.io.overlap import check_no_overlap
-from esm_ray.io.adapter import is_adapter
+from esm_ray.io.adapter import AdapterModel, is_adapter
 from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
@@ -265,6 +265,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     dtypes = {n: base.info(n).dtype for n in names}
     base_arch = _arch(base.config)
     fps = []
+    adapters: list[str] = []
     total = sum(base.info(n).nbytes for n in names)
     for i, e in enumerate(spec.experts):
         r = open_expert(spec, i)
@@ -298,6 +299,10 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
                                  f"{str(dtypes[n]).removeprefix('torch.')}")
             total += meta.nbytes
         aux_names.append(list(r.aux_names()) if needs.heads else [])
+        if isinstance(r, AdapterModel):
+            ranks = sorted({t.rank for t in r.targets().values()})
+            adapters.append(f"expert {e.name!r} is a LoRA adapter ({len(r.targets())} targets, rank "
+                            f"{'/'.join(map(str, ranks)) or '-'}, {len(r.saved())} saved tensors)")
         r.close()
     check_needs(spec, needs, what, base.config, aux_names)
     if (needs.stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):
@@ -308,6 +313,15 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     base_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
     out_dtype = _DTYPES[spec.dtype] if spec.dtype else base_dtype
     plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total)
+    for line in adapters:
+        how = "from its factors" if method.factored else "densified one tensor at a time"
+        plan.notes.append(f"{line}: {method.name!r} merges its targets {how}")
+    if spec.output_format == "peft":
+        plan.notes.append("output_format peft: the output is one LoRA adapter on the base "
+                          f"(rank {spec.peft.rank or 'exact'}{f', energy {spec.peft.energy}' if spec.peft.energy else ''})")
+        if len(adapters) < len(spec.experts):
+            plan.notes.append("output_format peft with full experts: a tensor the merge changes outside the "
+                              "adapters' targets and saved modules fails the merge (nothing is written)")
     if not needs.reads_data and any(e.data for e in spec.experts):
         plan.notes.append(f"method {method.name!r} does not use calibration data; `data` is ignored")
     plan.notes.append("tensor values are checked for NaN/Inf in the output dtype while merging; "

@@ -230,6 +230,28 @@ def test_embedding_target_equals_peft_cat_and_round_trips(lora_family, tmp_path)
         assert _rel(mine[k], d) < 1e-5, k
 
 
+def test_dry_run_names_the_adapters_and_the_output(lora_family, tmp_path, capsys):
+    import pickle
+
+    import yaml
+
+    from esm_ray.io.composite import open_input
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(_spec(lora_family["base"], [lora_family["full_0"], lora_family["lora_1"]],
+                                         tmp_path / "out", "ties", output_format="peft", peft={"rank": 4})))
+    assert main(["merge", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "expert 'e1' is a LoRA adapter (8 targets, rank 4, 0 saved tensors): 'ties' merges its targets " \
+           "densified one tensor at a time" in out
+    assert "one LoRA adapter on the base (rank 4)" in out and "with full experts" in out
+    assert not (tmp_path / "out").exists()
+    r = open_input(str(lora_family["lora_1"]), str(lora_family["base"]))
+    again = pickle.loads(pickle.dumps(r))  # readers travel to Ray workers by reopening
+    assert again.fingerprint() == r.fingerprint() and torch.equal(again.factors(TARGET_KEYS[0])[0],
+                                                                  r.factors(TARGET_KEYS[0])[0])
+
+
 # ---- bad adapters --------------------------------------------------------------------------------
 
 def _broken(src: Path, dst: Path, config: dict | None = None, tensors=None) -> Path:

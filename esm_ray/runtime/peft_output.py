@@ -51,7 +51,6 @@ class AdapterLayout:
     targets: dict[str, OutTarget]
     saved: set[str]
     task_type: str | None
-    full_experts: bool  # some expert is a whole model (it may change any tensor)
 
 
 def adapter_layout(spec: MergeSpec) -> AdapterLayout:
@@ -60,12 +59,10 @@ def adapter_layout(spec: MergeSpec) -> AdapterLayout:
     targets: dict[str, OutTarget] = {}
     saved: set[str] = set()
     task_types: list[str] = []
-    full = False
     for i in range(len(spec.experts)):
         r = open_expert(spec, i)
         try:
             if not isinstance(r, AdapterModel):
-                full = True
                 continue
             for name, t in r.targets().items():
                 targets[name] = OutTarget(t.swap, t.embedding)
@@ -77,7 +74,7 @@ def adapter_layout(spec: MergeSpec) -> AdapterLayout:
     if not targets and not saved:
         raise SpecError("field `output_format`: 'peft' writes a LoRA adapter, which needs LoRA adapter "
                         "experts; no expert is one")
-    return AdapterLayout(targets, saved, task_types[0] if task_types else None, full)
+    return AdapterLayout(targets, saved, task_types[0] if task_types else None)
 
 
 def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo]) -> None:
@@ -88,9 +85,7 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo]) -> None:
     deltas: dict[str, Tensor] = {}
     with job._stage("fuse"):
         for info in infos:
-            name = info.name
-            if name not in layout.targets and name not in layout.saved and not layout.full_experts:
-                continue  # every expert leaves it as the base's
+            name = info.name  # every tensor: a method may change one no expert changed (passthrough's scale)
             base = job._base.get(name).to(torch.float32)
             parts = job.pool.group_parts([info]).of(0, info, base)
             ctxs = [method.context_for(c, info) for c in job.ctxs]

@@ -205,6 +205,12 @@ def test_peft_output_refuses_what_an_adapter_cannot_hold(lora_family, tmp_path, 
     with pytest.raises(SpecError, match=r"tensor '(lm_head|model\.[a-z_.0-9]+)\.weight' changes in the merge"):
         _merge(spec)
     assert not (tmp_path / "out").exists()
+    # passthrough with a scale changes every tensor, the adapter's or not
+    scaled = _spec(lora_family["base"], [lora_family["lora_0"]], tmp_path / "out", "passthrough",
+                   params={"scale": 0.5}, output_format="peft")
+    with pytest.raises(SpecError, match=r"tensor '(lm_head|model\.[a-z_.0-9]+)\.weight' changes in the merge"):
+        _merge(scaled)
+    assert not (tmp_path / "out").exists()
     only_full = _spec(lora_family["base"], [lora_family["full_0"]], tmp_path / "out", output_format="peft")
     with pytest.raises(SpecError, match="no expert is one"):
         _merge(only_full)
@@ -314,6 +320,15 @@ def test_ray_equals_local_bytes_for_adapters(lora_family, ray_driver, tmp_path):
     ray = _spec(lora_family["base"], experts, tmp_path / "ray", "tsvm", runtime={"name": "ray"})
     _merge(local)
     assert _merge(ray).report["executor"] == "ray"
+    assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_ray_equals_local_bytes_for_an_adapter_output(lora_family, ray_driver, tmp_path):
+    experts = [lora_family["lora_0"], lora_family["lora_2"]]
+    for name, runtime in (("local", {"name": "local"}), ("ray", {"name": "ray"})):
+        _merge(_spec(lora_family["base"], experts, tmp_path / name, "tsvm", runtime=runtime,
+                     output_format="peft", peft={"rank": 3}))
     assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
 
 

@@ -389,3 +389,13 @@ def test_conv1d_adapter_with_fan_in_fan_out(tmp_path):
     for k, d in want.items():
         assert _rel(got[k] - base[k], d) < 1e-5, k
         assert _rel(mine[k], d) < 1e-5, k
+
+
+def test_methods_say_which_are_factored_for_adapters(capsys):
+    assert main(["methods", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    factored = sorted(n for n, m in table.items() if m["lora"] == "factored")
+    assert factored == ["esm", "linear", "task_arithmetic", "tsvm"]
+    assert table["ties"]["lora"] == "densified per tensor" and table["pave"]["lora"] is None
+    assert main(["methods"]) == 0
+    assert "tsvm  [method, LoRA factored]" in capsys.readouterr().out

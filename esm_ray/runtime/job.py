@@ -331,6 +331,7 @@ class MergeJob:
             "base": {"uri": spec.base, "fingerprint": plan.base_fingerprint},
             "experts": [{"name": e.name, "uri": e.model, "fingerprint": fp, "weight": e.weight,
                          "density": e.density, "data": e.data}
+                        | ({"lora": plan.adapters[e.name]} if e.name in plan.adapters else {})
                         for e, fp in zip(spec.experts, plan.expert_fingerprints)],
             "dtype": str(plan.out_dtype).removeprefix("torch."),
             "seed": spec.seed,

@@ -66,6 +66,8 @@ class MergePlan:
     expert_fingerprints: list[str]
     input_bytes: int
     notes: list[str] = field(default_factory=list)
+    # expert name -> its LoRA adapter's facts (targets, ranks, saved tensors, factored) for the report
+    adapters: dict[str, dict] = field(default_factory=dict)
 
     @property
     def needs(self) -> Needs:
@@ -266,6 +268,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     base_arch = _arch(base.config)
     fps = []
     adapters: list[str] = []
+    facts: dict[str, dict] = {}
     total = sum(base.info(n).nbytes for n in names)
     for i, e in enumerate(spec.experts):
         r = open_expert(spec, i)
@@ -303,6 +306,8 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
             ranks = sorted({t.rank for t in r.targets().values()})
             adapters.append(f"expert {e.name!r} is a LoRA adapter ({len(r.targets())} targets, rank "
                             f"{'/'.join(map(str, ranks)) or '-'}, {len(r.saved())} saved tensors)")
+            facts[e.name] = {"targets": len(r.targets()), "ranks": ranks, "saved": sorted(r.saved()),
+                             "factored": method.factored}
         r.close()
     check_needs(spec, needs, what, base.config, aux_names)
     if (needs.stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):
@@ -312,7 +317,8 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     float_dtypes = [d for d in dtypes.values() if d.is_floating_point]
     base_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
     out_dtype = _DTYPES[spec.dtype] if spec.dtype else base_dtype
-    plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total)
+    plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total,
+                     adapters=facts)
     for line in adapters:
         how = "from its factors" if method.factored else "densified one tensor at a time"
         plan.notes.append(f"{line}: {method.name!r} merges its targets {how}")

@@ -78,6 +78,8 @@ def test_task_arithmetic_equals_peft_cat(lora_family, tmp_path):
     w = [0.7, 1.3, 0.5]
     res = _merge(_spec(lora_family["base"], ads, tmp_path / "out", weights=w))
     assert res.report["method"] == "task_arithmetic"
+    assert [e["lora"]["ranks"] for e in res.report["experts"]] == [[2], [4], [3]]
+    assert res.report["experts"][0]["lora"] == {"targets": 8, "ranks": [2], "saved": [], "factored": True}
     peft = _peft_model(lora_family["base"], ads)
     peft.add_weighted_adapter([f"a{i}" for i in range(3)], w, "cat", combination_type="cat")
     want = _peft_deltas(peft, "cat")

@@ -109,8 +109,23 @@ class AdapterModel:
                 self._saved[name] = key
         for module, kinds in found.items():
             self._targets[f"{module}.weight"] = self._target(module, kinds)
+        self._check_complete(set(found))
         if not self._targets and not self._saved:
             raise InputError(f"{self.where}: holds no LoRA factors and no saved modules")
+
+    def _check_complete(self, modules: set[str]) -> None:
+        """InputError when the config targets (or saves) a base module that the file holds
+        nothing for: an incomplete adapter, which peft would load with that update missing."""
+        cfg = self.lora_config
+        weights = [n.removesuffix(".weight") for n in self._base.keys() if n.endswith(".weight")]
+        saved = {n.removesuffix(".weight") for n in self._saved}
+        for names, have, what in ((cfg.target_names, modules, "LoRA factors"),
+                                  (cfg.modules_to_save, saved, "weights")):
+            for entry in names:
+                missing = [m for m in weights if (m == entry or m.endswith("." + entry)) and m not in have]
+                if missing:
+                    raise InputError(f"{self.where}: holds no {what} for {missing[0]!r}, which "
+                                     f"{cfg.where} names ({entry!r}); the adapter is incomplete")
 
     def _shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._adapter.info(key).shape)

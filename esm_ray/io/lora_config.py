@@ -41,6 +41,7 @@ class LoraConfig:
     rank_pattern, alpha_pattern: per-module overrides {pattern: value}
     modules_to_save: modules stored whole in the adapter
     task_type:       peft's task type (e.g. CAUSAL_LM), passed on to a written adapter
+    target_names:    the target_modules list, when every base module it names must have factors
     where:           the config file, for messages
     """
 
@@ -52,6 +53,9 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: tuple[str, ...] = ()
     task_type: str | None = None
+    # target_modules when it is a list of names and every matching module must carry factors
+    # (no layers_to_transform / exclude_modules narrowing it); () when it cannot be checked
+    target_names: tuple[str, ...] = ()
     where: str = CONFIG_NAME
 
     def _match(self, pattern: dict[str, Any], module: str) -> Any:
@@ -110,7 +114,11 @@ def parse_lora_config(data: bytes, where: str) -> LoraConfig:
     save = doc.get("modules_to_save") or []
     if not isinstance(save, list) or not all(isinstance(m, str) for m in save):
         raise InputError(f"{where}: field `modules_to_save` must be a list of module names, got {save!r}")
-    return LoraConfig(r=r, alpha=float(alpha), rslora=bool(doc.get("use_rslora", False)),
+    targets = doc.get("target_modules")
+    narrowed = any(doc.get(k) not in (None, [], "") for k in ("layers_to_transform", "exclude_modules"))
+    names = tuple(targets) if isinstance(targets, list) and all(isinstance(t, str) for t in targets) \
+        and not narrowed else ()
+    return LoraConfig(target_names=names, r=r, alpha=float(alpha), rslora=bool(doc.get("use_rslora", False)),
                       fan_in_fan_out=bool(doc.get("fan_in_fan_out", False)),
                       rank_pattern={k: int(v) for k, v in patterns["rank_pattern"].items()},
                       alpha_pattern={k: float(v) for k, v in patterns["alpha_pattern"].items()},

@@ -282,6 +282,11 @@ BAD = {
                   rf"tensor '{Q0}\.lora_A\.weight' has no matching .*lora_B\.weight"),
     "shape": (None, lambda sd: sd | {f"{Q0}.lora_A.weight": torch.zeros(2, 48)},
               r"has shape \(32, 48\), the base's 'model\.layers\.0\.self_attn\.q_proj\.weight' has \(32, 32\)"),
+    "missing_module": (None, lambda sd: {k: v for k, v in sd.items() if "layers.1.self_attn.v_proj" not in k},
+                       r"adapter_model\.safetensors: holds no LoRA factors for "
+                       r"'model\.layers\.1\.self_attn\.v_proj', which .*adapter_config\.json names \('v_proj'\)"),
+    "missing_saved": ({"modules_to_save": ["lm_head"]}, None,
+                      r"holds no weights for 'lm_head', which .*adapter_config\.json names \('lm_head'\)"),
     "dora_tensor": (None, lambda sd: sd | {f"{Q0}.lora_magnitude_vector": torch.ones(32)},
                     r"lora_magnitude_vector' is a DoRA magnitude vector"),
 }

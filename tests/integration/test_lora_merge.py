@@ -330,7 +330,6 @@ def test_ray_equals_local_bytes_for_adapters(lora_family, ray_driver, tmp_path):
     assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
 
 
-@pytest.mark.slow
 def test_ray_equals_local_bytes_for_an_adapter_output(lora_family, ray_driver, tmp_path):
     experts = [lora_family["lora_0"], lora_family["lora_2"]]
     for name, runtime in (("local", {"name": "local"}), ("ray", {"name": "ray"})):

@@ -111,7 +111,7 @@ class MergeJob:
             if spec.output_format == "peft":  # one LoRA adapter instead of a model (runtime.peft_output)
                 from esm_ray.runtime.peft_output import merge_to_adapter
 
-                merge_to_adapter(self, floating)
+                merge_to_adapter(self, floating, t_all)
                 self.timings["total"] = round(time.perf_counter() - t_all, 4)
                 return MergeResult(spec.output, self._report_data, dict(self.timings))
             groups = self.plan_tensors(infos)

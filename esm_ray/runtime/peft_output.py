@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -77,8 +78,9 @@ def adapter_layout(spec: MergeSpec) -> AdapterLayout:
     return AdapterLayout(targets, saved, task_types[0] if task_types else None)
 
 
-def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo]) -> None:
-    """Fuse the adapter's tensors, apply the method's layer scales, write and commit."""
+def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -> None:
+    """Fuse the adapter's tensors, apply the method's layer scales, write and commit
+    (`t_start`: when the job began, time.perf_counter(), for the report's total)."""
     plan, spec, method = job.plan, job.plan.spec, job.plan.method
     layout = adapter_layout(spec)
     updates: dict[str, LowRank] = {}
@@ -113,7 +115,7 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo]) -> None:
     with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3) as writer:
         writer.write_tensors(WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         writer.write_file(CONFIG_NAME, json.dumps(config, indent=2).encode())
-        job._report_data = job._report(method, 0.0)
+        job._report_data = job._report(method, time.perf_counter() - t_start)
         job._report_data["output"] = {"format": "peft", "targets": len(ranks), "ranks": ranks,
                                       "modules_to_save": config["modules_to_save"]}
         writer.write_file("merge_report.json", json.dumps(job._report_data, indent=2).encode())

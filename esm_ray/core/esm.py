@@ -99,15 +99,25 @@ def esm_fuse(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None = No
     instead of the thin SVD of the 3072 x 2304 U; agrees with 'svd' to about eps · κ², see
     docs/methods-subspace.md. route 'svd': the thin SVD of each factor (`linalg.polar`).
     """
+    c, pu, pv = esm_factors(parts, recipe, norms, dtype, route)
+    if pu.shape[1] == 0:
+        return torch.zeros(pu.shape[0], pv.shape[1], dtype=dtype, device=pu.device)
+    return c * (pu @ pv)
+
+
+def esm_factors(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None = None,
+                dtype: torch.dtype = torch.float64,
+                route: Literal["gram", "svd"] = "gram") -> tuple[Tensor, Tensor, Tensor]:
+    """esm_fuse kept factored: (c, polar(U) (d_out, Σk), polar(V) (Σk, d_in)), ΔW = c · polar(U) polar(V)."""
     if route not in ("gram", "svd"):
         raise ValueError(f"route must be 'gram' or 'svd', got {route!r}")
     u_cat, v_cat = stack_factors(parts, recipe, norms, dtype)
     if u_cat.shape[1] == 0:
-        return torch.zeros(u_cat.shape[0], v_cat.shape[1], dtype=dtype, device=u_cat.device)
+        return torch.zeros((), dtype=dtype), u_cat, v_cat
     fn = polar_gram if route == "gram" else polar
     pu, msu = fn(u_cat)
     pv, msv = fn(v_cat)
-    return (recipe.multiplier * msu * msv) * (pu @ pv)
+    return recipe.multiplier * msu * msv, pu, pv
 
 
 def mean_fuse(deltas: list[Tensor]) -> Tensor:

@@ -19,9 +19,10 @@ from pydantic import Field
 from torch import Tensor
 
 from esm_ray.core.esd import ESD, esd_from_gram
-from esm_ray.core.esm import PRESETS, ESMRecipe, esm_fuse, inter_layer_scales, mean_fuse
+from esm_ray.core.esm import PRESETS, ESMRecipe, esm_factors, esm_fuse, inter_layer_scales, mean_fuse
 from esm_ray.core.layerstats import LayerStats
-from esm_ray.core.tsvm import tsv_rank, tsv_truncate, tsvm_fuse
+from esm_ray.core.lora import LoraFactors, LowRank, esd_from_factors, lora_svd
+from esm_ray.core.tsvm import tsv_rank, tsv_truncate, tsvm_factors, tsvm_fuse
 from esm_ray.errors import InputError
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -97,6 +98,7 @@ class ESM(MergeMethod[ESMParams]):
     needs_stats = True
     needs_layer_scales = True
     decomposes = True
+    factored = True
 
     def __init__(self, params: ESMParams, n_experts: int, seed: int = 0) -> None:
         super().__init__(params, n_experts, seed)
@@ -143,7 +145,53 @@ class ESM(MergeMethod[ESMParams]):
             return TSVPart(u.float(), s.float(), vh.float())
         return delta.float()
 
+    def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
+        """A LoRA expert's part from its factors: the ESD through the (r, r) core
+        (core.lora.esd_from_factors) where statistics exist, else the top TSV triplets from
+        the factors' QRs; ||ΔW||_F from the factors' Grams. The same parts as `prepare` on the
+        densified tensor, never forming ΔW."""
+        p = self.params
+        if ctx.stats is not None and ctx.stats.n > 0:
+            t = oriented(info, ctx.stats)
+            f = LoraFactors(lora.a.T, lora.b.T, lora.scale) if t else lora
+            esd = esd_from_factors(f, ctx.stats.gram, ctx.stats.n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
+            return ESDPart(esd.to(torch.float32), lora.lowrank().norm(), t)
+        u, s, vh = lora_svd(lora, tsv_rank(lora.shape, self.n_experts))
+        return TSVPart(u.float(), s.float(), vh.float())
+
     # coordinator -----------------------------------------------------------------------------
+    def fuse_lowrank(self, info: TensorInfo, base: Tensor, parts: list[Any],
+                     ctxs: list[ExpertContext]) -> LowRank | None:
+        """The update of an ESD or TSV key kept factored (before `layer_scales`); α applied as in
+        `fuse`. None for the mean branch."""
+        p = self.params
+        parts = list(parts)
+        scope = self.alpha_scope_of(info)
+        if parts and all(isinstance(x, ESDPart) for x in parts):
+            recipe = self.recipe(info)
+            c, pu, pv = esm_factors([x.esd for x in parts], recipe, [x.norm for x in parts],
+                                    getattr(torch, p.fuse_dtype), p.fuse_route)
+            b, a = (pu * c).double(), pv.double()
+            if parts[0].transposed:
+                b, a = a.T, b.T
+            self._ranks[info.name] = [x.esd.rank for x in parts]
+            self._presets[recipe.name] = self._presets.get(recipe.name, 0) + 1
+            self._record(info, "esd", scope)
+            return LowRank(b * p.alpha, a)
+        if parts and all(isinstance(x, TSVPart) for x in parts):
+            b, a = tsvm_factors([x.u.double() for x in parts], [x.s.double() for x in parts],
+                                [x.vh.double() for x in parts])
+            self._record(info, "tsv", scope)
+            return LowRank(b * (p.alpha if scope == "all" else 1.0), a)
+        return None
+
+    def _record(self, info: TensorInfo, branch: str, scope: str) -> None:
+        """What `report()` says of a tensor merged by `fuse_lowrank` (as `fuse` records it)."""
+        self._branch[info.name] = branch
+        self._scopes.add(scope)
+        if scope == "all" or branch == "esd":
+            self._alpha_keys.add(info.name)
+
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         p = self.params
         kinds = {type(x) for x in parts}

@@ -187,7 +187,7 @@ def cache_key(model_fp: str, data_fp: str, settings: CalibrationSpec, extra: dic
 def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s3: S3Options | None = None,
                      tokenizer_uri: str | None = None, *, name: str | None = None, modules: list[str] | None = None,
                      max_bytes: int | None = None, dtype: torch.dtype = torch.float32,
-                     device: str = "cpu") -> StatsStore:
+                     device: str = "cpu", base_uri: str | None = None) -> StatsStore:
     """Calibrate one expert on its data file, or return the cached statistics.
 
     The model class comes from config `architectures` (*ForCausalLM -> AutoModelForCausalLM,
@@ -195,11 +195,12 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
     here and in the result are the checkpoint's (see `_checkpoint_names`). A tokenizer is loaded
     only when a row is text: from `tokenizer_uri`, else from the model directory.
     name: how log lines and the manifest call the expert (default: the last part of the URI).
+    base_uri: the merge's base; a LoRA adapter at `model_uri` is applied to it (io.adapter).
     """
     label = name or model_uri.rstrip("/").rsplit("/", 1)[-1]
     t0 = time.perf_counter()
     rows = load_calibration_rows(data_uri, settings.samples, settings.seed)
-    src = StoredModel(model_uri, s3)
+    src = StoredModel(model_uri, s3, base_uri)
     try:
         vocab = src.config.get("vocab_size")
         if isinstance(vocab, int) and vocab > 0 and not is_s3(data_uri):

@@ -89,14 +89,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
                          heads=getattr(cls, "needs_heads", False),
                          labels=getattr(cls, "needs_labels", False)).describe()
 
+    def lora(kind: str, cls) -> str | None:  # how LoRA experts are merged (io.adapter)
+        if kind != "method":
+            return None
+        return "factored" if getattr(cls, "factored", False) else "densified per tensor"
+
     if args.json:
         print(json.dumps({cls.name: {"kind": kind, "summary": cls.summary, "needs": needs(cls),
+                                     "lora": lora(kind, cls),
                                      "params": [p.__dict__ for p in describe_params(cls.Params)]}
                           for kind, cls in rows}, indent=2, default=str))
         return 0
     for kind, cls in sorted(rows, key=lambda r: (r[0] != "method", r[1].name)):
         n = needs(cls)
-        print(f"{cls.name}  [{kind}{', needs ' + ', '.join(n) if n else ''}]  {cls.summary}")
+        tags = [kind] + (["LoRA " + lora(kind, cls)] if kind == "method" else []) + (["needs " + ", ".join(n)] if n else [])
+        print(f"{cls.name}  [{', '.join(tags)}]  {cls.summary}")
         for p in describe_params(cls.Params):
             print(f"    {p.name:<18} {p.type:<14} default={p.default!r:<10} {p.description}")
     return 0

@@ -130,6 +130,10 @@ class CalibrationSpec(Frozen):
     # How each Gram XᵀX is accumulated: mixed = float32 products of token blocks (TF32 on GPUs
     # where torch allows it) summed into a float64 accumulator; float64 = every product in float64.
     gram_precision: Literal["mixed", "float64"] = "mixed"
+    # How the expert is run: full = the whole model loaded, one forward pass per batch;
+    # layerwise = one block loaded at a time from the lazy reader, every batch run through it
+    # (memory: one block plus the activations, whatever the depth; same statistics).
+    mode: Literal["full", "layerwise"] = "full"
 
 
 class RuntimeSpec(Frozen):
@@ -162,6 +166,15 @@ class ServeSpec(Frozen):
     max_input_chars: int = Field(default=20_000, ge=1)  # characters (or token ids) per input before 413
 
 
+class PeftOutputSpec(Frozen):
+    """The LoRA adapter written with `output_format: peft`. Without `rank` and `energy` each
+    target keeps its merged update exactly (the concatenated factors of linear / task
+    arithmetic, rank Σ r_i); with them it is re-decomposed by an SVD of the factored update."""
+
+    rank: int | None = Field(default=None, ge=1)  # at most this rank per target
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)  # keep this fraction of Σ s²
+
+
 class MergeSpec(Frozen):
     """A whole merge job."""
 
@@ -171,6 +184,9 @@ class MergeSpec(Frozen):
     purify: PurifySpec | None = None
     output: str
     dtype: DType | None = None  # output dtype; default: the base model's
+    # 'dense': a merged model; 'peft': one LoRA adapter on the base (needs LoRA experts, io.adapter)
+    output_format: Literal["dense", "peft"] = "dense"
+    peft: PeftOutputSpec = Field(default_factory=PeftOutputSpec)
     shard_size: int | str = "2GB"
     overwrite: bool = False
     seed: int = 0

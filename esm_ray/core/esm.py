@@ -9,7 +9,8 @@ Per layer, each task brings its essential factors (E_t, C_t, λ_t) from ESD. The
 4. (ViT recipe) inter-column scaling: column j of V is multiplied by (c_j / mean c)^2,
    c_j = ||V[:, j]||;
 5. orthogonalise each factor by its polar factor and put back the mean singular values:
-   ΔW = m · ms(U) · ms(V) · polar(U) · polar(V),  m = 2 (ViT) or 1 (RoBERTa).
+   ΔW = m · ms(U) · ms(V) · polar(U) · polar(V),  m = 2 (ViT) or 1 (RoBERTa);
+   or (magnitude 'energy') with the one c that gives ||ΔW||_F = sqrt(Σ_t ||E_t C_t||_F²).
 
 Both factors become partial isometries, so the merged update has a flat spectrum: every
 nonzero singular value equals m · ms(U) · ms(V). The scalings only choose the directions.
@@ -39,6 +40,7 @@ class ESMRecipe:
     inter_column_power: float = 0.0
     multiplier: float = 1.0
     inter_layer_power: float = 2.0
+    magnitude: Literal["mean_singular", "energy"] = "mean_singular"
 
 
 PRESETS: dict[str, ESMRecipe] = {
@@ -99,15 +101,39 @@ def esm_fuse(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None = No
     instead of the thin SVD of the 3072 x 2304 U; agrees with 'svd' to about eps · κ², see
     docs/methods-subspace.md. route 'svd': the thin SVD of each factor (`linalg.polar`).
     """
+    c, pu, pv = esm_factors(parts, recipe, norms, dtype, route)
+    if pu.shape[1] == 0:
+        return torch.zeros(pu.shape[0], pv.shape[1], dtype=dtype, device=pu.device)
+    return c * (pu @ pv)
+
+
+def esm_factors(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None = None,
+                dtype: torch.dtype = torch.float64,
+                route: Literal["gram", "svd"] = "gram") -> tuple[Tensor, Tensor, Tensor]:
+    """esm_fuse kept factored: (c, polar(U) (d_out, Σk), polar(V) (Σk, d_in)), ΔW = c · polar(U) polar(V)."""
     if route not in ("gram", "svd"):
         raise ValueError(f"route must be 'gram' or 'svd', got {route!r}")
     u_cat, v_cat = stack_factors(parts, recipe, norms, dtype)
     if u_cat.shape[1] == 0:
-        return torch.zeros(u_cat.shape[0], v_cat.shape[1], dtype=dtype, device=u_cat.device)
+        return torch.zeros((), dtype=dtype), u_cat, v_cat
     fn = polar_gram if route == "gram" else polar
     pu, msu = fn(u_cat)
     pv, msv = fn(v_cat)
-    return (recipe.multiplier * msu * msv) * (pu @ pv)
+    if recipe.magnitude == "energy":
+        return energy_magnitude(parts, pu, pv), pu, pv
+    return recipe.multiplier * msu * msv, pu, pv
+
+
+def energy_magnitude(parts: list[ESD], pu: Tensor, pv: Tensor) -> Tensor:
+    """c with ||c · polar(U) polar(V)||_F = sqrt(Σ_t ||E_t C_t||_F²): the flat update carries the
+    energy of the tasks' essential parts, as an orthogonal sum of them would (and as TSV-M's
+    merge carries its truncations' energy). pu (d_out, m), pv (m, d_in). A 0-d tensor."""
+    target = torch.stack([p.coords.to(torch.float64).square().sum() for p in parts]).sum().sqrt()
+    # ||pu pv||_F² = tr((puᵀ pu)(pv pvᵀ)), without forming the (d_out, d_in) product
+    size = ((pu.T.to(torch.float64) @ pu.to(torch.float64)) * (pv.to(torch.float64) @ pv.T.to(torch.float64))).sum()
+    if float(size) <= 0:
+        return torch.zeros((), dtype=pu.dtype, device=pu.device)
+    return (target / size.sqrt()).to(pu.dtype)
 
 
 def mean_fuse(deltas: list[Tensor]) -> Tensor:

@@ -31,12 +31,18 @@ def tsvm_fuse(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor]) -> Tensor:
 
     us[t]: (d_out, k_t), ss[t]: (k_t,), vhs[t]: (k_t, d_in) -> (d_out, d_in)
     """
+    b, a = tsvm_factors(us, ss, vhs)
+    return b @ a
+
+
+def tsvm_factors(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """tsvm_fuse kept factored: (polar(U_cat) diag(S_cat) (d_out, Σk), polar(V_cat)ᵀ (Σk, d_in))."""
     u_cat = torch.cat(us, dim=1)
     s_cat = torch.cat(ss)
     v_cat = torch.cat([vh.T for vh in vhs], dim=1)
     pu, _ = polar(u_cat)
     pv, _ = polar(v_cat)
-    return (pu * s_cat) @ pv.T
+    return pu * s_cat, pv.T
 
 
 def drop_null_triplets(u: Tensor, s: Tensor, vh: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:

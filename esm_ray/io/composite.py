@@ -157,5 +157,17 @@ def open_base(spec: MergeSpec):
 
 
 def open_expert(spec: MergeSpec, index: int):
-    """Expert `index` as the merge reads it (a SlicedModel when the spec has slices)."""
-    return SlicedModel(spec, index) if spec.slices else open_model(spec.experts[index].model, spec.s3)
+    """Expert `index` as the merge reads it: a SlicedModel when the spec has slices, an
+    AdapterModel (the base with the adapter applied, io.adapter) for a PEFT LoRA adapter."""
+    if spec.slices:
+        return SlicedModel(spec, index)
+    return open_input(spec.experts[index].model, spec.base, spec.s3)
+
+
+def open_input(uri: str, base_uri: str, s3=None):
+    """A model, or a LoRA adapter over the base at `base_uri`, opened for lazy reads."""
+    from esm_ray.io.adapter import is_adapter, open_adapter
+
+    if is_adapter(uri, s3):
+        return open_adapter(uri, open_model(base_uri, s3), s3)
+    return open_model(uri, s3)

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from esm_ray.core.lora import LoraFactors
 from esm_ray.methods.base import P, ExpertContext, MergeMethod, Parts, TensorInfo
 
 
@@ -67,8 +68,16 @@ def compact(t: Tensor, max_nonzero: int | None = None) -> Tensor | SparsePart:
     return SparsePart(tuple(t.shape), idx, t.reshape(-1)[idx].clone())
 
 
-def dense(part: Tensor | SparsePart) -> Tensor:
+def dense(part: Tensor | SparsePart | LoraFactors) -> Tensor:
+    """A part as a dense tensor (a LoRA expert's factors densified, s · B A)."""
+    if isinstance(part, LoraFactors):
+        return part.float()
     return part.to_dense() if isinstance(part, SparsePart) else part
+
+
+def all_lora(parts: Sequence[Any]) -> bool:
+    """Whether every part is a LoRA expert's factors (a factored fuse applies)."""
+    return len(parts) > 0 and all(isinstance(p, LoraFactors) for p in Parts.of(parts))
 
 
 def in_expert_order(parts: list[Any], ctxs: list[ExpertContext]) -> tuple[list[Any], list[ExpertContext]]:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from esm_ray.core.layerstats import LayerStats
+from esm_ray.core.lora import LoraFactors, LowRank
 from esm_ray.methods.schedule import Setting, first_value
 
 _INDEX = re.compile(r"\.(\d+)\.")
@@ -313,11 +314,21 @@ class MergeMethod(Parametrised[P]):
     # over a tensor, no per-tensor randomness): the local executor may then merge a large
     # tensor in row blocks and never hold it whole in float32.
     elementwise: ClassVar[bool] = False
+    # LoRA experts (io.adapter): a `factored` method makes its part of a LoRA target from the
+    # factors (`prepare_lora`, never densifying ΔW = s·BA), and `fuse_lowrank` may return the
+    # merged update factored (for `output_format: peft`). Other methods get the densified
+    # expert tensor, one tensor at a time on the expert's side.
+    factored: ClassVar[bool] = False
 
     def needs(self) -> Needs:
         """Everything this method needs, from its declarations (checked once by the plan)."""
         return Needs(stats=self.needs_stats, data=self.needs_data, heads=self.needs_heads,
                      labels=self.needs_labels)
+
+    def bind_model(self, config: dict[str, Any] | None, causal_lm: bool = False) -> None:
+        """Told once by the plan, before any work: the base's config.json and whether it is a
+        causal LM. The default ignores both; a routed method writes a causal LM's experts as
+        PEFT adapters."""
 
     # -- row blocks (the local executor, tensors over MergeJob.block_bytes) -------------------
     def blockwise(self, info: TensorInfo) -> bool:
@@ -346,6 +357,18 @@ class MergeMethod(Parametrised[P]):
         The default is the task vector τ = W_t − W_0.
         """
         return expert - base
+
+    def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
+        """Expert side of a `factored` method for a LoRA target: this expert's part from its
+        factors (ΔW = lora.scale · lora.b lora.a, b (d_out, r), a (r, d_in)). Default: the
+        factors themselves, which `fuse` may read densely (`methods._common.dense`)."""
+        return lora
+
+    def fuse_lowrank(self, info: TensorInfo, base: Tensor, parts: list[Any],
+                     ctxs: list[ExpertContext]) -> LowRank | None:
+        """Coordinator: the merged update kept factored, when the parts allow it (all of them
+        made by `prepare_lora`); None otherwise. `fuse` must equal its `dense()`."""
+        return None
 
     @abstractmethod
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:

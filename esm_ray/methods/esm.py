@@ -19,9 +19,10 @@ from pydantic import Field
 from torch import Tensor
 
 from esm_ray.core.esd import ESD, esd_from_gram, oas_shrinkage, shrink_gram
-from esm_ray.core.esm import PRESETS, ESMRecipe, esm_fuse, inter_layer_scales, mean_fuse
+from esm_ray.core.esm import PRESETS, ESMRecipe, esm_factors, esm_fuse, inter_layer_scales, mean_fuse
 from esm_ray.core.layerstats import LayerStats
-from esm_ray.core.tsvm import tsv_rank, tsv_truncate, tsvm_fuse
+from esm_ray.core.lora import LoraFactors, LowRank, esd_from_factors, lora_svd
+from esm_ray.core.tsvm import tsv_rank, tsv_truncate, tsvm_factors, tsvm_fuse
 from esm_ray.errors import InputError
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -52,6 +53,10 @@ class ESMParams(MethodParams):
     inter_task_power: float | None = Field(None, ge=0, description="override the preset's (ViT 2, RoBERTa 0)")
     inter_column_power: float | None = Field(None, ge=0, description="override the preset's (ViT 2, RoBERTa 0)")
     multiplier: float | None = Field(None, gt=0, description="override the preset's final factor (ViT 2, RoBERTa 1)")
+    magnitude: Literal["preset", "energy"] = Field(
+        "preset", description="scale of the flat merged spectrum: 'preset' = multiplier · mean singular "
+                              "values of the stacked factors (the papers'); 'energy' = the energy of the "
+                              "tasks' essential parts, ||ΔW||_F = sqrt(Σ_t ||E_t C_t||²) (label-free)")
     shrinkage: Annotated[float, Field(ge=0, le=1)] | Literal["oas"] = Field(
         0.0, description="pull each layer's Gram toward isotropic inputs before ESD: β in [0, 1] "
                          "(0 = the raw Gram, 1 = TSV-like), or 'oas' for the closed-form "
@@ -101,6 +106,7 @@ class ESM(MergeMethod[ESMParams]):
     needs_stats = True
     needs_layer_scales = True
     decomposes = True
+    factored = True
 
     def __init__(self, params: ESMParams, n_experts: int, seed: int = 0) -> None:
         super().__init__(params, n_experts, seed)
@@ -126,7 +132,8 @@ class ESM(MergeMethod[ESMParams]):
             inter_task_power=base.inter_task_power if p.inter_task_power is None else p.inter_task_power,
             inter_column_power=base.inter_column_power if p.inter_column_power is None else p.inter_column_power,
             multiplier=base.multiplier if p.multiplier is None else p.multiplier,
-            inter_layer_power=p.inter_layer_power)
+            inter_layer_power=p.inter_layer_power,
+            magnitude="energy" if p.magnitude == "energy" else "mean_singular")
 
     def alpha_scope_of(self, info: TensorInfo) -> str:
         p = self.params
@@ -135,25 +142,78 @@ class ESM(MergeMethod[ESMParams]):
         return "esd" if self.preset_of(info) == "vit" else "all"
 
     # expert side -----------------------------------------------------------------------------
+    def _gram(self, info: TensorInfo, stats: LayerStats, d_out: int) -> tuple[Tensor, int]:
+        """The layer's Gram after `shrinkage`, and the row count ESD's rank cap should see (a
+        shrunk Gram is full rank: the span of the n rows no longer caps the rank)."""
+        p = self.params
+        beta = oas_shrinkage(stats.gram, stats.n) if p.shrinkage == "oas" else float(p.shrinkage)
+        self._shrink[info.name] = beta
+        if beta == 0.0:
+            return stats.gram, stats.n
+        return shrink_gram(stats.gram, beta), max(stats.n, d_out)
+
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         p = self.params
         delta = expert.to(torch.float64) - base.to(torch.float64)
         if delta.ndim == 2 and ctx.stats is not None and ctx.stats.n > 0:
             t = oriented(info, ctx.stats)
             d = delta.T if t else delta
-            beta = oas_shrinkage(ctx.stats.gram, ctx.stats.n) if p.shrinkage == "oas" else float(p.shrinkage)
-            gram = shrink_gram(ctx.stats.gram, beta)
-            # A shrunk Gram is full rank: the span of the n rows no longer caps the rank.
-            n = ctx.stats.n if beta == 0.0 else max(ctx.stats.n, d.shape[0])
+            gram, n = self._gram(info, ctx.stats, d.shape[0])
             esd = esd_from_gram(d, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
-            self._shrink[info.name] = beta
             return ESDPart(esd.to(torch.float32), float(delta.norm()), t)
         if delta.ndim == 2:
             u, s, vh = tsv_truncate(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts))
             return TSVPart(u.float(), s.float(), vh.float())
         return delta.float()
 
+    def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
+        """A LoRA expert's part from its factors: the ESD through the (r, r) core
+        (core.lora.esd_from_factors) where statistics exist, else the top TSV triplets from
+        the factors' QRs; ||ΔW||_F from the factors' Grams. The same parts as `prepare` on the
+        densified tensor, never forming ΔW."""
+        p = self.params
+        if ctx.stats is not None and ctx.stats.n > 0:
+            t = oriented(info, ctx.stats)
+            f = LoraFactors(lora.a.T, lora.b.T, lora.scale) if t else lora
+            gram, n = self._gram(info, ctx.stats, f.shape[0])
+            esd = esd_from_factors(f, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
+            return ESDPart(esd.to(torch.float32), lora.lowrank().norm(), t)
+        u, s, vh = lora_svd(lora, tsv_rank(lora.shape, self.n_experts))
+        return TSVPart(u.float(), s.float(), vh.float())
+
     # coordinator -----------------------------------------------------------------------------
+    def fuse_lowrank(self, info: TensorInfo, base: Tensor, parts: list[Any],
+                     ctxs: list[ExpertContext]) -> LowRank | None:
+        """The update of an ESD or TSV key kept factored (before `layer_scales`); α applied as in
+        `fuse`. None for the mean branch."""
+        p = self.params
+        parts = list(parts)
+        scope = self.alpha_scope_of(info)
+        if parts and all(isinstance(x, ESDPart) for x in parts):
+            recipe = self.recipe(info)
+            c, pu, pv = esm_factors([x.esd for x in parts], recipe, [x.norm for x in parts],
+                                    getattr(torch, p.fuse_dtype), p.fuse_route)
+            b, a = (pu * c).double(), pv.double()
+            if parts[0].transposed:
+                b, a = a.T, b.T
+            self._ranks[info.name] = [x.esd.rank for x in parts]
+            self._presets[recipe.name] = self._presets.get(recipe.name, 0) + 1
+            self._record(info, "esd", scope)
+            return LowRank(b * p.alpha, a)
+        if parts and all(isinstance(x, TSVPart) for x in parts):
+            b, a = tsvm_factors([x.u.double() for x in parts], [x.s.double() for x in parts],
+                                [x.vh.double() for x in parts])
+            self._record(info, "tsv", scope)
+            return LowRank(b * (p.alpha if scope == "all" else 1.0), a)
+        return None
+
+    def _record(self, info: TensorInfo, branch: str, scope: str) -> None:
+        """What `report()` says of a tensor merged by `fuse_lowrank` (as `fuse` records it)."""
+        self._branch[info.name] = branch
+        self._scopes.add(scope)
+        if scope == "all" or branch == "esd":
+            self._alpha_keys.add(info.name)
+
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         p = self.params
         kinds = {type(x) for x in parts}

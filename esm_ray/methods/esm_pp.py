@@ -6,7 +6,9 @@ once its merged weight W_m is final (the post stage), every expert computes its 
 from δW_t = W_t − W_m and its calibration Gram (`core.routing.residual_expert`) and its
 prototype p_t = s1 / n; the coordinator stacks them. Before the merge loop (the support stage)
 each expert sends its task head. The output is the merged base in HF layout plus routed/* and
-heads/* (see `esm_ray.routed.load`).
+heads/* (see `esm_ray.routed.load`); for a causal LM (the base's config names a *ForCausalLM)
+one PEFT LoRA adapter per task under adapters/ and the router under router/ instead
+(`esm_ray.routed.lm_format`, served by `esm_ray.routed.lm`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from esm_ray.routed.format import (
+    BACKBONE_FILE,
     DEFAULT_ROUTED_LAYERS,
     EXPERTS_FILE,
     MANIFEST_FILE,
@@ -33,6 +36,7 @@ from esm_ray.routed.format import (
     pack_routed,
     routed_manifest,
 )
+from esm_ray.routed.lm_format import LM_BACKBONE_FILE, pack_lm
 from esm_ray.core.dtypes import DTYPES
 from esm_ray.core.routing import residual_expert
 from esm_ray.errors import SpecError
@@ -126,6 +130,10 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         self._kept: dict[str, list[int]] = {}
         self._tasks: list[str] = []
         self._support: list[SupportInputs] = []
+        self._causal = False  # bind_model: a causal LM's experts are written as PEFT adapters
+
+    def bind_model(self, config: dict[str, Any] | None, causal_lm: bool = False) -> None:
+        self._causal = causal_lm
 
     # ---- the static base: delegated ----------------------------------------------------------
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
@@ -190,6 +198,8 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
                                f"{self.params.layers or DEFAULT_ROUTED_LAYERS!r}")
         p = self.params
         means, bases, sim_meta, extra = self.sim_state()
+        if self._causal:
+            return self._lm_artifacts(means, bases, sim_meta, extra)
         packed = pack_routed(self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype])
         files: dict[str, bytes | BaseWeights] = {rel: st_save(tensors) for rel, tensors in packed.items()}
         files.update(extra)
@@ -214,6 +224,25 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
                               heads=heads, base_method=p.base_method,
                               base_params=dict(p.base_params), kept_ranks=self._kept, sizes=sizes)
         files[MANIFEST_FILE] = json.dumps(man, indent=2).encode()
+        return files
+
+    def _lm_artifacts(self, means: Tensor | None, bases: Tensor | None, sim_meta: dict[str, Any] | None,
+                      extra: dict[str, BaseWeights]) -> dict[str, bytes | BaseWeights]:
+        """A causal LM's routed files (esm_ray.routed.lm_format): one PEFT LoRA adapter per task
+        and the router state under router/; the SiM backbone as router/backbone.safetensors."""
+        p = self.params
+        if sim_meta is not None and sim_meta.get("backbone") == BACKBONE_FILE:
+            sim_meta = {**sim_meta, "backbone": LM_BACKBONE_FILE}
+            extra = {LM_BACKBONE_FILE if k == BACKBONE_FILE else k: v for k, v in extra.items()}
+        layers = {m: (int(b.shape[1]), int(a.shape[2])) for m, (b, a) in self._experts.items()}
+        man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=p.rank,
+                              expert_dtype=p.expert_dtype, layers=layers, routers=self.routers(), sim=sim_meta,
+                              heads={}, base_method=p.base_method, base_params=dict(p.base_params),
+                              kept_ranks=self._kept)
+        packed = pack_lm(self._tasks, self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man)
+        files: dict[str, bytes | BaseWeights] = {rel: v if isinstance(v, bytes) else st_save(v)
+                                                 for rel, v in packed.items()}
+        files.update(extra)
         return files
 
     def report(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.tsvm import drop_null_triplets, tsv_rank, tsv_truncate, tsvm_fuse
+from esm_ray.core.lora import LoraFactors, LowRank, lora_svd
+from esm_ray.core.tsvm import drop_null_triplets, tsv_rank, tsv_truncate, tsvm_factors, tsvm_fuse
 from esm_ray.methods._common import in_expert_order, lambda_field, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -42,6 +43,7 @@ class Tsvm(MergeMethod[TsvmParams]):
     name = "tsvm"
     summary = "TSV-M: per-task top singular vectors, decorrelated by polar factors"
     decomposes = True
+    factored = True
 
     def rank(self, shape: tuple[int, int]) -> int:
         k = self.params.k
@@ -56,6 +58,29 @@ class Tsvm(MergeMethod[TsvmParams]):
         u, s, vh = drop_null_triplets(*tsv_truncate(tv.double(), self.rank((tv.shape[0], tv.shape[1]))),
                                       rtol=max(tv.shape) * torch.finfo(torch.float32).eps)
         return LowRankPart(u.float().contiguous(), s.float(), vh.float().contiguous())
+
+    def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
+        """A LoRA expert's top-k triplets of s·BA from thin QRs of its factors and the SVD of the
+        (r, r) core (core.lora.lora_svd): the same part as `prepare` on the densified tensor,
+        in O((d_out + d_in) r²)."""
+        u, s, vh = drop_null_triplets(*lora_svd(lora, self.rank(lora.shape)),
+                                      rtol=max(lora.shape) * torch.finfo(torch.float32).eps)
+        return LowRankPart(u.float().contiguous(), s.float(), vh.float().contiguous())
+
+    def fuse_lowrank(self, info: TensorInfo, base: Tensor, parts: list[Any],
+                     ctxs: list[ExpertContext]) -> LowRank | None:
+        """The 2-D update polar(U_cat) diag(S_cat) polar(V_cat)ᵀ kept factored (rank Σk)."""
+        parts, ctxs = in_expert_order(list(parts), ctxs)
+        if not parts or not all(isinstance(p, LowRankPart) for p in parts):
+            return None
+        lam = float(self.params_for(info).lambda_)
+        keep = [(p, w) for p, w in zip(parts, weights_of(ctxs)) if w != 0.0 and p.s.numel() > 0]
+        if not keep:
+            return LowRank(torch.zeros(base.shape[0], 0, dtype=torch.float64),
+                           torch.zeros(0, base.shape[1], dtype=torch.float64))
+        b, a = tsvm_factors([p.u.double() for p, _ in keep], [p.s.double() * w for p, w in keep],
+                            [p.vh.double() for p, _ in keep])
+        return LowRank(b * lam, a)
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         parts, ctxs = in_expert_order(parts, ctxs)

@@ -65,11 +65,13 @@ def load_into(reader: Any, module: nn.Module, prefix: str, uri: str) -> None:
 class StoredModel:
     """A Hugging Face model in storage (local directory or s3://), read through esm_ray.io.reader."""
 
-    def __init__(self, uri: str, s3: S3Options | None) -> None:
+    def __init__(self, uri: str, s3: S3Options | None, base_uri: str | None = None) -> None:
+        """`base_uri`: the merge's base, over which a LoRA adapter at `uri` is applied (io.adapter)."""
+        from esm_ray.io.composite import open_input
         from esm_ray.io.reader import open_model
 
         self.uri = uri
-        self.reader = open_model(uri, s3)
+        self.reader = open_input(uri, base_uri, s3) if base_uri else open_model(uri, s3)
         if self.reader.config is None:
             raise InputError(f"{uri}: no config.json (not a Hugging Face model directory)")
         self.config = dict(self.reader.config)

@@ -6,6 +6,8 @@
     routed/router.safetensors     "prototype.<module>" (T, d_in); "sim.mean", "sim.basis"
     routed/backbone.safetensors   SiM: the pretrained backbone for the feature pass
     heads/<task>.safetensors      each task's head: weight, bias
+
+A causal LM's routed directory holds PEFT adapters and router/ instead (esm_ray.routed.lm_format).
 """
 
 from __future__ import annotations

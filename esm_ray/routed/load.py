@@ -7,7 +7,9 @@
     DIR/routed/backbone.safetensors                        SiM only: the pretrained backbone
     DIR/heads/<task>.safetensors                           task heads (weight, bias)
 
-A directory without routed/manifest.json is a static merge: it loads with no experts and the
+A routed causal LM has adapters/<task>/ (PEFT LoRA) and router/ instead of routed/ and heads/
+(esm_ray.routed.lm_format); it loads into the same RoutedModel, its experts stacked from the
+adapters. A directory with neither manifest is a static merge: it loads with no experts and the
 heads found under heads/ or given by the caller.
 """
 
@@ -30,8 +32,12 @@ from esm_ray.routed.format import (
     MANIFEST_FILE,
     ROUTED_FORMAT,
     ROUTER_FILE,
+    SIM_BASIS_KEY,
+    SIM_MEAN_KEY,
+    prototype_key,
     unpack_routed,
 )
+from esm_ray.routed.lm_format import is_lm_dir, read_lm_experts, read_lm_manifest, read_router_state
 from esm_ray.models.heads import head_labels
 from esm_ray.errors import InputError
 from esm_ray.models.heads import HEAD_FILE
@@ -165,7 +171,15 @@ def load_routed(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     sim = None
     backbone = None
     head_map: dict[str, Head] = {}
-    if (d / MANIFEST_FILE).is_file():
+    if is_lm_dir(d):  # a causal LM: the experts are the PEFT adapters (routed.lm_format)
+        manifest = read_lm_manifest(d)
+        tasks = list(manifest["tasks"])
+        experts = read_lm_experts(d, manifest)
+        router_state = read_router_state(d, manifest)
+        protos = {m: router_state[prototype_key(m)] for m in experts if prototype_key(m) in router_state}
+        means, bases = router_state.get(SIM_MEAN_KEY), router_state.get(SIM_BASIS_KEY)
+        sim, backbone = sim_router(d, manifest, means, bases, model, dtype, s3)
+    elif (d / MANIFEST_FILE).is_file():
         manifest = json.loads((d / MANIFEST_FILE).read_text())
         if manifest.get("format") != ROUTED_FORMAT:
             raise InputError(f"{d / MANIFEST_FILE}: unsupported format {manifest.get('format')!r}")
@@ -176,11 +190,7 @@ def load_routed(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
                                                           load_file(str(d / ROUTER_FILE)))
         except (KeyError, FileNotFoundError) as err:
             raise InputError(f"{d}: routed files are incomplete: {err}") from None
-        sim_meta = manifest.get("sim") or None
-        if sim_meta and means is not None and bases is not None:
-            sim = SimRouter(means.to(torch.float64), bases.to(torch.float64), bool(sim_meta.get("normalize", True)),
-                            bool(sim_meta.get("relative", False)))
-            backbone = _load_backbone(d, sim_meta.get("backbone"), model, dtype, s3)
+        sim, backbone = sim_router(d, manifest, means, bases, model, dtype, s3)
         for task, h in (manifest.get("heads") or {}).items():
             head_map[task] = read_head(d / h["file"], h.get("labels"))
     else:
@@ -205,6 +215,17 @@ def load_routed(path: str | Path, *, dtype: torch.dtype = torch.float32, device:
     return rm.to(device)
 
 
+def sim_router(d: Path, manifest: dict[str, Any], means: torch.Tensor | None, bases: torch.Tensor | None,
+               model: nn.Module, dtype: torch.dtype, s3) -> tuple[SimRouter | None, nn.Module | None]:
+    """The SiM router and its backbone, when the manifest and the router state hold them."""
+    sim_meta = manifest.get("sim") or None
+    if not (sim_meta and means is not None and bases is not None):
+        return None, None
+    sim = SimRouter(means.to(torch.float64), bases.to(torch.float64), bool(sim_meta.get("normalize", True)),
+                    bool(sim_meta.get("relative", False)))
+    return sim, _load_backbone(d, sim_meta.get("backbone"), model, dtype, s3)
+
+
 def _load_backbone(d: Path, ref: Any, model: nn.Module, dtype: torch.dtype, s3) -> nn.Module | None:
     if ref is None:
         return None
@@ -222,4 +243,4 @@ def _load_backbone(d: Path, ref: Any, model: nn.Module, dtype: torch.dtype, s3) 
 
 
 __all__ = ["cache_paths", "expert_labels", "head_from", "load_routed", "local_dir", "model_class",
-           "read_head"]
+           "read_head", "sim_router"]

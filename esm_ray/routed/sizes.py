@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esm_ray.routed.format import BACKBONE_FILE, EXPERT_DTYPES, EXPERTS_FILE, ROUTER_FILE
+from esm_ray.routed.lm_format import ADAPTERS_DIR, LM_BACKBONE_FILE, LM_ROUTER_FILE, is_lm_dir
 
 if TYPE_CHECKING:
     from esm_ray.routed.model import RoutedModel
@@ -31,9 +32,12 @@ def sizes(model: RoutedModel) -> dict[str, Any]:
     d = model.source_dir
     if d is not None:
         merged = sum(p.stat().st_size for p in d.glob("*.safetensors"))
-        exp_bytes = _size(d / EXPERTS_FILE)
-        router = _size(d / ROUTER_FILE)
-        backbone = _size(d / BACKBONE_FILE) if model.backbone is not None and (d / BACKBONE_FILE).is_file() else 0
+        lm = is_lm_dir(d)  # a causal LM: the experts are the adapters, the router under router/
+        exp_bytes = (sum(p.stat().st_size for p in (d / ADAPTERS_DIR).rglob("*.safetensors")) if lm
+                     else _size(d / EXPERTS_FILE))
+        router = _size(d / (LM_ROUTER_FILE if lm else ROUTER_FILE))
+        bb = d / (LM_BACKBONE_FILE if lm else BACKBONE_FILE)
+        backbone = _size(bb) if model.backbone is not None and bb.is_file() else 0
         heads = sum(p.stat().st_size for p in (d / "heads").glob("*.safetensors")) if (d / "heads").is_dir() else 0
     total = merged + exp_bytes + router + backbone + heads
     full = len(model.tasks) * merged + heads

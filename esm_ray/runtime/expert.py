@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import Tensor
 
+from esm_ray.core.lora import LoraFactors
 from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import check_finite
 from esm_ray.methods import ExpertContext, TensorInfo, build_method, build_purifier
@@ -99,7 +100,7 @@ class ExpertSide:
         t0 = time.perf_counter()
         self._stats = calibrate_expert(self.expert.model, self.expert.data, self.spec.calibration,
                                        s3=self.spec.s3, tokenizer_uri=self.spec.base, name=self.expert.name,
-                                       device=str(self.device))
+                                       device=str(self.device), base_uri=self.spec.base)
         log.info("expert %s: statistics for %d layers ready in %.1fs on %s", self.expert.name,
                  len(self._stats.modules()), time.perf_counter() - t0, self.device)
         return sorted(self._stats.modules())
@@ -114,10 +115,34 @@ class ExpertSide:
 
     def _tensors(self, info: TensorInfo) -> tuple[Tensor, Tensor]:
         b = self.base.get(info.name)
-        w = self.model.get(info.name)
         check_finite(info.name, b, self.spec.base)
-        check_finite(info.name, w, self.expert.model)
-        return b.to(torch.float32), w.to(torch.float32)
+        return b.to(torch.float32), self._expert_float32(info.name)
+
+    def _expert_float32(self, name: str) -> Tensor:
+        """This expert's tensor as float32 (a LoRA adapter's W_0 + s·BA, never rounded), checked."""
+        m = self.model
+        w = m.get_float32(name) if hasattr(m, "get_float32") else m.get(name)
+        check_finite(name, w, self.expert.model)
+        return w.to(torch.float32)
+
+    def _lora(self, info: TensorInfo) -> LoraFactors | None:
+        """This expert's LoRA factors of `info` when the method merges them factored: the expert
+        is an adapter (io.adapter), `info` one of its targets, the method `factored`, and no
+        purifier rewrites the tensor. None otherwise (the tensor is then read densified)."""
+        m = self.model
+        if not self.method.factored or not hasattr(m, "factors") or info.ndim != 2:
+            return None
+        if self.purifier is not None and self.purifier.applies(info):
+            return None
+        f = m.factors(info.name)
+        return None if f is None else LoraFactors(*f)
+
+    def _lora_part(self, info: TensorInfo, lora: LoraFactors) -> Any:
+        """The method's `prepare_lora` of these factors (on the worker's device when it decomposes)."""
+        def run(info: TensorInfo, b: Tensor, a: Tensor, ctx: ExpertContext) -> Any:
+            return self.method.prepare_lora(info, LoraFactors(b, a, lora.scale), ctx)
+
+        return self._on(self._device_if(self.method.decomposes), run, info, (lora.b, lora.a), self._ctx(info))
 
     def prepass(self, infos: list[TensorInfo]) -> list[Any]:
         assert self.purifier is not None
@@ -132,6 +157,10 @@ class ExpertSide:
         """This expert's parts for a group of tensors (purified first when a purifier is set)."""
         out = []
         for info in infos:
+            lora = self._lora(info)
+            if lora is not None:
+                out.append(self._lora_part(info, lora))
+                continue
             b, w = self._tensors(info)
             out.append(self._part(info, b, w))
         return out
@@ -142,6 +171,10 @@ class ExpertSide:
         checked: the local executor reads and converts the base once for all T sides.
         `rows`: a row block of the tensor (`info.shape` is then the block's), prepared with the
         method's `prepare_block` and this side's `block_state` of the tensor."""
+        if rows is None:
+            lora = self._lora(info)
+            if lora is not None:
+                return self._lora_part(info, lora)
         w = read_to_float32(self.model, info.name, self.expert.model, slot="expert", rows=rows)
         if rows is None:
             return self._part(info, base, w)
@@ -204,7 +237,7 @@ class ExpertSide:
         """This expert's post-stage parts against the final merged tensors."""
         out = []
         for info, m in zip(infos, merged):
-            w = self.model.get(info.name).to(torch.float32)
+            w = self._expert_float32(info.name)
             dev = self._device_if(self.method.post_decomposes)
             out.append(self._on(dev, self.method.post_prepare, info, (m, w), self._ctx(info)))
         return out

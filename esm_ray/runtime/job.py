@@ -108,6 +108,12 @@ class MergeJob:
             self.purify_plan(floating)
             self.support()
             self.search(floating)
+            if spec.output_format == "peft":  # one LoRA adapter instead of a model (runtime.peft_output)
+                from esm_ray.runtime.peft_output import merge_to_adapter
+
+                merge_to_adapter(self, floating, t_all)
+                self.timings["total"] = round(time.perf_counter() - t_all, 4)
+                return MergeResult(spec.output, self._report_data, dict(self.timings))
             groups = self.plan_tensors(infos)
             spilled = plan.method.needs_layer_scales
             layout = [o.entry for o in write_order(groups, spilled)]
@@ -325,6 +331,7 @@ class MergeJob:
             "base": {"uri": spec.base, "fingerprint": plan.base_fingerprint},
             "experts": [{"name": e.name, "uri": e.model, "fingerprint": fp, "weight": e.weight,
                          "density": e.density, "data": e.data}
+                        | ({"lora": plan.adapters[e.name]} if e.name in plan.adapters else {})
                         for e, fp in zip(spec.experts, plan.expert_fingerprints)],
             "dtype": str(plan.out_dtype).removeprefix("torch."),
             "seed": spec.seed,

@@ -94,6 +94,10 @@ def read_to_float32(reader, name: str, source: str, slot: str | None = None,
     """Tensor `name` (or only its `rows`) checked for NaN/Inf, as float32: a fresh tensor, or
     this thread's `slot` buffer (see `scratch`). A tensor stored in another dtype is read into
     a scratch buffer."""
+    if hasattr(reader, "get_float32"):  # a LoRA adapter (io.adapter): W_0 + s·BA never rounded
+        raw = reader.get_float32(name, rows=rows)
+        check_finite(name, raw, source)
+        return raw
     meta = reader.info(name)
     shape = meta.shape if rows is None else (rows[1] - rows[0], *meta.shape[1:])
     if meta.dtype == torch.float32 or not meta.nbytes:

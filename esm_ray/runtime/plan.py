@@ -15,6 +15,7 @@ import torch
 from esm_ray.core.dtypes import DTYPES
 from esm_ray.errors import InputError, SpecError
 from esm_ray.io.overlap import check_no_overlap
+from esm_ray.io.adapter import AdapterModel, is_adapter
 from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
@@ -65,6 +66,9 @@ class MergePlan:
     expert_fingerprints: list[str]
     input_bytes: int
     notes: list[str] = field(default_factory=list)
+    blocks: str | None = None  # the block list's name when calibration runs layer-wise
+    # expert name -> its LoRA adapter's facts (targets, ranks, saved tensors, factored) for the report
+    adapters: dict[str, dict] = field(default_factory=dict)
 
     @property
     def needs(self) -> Needs:
@@ -109,8 +113,16 @@ class MergePlan:
         if is_s3(self.spec.output):  # a local output is streamed into its shard files
             est["output shard buffer"] = min(self.spec.shard_bytes, self.input_bytes // (t + 1) + 1)
         if self.needs_stats:
-            grams = sum(s[1] * s[1] * 8 for n, s in self.shapes.items() if len(s) == 2 and n.endswith(".weight"))
-            est["calibration Gram matrices, one expert at a time (upper bound)"] = grams
+            grams = {n: s[1] * s[1] * 8 for n, s in self.shapes.items() if len(s) == 2 and n.endswith(".weight")}
+            if self.blocks is None:
+                est["calibration Gram matrices, one expert at a time (upper bound)"] = sum(grams.values())
+            else:  # each block's statistics go to disk when it is done
+                per: dict[str, int] = {}
+                for n, b in grams.items():
+                    head, _, rest = n.partition(self.blocks + ".")
+                    key = rest.split(".", 1)[0] if rest else n
+                    per[head + key] = per.get(head + key, 0) + b
+                est["calibration Gram matrices of one block (layer-wise, upper bound)"] = max(per.values(), default=0)
         return est
 
     def describe(self) -> str:
@@ -129,7 +141,8 @@ class MergePlan:
         lines.append(f"needs:    {', '.join(needs) if needs else 'the weights only'}")
         if self.needs_stats:
             lines.append(f"compute:  calibration statistics for {self.n_experts} experts "
-                         f"({s.calibration.samples} samples each, cached)")
+                         f"({s.calibration.samples} samples each, cached"
+                         + (f"; layer-wise, one of {self.blocks} at a time)" if self.blocks else ")"))
         for k, v in self.memory_estimate().items():
             lines.append(f"memory:   {k}: {v / 1e6:.1f} MB")
         lines.extend(f"note:     {n}" for n in self.notes)
@@ -222,6 +235,22 @@ def method_for(spec: MergeSpec) -> MergeMethod:
                         expert_params=[e.params for e in spec.experts], slices=slices)
 
 
+def check_lora_inputs(spec: MergeSpec, method: MergeMethod) -> None:
+    """SpecError where LoRA adapter experts or `output_format: peft` meet what they cannot take:
+    slices (layer ranges of adapters), a routed output written as an adapter."""
+    if spec.slices and any(is_adapter(e.model, spec.s3) for e in spec.experts):
+        raise SpecError("field `slices`: an expert is a LoRA adapter; slices take whole models")
+    if spec.output_format == "peft":
+        if spec.slices:
+            raise SpecError("field `output_format`: 'peft' writes an adapter on the base; it does not take `slices`")
+        if method.output_kind != "static":
+            raise SpecError(f"field `output_format`: method {method.name!r} builds a routed model, which "
+                            "cannot be written as one LoRA adapter")
+        if not any(is_adapter(e.model, spec.s3) for e in spec.experts):
+            raise SpecError("field `output_format`: 'peft' writes a LoRA adapter, which needs LoRA adapter "
+                            "experts; no expert is one")
+
+
 def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     """Validate everything that can be checked without computing. Raises EsmRayError subclasses."""
     t = len(spec.experts)
@@ -237,9 +266,11 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         raise SpecError(f"field `slices`: {what} reads data or builds a routed model; slices take static "
                         "methods that read the weights only")
     check_no_overlap(spec.output, spec_inputs(spec, needs.stats))
+    check_lora_inputs(spec, method)
     aux_names: list[list[str]] = []
 
     base = open_base(spec)
+    method.bind_model(base.config, is_causal_lm(base.config))
     if spec.tokenizer is not None:
         check_tokenizer(spec, base.config)
     names = list(base.keys())
@@ -247,6 +278,8 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     dtypes = {n: base.info(n).dtype for n in names}
     base_arch = _arch(base.config)
     fps = []
+    adapters: list[str] = []
+    facts: dict[str, dict] = {}
     total = sum(base.info(n).nbytes for n in names)
     for i, e in enumerate(spec.experts):
         r = open_expert(spec, i)
@@ -280,8 +313,22 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
                                  f"{str(dtypes[n]).removeprefix('torch.')}")
             total += meta.nbytes
         aux_names.append(list(r.aux_names()) if needs.heads else [])
+        if isinstance(r, AdapterModel):
+            ranks = sorted({t.rank for t in r.targets().values()})
+            adapters.append(f"expert {e.name!r} is a LoRA adapter ({len(r.targets())} targets, rank "
+                            f"{'/'.join(map(str, ranks)) or '-'}, {len(r.saved())} saved tensors)")
+            facts[e.name] = {"targets": len(r.targets()), "ranks": ranks, "saved": sorted(r.saved()),
+                             "factored": method.factored}
         r.close()
     check_needs(spec, needs, what, base.config, aux_names)
+    blocks = None
+    if needs.stats and spec.calibration.mode == "layerwise":
+        from esm_ray.models.blocks import check_blocks
+
+        try:
+            blocks = check_blocks(base.config, spec.base)  # the experts share the base's architecture (checked above)
+        except InputError as err:
+            raise InputError(f"field `calibration.mode`: {err}") from None
     if (needs.stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):
         check_cache_dir(spec.calibration)  # statistics, and an S3 output's resume staging, live there
     if check_output:
@@ -289,7 +336,17 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     float_dtypes = [d for d in dtypes.values() if d.is_floating_point]
     base_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
     out_dtype = _DTYPES[spec.dtype] if spec.dtype else base_dtype
-    plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total)
+    plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total,
+                     blocks=blocks, adapters=facts)
+    for line in adapters:
+        how = "from its factors" if method.factored else "densified one tensor at a time"
+        plan.notes.append(f"{line}: {method.name!r} merges its targets {how}")
+    if spec.output_format == "peft":
+        plan.notes.append("output_format peft: the output is one LoRA adapter on the base "
+                          f"(rank {spec.peft.rank or 'exact'}{f', energy {spec.peft.energy}' if spec.peft.energy else ''})")
+        if len(adapters) < len(spec.experts):
+            plan.notes.append("output_format peft with full experts: a tensor the merge changes outside the "
+                              "adapters' targets and saved modules fails the merge (nothing is written)")
     if not needs.reads_data and any(e.data for e in spec.experts):
         plan.notes.append(f"method {method.name!r} does not use calibration data; `data` is ignored")
     plan.notes.append("tensor values are checked for NaN/Inf in the output dtype while merging; "

@@ -13,6 +13,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,12 @@ from esm_ray.io.uri import is_s3
 from esm_ray.spec import CalibrationSpec, S3Options
 from esm_ray.stats.cache import cache_root, cache_source, unusable
 from esm_ray.stats.data import check_token_ids, data_hash, load_calibration_rows
+from esm_ray.models.blocks import BlockModel
 from esm_ray.models.hf import StoredModel, copy_tokenizer
 from esm_ray.models.text import TOKENIZER_FILES, encode_rows, forward_kwargs, make_batches, pad_id
 from esm_ray.stats.hooks import GramPrecision, ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
+from esm_ray.stats.layerwise import calibrate_layerwise
+from esm_ray.stats.spill import StatsSpill
 from esm_ray.stats.store import FORMAT_VERSION, StatsStore
 
 log = logging.getLogger(__name__)
@@ -76,7 +80,9 @@ def _run_passes(model: nn.Module, batches: list[tuple[Tensor, Tensor]], modules:
 
 
 def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, settings: CalibrationSpec,
-              *, modules: ModuleFilter = None, max_bytes: int | None = None) -> dict[str, ModuleStats]:
+              *, modules: ModuleFilter = None, max_bytes: int | None = None,
+              blocks: BlockModel | None = None,
+              emit: Callable[[dict[str, ModuleStats]], None] | None = None) -> dict[str, ModuleStats]:
     """Input statistics of every linear layer of `model` over `rows`.
 
     Rows are encoded (truncated to settings.max_length), grouped in batches of
@@ -84,6 +90,10 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
     modules:   restrict to these module names (or a predicate on the name)
     max_bytes: budget for the statistics held at once; when the layers need more, the data
                is run several times, each pass over a group of layers (see hooks.plan_passes)
+    blocks:    `model` is this skeleton's (meta device): run layer-wise, one block loaded at a
+               time (esm_ray.stats.layerwise); max_bytes then applies within each block
+    emit:      layer-wise only: each part's statistics are handed to it when complete and not
+               kept (calibrate then returns {})
     Returns {module name: ModuleStats}; modules reading the same input share one object.
     """
     if not rows:
@@ -91,6 +101,10 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
     ids = encode_rows(rows, tokenizer, settings.max_length)
     _check_vocab(model, ids)
     batches = list(make_batches(ids, settings.batch_size, pad_id(model, tokenizer)))
+    if blocks is not None:
+        names = list(linear_modules(model, modules))
+        with torch.inference_mode():
+            return calibrate_layerwise(blocks, batches, names, max_bytes, settings.gram_precision, emit)
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -160,8 +174,9 @@ def cache_key(model_fp: str, data_fp: str, settings: CalibrationSpec, extra: dic
     """sha256 of everything the statistics depend on.
 
     gram_precision is in: the two precisions give Grams that differ in round-off.
-    batch_size and cache_dir are left out: padding is masked, so batching changes only
-    round-off, and where the cache lives does not change what is in it.
+    batch_size, mode and cache_dir are left out: padding is masked, so batching changes only
+    round-off, a layer-wise pass computes the same statistics as a full one (the same
+    operations on the same batches), and where the cache lives does not change what is in it.
     """
     payload = {"format": FORMAT_VERSION, "model": model_fp, "data": data_fp, "samples": settings.samples,
                "max_length": settings.max_length, "seed": settings.seed,
@@ -172,7 +187,7 @@ def cache_key(model_fp: str, data_fp: str, settings: CalibrationSpec, extra: dic
 def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s3: S3Options | None = None,
                      tokenizer_uri: str | None = None, *, name: str | None = None, modules: list[str] | None = None,
                      max_bytes: int | None = None, dtype: torch.dtype = torch.float32,
-                     device: str = "cpu") -> StatsStore:
+                     device: str = "cpu", base_uri: str | None = None) -> StatsStore:
     """Calibrate one expert on its data file, or return the cached statistics.
 
     The model class comes from config `architectures` (*ForCausalLM -> AutoModelForCausalLM,
@@ -180,11 +195,12 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
     here and in the result are the checkpoint's (see `_checkpoint_names`). A tokenizer is loaded
     only when a row is text: from `tokenizer_uri`, else from the model directory.
     name: how log lines and the manifest call the expert (default: the last part of the URI).
+    base_uri: the merge's base; a LoRA adapter at `model_uri` is applied to it (io.adapter).
     """
     label = name or model_uri.rstrip("/").rsplit("/", 1)[-1]
     t0 = time.perf_counter()
     rows = load_calibration_rows(data_uri, settings.samples, settings.seed)
-    src = StoredModel(model_uri, s3)
+    src = StoredModel(model_uri, s3, base_uri)
     try:
         vocab = src.config.get("vocab_size")
         if isinstance(vocab, int) and vocab > 0 and not is_s3(data_uri):
@@ -216,31 +232,48 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
                         return store
                 except InputError as err:
                     log.warning("calibration of %s: ignoring unreadable cache entry (%s)", label, err)
-            model = src.load(dtype, device)
+            blocks = BlockModel(src, dtype, torch.device(device)) if settings.mode == "layerwise" else None
+            model = blocks.model if blocks is not None else src.load(dtype, device)
             rename = _checkpoint_names(model, list(linear_modules(model)), src.keys())
             selected = None
             if modules is not None:
                 wanted = set(modules)
                 selected = [m for m, ck in rename.items() if ck in wanted]
             t1 = time.perf_counter()
+            spill = None
+            if blocks is not None:  # each block's statistics go to disk as soon as they are complete
+                try:
+                    spill = StatsSpill(path.parent)
+                except OSError as err:
+                    raise unusable(cache_root(settings), cache_source(settings), err) from None
             try:
-                stats = calibrate(model, rows, tokenizer, settings, modules=selected, max_bytes=max_bytes)
+                emit = (lambda part: spill.add({rename[m]: st for m, st in part.items()})) if spill else None
+                stats = calibrate(model, rows, tokenizer, settings, modules=selected, max_bytes=max_bytes,
+                                  blocks=blocks, emit=emit)
             except InputError as err:
-                raise InputError(f"{data_uri}: {err}") from None
+                if spill is not None:
+                    spill.close()
+                msg = str(err)  # errors about the model (layer-wise loading) name it already
+                raise InputError(msg if msg.startswith(model_uri) else f"{data_uri}: {msg}") from None
+            except BaseException:
+                if spill is not None:
+                    spill.close()
+                raise
             t_fwd = time.perf_counter() - t1
     finally:
         src.close()
     stats = {rename[m]: s for m, s in stats.items()}
     took = time.perf_counter() - t0
-    tokens = max((s.n for s in stats.values()), default=0)
+    tokens = spill.tokens if spill is not None else max((s.n for s in stats.values()), default=0)
     manifest = {"key": key, "expert": label, "model": model_uri, "model_fingerprint": model_fp,
                 "data": data_uri, "data_hash": data_fp, "rows": len(rows), "tokens": tokens,
                 "settings": settings.model_dump(mode="json"), "dtype": extra["dtype"],
                 "seconds": round(took, 3), "seconds_forward": round(t_fwd, 3)}
     try:
-        store = StatsStore.save(stats, path, manifest)
+        store = spill.save(path, manifest) if spill is not None else StatsStore.save(stats, path, manifest)
     except OSError as err:  # the cache directory went away or became read-only since the plan
         raise unusable(cache_root(settings), cache_source(settings), err) from None
-    log.info("calibration of %s: %d rows, %d tokens, %d modules (%d distinct inputs) in %.2fs -> %s",
-             label, len(rows), tokens, len(stats), store.manifest["distinct_inputs"], took, path.name)
+    log.info("calibration of %s: %d rows, %d tokens, %d modules (%d distinct inputs) in %.2fs%s -> %s",
+             label, len(rows), tokens, len(store.modules()), store.manifest["distinct_inputs"], took,
+             " (layer-wise)" if spill is not None else "", path.name)
     return store

@@ -1,0 +1,52 @@
+"""An ESM merge whose experts are calibrated layer-wise gives the tensors of the full-pass merge,
+on the local executor and on Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.builders import calibration_files, import_methods, merge_spec
+
+import_methods()
+
+from esm_ray.runtime import run_merge  # noqa: E402
+from esm_ray.spec import spec_from_dict  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tiny_llama, tmp_path_factory) -> list[Path]:
+    return calibration_files(tmp_path_factory.mktemp("calib_lw"), 3, vocab=80)
+
+
+def _merge(tiny_llama, data, out: Path, cache: Path, mode: str, runtime: dict | None = None) -> dict:
+    spec = merge_spec(tiny_llama, out, "esm", data=data, cache_dir=cache, runtime=runtime)
+    spec["calibration"] = {**spec["calibration"], "mode": mode}
+    result = run_merge(spec_from_dict(spec), progress=False)
+    assert result.report["calibration"]["mode"] == mode
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="module")
+def full_merge(tiny_llama, data, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("lw_full")
+    return _merge(tiny_llama, data, root / "out", root / "cache", "full")
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_layerwise_esm_merge_equals_full_locally(tiny_llama, data, full_merge, tmp_path):
+    _assert_same(_merge(tiny_llama, data, tmp_path / "out", tmp_path / "cache", "layerwise"), full_merge)
+
+
+@pytest.mark.slow  # ~30 s of Ray actors on a 2-core box
+def test_layerwise_esm_merge_equals_full_on_ray(ray_driver, tiny_llama, data, full_merge, tmp_path):
+    got = _merge(tiny_llama, data, tmp_path / "out", tmp_path / "cache", "layerwise", runtime={"name": "ray"})
+    _assert_same(got, full_merge)

@@ -1,0 +1,358 @@
+"""LoRA adapter experts end to end: against peft's own add_weighted_adapter, against the same
+adapters densified into full models, mixed with full experts, written as an adapter
+(`output_format: peft`), from S3 and through Ray (bad adapters: tests/hostile/test_lora_inputs.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esm_ray.cli import main
+from esm_ray.errors import SpecError
+from esm_ray.io.reader import open_model
+from esm_ray.runtime import run_merge
+from esm_ray.spec import spec_from_dict
+from tests.builders import calibration_files, output_files
+
+TARGET_KEYS = [f"model.layers.{i}.{m}.weight" for i in range(2)
+               for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    r = open_model(str(d))
+    return {k: r.get(k).float() for k in r.keys()}
+
+
+def _spec(base: Path, experts: list[Path], out: Path, method: str = "task_arithmetic", *,
+          weights: list[float] | None = None, params: dict | None = None, **extra) -> dict:
+    exps = [{"name": f"e{i}", "model": str(e)} | ({"weight": weights[i]} if weights else {})
+            for i, e in enumerate(experts)]
+    return {"base": str(base), "experts": exps, "method": {"name": method, "params": params or {}},
+            "output": str(out), "runtime": {"name": "local"}, **extra}
+
+
+def _merge(spec: dict):
+    return run_merge(spec_from_dict(spec), progress=False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _peft_model(base: Path, adapters: list[Path]):
+    """The base with the adapters loaded as a0, a1, ... (peft)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapters[0], adapter_name="a0")
+    for i, a in enumerate(adapters[1:], 1):
+        model.load_adapter(adapters[i], adapter_name=f"a{i}")
+    return model
+
+
+def _peft_deltas(model, adapter: str) -> dict[str, torch.Tensor]:
+    """{base weight name: ΔW} of one loaded adapter, from peft's own get_delta_weight."""
+    out = {}
+    for name, mod in model.base_model.model.named_modules():
+        if hasattr(mod, "get_delta_weight") and (adapter in getattr(mod, "lora_A", {})
+                                                 or adapter in getattr(mod, "lora_embedding_A", {})):
+            out[f"{name}.weight"] = mod.get_delta_weight(adapter).detach().float()
+    return out
+
+
+def _densified(base: Path, adapter: Path, out: Path) -> Path:
+    """The adapter merged into the base by peft, saved as a full model."""
+    if not out.exists():
+        _peft_model(base, [adapter]).merge_and_unload().save_pretrained(out)
+    return out
+
+
+# ---- against peft's add_weighted_adapter -----------------------------------------------------
+
+def test_task_arithmetic_equals_peft_cat(lora_family, tmp_path):
+    ads = [lora_family[f"lora_{i}"] for i in range(3)]  # ranks 2, 4, 3; the last rsLoRA
+    w = [0.7, 1.3, 0.5]
+    res = _merge(_spec(lora_family["base"], ads, tmp_path / "out", weights=w))
+    assert res.report["method"] == "task_arithmetic"
+    assert [e["lora"]["ranks"] for e in res.report["experts"]] == [[2], [4], [3]]
+    assert res.report["experts"][0]["lora"] == {"targets": 8, "ranks": [2], "saved": [], "factored": True}
+    peft = _peft_model(lora_family["base"], ads)
+    peft.add_weighted_adapter([f"a{i}" for i in range(3)], w, "cat", combination_type="cat")
+    want = _peft_deltas(peft, "cat")
+    assert sorted(want) == sorted(TARGET_KEYS)
+    base, got = _weights(lora_family["base"]), _weights(tmp_path / "out")
+    for k in TARGET_KEYS:
+        assert _rel(got[k] - base[k], want[k]) < 1e-5, k
+    for k in set(base) - set(TARGET_KEYS):
+        assert torch.equal(got[k], base[k]), k
+    # the same merge written as an adapter: exact concatenation, rank Σr = 9, loads in peft
+    _merge(_spec(lora_family["base"], ads, tmp_path / "ad", weights=w, output_format="peft"))
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["r"] == 9 and cfg["peft_type"] == "LORA"
+    mine = _peft_deltas(_peft_model(lora_family["base"], [tmp_path / "ad"]), "a0")
+    for k in TARGET_KEYS:
+        assert _rel(mine[k], want[k]) < 1e-5, k
+
+
+def test_truncated_adapter_equals_peft_svd(lora_family, tmp_path):
+    ads = [lora_family["lora_0"], lora_family["lora_1"]]
+    w = [1.0, 0.8]
+    _merge(_spec(lora_family["base"], ads, tmp_path / "ad", weights=w, output_format="peft", peft={"rank": 3}))
+    peft = _peft_model(lora_family["base"], ads)
+    peft.add_weighted_adapter(["a0", "a1"], w, "svd", combination_type="svd", svd_rank=3)
+    want = _peft_deltas(peft, "svd")
+    report = json.loads((tmp_path / "ad" / "merge_report.json").read_text())
+    assert set(report["output"]["ranks"].values()) == {3}
+    mine = _peft_deltas(_peft_model(lora_family["base"], [tmp_path / "ad"]), "a0")
+    for k in TARGET_KEYS:
+        assert _rel(mine[k], want[k]) < 1e-4, k
+
+
+def test_one_adapter_equals_peft_linear(lora_family, tmp_path):
+    """peft's `linear` sums the A and the B factors separately, which is the weighted task
+    vector only for one adapter (with several it adds cross terms B_i A_j); compare there."""
+    ad = lora_family["lora_1"]
+    _merge(_spec(lora_family["base"], [ad], tmp_path / "out", weights=[0.6]))
+    peft = _peft_model(lora_family["base"], [ad])
+    peft.add_weighted_adapter(["a0"], [0.6], "lin", combination_type="linear")
+    want = _peft_deltas(peft, "lin")
+    base, got = _weights(lora_family["base"]), _weights(tmp_path / "out")
+    for k in TARGET_KEYS:
+        assert _rel(got[k] - base[k], want[k]) < 1e-5, k
+
+
+# ---- factored == densified ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["tsvm", "esm"])
+def test_factored_methods_equal_the_densified_merge(method, lora_family, tmp_path, monkeypatch):
+    from esm_ray.methods import METHODS
+
+    ads = [lora_family[f"lora_{i}"] for i in range(3)]
+    dense = [_densified(lora_family["base"], a, tmp_path / f"dense_{i}") for i, a in enumerate(ads)]
+    extra: dict = {}
+    if method == "esm":
+        data = calibration_files(tmp_path / "data", 3, vocab=80)
+        extra = {"calibration": {"samples": 8, "max_length": 16, "batch_size": 4,
+                                 "gram_precision": "float64", "cache_dir": str(tmp_path / "cache")}}
+    calls = []
+    cls = METHODS[method]
+    orig = cls.prepare_lora
+    monkeypatch.setattr(cls, "prepare_lora", lambda self, *a: calls.append(a[0].name) or orig(self, *a))
+    specs = []
+    for name, experts in (("lora", ads), ("dense", dense)):
+        s = _spec(lora_family["base"], experts, tmp_path / name, method, **extra)
+        if method == "esm":
+            for e, d in zip(s["experts"], data):
+                e["data"] = str(d)
+        specs.append(s)
+        _merge(s)
+    assert sorted(set(calls)) == sorted(TARGET_KEYS)  # every LoRA target went the factored way
+    got, want = _weights(tmp_path / "lora"), _weights(tmp_path / "dense")
+    for k in want:
+        assert _rel(got[k], want[k]) < 1e-5, k
+
+
+# ---- mixed with full experts; modules_to_save ---------------------------------------------------
+
+def test_adapters_mixed_with_a_full_expert(lora_family, tmp_path):
+    base = _weights(lora_family["base"])
+    full = _weights(lora_family["full_0"])
+    experts = [lora_family["full_0"], lora_family["lora_0"], lora_family["saved"]]
+    _merge(_spec(lora_family["base"], experts, tmp_path / "ta", params={"lambda": 0.5}))
+    got = _weights(tmp_path / "ta")
+    d0 = _peft_deltas(_peft_model(lora_family["base"], [lora_family["lora_0"]]), "a0")
+    d2 = _peft_deltas(_peft_model(lora_family["base"], [lora_family["saved"]]), "a0")
+    saved = load_file(str(lora_family["saved"] / "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+    for k, b in base.items():
+        want = full[k] - b + d0.get(k, 0) + d2.get(k, 0) + (saved - b if k == "lm_head.weight" else 0)
+        torch.testing.assert_close(got[k], b + 0.5 * want, rtol=1e-5, atol=1e-6)
+    # an elementwise method reads the adapters densified, tensor by tensor
+    _merge(_spec(lora_family["base"], experts, tmp_path / "ties", "ties", params={"density": 0.5}))
+    assert any(not torch.equal(v, base[k]) for k, v in _weights(tmp_path / "ties").items())
+
+
+@pytest.mark.parametrize("method", ["tsvm", "esm", "ties"])
+def test_peft_output_with_saved_modules_loads_as_the_dense_merge(method, lora_family, tmp_path):
+    """tsvm: factored update; esm: factored with statistics and layer scales; ties: from the SVD
+    of the dense update."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    experts = [lora_family["lora_0"], lora_family["saved"]]
+    extra: dict = {}
+    if method == "esm":
+        data = calibration_files(tmp_path / "data", 2, vocab=80)
+        extra = {"calibration": {"samples": 8, "max_length": 16, "batch_size": 4, "cache_dir": str(tmp_path / "c")}}
+    for name, fmt in (("dense", "dense"), ("ad", "peft")):
+        s = _spec(lora_family["base"], experts, tmp_path / name, method, output_format=fmt, **extra)
+        if method == "esm":
+            for e, d in zip(s["experts"], data):
+                e["data"] = str(d)
+        _merge(s)
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["lm_head"]
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(lora_family["base"]), tmp_path / "ad")
+    merged = model.merge_and_unload().state_dict()
+    for k, v in _weights(tmp_path / "dense").items():
+        assert _rel(merged[k].float(), v) < 1e-5, k
+
+
+def test_peft_output_refuses_what_an_adapter_cannot_hold(lora_family, tmp_path, capsys):
+    spec = _spec(lora_family["base"], [lora_family["full_0"], lora_family["lora_0"]], tmp_path / "out",
+                 output_format="peft")
+    with pytest.raises(SpecError, match=r"tensor '(lm_head|model\.[a-z_.0-9]+)\.weight' changes in the merge"):
+        _merge(spec)
+    assert not (tmp_path / "out").exists()
+    # passthrough with a scale changes every tensor, the adapter's or not
+    scaled = _spec(lora_family["base"], [lora_family["lora_0"]], tmp_path / "out", "passthrough",
+                   params={"scale": 0.5}, output_format="peft")
+    with pytest.raises(SpecError, match=r"tensor '(lm_head|model\.[a-z_.0-9]+)\.weight' changes in the merge"):
+        _merge(scaled)
+    assert not (tmp_path / "out").exists()
+    only_full = _spec(lora_family["base"], [lora_family["full_0"]], tmp_path / "out", output_format="peft")
+    with pytest.raises(SpecError, match="no expert is one"):
+        _merge(only_full)
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedding_target_equals_peft_cat_and_round_trips(lora_family, tmp_path):
+    from tests.fixtures.lora import make_adapter
+
+    base = lora_family["base"]
+    emb = make_adapter(base, tmp_path / "emb", r=2, alpha=3, seed=20, targets=("embed_tokens", "q_proj"))
+    ads = [emb, lora_family["lora_1"]]
+    _merge(_spec(base, ads, tmp_path / "out", weights=[0.5, 1.0]))
+    _merge(_spec(base, ads, tmp_path / "ad", weights=[0.5, 1.0], output_format="peft"))
+    peft = _peft_model(base, ads)
+    peft.add_weighted_adapter(["a0", "a1"], [0.5, 1.0], "cat", combination_type="cat")
+    want = _peft_deltas(peft, "cat")
+    assert "model.embed_tokens.weight" in want
+    b, got = _weights(base), _weights(tmp_path / "out")
+    mine = _peft_deltas(_peft_model(base, [tmp_path / "ad"]), "a0")
+    for k, d in want.items():
+        assert _rel(got[k] - b[k], d) < 1e-5, k
+        assert _rel(mine[k], d) < 1e-5, k
+
+
+def test_dry_run_names_the_adapters_and_the_output(lora_family, tmp_path, capsys):
+    import pickle
+
+    import yaml
+
+    from esm_ray.io.composite import open_input
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump(_spec(lora_family["base"], [lora_family["full_0"], lora_family["lora_1"]],
+                                         tmp_path / "out", "ties", output_format="peft", peft={"rank": 4})))
+    assert main(["merge", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "expert 'e1' is a LoRA adapter (8 targets, rank 4, 0 saved tensors): 'ties' merges its targets " \
+           "densified one tensor at a time" in out
+    assert "one LoRA adapter on the base (rank 4)" in out and "with full experts" in out
+    assert not (tmp_path / "out").exists()
+    r = open_input(str(lora_family["lora_1"]), str(lora_family["base"]))
+    again = pickle.loads(pickle.dumps(r))  # readers travel to Ray workers by reopening
+    assert again.fingerprint() == r.fingerprint() and torch.equal(again.factors(TARGET_KEYS[0])[0],
+                                                                  r.factors(TARGET_KEYS[0])[0])
+
+
+# ---- S3 and Ray ----------------------------------------------------------------------------------
+
+def test_adapter_from_s3_equals_local(lora_family, s3_bucket, s3_env, tmp_path):
+    client = s3_env.client()
+    for p in lora_family["lora_1"].iterdir():
+        client.upload_file(str(p), s3_bucket, f"adapters/l1/{p.name}")
+    ads = [lora_family["lora_0"], f"s3://{s3_bucket}/adapters/l1"]
+    _merge(_spec(lora_family["base"], ads, tmp_path / "s3", "tsvm"))
+    _merge(_spec(lora_family["base"], [lora_family["lora_0"], lora_family["lora_1"]], tmp_path / "local", "tsvm"))
+    assert output_files(tmp_path / "s3") == output_files(tmp_path / "local")
+
+
+def test_ray_equals_local_bytes_for_adapters(lora_family, ray_driver, tmp_path):
+    experts = [lora_family["full_0"], lora_family["lora_0"], lora_family["lora_2"]]
+    local = _spec(lora_family["base"], experts, tmp_path / "local", "tsvm")
+    ray = _spec(lora_family["base"], experts, tmp_path / "ray", "tsvm", runtime={"name": "ray"})
+    _merge(local)
+    assert _merge(ray).report["executor"] == "ray"
+    assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
+
+
+def test_ray_equals_local_bytes_for_an_adapter_output(lora_family, ray_driver, tmp_path):
+    experts = [lora_family["lora_0"], lora_family["lora_2"]]
+    for name, runtime in (("local", {"name": "local"}), ("ray", {"name": "ray"})):
+        _merge(_spec(lora_family["base"], experts, tmp_path / name, "tsvm", runtime=runtime,
+                     output_format="peft", peft={"rank": 3}))
+    assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
+
+
+# ---- every method -----------------------------------------------------------------------------
+
+def _every_method() -> list[str]:
+    from tests.builders import import_methods
+
+    import_methods()
+    from esm_ray.methods import METHODS
+
+    return sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", _every_method())
+def test_every_method_merges_adapters_mixed_with_a_full_expert(method, lora_family, tmp_path):
+    """Each method on a full expert and LoRA adapters (one adapter for the one-expert methods):
+    the merge runs and every LoRA target comes out changed."""
+    from esm_ray.methods import METHODS
+    from tests.builders import TEST_CALIBRATION, method_experts, method_params
+
+    n = method_experts(method, 3)
+    experts = [lora_family["lora_0"]] if n == 1 else [lora_family["full_0"], lora_family["lora_0"],
+                                                        lora_family["lora_2"]][:n]
+    spec = _spec(lora_family["base"], experts, tmp_path / "out", method, params=method_params(method),
+                 calibration=TEST_CALIBRATION | {"cache_dir": str(tmp_path / "cache")})
+    m = METHODS[method]
+    if m.needs_stats or m.needs_data or m.search_stage:
+        for e, d in zip(spec["experts"], calibration_files(tmp_path / "data", n, vocab=80)):
+            e["data"] = str(d)
+    _merge(spec)
+    base = _weights(lora_family["base"])
+    if (tmp_path / "out" / "model.safetensors.index.json").exists():
+        got = _weights(tmp_path / "out")
+        assert all(not torch.equal(got[k], base[k]) for k in TARGET_KEYS)
+
+
+def test_conv1d_adapter_with_fan_in_fan_out(tmp_path):
+    """GPT-2 stores its projections (d_in, d_out) (Conv1D); peft's adapter says fan_in_fan_out."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "base")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                      init_lora_weights=False))
+    model.save_pretrained(tmp_path / "ad_in")
+    _merge(_spec(tmp_path / "base", [tmp_path / "ad_in"], tmp_path / "out", weights=[0.5]))
+    _merge(_spec(tmp_path / "base", [tmp_path / "ad_in"], tmp_path / "ad", weights=[0.5], output_format="peft"))
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    want = {k: v * 0.5 for k, v in _peft_deltas(model, "default").items()}
+    reloaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "ad")
+    mine = _peft_deltas(reloaded, "default")
+    base, got = _weights(tmp_path / "base"), _weights(tmp_path / "out")
+    assert len(want) == 2 and sorted(mine) == sorted(want)
+    for k, d in want.items():
+        assert _rel(got[k] - base[k], d) < 1e-5, k
+        assert _rel(mine[k], d) < 1e-5, k
+
+
+def test_methods_say_which_are_factored_for_adapters(capsys):
+    assert main(["methods", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    factored = sorted(n for n, m in table.items() if m["lora"] == "factored")
+    assert factored == ["esm", "linear", "task_arithmetic", "tsvm"]
+    assert table["ties"]["lora"] == "densified per tensor" and table["pave"]["lora"] is None
+    assert main(["methods"]) == 0
+    assert "tsvm  [method, LoRA factored]" in capsys.readouterr().out

@@ -1,0 +1,243 @@
+"""Layer-wise calibration (`calibration.mode: layerwise`): the same statistics as the full pass,
+one block in memory at a time, a clear error for a model it cannot cut into blocks."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from esm_ray.errors import InputError
+from esm_ray.models.blocks import BlockModel
+from esm_ray.models.hf import StoredModel
+from esm_ray.spec import CalibrationSpec
+from esm_ray.stats import StatsStore, calibrate, calibrate_expert
+
+VOCAB = 60  # below every tiny model's vocabulary
+
+
+def _data(path: Path, n: int = 7, seed: int = 0) -> Path:
+    """Rows of 3 to 13 token ids: with batch_size 3 most batches hold padding."""
+    import json
+
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps({"input_ids": [rng.randrange(1, VOCAB) for _ in range(rng.randrange(3, 14))]})
+                            + "\n" for _ in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def more_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Qwen2 (tied embeddings, sliding-window layers beside full-attention ones: a
+    different mask per layer), Mistral (sliding window), GPT-2 (Conv1D layers, learned positions),
+    OPT (linear layers before and after the blocks) and ALBERT (shared layers: no block list)."""
+    from transformers import (AlbertConfig, AlbertModel, GPT2Config, GPT2LMHeadModel, MistralConfig,
+                              MistralForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    root = tmp_path_factory.mktemp("layerwise_models")
+    small = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    models = {
+        "qwen2": Qwen2ForCausalLM(Qwen2Config(**small, num_hidden_layers=3, use_sliding_window=True,
+                                              sliding_window=4, max_window_layers=1, tie_word_embeddings=True)),
+        "mistral": MistralForCausalLM(MistralConfig(**small, num_hidden_layers=2, sliding_window=4)),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           bos_token_id=1, eos_token_id=2)),  # Conv1D: weights stored (d_in, d_out)
+        "opt": OPTForCausalLM(OPTConfig(vocab_size=80, hidden_size=32, num_hidden_layers=2, ffn_dim=48,
+                                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=16,
+                                        pad_token_id=1, bos_token_id=2, eos_token_id=2)),  # linear layers before
+        # the blocks (project_in) and after them (project_out, then the head)
+        "albert": AlbertModel(AlbertConfig(vocab_size=80, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=48)),
+    }
+    out = {}
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _both(model: Path, data: Path, tmp: Path, **settings) -> tuple[StatsStore, StatsStore]:
+    """The statistics of the full and the layer-wise pass (separate caches: mode is not in the key)."""
+    full = calibrate_expert(str(model), str(data), CalibrationSpec(
+        samples=7, batch_size=3, max_length=16, cache_dir=str(tmp / "full"), **settings))
+    layer = calibrate_expert(str(model), str(data), CalibrationSpec(
+        samples=7, batch_size=3, max_length=16, cache_dir=str(tmp / "layer"), mode="layerwise", **settings))
+    return full, layer
+
+
+def _assert_same(full: StatsStore, layer: StatsStore) -> None:
+    assert not list(layer.path.parent.glob(".esm-ray-spill-*")), "spilled parts left behind"
+    assert layer.manifest["tokens"] == full.manifest["tokens"]
+    assert layer.manifest["distinct_inputs"] == full.manifest["distinct_inputs"]
+    assert full.modules() == layer.modules()
+    assert full.shared() == layer.shared()
+    for m in sorted(full.modules()):
+        a, b = full.get(m), layer.get(m)
+        assert a.n == b.n, m
+        scale = float(a.gram.abs().max())
+        torch.testing.assert_close(b.s1, a.s1, rtol=1e-6, atol=1e-9 * scale, msg=m)
+        torch.testing.assert_close(b.gram, a.gram, rtol=1e-6, atol=1e-9 * scale, msg=m)
+
+
+@pytest.mark.parametrize("precision", ["mixed", "float64"])
+def test_layerwise_equals_full_on_llama(tiny_llama, tmp_path, precision):
+    full, layer = _both(tiny_llama["expert_0"], _data(tmp_path / "d.jsonl"), tmp_path, gram_precision=precision)
+    assert "lm_head" in full.modules()  # the head after the final norm is calibrated too
+    _assert_same(full, layer)
+
+
+def test_layerwise_equals_full_on_bert(tiny_bert, tmp_path):
+    full, layer = _both(tiny_bert["expert_1"], _data(tmp_path / "d.jsonl"), tmp_path)
+    assert "pooler.dense" in full.modules()
+    _assert_same(full, layer)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gpt2", "opt"])
+def test_layerwise_equals_full_on_more_architectures(more_models, tmp_path, arch):
+    full, layer = _both(more_models[arch], _data(tmp_path / "d.jsonl", seed=2), tmp_path)
+    if arch == "opt":
+        assert {"model.decoder.project_in", "model.decoder.project_out", "lm_head"} <= full.modules()
+    _assert_same(full, layer)
+
+
+def test_padding_never_counts(tiny_llama, tmp_path):
+    data = _data(tmp_path / "d.jsonl")
+    _, layer = _both(tiny_llama["base"], data, tmp_path)
+    import json
+
+    tokens = sum(min(len(json.loads(ln)["input_ids"]), 16) for ln in data.read_text().splitlines())
+    assert {layer.get(m).n for m in layer.modules()} == {tokens}
+
+
+class _Watched(BlockModel):
+    """A BlockModel that notes, at every load, how many blocks hold real (non-meta) tensors."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.loaded_blocks: list[int] = []
+        self.loads: list[str] = []
+
+    def load(self, name: str):
+        mod = super().load(name)
+        self.loads.append(name)
+        self.loaded_blocks.append(sum(1 for b in self.blocks if any(p.device.type != "meta" for p in b.parameters())))
+        return mod
+
+
+def test_one_block_in_memory_at_a_time(more_models):
+    src = StoredModel(str(more_models["qwen2"]), None)
+    try:
+        bm = _Watched(src, torch.float32, torch.device("cpu"))
+        rng = random.Random(1)
+        rows = [{"input_ids": [rng.randrange(1, VOCAB) for _ in range(9)]} for _ in range(4)]
+        parts: list[set[str]] = []
+        stats = calibrate(bm.model, rows, None, CalibrationSpec(samples=4, batch_size=2), blocks=bm,
+                          emit=lambda part: parts.append(set(part)))
+    finally:
+        src.close()
+    assert stats == {}  # every part was handed over, none kept
+    parts = [p for p in parts if p]
+    assert [sorted({".".join(n.split(".")[:3]) for n in p}) for p in parts] == \
+        [[f"model.layers.{i}"] for i in range(3)] + [["lm_head"]]
+    assert [n for n in bm.loads if n.startswith("model.layers.")] == [f"model.layers.{i}" for i in range(3)]
+    assert max(bm.loaded_blocks) == 1
+    assert "lm_head" in bm.loads and bm.loads[-1] == "lm_head"  # the head only after the last block
+    assert all(p.device.type == "meta" for b in bm.blocks for p in b.parameters())  # every block freed
+    assert "model.layers.2.mlp.down_proj" in parts[2]
+
+
+def test_layerwise_budget_splits_passes_within_a_block(tiny_llama, tmp_path):
+    full, _ = _both(tiny_llama["expert_2"], _data(tmp_path / "d.jsonl"), tmp_path)
+    src = StoredModel(str(tiny_llama["expert_2"]), None)
+    try:
+        bm = BlockModel(src, torch.float32, torch.device("cpu"))
+        from esm_ray.stats.data import load_calibration_rows
+
+        rows = load_calibration_rows(str(tmp_path / "d.jsonl"), 7, 0)
+        stats = calibrate(bm.model, rows, None, CalibrationSpec(samples=7, batch_size=3, max_length=16),
+                          blocks=bm, max_bytes=8 * 33 * 33)  # one 32-wide input per pass
+    finally:
+        src.close()
+    for m, st in stats.items():
+        torch.testing.assert_close(st.gram, full.get(m).gram, rtol=1e-6, atol=1e-9)
+
+
+def test_unsupported_architecture_is_named(more_models, tmp_path):
+    data = _data(tmp_path / "d.jsonl")
+    with pytest.raises(InputError, match=r"albert.*layer-wise calibration does not support architecture "
+                                         r"AlbertModel.*calibration.mode: full"):
+        calibrate_expert(str(more_models["albert"]), str(data),
+                         CalibrationSpec(samples=4, cache_dir=str(tmp_path), mode="layerwise"))
+    # the full pass still calibrates it
+    assert calibrate_expert(str(more_models["albert"]), str(data),
+                            CalibrationSpec(samples=4, cache_dir=str(tmp_path))).modules()
+
+
+def test_dry_run_names_an_unsupported_architecture(more_models, tmp_path, capsys):
+    from esm_ray.cli import main
+    from tests.builders import import_methods, write_spec
+
+    import_methods()
+    fam = {"base": more_models["albert"], "expert_0": more_models["albert"], "expert_1": more_models["albert"]}
+    data = [_data(tmp_path / f"d{i}.jsonl", seed=i) for i in range(2)]
+    spec = write_spec(tmp_path / "s.yaml", fam, tmp_path / "out", method="esm", n_experts=2, data=data,
+                      calibration={"mode": "layerwise", "cache_dir": str(tmp_path / "cache")})
+    assert main(["merge", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "calibration.mode" in err and "AlbertModel" in err
+    spec.write_text(spec.read_text().replace("mode: layerwise", "mode: full"))
+    assert main(["merge", str(spec), "--dry-run"]) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_layerwise_on_cuda_matches_full_on_cpu(tiny_llama, tmp_path):
+    """Blocks loaded straight onto the GPU, activations and Grams there (TF32 allowed or not)."""
+    data = _data(tmp_path / "d.jsonl")
+    settings = dict(samples=7, batch_size=3, max_length=16)
+    full = calibrate_expert(str(tiny_llama["expert_0"]), str(data),
+                            CalibrationSpec(**settings, cache_dir=str(tmp_path / "cpu")))
+    gpu = calibrate_expert(str(tiny_llama["expert_0"]), str(data),
+                           CalibrationSpec(**settings, cache_dir=str(tmp_path / "gpu"), mode="layerwise"),
+                           device="cuda")
+    assert full.modules() == gpu.modules()
+    for m in sorted(full.modules()):
+        a, b = full.get(m), gpu.get(m)
+        assert a.n == b.n
+        torch.testing.assert_close(b.gram, a.gram, rtol=2e-3, atol=2e-3 * float(a.gram.abs().max()), msg=m)
+
+
+def test_dry_run_estimates_one_blocks_grams(tiny_llama, tmp_path, capsys):
+    from esm_ray.cli import main
+    from tests.builders import import_methods, write_spec
+
+    import_methods()
+    data = [_data(tmp_path / f"d{i}.jsonl", seed=i) for i in range(2)]
+    for mode in ("full", "layerwise"):
+        spec = write_spec(tmp_path / f"{mode}.yaml", tiny_llama, tmp_path / "out", method="esm", n_experts=2,
+                          data=data, calibration={"mode": mode, "cache_dir": str(tmp_path / "cache")})
+        assert main(["merge", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # hidden 32, intermediate 48: 7 matrices per block (6 read 32 wide, down_proj 48), 2 blocks, lm_head
+    assert "calibration Gram matrices, one expert at a time (upper bound): 0.2 MB" in out
+    assert "calibration Gram matrices of one block (layer-wise, upper bound): 0.1 MB" in out
+    assert "layer-wise, one of model.layers at a time" in out
+
+
+def test_missing_block_tensor_is_named(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests.builders import copy_family
+
+    fam = copy_family({"expert_0": tiny_llama["expert_0"]}, tmp_path / "fam")
+    f = fam["expert_0"] / "model.safetensors"
+    sd = load_file(f)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"^\S*expert_0: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+        calibrate_expert(str(fam["expert_0"]), str(_data(tmp_path / "d.jsonl")),
+                         CalibrationSpec(samples=4, cache_dir=str(tmp_path / "c"), mode="layerwise"))
+    assert not list((tmp_path / "c" / "stats").glob(".esm-ray-spill-*")), "spilled parts left behind"

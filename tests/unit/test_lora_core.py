@@ -1,0 +1,87 @@
+"""core.lora: the factored routes equal the dense computation on the densified updates (float64)."""
+
+from __future__ import annotations
+
+import torch
+
+from esm_ray.core.esd import esd_from_gram
+from esm_ray.core.esm import PRESETS, esm_fuse
+from esm_ray.core.lora import (LoraFactors, LowRank, concat, esd_from_factors, lora_svd, lowrank_of_dense,
+                               svd_of_product, truncate)
+from esm_ray.core.tsvm import drop_null_triplets, tsv_rank, tsv_truncate, tsvm_fuse
+
+D_OUT, D_IN = 24, 20
+RANKS = (2, 3, 4)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _loras(seed: int = 0) -> list[LoraFactors]:
+    g = torch.Generator().manual_seed(seed)
+    return [LoraFactors(torch.randn(D_OUT, r, generator=g, dtype=torch.float64),
+                        torch.randn(r, D_IN, generator=g, dtype=torch.float64), 1.5 / (i + 1))
+            for i, r in enumerate(RANKS)]
+
+
+def test_concat_is_the_weighted_sum_of_updates():
+    loras, w = _loras(), [0.5, 1.0, -0.25]
+    low = concat(loras, w)
+    assert low.rank == sum(RANKS)
+    want = sum(wi * f.dense(torch.float64) for f, wi in zip(loras, w))
+    assert _rel(low.dense(torch.float64), want) < 1e-12
+    assert abs(low.norm() - float(want.norm())) < 1e-10 * float(want.norm())
+
+
+def test_svd_of_product_matches_the_dense_svd():
+    f = _loras()[2]
+    u, s, vh = svd_of_product(f.b * f.scale, f.a)
+    dense_s = torch.linalg.svdvals(f.dense(torch.float64))
+    assert torch.allclose(s, dense_s[: s.numel()], rtol=1e-12, atol=0)
+    assert _rel((u * s) @ vh, f.dense(torch.float64)) < 1e-12
+
+
+def test_factored_tsvm_equals_dense_tsvm():
+    loras = _loras(1)
+    k = tsv_rank((D_OUT, D_IN), len(loras))
+    dense_parts = [drop_null_triplets(*tsv_truncate(f.dense(torch.float64), k)) for f in loras]
+    lora_parts = [lora_svd(f, k) for f in loras]
+    for (u1, s1, _), (u2, s2, _) in zip(dense_parts, lora_parts):
+        assert s1.shape == s2.shape
+    want = tsvm_fuse(*[list(x) for x in zip(*dense_parts)])
+    got = tsvm_fuse(*[list(x) for x in zip(*lora_parts)])
+    assert _rel(got, want) < 1e-8
+
+
+def test_factored_esd_and_esm_equal_the_dense_route():
+    loras = _loras(2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, D_IN, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    dense = [esd_from_gram(f.dense(torch.float64), gram, 40, n_tasks=3) for f in loras]
+    fact = [esd_from_factors(f, gram, 40, n_tasks=3) for f in loras]
+    for a, b in zip(dense, fact):
+        assert a.rank == b.rank
+        assert torch.allclose(a.eigenvalues, b.eigenvalues, rtol=1e-10)
+        assert _rel(b.reconstruct(), a.reconstruct()) < 1e-10
+    norms = [float(f.dense(torch.float64).norm()) for f in loras]
+    for recipe in PRESETS.values():
+        want = esm_fuse(dense, recipe, norms, route="svd")
+        got = esm_fuse(fact, recipe, [f.lowrank().norm() for f in loras], route="svd")
+        assert _rel(got, want) < 1e-8, recipe.name
+
+
+def test_truncate_keeps_the_best_rank_and_energy():
+    low = concat(_loras(4), [1.0, 1.0, 1.0])
+    s = torch.linalg.svdvals(low.dense(torch.float64))
+    t = truncate(low, rank=3)
+    assert t.rank == 3
+    u, sv, vh = torch.linalg.svd(low.dense(torch.float64))
+    assert _rel(t.dense(torch.float64), (u[:, :3] * sv[:3]) @ vh[:3]) < 1e-10
+    e = truncate(low, energy=0.9)
+    frac = torch.cumsum(s.square(), 0) / s.square().sum()
+    assert e.rank == int((frac < 0.9 - 1e-12).sum()) + 1
+    assert truncate(low).rank == sum(RANKS)  # numerical rank: exact
+    assert lowrank_of_dense(low.dense(torch.float64)).rank == sum(RANKS)
+    assert LowRank(torch.zeros(3, 0), torch.zeros(0, 2)).norm() == 0.0

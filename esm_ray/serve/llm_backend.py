@@ -65,6 +65,28 @@ def _load_router(model_dir: Path, loader: str) -> tuple[Any, str | None]:
     return fn(str(model_dir)), None
 
 
+def load_router(model_dir: str | Path, loader: str = DEFAULT_ROUTER_LOADER) -> tuple[Any, str | None]:
+    """(RoutedLM, None) when DIR/router/ exists and the loader imports, else (None, why not)."""
+    return _load_router(Path(model_dir), loader)
+
+
+def route_prompts(router: Any, prompts: list[list[int]], tasks: list[str], *, pad_id: int,
+                  device: str = "cpu") -> list[str]:
+    """router.route() on the prompts right-padded with their attention mask; checks the answer."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        mask[i, :len(p)] = 1
+    with torch.inference_mode():
+        got = list(router.route(ids.to(device), mask.to(device)))
+    bad = [t for t in got if t not in tasks]
+    if len(got) != len(prompts) or bad:
+        raise RuntimeError(f"the router answered {got!r} for {len(prompts)} prompts (tasks: {tasks})")
+    return got
+
+
 def _peft_inside(routed: Any) -> Any:
     """The PeftModel a RoutedLM holds, if it exposes one."""
     from peft import PeftModel
@@ -83,11 +105,13 @@ class LLMBackend:
                  router_loader: str = DEFAULT_ROUTER_LOADER) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        d = Path(model_dir)
+        from esm_ray.routed.load import local_dir
+
+        d = local_dir(str(model_dir))  # an s3:// prefix is downloaded once into the cache
         if not is_causal_lm_dir(d):
             raise InputError(f"{d}: not a causal LM directory (config.json must name a *ForCausalLM architecture)")
         self.dir, self.device = d, device
-        self.name = served_name or d.resolve().name
+        self.name = served_name or str(model_dir).rstrip("/").rsplit("/", 1)[-1]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(d))
         except (OSError, ValueError) as err:
@@ -173,22 +197,12 @@ class LLMBackend:
 
     # ---- routing and generation -------------------------------------------------------------
     def route(self, prompts: list[list[int]]) -> list[str]:
-        """One task per prompt from the router (right-padded batch with its attention mask)."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-            mask[i, :len(p)] = 1
-        with torch.inference_mode():
-            tasks = list(self.router.route(ids.to(self.device), mask.to(self.device)))
-        bad = [t for t in tasks if t not in self.tasks]
-        if len(tasks) != len(prompts) or bad:
-            raise RuntimeError(f"the router answered {tasks!r} for {len(prompts)} prompts (tasks: {self.tasks})")
-        return tasks
+        """One task per prompt from the router."""
+        return route_prompts(self.router, prompts, self.tasks, pad_id=self.pad_id, device=self.device)
 
     def generate(self, rows: list[Row]) -> None:
         decode(self.model, rows, pad_id=self.pad_id, eos_ids=self.eos_ids, mixed=self.mixed, device=self.device)
 
 
-__all__ = ["AUTO", "DEFAULT_ROUTER_LOADER", "LLMBackend", "adapter_tasks", "is_causal_lm_dir"]
+__all__ = ["AUTO", "DEFAULT_ROUTER_LOADER", "LLMBackend", "adapter_tasks", "is_causal_lm_dir", "load_router",
+           "route_prompts"]

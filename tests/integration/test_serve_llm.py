@@ -284,3 +284,32 @@ def test_a_bad_adapter_fails_the_load_by_name(lm_dir, tmp_path):
     (bad / "adapters" / "beta" / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["nowhere"]}))
     with pytest.raises(InputError, match="adapters"):
         LLMBackend(bad)
+
+
+def test_the_router_front_picks_the_adapter_for_an_upstream_engine(ray_serve, lm, lm_dir):  # noqa: F811
+    """esm_ray.serve.llm_front (the front of cluster/serve-llm.yaml) in front of esm-ray's own LLM
+    app as the multi-LoRA engine: `auto` is routed here and sent upstream as `lm:<task>`."""
+    from ray import serve
+
+    from esm_ray.serve.llm_front import app_builder
+
+    serve.run(app_builder({"model_dir": str(lm_dir), "upstream": lm, "base_model_id": "lm", "num_cpus": 0.25,
+                           "router_loader": "tests.fixtures.lm_dir:load_first_word_router"}),
+              name="front", route_prefix="/front")
+    try:
+        c, direct = _client(f"{ray_serve}/front"), _client(lm)
+        assert [m.id for m in c.models.list().data] == ["lm", *TASKS, "auto"]
+        msgs = [{"role": "user", "content": "w2 w7"}]  # w2 -> beta (FirstWordRouter)
+        r = c.chat.completions.create(model="auto", messages=msgs, max_tokens=6, temperature=0)
+        want = direct.chat.completions.create(model="beta", messages=msgs, max_tokens=6, temperature=0)
+        assert r.model_extra["esm_ray"]["task"] == "beta"
+        assert r.choices[0].message.content == want.choices[0].message.content
+        streamed = c.completions.create(model="gamma", prompt="w4", max_tokens=5, temperature=0, stream=True)
+        text = "".join(ch.choices[0].text for ch in streamed if ch.choices)
+        assert text == direct.completions.create(model="gamma", prompt="w4", max_tokens=5, temperature=0).choices[0].text
+        with pytest.raises(openai.BadRequestError, match="different tasks"):
+            c.completions.create(model="auto", prompt=["w1 w3", "w2 w3"], max_tokens=2)
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="delta", prompt="w1")
+    finally:
+        serve.delete("front")

@@ -121,7 +121,8 @@ class LLMServer:
         b = self.backend
         return {"model_dir": self.opts.model_dir, "name": b.name, "tasks": b.tasks, "router": b.router is not None,
                 "max_positions": b.max_positions, "vocab_size": b.vocab_size,
-                "recent_batch_sizes": list(self.batcher.batches), "limits": self.opts.model_dump()}
+                "recent_batch_sizes": list(self.batcher.batches), "batches_run": self.batcher.batches_run,
+                "sequences_run": self.batcher.sequences_run, "limits": self.opts.model_dump()}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:

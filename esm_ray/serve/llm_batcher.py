@@ -59,7 +59,8 @@ class Batcher:
         self.debug_delay_s, self.debug_fail_token = debug_delay_s, debug_fail_token
         self.queue: asyncio.Queue | None = None
         self.waiting = 0
-        self.batches: list[int] = []  # sizes of the batches run (GET /v1/model shows the last ones)
+        self.batches: list[int] = []  # sizes of the last batches run (GET /v1/model shows them)
+        self.batches_run = self.sequences_run = 0
 
     def submit(self, seqs: list[Seq]) -> None:
         """Queue a request's sequences, or 503 when too many already wait."""
@@ -90,6 +91,7 @@ class Batcher:
             if not batch:
                 continue
             self.batches = (self.batches + [len(batch)])[-32:]
+            self.batches_run, self.sequences_run = self.batches_run + 1, self.sequences_run + len(batch)
             if self.debug_delay_s:
                 await asyncio.sleep(self.debug_delay_s)
             try:

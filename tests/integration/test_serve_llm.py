@@ -313,3 +313,51 @@ def test_the_router_front_picks_the_adapter_for_an_upstream_engine(ray_serve, lm
             c.completions.create(model="delta", prompt="w1")
     finally:
         serve.delete("front")
+
+
+def test_cli_refuses_encoder_flags_on_a_causal_lm(plain_dir, capsys):
+    from esm_ray.cli import main
+
+    assert main(["serve", str(plain_dir), "--head", "alpha=x"]) == 2
+    assert "causal LM" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.serve
+def test_esm_ray_serve_on_a_causal_lm_speaks_openai(lm_dir):
+    """`esm-ray serve DIR` (a private Ray) on a causal-LM directory: models, chat, a stream."""
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import time
+    from pathlib import Path
+
+    from esm_ray.serve import free_port
+    from tests.hostile.test_serve import _end, _private_env
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="esmllm-"))  # short: Ray puts unix sockets under it
+    model = shutil.copytree(lm_dir, tmp_path / "model", ignore=shutil.ignore_patterns("router"))  # adapters only
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "esm_ray.cli", "serve", str(model), "--port", str(port),
+                             "--num-cpus", "1", "--served-name", "tiny"], env=_private_env(tmp_path), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        while not any(line.startswith("serving ") for line in lines):
+            assert proc.poll() is None and time.monotonic() - t0 < 240, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        assert "/v1/chat/completions" in next(line for line in lines if line.startswith("serving "))
+        c = _client(f"http://127.0.0.1:{port}")
+        assert [m.id for m in c.models.list().data] == ["tiny", *TASKS]  # no router/: no `auto`
+        r = c.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "w1"}], max_tokens=4)
+        assert r.model_extra["esm_ray"]["task"] == "alpha" and r.usage.completion_tokens <= 4
+        assert list(c.completions.create(model="tiny", prompt="w1", max_tokens=3, stream=True))
+        with pytest.raises(openai.BadRequestError, match="no router"):
+            c.completions.create(model="auto", prompt="w1")
+    finally:
+        _end(proc, tmp_path)
+        shutil.rmtree(tmp_path, ignore_errors=True)

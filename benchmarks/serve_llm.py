@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         rows |= {"expert": [tasks[0]], "mixed": tasks}
     if (model_dir / "router" / "manifest.json").is_file():
         rows["routed"] = ["auto"]
-    print(f"| model | concurrency | TTFT p50 ms | request p50 ms | tokens/s | mean batch |\n|---|---|---|---|---|---|")
+    print("| model | concurrency | TTFT p50 ms | request p50 ms | tokens/s | mean batch |\n|---|---|---|---|---|---|")
     try:
         for conc in args.concurrency:
             for name, models in rows.items():

@@ -42,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_input_chars": args.max_input_chars}.items() if v is not None}
     spec = ServeSpec.model_validate({**base.model_dump(), **updates})
     llm = is_causal_lm_dir(args.dir)
+    opts: LLMOptions | ServeOptions
     if llm:
         if args.head or args.router:
             raise SpecError(f"{args.dir} is a causal LM: --head and --router are for routed encoders "

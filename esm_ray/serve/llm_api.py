@@ -45,7 +45,7 @@ def validation_error(errors: list[dict[str, Any]]) -> ApiError:
         return ApiError(422, f"the body is not valid JSON: {first.get('msg')}", None, "json_invalid")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     what = f"`{param}`: " if param else ""
-    return ApiError(422, f"{what}{first.get('msg', 'invalid')}{more}", param, first.get("type"))
+    return ApiError(422, f"{what}{first.get('msg', 'invalid')}{more}", param, str(first.get("type", "invalid")))
 
 
 class Sampling(BaseModel):

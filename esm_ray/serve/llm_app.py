@@ -137,12 +137,11 @@ class LLMServer:
             raise ApiError(400, "`messages` is empty: send at least one message", "messages")
         msgs = []
         for i, m in enumerate(req.messages):
-            content = m.content if isinstance(m.content, str) or m.content is None else "".join(
-                p.text for p in m.content)
-            if len(content or "") > self.opts.max_input_chars:
+            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+            if len(content) > self.opts.max_input_chars:
                 raise ApiError(413, f"`messages[{i}].content` has {len(content)} characters, over the limit of "
                                     f"{self.opts.max_input_chars}", f"messages[{i}].content")
-            msgs.append({**(m.model_extra or {}), "role": m.role, "content": content or ""})
+            msgs.append({**(m.model_extra or {}), "role": m.role, "content": content})
         return await self._answer(req, [self._check_ids(self.backend.chat_ids(msgs), "messages")], chat=True)
 
     # ---- request -> sequences -----------------------------------------------------------------

@@ -125,7 +125,7 @@ class LLMBackend:
             model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
             if self.tasks:
                 model = self._with_adapters(model)
-        self.model = model.to(device).eval()
+        self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typed .to wrapper
         self.mixed = bool(self.tasks)
         cfg = self.model.config if not self.mixed else self.model.get_base_model().config
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
@@ -193,7 +193,7 @@ class LLMBackend:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     # ---- routing and generation -------------------------------------------------------------
     def route(self, prompts: list[list[int]]) -> list[str]:

@@ -51,7 +51,8 @@ def _cache_name(model: torch.nn.Module) -> str:
     import inspect
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    forward = getattr(inner, "forward")
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _cache_of(out) -> object:

@@ -132,7 +132,7 @@ class RouterFront:
             if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
                 prompt = [prompt]
             out = [list(self.tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in prompt]
-        except (KeyError, TypeError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - a missing field, a wrong type, a template that refuses
             field_ = "messages" if path.endswith("chat/completions") else "prompt"
             raise ApiError(400, f"`{field_}` cannot be routed: {err}", field_) from None
         if not out or any(not p for p in out):
@@ -150,8 +150,13 @@ class RouterFront:
         task = self._task(body, path)
         body["model"] = self.opts.base_model_id if task is None else f"{self.opts.base_model_id}:{task}"
         headers = {"x-esm-ray-task": task or ""}
-        req = self.client.build_request("POST", path, json=body)
-        resp = await self.client.send(req, stream=True)
+        import httpx
+
+        try:
+            resp = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
+        except httpx.HTTPError as err:
+            raise ApiError(502, f"the engine at {self.opts.upstream} did not answer: {type(err).__name__}: {err}",
+                           None, "upstream_unavailable", "server_error") from None
         kind = resp.headers.get("content-type", "application/json")
         if body.get("stream") or not kind.startswith("application/json"):
             async def relay():

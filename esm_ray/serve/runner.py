@@ -6,10 +6,13 @@ import logging
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esm_ray.serve.app import ServeOptions, build
 from esm_ray.spec import ServeSpec
+
+if TYPE_CHECKING:
+    from esm_ray.serve.llm_app import LLMOptions
 
 log = logging.getLogger("esm_ray.serve")
 
@@ -74,7 +77,7 @@ def _application(options: Any, spec: ServeSpec, max_queued_requests: int | None,
     return build(options, spec, max_queued_requests, constructor_retries=retries)
 
 
-def start(options: Any, spec: ServeSpec | None = None, *,
+def start(options: ServeOptions | LLMOptions | dict[str, Any], spec: ServeSpec | None = None, *,
           max_queued_requests: int | None = None, address: str | None = None, name: str = "esm-ray",
           route_prefix: str = "/", num_cpus: int | None = None) -> Running:
     """Deploy the model (ServeOptions or a dict of them: the routed encoder; LLMOptions: a causal

@@ -59,7 +59,7 @@ class Sampling(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: StrictInt | None = Field(None, ge=1)
     stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**64 - 9, description="choice k samples with seed + k")
     stream: StrictBool | None = False
     stream_options: dict[str, Any] | None = None
     user: StrictStr | None = None

@@ -75,6 +75,17 @@ async def _http_error(_: Request, err: HTTPException) -> JSONResponse:
     return JSONResponse(error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code)
 
 
+def _check_text(text: str, where: str, max_chars: int) -> None:
+    """413 over max_chars characters, 422 for text that is not valid Unicode (a lone surrogate)."""
+    if len(text) > max_chars:
+        raise ApiError(413, f"`{where}` has {len(text)} characters, over the limit of {max_chars}", where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(422, f"`{where}` is not valid Unicode text ({err.reason} at character {err.start})",
+                       where) from None
+
+
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
@@ -138,9 +149,7 @@ class LLMServer:
         msgs = []
         for i, m in enumerate(req.messages):
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-            if len(content) > self.opts.max_input_chars:
-                raise ApiError(413, f"`messages[{i}].content` has {len(content)} characters, over the limit of "
-                                    f"{self.opts.max_input_chars}", f"messages[{i}].content")
+            _check_text(content, f"messages[{i}].content", self.opts.max_input_chars)
             msgs.append({**(m.model_extra or {}), "role": m.role, "content": content})
         return await self._answer(req, [self._check_ids(self.backend.chat_ids(msgs), "messages")], chat=True)
 
@@ -156,16 +165,13 @@ class LLMServer:
         out = []
         for i, p in enumerate(prompt):
             where = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
-            if len(p) > self.opts.max_input_chars:
-                raise ApiError(413, f"`{where}` has {len(p)} {'characters' if isinstance(p, str) else 'token ids'}, "
-                                    f"over the limit of {self.opts.max_input_chars}", where)
             if isinstance(p, str):
-                try:
-                    p.encode("utf-8")
-                except UnicodeEncodeError as err:
-                    raise ApiError(422, f"`{where}` is not valid Unicode text ({err.reason})", where) from None
+                _check_text(p, where, self.opts.max_input_chars)
                 ids = self.backend.encode(p)
             else:
+                if len(p) > self.opts.max_input_chars:
+                    raise ApiError(413, f"`{where}` has {len(p)} token ids, over the limit of "
+                                        f"{self.opts.max_input_chars}", where)
                 bad = [t for t in p if not 0 <= t < self.backend.vocab_size]
                 if bad:
                     raise ApiError(422, f"`{where}`: token id {bad[0]} is outside the vocabulary "

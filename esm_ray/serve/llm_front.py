@@ -153,7 +153,9 @@ class RouterFront:
         import httpx
 
         try:
-            resp = await self.client.send(self.client.build_request("POST", path, json=body), stream=True)
+            data = json.dumps(body).encode()  # ASCII escapes: even a lone surrogate reaches the engine to be refused
+            resp = await self.client.send(self.client.build_request(
+                "POST", path, content=data, headers={"content-type": "application/json"}), stream=True)
         except httpx.HTTPError as err:
             raise ApiError(502, f"the engine at {self.opts.upstream} did not answer: {type(err).__name__}: {err}",
                            None, "upstream_unavailable", "server_error") from None

@@ -122,11 +122,16 @@ class LLMBackend:
         if AUTO in self.tasks or self.name in self.tasks:
             raise InputError(f"{d}: a task may not be called {AUTO!r} or {self.name!r} (model ids would clash)")
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
-            if self.tasks:
+            # float32 on CPU; on a GPU the checkpoint's own dtype (a 7B model in float32 would not fit)
+            model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32 if device == "cpu" else "auto")
+            if self.tasks and adapter_tasks(d):
                 model = self._with_adapters(model)
         self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typed .to wrapper
         self.mixed = bool(self.tasks)
+        missing = sorted(set(self.tasks) - set(getattr(self.model, "peft_config", {}) or {}))
+        if self.mixed and missing:
+            raise InputError(f"{d}: no adapter for task(s) {', '.join(missing)} (the router names them; "
+                             f"{ADAPTERS_DIR}/ has {', '.join(adapter_tasks(d)) or 'none'})")
         cfg = self.model.config if not self.mixed else self.model.get_base_model().config
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
         self.vocab_size = int(cfg.vocab_size)
@@ -141,7 +146,7 @@ class LLMBackend:
 
         root = self.dir / ADAPTERS_DIR
         try:
-            first, *rest = self.tasks
+            first, *rest = adapter_tasks(self.dir)
             peft_model = PeftModel.from_pretrained(model, str(root / first), adapter_name=first)
             for t in rest:
                 peft_model.load_adapter(str(root / t), adapter_name=t)

@@ -365,3 +365,12 @@ def test_esm_ray_serve_on_a_causal_lm_speaks_openai(lm_dir):
     finally:
         _end(proc, tmp_path)
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_router_naming_a_task_without_adapter_fails_the_load(lm_dir, tmp_path):
+    from esm_ray.errors import InputError
+    from esm_ray.serve.llm_backend import LLMBackend
+
+    bad = shutil.copytree(lm_dir, tmp_path / "bad", ignore=shutil.ignore_patterns("gamma"))
+    with pytest.raises(InputError, match="no adapter for task.*gamma"):
+        LLMBackend(bad, router_loader="tests.fixtures.lm_dir:load_first_word_router_of_tasks")

@@ -102,12 +102,12 @@ class LLMBackend:
     """Tokenizer, the merged model with every task adapter (peft), the router if any."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", served_name: str | None = None,
-                 router_loader: str = DEFAULT_ROUTER_LOADER) -> None:
+                 router_loader: str = DEFAULT_ROUTER_LOADER, cache: str | Path | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from esm_ray.routed.load import local_dir
 
-        d = local_dir(str(model_dir))  # an s3:// prefix is downloaded once into the cache
+        d = local_dir(str(model_dir), cache=cache)  # an s3:// prefix is downloaded once into the cache
         if not is_causal_lm_dir(d):
             raise InputError(f"{d}: not a causal LM directory (config.json must name a *ForCausalLM architecture)")
         self.dir, self.device = d, device

@@ -374,3 +374,14 @@ def test_a_router_naming_a_task_without_adapter_fails_the_load(lm_dir, tmp_path)
     bad = shutil.copytree(lm_dir, tmp_path / "bad", ignore=shutil.ignore_patterns("gamma"))
     with pytest.raises(InputError, match="no adapter for task.*gamma"):
         LLMBackend(bad, router_loader="tests.fixtures.lm_dir:load_first_word_router_of_tasks")
+
+
+def test_an_s3_directory_loads_with_its_adapters(lm_dir, s3_env, s3_bucket, tmp_path):
+    from esm_ray.serve.llm_backend import LLMBackend
+    from tests.integration.test_io_s3 import _upload_dir
+
+    _upload_dir(s3_env.client(), s3_bucket, "lms/routed-lm", lm_dir)
+    b = LLMBackend(f"s3://{s3_bucket}/lms/routed-lm", cache=tmp_path / "cache",
+                   router_loader="tests.fixtures.lm_dir:load_first_word_router")
+    assert b.name == "routed-lm" and b.tasks == TASKS and [m["id"] for m in b.model_ids()][-1] == "auto"
+    assert (tmp_path / "cache").is_dir()

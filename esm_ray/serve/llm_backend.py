@@ -53,7 +53,7 @@ def adapter_tasks(path: str | Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
 
 
-def _load_router(model_dir: Path, loader: str) -> tuple[Any, str | None]:
+def _load_router(model_dir: Path, loader: str, **options: Any) -> tuple[Any, str | None]:
     """(router object, None) or (None, why there is none)."""
     if not (model_dir / ROUTER_MANIFEST).is_file():
         return None, f"{model_dir.name} has no router ({ROUTER_MANIFEST} is missing)"
@@ -62,12 +62,23 @@ def _load_router(model_dir: Path, loader: str) -> tuple[Any, str | None]:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError):
         return None, f"{model_dir.name} has a router, but this esm-ray cannot load it ({loader} is missing)"
-    return fn(str(model_dir)), None
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return fn(str(model_dir), **{k: v for k, v in options.items() if k in params}), None
 
 
-def load_router(model_dir: str | Path, loader: str = DEFAULT_ROUTER_LOADER) -> tuple[Any, str | None]:
-    """(RoutedLM, None) when DIR/router/ exists and the loader imports, else (None, why not)."""
-    return _load_router(Path(model_dir), loader)
+def load_router(model_dir: str | Path, loader: str = DEFAULT_ROUTER_LOADER, **options: Any) -> tuple[Any, str | None]:
+    """(RoutedLM, None) when DIR/router/ exists and the loader imports, else (None, why not).
+    options (device, dtype) go to the loader when it takes them."""
+    return _load_router(Path(model_dir), loader, **options)
+
+
+def adapter_names(router: Any, tasks: list[str]) -> dict[str, str]:
+    """{task: its adapter's name}: the router's `adapter_names` (a task name made safe for a
+    directory), else the task itself (adapters/<task>/)."""
+    names = dict(getattr(router, "adapter_names", None) or {})
+    return {t: str(names.get(t, t)) for t in tasks}
 
 
 def route_prompts(router: Any, prompts: list[list[int]], tasks: list[str], *, pad_id: int,
@@ -116,9 +127,12 @@ class LLMBackend:
             self.tokenizer = AutoTokenizer.from_pretrained(str(d))
         except (OSError, ValueError) as err:
             raise InputError(f"{d}: no usable tokenizer ({err})") from None
-        self.router, self.no_router = _load_router(d, router_loader)
+        dtype = torch.float32 if device == "cpu" else None  # None: the checkpoint's own dtype
+        self.router, self.no_router = _load_router(d, router_loader, device=device,
+                                                   **({"dtype": dtype} if dtype is not None else {}))
         model = _peft_inside(self.router) if self.router is not None else None
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))
+        self.adapter_of = adapter_names(self.router, self.tasks)  # task -> the peft adapter's name
         if AUTO in self.tasks or self.name in self.tasks:
             raise InputError(f"{d}: a task may not be called {AUTO!r} or {self.name!r} (model ids would clash)")
         if model is None:
@@ -128,7 +142,8 @@ class LLMBackend:
                 model = self._with_adapters(model)
         self.model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' typed .to wrapper
         self.mixed = bool(self.tasks)
-        missing = sorted(set(self.tasks) - set(getattr(self.model, "peft_config", {}) or {}))
+        have = set(getattr(self.model, "peft_config", {}) or {})
+        missing = sorted(t for t in self.tasks if self.adapter_of[t] not in have)
         if self.mixed and missing:
             raise InputError(f"{d}: no adapter for task(s) {', '.join(missing)} (the router names them; "
                              f"{ADAPTERS_DIR}/ has {', '.join(adapter_tasks(d)) or 'none'})")
@@ -206,6 +221,9 @@ class LLMBackend:
         return route_prompts(self.router, prompts, self.tasks, pad_id=self.pad_id, device=self.device)
 
     def generate(self, rows: list[Row]) -> None:
+        """Decode the rows (their `adapter` is a task name, or None for the merged model)."""
+        for r in rows:
+            r.adapter = self.adapter_of[r.adapter] if r.adapter is not None else None
         decode(self.model, rows, pad_id=self.pad_id, eos_ids=self.eos_ids, mixed=self.mixed, device=self.device)
 
 

@@ -41,6 +41,7 @@ class FrontOptions(BaseModel):
     upstream: str = Field(description="base URL of the engine's OpenAI app, e.g. http://127.0.0.1:8000/llm")
     base_model_id: str = Field(description="the engine's model id for the merged base (LLMConfig model_id)")
     router_loader: str = "esm_ray.routed.lm:load_routed_lm"
+    device: str | None = Field(None, description="where the router runs (default: cuda when the replica has one)")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     timeout_s: float = Field(600.0, gt=0)
 
@@ -75,13 +76,19 @@ class RouterFront:
         from transformers import AutoTokenizer
 
         from esm_ray.routed.load import local_dir
-        from esm_ray.serve.llm_backend import adapter_tasks, load_router
+        from esm_ray.serve.llm_backend import adapter_names, adapter_tasks, load_router
+
+        import torch
 
         self.opts = FrontOptions.model_validate(options)
+        device = self.opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         d = local_dir(self.opts.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
-        self.router, self.no_router = load_router(d, self.opts.router_loader)
+        self.router, self.no_router = load_router(d, self.opts.router_loader, device=device,
+                                                  **({"dtype": torch.float32} if device == "cpu" else {}))
+        self.device = device
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))
+        self.adapter_of = adapter_names(self.router, self.tasks)  # the engine loads adapters/<name>
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
         self.client = httpx.AsyncClient(base_url=self.opts.upstream.rstrip("/"), timeout=self.opts.timeout_s)
@@ -106,6 +113,8 @@ class RouterFront:
             return None
         if model.startswith(base + ":") and model.split(":", 1)[1] in self.tasks:
             return model.split(":", 1)[1]
+        if model.startswith(base + ":") and model.split(":", 1)[1] in self.adapter_of.values():  # the engine's spelling
+            return next(t for t, n in self.adapter_of.items() if n == model.split(":", 1)[1])
         if model in self.tasks:
             return model
         if model != "auto":
@@ -116,7 +125,7 @@ class RouterFront:
         prompts = self._prompt_ids(body, path)
         from esm_ray.serve.llm_backend import route_prompts
 
-        tasks = set(route_prompts(self.router, prompts, self.tasks, pad_id=self.pad_id))
+        tasks = set(route_prompts(self.router, prompts, self.tasks, pad_id=self.pad_id, device=self.device))
         if len(tasks) > 1:
             raise ApiError(400, f"`prompt`: the prompts of one request route to different tasks "
                                 f"({', '.join(sorted(tasks))}); send them as separate requests", "prompt")
@@ -148,7 +157,7 @@ class RouterFront:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             raise ApiError(422, "`model`: a string is required", "model")
         task = self._task(body, path)
-        body["model"] = self.opts.base_model_id if task is None else f"{self.opts.base_model_id}:{task}"
+        body["model"] = self.opts.base_model_id if task is None else f"{self.opts.base_model_id}:{self.adapter_of[task]}"
         headers = {"x-esm-ray-task": task or ""}
         import httpx
 
@@ -178,9 +187,10 @@ class RouterFront:
 
 def app_builder(args: dict[str, Any]):
     """Import path for `serve run` / serveConfigV2: esm_ray.serve.llm_front:app_builder. args: the
-    FrontOptions fields plus num_replicas, num_cpus, max_ongoing_requests."""
+    FrontOptions fields plus num_replicas, num_cpus, num_gpus (the router runs a partial prefill of
+    the merged model: give a large model a GPU share), max_ongoing_requests."""
     args = dict(args)
     knobs = {"num_replicas": args.pop("num_replicas", 1),
-             "ray_actor_options": {"num_cpus": args.pop("num_cpus", 1)},
+             "ray_actor_options": {"num_cpus": args.pop("num_cpus", 1), "num_gpus": args.pop("num_gpus", 0)},
              "max_ongoing_requests": args.pop("max_ongoing_requests", 64)}
     return RouterFront.options(**knobs).bind(FrontOptions.model_validate(args).model_dump())

@@ -87,3 +87,18 @@ def test_a_stop_string_is_never_streamed(backend):
     got = _run(backend, [{"prompt": "w1 w2 w3", "adapter": "alpha", "max_tokens": 12, "stop": [stop]}])[0][0]
     text = "".join(got["deltas"])
     assert got["reason"] == "stop" and stop not in text and text.split() == words[:k - 1]  # held back, dropped
+
+
+def test_task_names_map_to_their_adapters(backend, tiny_llama, tmp_path):
+    """A router whose task is called "Alpha!" while its adapter is adapters/alpha: generating for
+    the task uses that adapter (peft knows it by its directory's name)."""
+    from tests.fixtures.lm_dir import add_router
+    from esm_ray.serve.llm_backend import LLMBackend
+
+    renamed = LLMBackend(add_router(make_lm_dir(tmp_path / "lm", tiny_llama["base"])),
+                         router_loader="tests.fixtures.lm_dir:load_renamed_router")
+    assert renamed.tasks == ["Alpha!", "beta", "gamma"] and renamed.adapter_of["Alpha!"] == "alpha"
+    assert renamed.resolve("Alpha!") == ("Alpha!", False)
+    got, _ = _run(renamed, [{"prompt": "w1 w2", "adapter": "Alpha!"}])
+    want, _ = _run(backend, [{"prompt": "w1 w2", "adapter": "alpha"}])
+    assert got[0]["tokens"] == want[0]["tokens"] and got[0]["task"] == "Alpha!"

@@ -287,7 +287,7 @@ def test_a_bad_adapter_fails_the_load_by_name(lm_dir, tmp_path):
     cfg = json.loads((bad / "adapters" / "beta" / "adapter_config.json").read_text())
     (bad / "adapters" / "beta" / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["nowhere"]}))
     with pytest.raises(InputError, match="adapters"):
-        LLMBackend(bad)
+        LLMBackend(bad, router_loader="tests.fixtures.lm_dir:load_first_word_router")
 
 
 def test_the_router_front_picks_the_adapter_for_an_upstream_engine(ray_serve, lm, lm_dir):  # noqa: F811

@@ -1,50 +1,138 @@
 """SCE (Select, Calculate, Erase; FuseChat 2.0): keep the entries where the experts' task vectors
 vary most, weight each expert by its task vector's mean square, erase entries against the elected
-sign, as mergekit 0.1.5's `sce` (float32 results equal bit for bit)."""
+sign, as mergekit 0.1.5's `sce` (float32 results equal bit for bit).
+
+    sce_merge(τ)                       the whole tensors at once, composed of:
+    sce_select(variances, topk)        Select's threshold, from streamed blocks of the variance
+    sce_selected(τ, select, start)     Select applied to the entries [start, ...) of the τ_i
+    sce_weights(chunks, numel)         Calculate's c_i, from chunks of the selected τ_i (core.chunks)
+    sce_fuse(τ, c)                     Erase and the weighted mean, entry by entry
+The local executor merges a large tensor in row blocks through the last four: passes over the
+blocks for the threshold and the weights, then one for the result, the bytes of the whole tensor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from esm_ray.core import chunks as grid
+from esm_ray.core.chunks import combine_sums
+from esm_ray.core.ties import TrimThreshold, trim_threshold
 
-def sce_select_mask(tvs: Tensor, select_topk: float) -> Tensor:
-    """Entries kept by Select: the k = int(nnz · select_topk) entries of largest variance across
-    experts, nnz the number of entries whose variance is nonzero. tvs: (T, *S) -> float (S)."""
-    if select_topk <= 0:
-        return torch.zeros_like(tvs[0])
+
+@dataclass(frozen=True)
+class SceSelect:
+    """The entries Select keeps: all (select_topk ≥ 1, no mask), none, or those above a
+    threshold of the variance (`top`, with its ties kept from the lowest flat index)."""
+
+    keep: str  # "all" | "none" | "top"
+    top: TrimThreshold | None = None
+
+
+def sce_variance(tvs: Tensor) -> Tensor:
+    """The variance across experts of each entry (population): (T, *S) -> S."""
+    return torch.var(tvs, dim=0, unbiased=False)
+
+
+def sce_select(variances: Callable[[], Iterable[Tensor]], select_topk: float) -> SceSelect:
+    """Select's entries: the k = int(nnz · select_topk) of largest variance across experts, nnz
+    the number of entries whose variance is nonzero. `variances()` yields the variance in flat
+    order in blocks of any sizes, and is called twice (core.ties.trim_threshold); equal values
+    at the threshold are kept from the lowest flat index."""
     if select_topk >= 1:
-        return torch.ones_like(tvs[0])
-    var = torch.var(tvs, dim=0, unbiased=False)
-    k = int(torch.count_nonzero(var) * select_topk)
-    mask = torch.zeros_like(var)
-    if k:
-        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
-    return mask
+        return SceSelect("all")
+    if select_topk <= 0:
+        return SceSelect("none")
+    nonzero: list[int] = []  # counted in the first pass
+
+    def blocks() -> Iterable[Tensor]:
+        counting = not nonzero
+        nonzero.append(0)
+        for v in variances():
+            if counting:
+                nonzero[0] += int(torch.count_nonzero(v))
+            yield v
+
+    k = lambda: int(nonzero[0] * select_topk)  # noqa: E731
+    top = trim_threshold(blocks, k)
+    return SceSelect("top", top) if k() else SceSelect("none")
+
+
+def sce_selected(tvs: Tensor, select: SceSelect, start: int = 0, var: Tensor | None = None) -> Tensor:
+    """The task vectors (T, *S) with Select applied: entries outside it times 0 (as mergekit's
+    mask). `start`: the flat index of the first entry in the whole tensor; `var`: their
+    variance, when already known."""
+    if select.keep == "all":
+        return tvs
+    if select.keep == "none":
+        return tvs * torch.zeros_like(tvs[0]).unsqueeze(0)
+    assert select.top is not None
+    v = sce_variance(tvs) if var is None else var
+    return tvs * select.top.mask(v, start).to(tvs.dtype).unsqueeze(0)
+
+
+def sce_weights(chunks: Iterable[Tensor], numel: int) -> Tensor:
+    """Calculate's c_i = mean(τ_i²) / Σ_j mean(τ_j²) (1/T each when that sum is < 1e-6), from the
+    selected task vectors' chunks in order, each (T, n) (core.chunks: one chunk is reduced as
+    mergekit reduces the whole tensor; more: their sums of squares summed, over numel)."""
+    first: Tensor | None = None
+    sums: list[Tensor] = []
+    for x in chunks:
+        sq = x.square()
+        if first is None:
+            first = sq
+            continue
+        if not sums:
+            sums.append(first.sum(dim=1))
+        sums.append(sq.sum(dim=1))
+    if first is None:
+        raise ValueError("sce: no entries")
+    c = first.mean(dim=1) if not sums else combine_sums(sums) / numel
+    total = torch.sum(c).item()
+    return torch.ones_like(c) / c.shape[0] if abs(total) < 1e-6 else c / total
+
+
+def sce_fuse(tvs: Tensor, c: Tensor) -> Tensor:
+    """Erase and merge: e_i = [sign τ_i = elected sign], elected = sign of Σ_i τ_i (+ on a tie),
+    ΔW = Σ_i c_i e_i τ_i / max(Σ_i c_i e_i, 1e-6). tvs: (T, *S) selected -> S."""
+    sign = tvs.sign()
+    elected = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+    erase = sign == elected
+    ce = c.view(-1, *([1] * (tvs.dim() - 1))) * erase
+    return (tvs * ce).sum(dim=0) / torch.sum(ce, dim=0).clamp(min=1e-6)
 
 
 def sce_merge(task_vectors: Sequence[Tensor], select_topk: float = 1.0) -> Tensor:
     """ΔW of SCE from T task vectors τ_i (shape S):
 
-        Select:    τ_i ← τ_i · M, M from sce_select_mask (only when select_topk < 1)
+        Select:    τ_i ← τ_i · M, M the top-variance entries (sce_select; only when select_topk < 1)
         Calculate: c_i = mean(τ_i²) / Σ_j mean(τ_j²)   (1/T each when that sum is < 1e-6)
         Erase:     e_i = [sign τ_i = elected sign], elected = sign of Σ_i τ_i (+ on a tie)
         ΔW = Σ_i c_i e_i τ_i / max(Σ_i c_i e_i, 1e-6)
     """
     tvs = torch.stack(list(task_vectors), dim=0)
-    if select_topk < 1:
-        tvs = tvs * sce_select_mask(tvs, select_topk).unsqueeze(0)
-    sign = tvs.sign()
-    elected = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
-    erase = sign == elected
-    c = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
-    total = torch.sum(c).item()
-    c = torch.ones_like(c) / c.shape[0] if abs(total) < 1e-6 else c / total
-    c = c.view(-1, *([1] * (tvs.dim() - 1)))
-    ce = c * erase
-    return (tvs * ce).sum(dim=0) / torch.sum(ce, dim=0).clamp(min=1e-6)
+    if not tvs[0].numel():
+        return tvs[0].clone()
+    var = sce_variance(tvs) if 0 < select_topk < 1 else None
+    select = sce_select(lambda: (var,), select_topk)
+    tvs = sce_selected(tvs, select, 0, var)
+    c = sce_weights(_chunked(tvs), tvs[0].numel())
+    return sce_fuse(tvs, c)
 
 
-__all__ = ["sce_merge", "sce_select_mask"]
+def _chunked(tvs: Tensor) -> Iterable[Tensor]:
+    """(T, n) chunks of stacked task vectors along core.chunks' grid (one chunk: all of them)."""
+    flat = tvs.reshape(tvs.shape[0], -1)
+    n, size = flat.shape[1], grid.CHUNK
+    if n <= size:
+        yield flat
+        return
+    for s in range(0, n, size):
+        yield flat[:, s:s + size].contiguous()
+
+
+__all__ = ["SceSelect", "sce_fuse", "sce_merge", "sce_select", "sce_selected", "sce_variance", "sce_weights"]

@@ -71,12 +71,22 @@ class TrimThreshold:
                 out[at] = flat[at]
         return out.reshape(block.shape)
 
+    def mask(self, block: Tensor, start: int = 0) -> Tensor:
+        """Boolean mask of the kept entries of `block` (flat entries [start, start + numel))."""
+        flat = block.reshape(-1)
+        keep = flat.abs() > self.value
+        if self.ties.numel():
+            lo, hi = torch.searchsorted(self.ties, torch.tensor([start, start + flat.numel()])).tolist()
+            keep[self.ties[lo:hi] - start] = True
+        return keep.reshape(block.shape)
 
-def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int) -> TrimThreshold:
+
+def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int | Callable[[], int]) -> TrimThreshold:
     """The TrimThreshold keeping k entries of a float32 task vector given as consecutive blocks.
 
     `blocks()` yields the vector's entries in flat order, in float32 blocks of any sizes, and is
-    called twice (two passes). The result is that of the whole vector at once, whatever the
+    called twice (two passes); `k` may be a function, called after the first pass (SCE counts
+    its entries there). The result is that of the whole vector at once, whatever the
     blocks: exactly the k-th largest |entry| that kthvalue of the magnitudes gives, ties kept
     from the lowest flat index.
 
@@ -95,6 +105,7 @@ def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int) -> TrimThresh
         counts = c if counts is None else counts.add_(c)
     if counts is None:
         raise ValueError("no entries to trim")
+    k = k() if callable(k) else k
     counts = counts.flip(0).cumsum(0)  # [j]: entries with high >= 0x7FFF - j
     j = int(torch.searchsorted(counts, torch.tensor(k)))
     top = 0x7FFF - j

@@ -107,7 +107,12 @@ def test_which_methods_are_merged_in_blocks():
     info = TensorInfo.of("w", (4, 4))
     blockwise = {n for n, m in METHODS.items()
                  if build_method(n, method_params(n), n_experts=method_experts(n, 2)).blockwise(info)}
-    assert blockwise == {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "nearswap", "passthrough"}
+    assert blockwise == {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "nearswap", "passthrough",
+                         "slerp", "model_stock", "sce", "della", "della_linear"}
+    vec = TensorInfo.of("b", (16,))  # one row: DELLA ranks in it, model_stock per row takes its angle
+    assert not build_method("della", {"density": 0.5}, n_experts=2).blockwise(vec)
+    assert not build_method("model_stock", {"filter_wise": True}, n_experts=2).blockwise(vec)
+    assert build_method("model_stock", {}, n_experts=2).blockwise(vec)
     assert not build_method("ties", {"rescale": True}, n_experts=2).blockwise(info)  # L1 sums over the tensor
     assert not build_method("dare_ties", {"rescale_mode": "l1"}, n_experts=2).blockwise(info)
 
@@ -253,7 +258,8 @@ def test_blocks_of_whole_tensor_statistics_give_the_bytes_of_whole_tensors(metho
     monkeypatch.setattr(MergeJob, "_merged_blocks", lambda self, o, *a: (seen.append(o.info.name),
                                                                          real(self, o, *a))[1])
     blocks = _run(fam, tmp_path / "blocks", method, params, block_bytes=200, weights=weights)
-    one_row = params.get("filter_wise")  # model_stock per row: a 1-D tensor is one row, merged whole
+    # model_stock per row and DELLA's per-row ranks: a 1-D tensor is one row, merged whole
+    one_row = params.get("filter_wise") or method.startswith("della")
     assert sorted(seen) == ["cube.weight", "embed.weight", "odd.weight"] + ([] if one_row else ["vec.bias"])
     a, b = output_files(whole), output_files(blocks)
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)

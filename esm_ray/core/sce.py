@@ -4,7 +4,7 @@ sign, as mergekit 0.1.5's `sce` (float32 results equal bit for bit).
 
     sce_merge(τ)                       the whole tensors at once, composed of:
     sce_select(variances, topk)        Select's threshold, from streamed blocks of the variance
-    sce_selected(τ, select, start)     Select applied to the entries [start, ...) of the τ_i
+    sce_mask(τ, select, start)         Select's mask of the entries [start, ...) of the τ_i
     sce_weights(chunks, numel)         Calculate's c_i, from chunks of the selected τ_i (core.chunks)
     sce_fuse(τ, c)                     Erase and the weighted mean, entry by entry
 The local executor merges a large tensor in row blocks through the last four: passes over the
@@ -34,8 +34,24 @@ class SceSelect:
 
 
 def sce_variance(tvs: Tensor) -> Tensor:
-    """The variance across experts of each entry (population): (T, *S) -> S."""
-    return torch.var(tvs, dim=0, unbiased=False)
+    """The variance across experts of each entry (population): (T, *S) -> S, the bits of
+    torch.var(tvs, dim=0, unbiased=False) (mergekit's) for float32 tensors.
+
+    torch's CPU kernel runs Welford's update in float64 one entry at a time, about 10x slower
+    than elementwise work; the same updates over whole tensors give the same floats:
+        δ = x_i − m,  m ← m + δ / i,  M2 ← M2 + δ (x_i − m),  var = M2 / T."""
+    if tvs.dtype != torch.float32 or tvs.device.type != "cpu":
+        return torch.var(tvs, dim=0, unbiased=False)
+    mean = torch.zeros(tvs.shape[1:], dtype=torch.float64)
+    m2 = torch.zeros_like(mean)
+    delta = torch.empty_like(mean)
+    x = torch.empty_like(mean)
+    for i in range(tvs.shape[0]):
+        x.copy_(tvs[i])
+        torch.sub(x, mean, out=delta)
+        mean.add_(delta / (i + 1))
+        m2.add_(x.sub_(mean).mul_(delta))  # a product, then a sum (no fused multiply-add)
+    return m2.div_(tvs.shape[0]).float()
 
 
 def sce_select(variances: Callable[[], Iterable[Tensor]], select_topk: float) -> SceSelect:
@@ -62,17 +78,22 @@ def sce_select(variances: Callable[[], Iterable[Tensor]], select_topk: float) ->
     return SceSelect("top", top) if k() else SceSelect("none")
 
 
-def sce_selected(tvs: Tensor, select: SceSelect, start: int = 0, var: Tensor | None = None) -> Tensor:
-    """The task vectors (T, *S) with Select applied: entries outside it times 0 (as mergekit's
-    mask). `start`: the flat index of the first entry in the whole tensor; `var`: their
-    variance, when already known."""
+def sce_mask(tvs: Tensor, select: SceSelect, start: int = 0, var: Tensor | None = None) -> Tensor | None:
+    """Select's 0/1 mask (the dtype of tvs, shape S) of the entries [start, ...) of the task
+    vectors (T, *S), or None when it keeps all. `var`: their variance, when already known."""
     if select.keep == "all":
-        return tvs
+        return None
     if select.keep == "none":
-        return tvs * torch.zeros_like(tvs[0]).unsqueeze(0)
+        return torch.zeros_like(tvs[0])
     assert select.top is not None
     v = sce_variance(tvs) if var is None else var
-    return tvs * select.top.mask(v, start).to(tvs.dtype).unsqueeze(0)
+    return select.top.mask(v, start).to(tvs.dtype)
+
+
+def sce_selected(tvs: Tensor, mask: Tensor | None) -> Tensor:
+    """The task vectors (T, *S) with Select's mask applied: entries outside it times 0 (as
+    mergekit's mask does)."""
+    return tvs if mask is None else tvs * mask.unsqueeze(0)
 
 
 def sce_weights(chunks: Iterable[Tensor], numel: int) -> Tensor:
@@ -119,7 +140,7 @@ def sce_merge(task_vectors: Sequence[Tensor], select_topk: float = 1.0) -> Tenso
         return tvs[0].clone()
     var = sce_variance(tvs) if 0 < select_topk < 1 else None
     select = sce_select(lambda: (var,), select_topk)
-    tvs = sce_selected(tvs, select, 0, var)
+    tvs = sce_selected(tvs, sce_mask(tvs, select, 0, var))
     c = sce_weights(_chunked(tvs), tvs[0].numel())
     return sce_fuse(tvs, c)
 
@@ -135,4 +156,5 @@ def _chunked(tvs: Tensor) -> Iterable[Tensor]:
         yield flat[:, s:s + size].contiguous()
 
 
-__all__ = ["SceSelect", "sce_fuse", "sce_merge", "sce_select", "sce_selected", "sce_variance", "sce_weights"]
+__all__ = ["SceSelect", "sce_fuse", "sce_mask", "sce_merge", "sce_select", "sce_selected", "sce_variance",
+           "sce_weights"]

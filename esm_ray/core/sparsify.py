@@ -91,8 +91,8 @@ def magnitude_order(mags: Tensor) -> Tensor:
     shift = max(1, (n - 1).bit_length())
     if mags.device.type != "cpu" or mags.dtype != torch.float32 or n < 2 or shift > 32:
         return torch.argsort(mags, dim=-1, stable=True)
-    key = mags.contiguous().view(torch.int32).to(torch.int64)
-    key.bitwise_left_shift_(shift).bitwise_or_(torch.arange(n, dtype=torch.int64))
+    # bits · 2^shift + column, in one pass (int32 bits promoted to the int64 columns)
+    key = torch.add(torch.arange(n, dtype=torch.int64), mags.contiguous().view(torch.int32), alpha=1 << shift)
     key.numpy().sort(axis=-1)
     return key.bitwise_and_((1 << shift) - 1)
 
@@ -114,7 +114,7 @@ def bernoulli_mask(prob: Tensor, generator: torch.Generator) -> Tensor:
     keep = torch.empty(flat.numel(), dtype=torch.bool)
     for s in range(0, flat.numel(), _CHUNK):
         n = min(_CHUNK, flat.numel() - s)
-        keep[s:s + n] = torch.rand(n, generator=generator, dtype=torch.float32) < flat[s:s + n]
+        torch.lt(torch.rand(n, generator=generator, dtype=torch.float32), flat[s:s + n], out=keep[s:s + n])
     return keep.reshape(prob.shape).to(prob.device)
 
 
@@ -132,7 +132,7 @@ def della_drop(tv: Tensor, density: float, epsilon: float, generator: torch.Gene
     keep, out = della_draw(tv, density, epsilon, generator, rescale, rescale_mode)
     if not (rescale and rescale_mode == "l1"):
         return out
-    scale = l1_scale(chunks_of([tv, out]))
+    scale = l1_scale(chunks_of([tv, keep]))
     return out if scale is None else out * scale.to(out.dtype)
 
 
@@ -152,13 +152,15 @@ def della_draw(tv: Tensor, density: float, epsilon: float, generator: torch.Gene
 
 
 def l1_scale(chunks: Iterable[Sequence[Tensor]], eps: float = 1e-7) -> Tensor | None:
-    """|original|_1 / |sparse|_1 in float64 (core.ties.rescale_l1's factor), from chunks of the
-    two tensors in order (core.chunks: one chunk sums as the whole tensor does), or None when
-    either norm is below eps (left unscaled)."""
+    """|τ|_1 / |τ · keep|_1 in float64 (core.ties.rescale_l1's factor), from chunks of τ and of
+    its keep mask in order (core.chunks: one chunk sums as the whole tensor does), or None when
+    either norm is below eps (left unscaled). Each chunk is converted to float64 once: its
+    |τ| summed, then masked in place and summed again (the same sums as of the two tensors)."""
     before, after = [], []
-    for original, sparse in chunks:
-        before.append(original.double().abs().sum())
-        after.append(sparse.double().abs().sum())
+    for tv, keep in chunks:
+        mags = tv.double().abs_()
+        before.append(mags.sum())
+        after.append(mags.mul_(keep).sum())  # |τ| · 1 or +0: |τ · keep| entry by entry
     if not before:
         return None
     b, a = combine_sums(before), combine_sums(after)

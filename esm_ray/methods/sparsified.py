@@ -151,10 +151,10 @@ class _Della(_Sparsified[DP], Generic[DP]):
             start = 0
             for b, e in blocks():
                 tv = e - b
-                keep, out = della_draw(tv, density, p.epsilon, gen, rescale=False)
+                keep, _ = della_draw(tv, density, p.epsilon, gen, rescale=False)
                 state.masks[start] = pack_bits(keep)
                 start += tv.numel()
-                yield tv, out
+                yield tv, keep
 
         state.scale = l1_scale(regroup(drawn()))
         return state

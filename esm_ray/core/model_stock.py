@@ -56,8 +56,12 @@ def stock_factor(stats: Stats) -> Tensor:
 
 def stock_apply(t: Tensor, base: Tensor, experts: Sequence[Tensor]) -> Tensor:
     """t · mean_i(W_i) + (1 − t) · W_0, entry by entry (t broadcast over the rows)."""
-    mean = sum(experts) / len(experts)
-    return t * mean + (1 - t) * base
+    # sum(experts) / n, t · mean + (1 − t) W_0 with fewer fresh tensors: the same operations
+    # (Python's sum starts at 0, which turns -0 entries into +0)
+    acc = experts[0] + 0
+    for w in experts[1:]:
+        acc.add_(w)
+    return acc.div_(len(experts)).mul_(t).add_((1 - t) * base)
 
 
 def model_stock(base: Tensor, experts: Sequence[Tensor], filter_wise: bool = False) -> Tensor:

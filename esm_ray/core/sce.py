@@ -42,14 +42,13 @@ def sce_variance(tvs: Tensor) -> Tensor:
         δ = x_i − m,  m ← m + δ / i,  M2 ← M2 + δ (x_i − m),  var = M2 / T."""
     if tvs.dtype != torch.float32 or tvs.device.type != "cpu":
         return torch.var(tvs, dim=0, unbiased=False)
-    mean = torch.zeros(tvs.shape[1:], dtype=torch.float64)
+    mean = tvs[0].to(torch.float64)  # the first update gives m = x_0 and M2 = +0 exactly
     m2 = torch.zeros_like(mean)
-    delta = torch.empty_like(mean)
-    x = torch.empty_like(mean)
-    for i in range(tvs.shape[0]):
+    delta, step, x = (torch.empty_like(mean) for _ in range(3))
+    for i in range(1, tvs.shape[0]):
         x.copy_(tvs[i])
         torch.sub(x, mean, out=delta)
-        mean.add_(delta / (i + 1))
+        mean.add_(torch.div(delta, i + 1, out=step))
         m2.add_(x.sub_(mean).mul_(delta))  # a product, then a sum (no fused multiply-add)
     return m2.div_(tvs.shape[0]).float()
 
@@ -139,7 +138,7 @@ def sce_merge(task_vectors: Sequence[Tensor], select_topk: float = 1.0) -> Tenso
     if not tvs[0].numel():
         return tvs[0].clone()
     var = sce_variance(tvs) if 0 < select_topk < 1 else None
-    select = sce_select(lambda: (var,), select_topk)
+    select = sce_select(lambda: () if var is None else (var,), select_topk)
     tvs = sce_selected(tvs, sce_mask(tvs, select, 0, var))
     c = sce_weights(_chunked(tvs), tvs[0].numel())
     return sce_fuse(tvs, c)

@@ -40,8 +40,8 @@ def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: 
     c0, c1 = slerp_coefficients(t, lambda: ((a[:, s:s + _SLERP_CHUNK], b[:, s:s + _SLERP_CHUNK]) for s in starts),
                                 dtype, dot_threshold, eps)
     out = torch.empty_like(a)
-    for s in starts:
-        out[:, s:s + _SLERP_CHUNK] = c0 * a[:, s:s + _SLERP_CHUNK] + c1 * b[:, s:s + _SLERP_CHUNK]
+    for s in starts:  # c0 · a + c1 · b, into the output
+        torch.mul(a[:, s:s + _SLERP_CHUNK], c0, out=out[:, s:s + _SLERP_CHUNK]).add_(c1 * b[:, s:s + _SLERP_CHUNK])
     return out.reshape(v0.shape)
 
 
@@ -63,7 +63,7 @@ def slerp_coefficients(t: float, chunks: Callable[[], Iterable[tuple[Tensor, Ten
     nb = torch.linalg.vector_norm(torch.stack(norms_b), dim=0)
     na = torch.where(na > eps, na, 1)
     nb = torch.where(nb > eps, nb, 1)
-    dot = torch.stack([(a.reshape(1, -1) / na * (b.reshape(1, -1) / nb)).sum(dim=1, keepdim=True)
+    dot = torch.stack([(a.reshape(1, -1) / na).mul_(b.reshape(1, -1) / nb).sum(dim=1, keepdim=True)
                        for a, b in chunks()]).sum(dim=0).clamp(-1, 1)
     straight = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(straight, 0, dot))

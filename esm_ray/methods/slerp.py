@@ -54,7 +54,7 @@ class Slerp(_Weights[SlerpParams]):
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
                     ctx: ExpertContext) -> tuple[Tensor, Tensor]:
         return slerp_coefficients(self.params_for(info).t,
-                                  lambda: (tuple(c) for c in regroup(blocks(), core_slerp._SLERP_CHUNK)))
+                                  lambda: ((c[0], c[1]) for c in regroup(blocks(), core_slerp._SLERP_CHUNK)))
 
     def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
                       state: tuple[Tensor, Tensor], start: int) -> Tensor:

@@ -14,7 +14,7 @@ blocks for the threshold and the weights, then one for the result, the bytes of 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from esm_ray.core.ties import TrimThreshold, trim_threshold
 @dataclass(frozen=True)
 class SceSelect:
     """The entries Select keeps: all (select_topk ≥ 1, no mask), none, or those above a
-    threshold of the variance (`top`, with its ties kept from the lowest flat index)."""
+    threshold of the variance (`top`, with the kept entries equal to it)."""
 
     keep: str  # "all" | "none" | "top"
     top: TrimThreshold | None = None
@@ -56,8 +56,9 @@ def sce_variance(tvs: Tensor) -> Tensor:
 def sce_select(variances: Callable[[], Iterable[Tensor]], select_topk: float) -> SceSelect:
     """Select's entries: the k = int(nnz · select_topk) of largest variance across experts, nnz
     the number of entries whose variance is nonzero. `variances()` yields the variance in flat
-    order in blocks of any sizes, and is called twice (core.ties.trim_threshold); equal values
-    at the threshold are kept from the lowest flat index."""
+    order in blocks of any sizes, and is called twice (core.ties.trim_threshold), or three times
+    when only some of the values equal to the threshold are kept: which ones is then what
+    torch.topk of the whole variance (mergekit's selection) keeps."""
     if select_topk >= 1:
         return SceSelect("all")
     if select_topk <= 0:
@@ -74,7 +75,16 @@ def sce_select(variances: Callable[[], Iterable[Tensor]], select_topk: float) ->
 
     k = lambda: int(nonzero[0] * select_topk)  # noqa: E731
     top = trim_threshold(blocks, k)
-    return SceSelect("top", top) if k() else SceSelect("none")
+    if not k():
+        return SceSelect("none")
+    if top.ties.numel() < top.tied:
+        # Only some of the entries equal to the threshold are kept (common with bfloat16 experts,
+        # whose variances take few values): keep mergekit's, those torch.topk picks, from the
+        # whole variance at once (one more pass, and the variance in float32: one tensor's worth).
+        var = torch.cat([v.reshape(-1) for v in variances()])
+        picked = torch.topk(var.abs(), k=k(), largest=True).indices
+        top = replace(top, ties=torch.sort(picked[var[picked] == top.value]).values)
+    return SceSelect("top", top)
 
 
 def sce_mask(tvs: Tensor, select: SceSelect, start: int = 0, var: Tensor | None = None) -> Tensor | None:

@@ -54,10 +54,12 @@ class TrimThreshold:
     value: the k-th largest |entry| (float32), entries above it are kept
     ties:  (m,) int64 ascending flat indices of the entries with |entry| == value that are kept
            (the lowest ones, enough to keep k entries in all)
+    tied:  how many entries have |entry| == value (m of them are kept)
     """
 
     value: float
     ties: Tensor
+    tied: int = 0
 
     def apply(self, block: Tensor, start: int = 0) -> Tensor:
         """The trimmed copy of `block`, the flat entries [start, start + block.numel()) of the
@@ -122,7 +124,8 @@ def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int | Callable[[],
     j = int(torch.searchsorted(counts, torch.tensor(k - greater)))
     greater += int(counts[j - 1]) if j else 0
     value = torch.tensor((top << 16) | (0xFFFF - j), dtype=torch.int32).view(torch.float32)
-    return TrimThreshold(float(value), in_top[low == 0xFFFF - j][:k - greater])
+    tied = in_top[low == 0xFFFF - j]
+    return TrimThreshold(float(value), tied[:k - greater], tied.numel())
 
 
 def magnitude_trim(tv: Tensor, density: float) -> Tensor:

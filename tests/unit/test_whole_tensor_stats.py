@@ -85,3 +85,32 @@ def test_chunked_statistics_stay_close_to_the_whole_tensor_ones(monkeypatch):
     many = model_stock(base, ws), sce_merge([w - base for w in ws], 0.3)
     for x, y in zip(one, many):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def _mergekit_sce(tvs: list[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """mergekit 0.1.5's sce_merge (less the base), transcribed: torch.var, torch.topk, torch.mean."""
+    tv = torch.stack(tvs, dim=0)
+    if select_topk < 1:
+        var = torch.var(tv, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var) * select_topk)
+        mask = torch.zeros_like(var)
+        if k:
+            mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+        tv = tv * mask.unsqueeze(0)
+    sign = tv.sign()
+    elected = (tv.sum(dim=0) >= 0).to(tv.dtype) * 2 - 1
+    weights = torch.mean(tv ** 2, dim=list(range(1, tv.dim())))
+    total = torch.sum(weights).item()
+    weights = torch.ones_like(weights) / weights.shape[0] if abs(total) < 1e-6 else weights / total
+    ce = weights.view(-1, *([1] * (tv.dim() - 1))) * (sign == elected)
+    return (tv * ce).sum(dim=0) / torch.sum(ce, dim=0).clamp(min=1e-6)
+
+
+@pytest.mark.parametrize("select_topk", [0.3, 0.5, 0.77])
+def test_sce_keeps_topks_entries_among_equal_variances(select_topk):
+    """bfloat16 experts give few distinct variances: many equal ones at the threshold, of which
+    SCE keeps those torch.topk keeps (mergekit's), not merely the first ones."""
+    g = torch.Generator().manual_seed(5)
+    tvs = [(torch.randn(64, 48, generator=g) * 0.01).to(torch.bfloat16).float() for _ in range(3)]
+    tvs = [torch.round(t * 400) / 400 for t in tvs]  # a handful of values: ties everywhere
+    assert torch.equal(sce_merge(tvs, select_topk), _mergekit_sce(tvs, select_topk))

@@ -323,8 +323,9 @@ class MergeMethod(Parametrised[P]):
     def blockwise(self, info: TensorInfo) -> bool:
         """Whether the local executor may merge this tensor in row blocks: fuse on blocks must
         give the same bytes as on the whole tensor. True for `elementwise` methods; a method
-        whose prepare needs one statistic of the whole tensor (TIES's trim threshold) returns
-        True and computes it in `block_state`."""
+        whose prepare needs a statistic of the whole tensor (TIES's trim threshold) returns
+        True and computes it in `block_state`, one whose fuse needs one across experts
+        (model_stock's cosines) in `fuse_state`."""
         return self.elementwise
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],

@@ -1,12 +1,67 @@
 """Model Stock (Jang et al. 2024): interpolate between the base and the experts' average by a
-factor set from the angle between the experts' task vectors, as mergekit 0.1.5's `model_stock`."""
+factor set from the angle between the experts' task vectors, as mergekit 0.1.5's `model_stock`.
+
+    model_stock(W_0, W)                  the whole tensors at once
+    stock_stats / stock_factor           the cosines' inputs chunk by chunk (core.chunks), then t
+    stock_apply(t, W_0, W)               t · mean(W_i) + (1 − t) W_0, on any rows
+The local executor merges a large tensor in row blocks through the last three: one pass for the
+statistics, one for the result, the same bytes as the whole tensor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
+
+from esm_ray.core.chunks import chunks_of, combine_norms, combine_sums
+
+Stats = tuple[list[Tensor], list[Tensor]]  # (|τ_i| per expert, τ_i · τ_j per pair i < j)
+
+
+def stock_stats(chunks: Iterable[Sequence[Tensor]]) -> Stats:
+    """The norms of the task vectors and their pairwise dots over the last dimension, from
+    their chunks in order (each item: the same entries of every τ_i): each chunk reduced as one
+    whole tensor is, the chunks combined (core.chunks)."""
+    norms: list[list[Tensor]] = []
+    dots: list[list[Tensor]] = []
+    for tvs in chunks:
+        n = [torch.norm(a, dim=-1) for a in tvs]
+        d = [(a * b).sum(dim=-1) for i, a in enumerate(tvs) for b in tvs[i + 1:]]
+        norms = [[x] for x in n] if not norms else [acc + [x] for acc, x in zip(norms, n)]
+        dots = [[x] for x in d] if not dots else [acc + [x] for acc, x in zip(dots, d)]
+    return [combine_norms(x) for x in norms], [combine_sums(x) for x in dots]
+
+
+def stock_factor(stats: Stats) -> Tensor:
+    """t = N cos θ / (1 + (N − 1) cos θ), cos θ the mean of the pairwise cosines (each clamped to
+    [-1, 1], the norms' product floored at 1e-6); t = 0 where |1 + (N − 1) cos θ| < 1e-6.
+    Shape: that of a norm with a trailing 1 (one per row, or (1,) for a flattened tensor)."""
+    norms, dots = stats
+    n = len(norms)
+    cosines = []
+    k = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            denom = (norms[i] * norms[j]).clamp(min=1e-6)
+            cosines.append((dots[k] / denom).clamp(-1, 1))
+            k += 1
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denom = 1 + (n - 1) * cos
+    singular = denom.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(cos),
+                       (n * cos) / torch.where(singular, torch.ones_like(denom), denom))
+
+
+def stock_apply(t: Tensor, base: Tensor, experts: Sequence[Tensor]) -> Tensor:
+    """t · mean_i(W_i) + (1 − t) · W_0, entry by entry (t broadcast over the rows)."""
+    # sum(experts) / n, t · mean + (1 − t) W_0 with fewer fresh tensors: the same operations
+    # (Python's sum starts at 0, which turns -0 entries into +0)
+    acc = experts[0] + 0
+    for w in experts[1:]:
+        acc.add_(w)
+    return acc.div_(len(experts)).mul_(t).add_((1 - t) * base)
 
 
 def model_stock(base: Tensor, experts: Sequence[Tensor], filter_wise: bool = False) -> Tensor:
@@ -15,33 +70,26 @@ def model_stock(base: Tensor, experts: Sequence[Tensor], filter_wise: bool = Fal
     cos θ is the mean over the N(N−1)/2 pairs of experts of the cosine between their task
     vectors τ_i = W_i − W_0 (each cosine clamped to [-1, 1], norms' product floored at 1e-6):
     one angle for the whole (flattened) tensor, or one per row with filter_wise (a 1-D tensor is
-    then one row). Where |1 + (N − 1) cos θ| < 1e-6, t = 0 (the base is kept).
+    then one row). Where |1 + (N − 1) cos θ| < 1e-6, t = 0 (the base is kept). The whole
+    tensor's norms and dots are reduced in 2^20-entry chunks (core.chunks; one chunk, as
+    mergekit, up to that size).
     base: shape S, experts: N ≥ 2 tensors of shape S -> S.
     """
     ws = list(experts)
     if len(ws) < 2:
         raise ValueError(f"model_stock needs at least 2 experts, got {len(ws)}")
     shape = base.shape
+    if not base.numel():
+        return base.clone()
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
         ws = [w.unsqueeze(0) if w.dim() == 1 else w for w in ws]
+        t = stock_factor(stock_stats([[w - w0 for w in ws]]))
     else:
         w0 = base.reshape(-1)
         ws = [w.reshape(-1) for w in ws]
-    tvs = [w - w0 for w in ws]
-    cosines = []
-    for i, a in enumerate(tvs):
-        for b in tvs[i + 1:]:
-            denom = (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6)
-            cosines.append(((a * b).sum(dim=-1) / denom).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
-    denom = 1 + (n - 1) * cos
-    singular = denom.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos),
-                    (n * cos) / torch.where(singular, torch.ones_like(denom), denom))
-    mean = sum(ws) / n
-    return (t * mean + (1 - t) * w0).reshape(shape)
+        t = stock_factor(stock_stats(chunks_of([w - w0 for w in ws])))
+    return stock_apply(t, w0, ws).reshape(shape)
 
 
-__all__ = ["model_stock"]
+__all__ = ["model_stock", "stock_apply", "stock_factor", "stock_stats"]

@@ -1,50 +1,169 @@
 """SCE (Select, Calculate, Erase; FuseChat 2.0): keep the entries where the experts' task vectors
 vary most, weight each expert by its task vector's mean square, erase entries against the elected
-sign, as mergekit 0.1.5's `sce` (float32 results equal bit for bit)."""
+sign, as mergekit 0.1.5's `sce` (float32 results equal bit for bit).
+
+    sce_merge(τ)                       the whole tensors at once, composed of:
+    sce_select(variances, topk)        Select's threshold, from streamed blocks of the variance
+    sce_mask(τ, select, start)         Select's mask of the entries [start, ...) of the τ_i
+    sce_weights(chunks, numel)         Calculate's c_i, from chunks of the selected τ_i (core.chunks)
+    sce_fuse(τ, c)                     Erase and the weighted mean, entry by entry
+The local executor merges a large tensor in row blocks through the last four: passes over the
+blocks for the threshold and the weights, then one for the result, the bytes of the whole tensor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from esm_ray.core import chunks as grid
+from esm_ray.core.chunks import combine_sums
+from esm_ray.core.ties import TrimThreshold, trim_threshold
 
-def sce_select_mask(tvs: Tensor, select_topk: float) -> Tensor:
-    """Entries kept by Select: the k = int(nnz · select_topk) entries of largest variance across
-    experts, nnz the number of entries whose variance is nonzero. tvs: (T, *S) -> float (S)."""
-    if select_topk <= 0:
-        return torch.zeros_like(tvs[0])
+
+@dataclass(frozen=True)
+class SceSelect:
+    """The entries Select keeps: all (select_topk ≥ 1, no mask), none, or those above a
+    threshold of the variance (`top`, with the kept entries equal to it)."""
+
+    keep: str  # "all" | "none" | "top"
+    top: TrimThreshold | None = None
+
+
+def sce_variance(tvs: Tensor) -> Tensor:
+    """The variance across experts of each entry (population): (T, *S) -> S, the bits of
+    torch.var(tvs, dim=0, unbiased=False) (mergekit's) for float32 tensors.
+
+    torch's CPU kernel runs Welford's update in float64 one entry at a time, about 10x slower
+    than elementwise work; the same updates over whole tensors give the same floats:
+        δ = x_i − m,  m ← m + δ / i,  M2 ← M2 + δ (x_i − m),  var = M2 / T."""
+    if tvs.dtype != torch.float32 or tvs.device.type != "cpu":
+        return torch.var(tvs, dim=0, unbiased=False)
+    mean = tvs[0].to(torch.float64)  # the first update gives m = x_0 and M2 = +0 exactly
+    m2 = torch.zeros_like(mean)
+    delta, step, x = (torch.empty_like(mean) for _ in range(3))
+    for i in range(1, tvs.shape[0]):
+        x.copy_(tvs[i])
+        torch.sub(x, mean, out=delta)
+        mean.add_(torch.div(delta, i + 1, out=step))
+        m2.add_(x.sub_(mean).mul_(delta))  # a product, then a sum (no fused multiply-add)
+    return m2.div_(tvs.shape[0]).float()
+
+
+def sce_select(variances: Callable[[], Iterable[Tensor]], select_topk: float) -> SceSelect:
+    """Select's entries: the k = int(nnz · select_topk) of largest variance across experts, nnz
+    the number of entries whose variance is nonzero. `variances()` yields the variance in flat
+    order in blocks of any sizes, and is called twice (core.ties.trim_threshold), or three times
+    when only some of the values equal to the threshold are kept: which ones is then what
+    torch.topk of the whole variance (mergekit's selection) keeps."""
     if select_topk >= 1:
-        return torch.ones_like(tvs[0])
-    var = torch.var(tvs, dim=0, unbiased=False)
-    k = int(torch.count_nonzero(var) * select_topk)
-    mask = torch.zeros_like(var)
-    if k:
-        mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
-    return mask
+        return SceSelect("all")
+    if select_topk <= 0:
+        return SceSelect("none")
+    nonzero: list[int] = []  # counted in the first pass
+
+    def blocks() -> Iterable[Tensor]:
+        counting = not nonzero
+        nonzero.append(0)
+        for v in variances():
+            if counting:
+                nonzero[0] += int(torch.count_nonzero(v))
+            yield v
+
+    k = lambda: int(nonzero[0] * select_topk)  # noqa: E731
+    top = trim_threshold(blocks, k)
+    if not k():
+        return SceSelect("none")
+    if top.ties.numel() < top.tied:
+        # Only some of the entries equal to the threshold are kept (common with bfloat16 experts,
+        # whose variances take few values): keep mergekit's, those torch.topk picks, from the
+        # whole variance at once (one more pass, and the variance in float32: one tensor's worth).
+        var = torch.cat([v.reshape(-1) for v in variances()])
+        picked = torch.topk(var.abs(), k=k(), largest=True).indices
+        top = replace(top, ties=torch.sort(picked[var[picked] == top.value]).values)
+    return SceSelect("top", top)
+
+
+def sce_mask(tvs: Tensor, select: SceSelect, start: int = 0, var: Tensor | None = None) -> Tensor | None:
+    """Select's 0/1 mask (the dtype of tvs, shape S) of the entries [start, ...) of the task
+    vectors (T, *S), or None when it keeps all. `var`: their variance, when already known."""
+    if select.keep == "all":
+        return None
+    if select.keep == "none":
+        return torch.zeros_like(tvs[0])
+    assert select.top is not None
+    v = sce_variance(tvs) if var is None else var
+    return select.top.mask(v, start).to(tvs.dtype)
+
+
+def sce_selected(tvs: Tensor, mask: Tensor | None) -> Tensor:
+    """The task vectors (T, *S) with Select's mask applied: entries outside it times 0 (as
+    mergekit's mask does)."""
+    return tvs if mask is None else tvs * mask.unsqueeze(0)
+
+
+def sce_weights(chunks: Iterable[Tensor], numel: int) -> Tensor:
+    """Calculate's c_i = mean(τ_i²) / Σ_j mean(τ_j²) (1/T each when that sum is < 1e-6), from the
+    selected task vectors' chunks in order, each (T, n) (core.chunks: one chunk is reduced as
+    mergekit reduces the whole tensor; more: their sums of squares summed, over numel)."""
+    first: Tensor | None = None
+    sums: list[Tensor] = []
+    for x in chunks:
+        sq = x.square()
+        if first is None:
+            first = sq
+            continue
+        if not sums:
+            sums.append(first.sum(dim=1))
+        sums.append(sq.sum(dim=1))
+    if first is None:
+        raise ValueError("sce: no entries")
+    c = first.mean(dim=1) if not sums else combine_sums(sums) / numel
+    total = torch.sum(c).item()
+    return torch.ones_like(c) / c.shape[0] if abs(total) < 1e-6 else c / total
+
+
+def sce_fuse(tvs: Tensor, c: Tensor) -> Tensor:
+    """Erase and merge: e_i = [sign τ_i = elected sign], elected = sign of Σ_i τ_i (+ on a tie),
+    ΔW = Σ_i c_i e_i τ_i / max(Σ_i c_i e_i, 1e-6). tvs: (T, *S) selected -> S."""
+    sign = tvs.sign()
+    elected = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
+    erase = sign == elected
+    ce = c.view(-1, *([1] * (tvs.dim() - 1))) * erase
+    return (tvs * ce).sum(dim=0) / torch.sum(ce, dim=0).clamp(min=1e-6)
 
 
 def sce_merge(task_vectors: Sequence[Tensor], select_topk: float = 1.0) -> Tensor:
     """ΔW of SCE from T task vectors τ_i (shape S):
 
-        Select:    τ_i ← τ_i · M, M from sce_select_mask (only when select_topk < 1)
+        Select:    τ_i ← τ_i · M, M the top-variance entries (sce_select; only when select_topk < 1)
         Calculate: c_i = mean(τ_i²) / Σ_j mean(τ_j²)   (1/T each when that sum is < 1e-6)
         Erase:     e_i = [sign τ_i = elected sign], elected = sign of Σ_i τ_i (+ on a tie)
         ΔW = Σ_i c_i e_i τ_i / max(Σ_i c_i e_i, 1e-6)
     """
     tvs = torch.stack(list(task_vectors), dim=0)
-    if select_topk < 1:
-        tvs = tvs * sce_select_mask(tvs, select_topk).unsqueeze(0)
-    sign = tvs.sign()
-    elected = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
-    erase = sign == elected
-    c = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
-    total = torch.sum(c).item()
-    c = torch.ones_like(c) / c.shape[0] if abs(total) < 1e-6 else c / total
-    c = c.view(-1, *([1] * (tvs.dim() - 1)))
-    ce = c * erase
-    return (tvs * ce).sum(dim=0) / torch.sum(ce, dim=0).clamp(min=1e-6)
+    if not tvs[0].numel():
+        return tvs[0].clone()
+    var = sce_variance(tvs) if 0 < select_topk < 1 else None
+    select = sce_select(lambda: () if var is None else (var,), select_topk)
+    tvs = sce_selected(tvs, sce_mask(tvs, select, 0, var))
+    c = sce_weights(_chunked(tvs), tvs[0].numel())
+    return sce_fuse(tvs, c)
 
 
-__all__ = ["sce_merge", "sce_select_mask"]
+def _chunked(tvs: Tensor) -> Iterable[Tensor]:
+    """(T, n) chunks of stacked task vectors along core.chunks' grid (one chunk: all of them)."""
+    flat = tvs.reshape(tvs.shape[0], -1)
+    n, size = flat.shape[1], grid.CHUNK
+    if n <= size:
+        yield flat
+        return
+    for s in range(0, n, size):
+        yield flat[:, s:s + size].contiguous()
+
+
+__all__ = ["SceSelect", "sce_fuse", "sce_mask", "sce_merge", "sce_select", "sce_selected", "sce_variance",
+           "sce_weights"]

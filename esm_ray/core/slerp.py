@@ -7,7 +7,7 @@ arithmetic follows mergekit's operation by operation, so float32 results are equ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -36,27 +36,41 @@ def slerp(t: float, v0: Tensor, v1: Tensor, dot_threshold: float = 0.9995, eps: 
     dtype = _work(v0)
     a = v0.reshape(1, -1).to(dtype)
     b = v1.reshape(1, -1).to(dtype)
-    tt = torch.tensor([[t]], dtype=dtype)
-    if a.shape[1] == 0:
-        return ((1 - tt) * a + tt * b).reshape(v0.shape)
     starts = range(0, a.shape[1], _SLERP_CHUNK)
-    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, s:s + _SLERP_CHUNK], dim=1, keepdim=True)
-                                               for s in starts]), dim=0)
-    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, s:s + _SLERP_CHUNK], dim=1, keepdim=True)
-                                               for s in starts]), dim=0)
+    c0, c1 = slerp_coefficients(t, lambda: ((a[:, s:s + _SLERP_CHUNK], b[:, s:s + _SLERP_CHUNK]) for s in starts),
+                                dtype, dot_threshold, eps)
+    out = torch.empty_like(a)
+    for s in starts:  # c0 · a + c1 · b, into the output
+        torch.mul(a[:, s:s + _SLERP_CHUNK], c0, out=out[:, s:s + _SLERP_CHUNK]).add_(c1 * b[:, s:s + _SLERP_CHUNK])
+    return out.reshape(v0.shape)
+
+
+def slerp_coefficients(t: float, chunks: Callable[[], Iterable[tuple[Tensor, Tensor]]],
+                       dtype: torch.dtype = torch.float32, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """(c0, c1), (1, 1) tensors of `dtype`, with slerp(t, v0, v1) = c0 · v0 + c1 · v1 entry by
+    entry, from the two vectors' 2^20-element chunks in order: `chunks()` yields (v0 chunk,
+    v1 chunk) pairs (any shapes, `_SLERP_CHUNK` entries each but the last) and is called twice
+    (the norms, then the dot of the normalised chunks). No chunks (empty tensors): the line."""
+    tt = torch.tensor([[t]], dtype=dtype)
+    norms_a, norms_b = [], []
+    for a, b in chunks():
+        norms_a.append(torch.linalg.vector_norm(a.reshape(1, -1), dim=1, keepdim=True))
+        norms_b.append(torch.linalg.vector_norm(b.reshape(1, -1), dim=1, keepdim=True))
+    if not norms_a:
+        return 1 - tt, tt
+    na = torch.linalg.vector_norm(torch.stack(norms_a), dim=0)
+    nb = torch.linalg.vector_norm(torch.stack(norms_b), dim=0)
     na = torch.where(na > eps, na, 1)
     nb = torch.where(nb > eps, nb, 1)
-    dot = torch.stack([(a[:, s:s + _SLERP_CHUNK] / na * (b[:, s:s + _SLERP_CHUNK] / nb)).sum(dim=1, keepdim=True)
-                       for s in starts]).sum(dim=0).clamp(-1, 1)
+    dot = torch.stack([(a.reshape(1, -1) / na).mul_(b.reshape(1, -1) / nb).sum(dim=1, keepdim=True)
+                       for a, b in chunks()]).sum(dim=0).clamp(-1, 1)
     straight = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(straight, 0, dot))
     sin_theta = torch.sin(theta)
     c0 = torch.where(straight, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     c1 = torch.where(straight, tt, torch.sin(tt * theta) / sin_theta)
-    out = torch.empty_like(a)
-    for s in starts:
-        out[:, s:s + _SLERP_CHUNK] = c0 * a[:, s:s + _SLERP_CHUNK] + c1 * b[:, s:s + _SLERP_CHUNK]
-    return out.reshape(v0.shape)
+    return c0, c1
 
 
 def nuslerp_fraction(w0: float, w1: float) -> float:
@@ -133,4 +147,4 @@ def multislerp(vectors: Sequence[Tensor], weights: Sequence[float], normalize_we
     return out.view(stacked.shape[1:])
 
 
-__all__ = ["multislerp", "nuslerp", "nuslerp_fraction", "slerp"]
+__all__ = ["multislerp", "nuslerp", "nuslerp_fraction", "slerp", "slerp_coefficients"]

@@ -13,11 +13,13 @@ The merged result is then task arithmetic (breadcrumbs, della_linear) or TIES's 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from esm_ray.core.chunks import chunks_of, combine_sums
 from esm_ray.core.ties import rescale_l1
 
 DellaRescale = Literal["l1", "inverse_probability"]
@@ -67,11 +69,32 @@ def della_keep_probability(tv: Tensor, density: float, epsilon: float) -> Tensor
                          f"epsilon={epsilon}")
     rows = tv.reshape(1, -1) if tv.dim() < 2 else tv
     mags = rows.abs().float()
-    ranks = torch.argsort(torch.argsort(mags, dim=-1, stable=True), dim=-1).float() + 1
-    lo = ranks.min(dim=-1, keepdim=True).values
-    hi = ranks.max(dim=-1, keepdim=True).values
-    r = torch.nan_to_num((ranks - lo) / (hi - lo), nan=0.0).clamp(0, 1)  # a 1-entry row: r = 0
-    return ((density - epsilon) + r * 2 * epsilon).reshape(tv.shape)
+    n = rows.shape[-1]
+    # The probability of each rank, once per row length, put in place by the sort's order (the
+    # rank of entry order[j] is j + 1): the same floats as ranking every entry (argsort of the
+    # argsort, then the row's min and max rank, which are 1 and n) and scaling it.
+    ranks = torch.arange(1, n + 1, dtype=torch.float32, device=tv.device)
+    r = torch.nan_to_num((ranks - 1.0) / float(n - 1), nan=0.0).clamp(0, 1)  # a 1-entry row: r = 0
+    by_rank = (density - epsilon) + r * 2 * epsilon
+    order = magnitude_order(mags)
+    return mags.scatter_(-1, order, by_rank.expand(order.shape)).reshape(tv.shape)
+
+
+def magnitude_order(mags: Tensor) -> Tensor:
+    """argsort(mags, dim=-1, stable=True) of non-negative float32 magnitudes: the indices of
+    each row's entries from the smallest to the largest, equal ones by index.
+
+    On the CPU as one sort of unique int64 keys (the magnitude's bits, which order non-negative
+    floats like their values, above the column index) by numpy's vectorised sort, in place:
+    about 10x faster than torch's stable argsort of rows, the same result."""
+    n = mags.shape[-1]
+    shift = max(1, (n - 1).bit_length())
+    if mags.device.type != "cpu" or mags.dtype != torch.float32 or n < 2 or shift > 32:
+        return torch.argsort(mags, dim=-1, stable=True)
+    # bits · 2^shift + column, in one pass (int32 bits promoted to the int64 columns)
+    key = torch.add(torch.arange(n, dtype=torch.int64), mags.contiguous().view(torch.int32), alpha=1 << shift)
+    key.numpy().sort(axis=-1)
+    return key.bitwise_and_((1 << shift) - 1)
 
 
 def della_seed(seed: int, expert_index: int, name: str) -> int:
@@ -91,7 +114,7 @@ def bernoulli_mask(prob: Tensor, generator: torch.Generator) -> Tensor:
     keep = torch.empty(flat.numel(), dtype=torch.bool)
     for s in range(0, flat.numel(), _CHUNK):
         n = min(_CHUNK, flat.numel() - s)
-        keep[s:s + n] = torch.rand(n, generator=generator, dtype=torch.float32) < flat[s:s + n]
+        torch.lt(torch.rand(n, generator=generator, dtype=torch.float32), flat[s:s + n], out=keep[s:s + n])
     return keep.reshape(prob.shape).to(prob.device)
 
 
@@ -99,21 +122,71 @@ def della_drop(tv: Tensor, density: float, epsilon: float, generator: torch.Gene
                rescale: bool = True, rescale_mode: DellaRescale = "l1") -> Tensor:
     """One MAGPRUNE draw: keep entry j with probability p_j (della_keep_probability), else +0.
 
-    rescale 'l1' scales the survivors to τ's L1 norm (mergekit's `rescale`); 'inverse_probability'
+    rescale 'l1' scales the survivors to τ's L1 norm (mergekit's `rescale`; the norms summed in
+    float64 over core.chunks' grid, l1_scale); 'inverse_probability'
     divides each survivor by its p_j (the DELLA paper; E[result] = τ). density ≥ 1 returns τ
     and draws nothing. tv: shape S -> S.
     """
     if density >= 1:
         return tv
+    keep, out = della_draw(tv, density, epsilon, generator, rescale, rescale_mode)
+    if not (rescale and rescale_mode == "l1"):
+        return out
+    scale = l1_scale(chunks_of([tv, keep]))
+    return out if scale is None else out * scale.to(out.dtype)
+
+
+def della_draw(tv: Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: bool = True,
+               rescale_mode: DellaRescale = "l1") -> tuple[Tensor, Tensor]:
+    """(keep mask, τ with the dropped entries +0) of one MAGPRUNE draw of whole rows of τ, the
+    survivors divided by their keep probability with rescale 'inverse_probability' (not L1
+    rescaled: see della_drop). Rows drawn one call after another from one generator draw what
+    one call on all of them draws."""
     if rescale_mode not in ("l1", "inverse_probability"):
         raise ValueError(f"della: rescale_mode must be 'l1' or 'inverse_probability', got {rescale_mode!r}")
     p = della_keep_probability(tv, density, epsilon)
     keep = bernoulli_mask(p, generator)
     if rescale and rescale_mode == "inverse_probability":
-        return torch.where(keep, tv / p, torch.zeros((), dtype=tv.dtype, device=tv.device))
-    out = tv * keep
-    return rescale_l1(tv, out) if rescale else out
+        return keep, torch.where(keep, tv / p, torch.zeros((), dtype=tv.dtype, device=tv.device))
+    return keep, tv * keep
 
 
-__all__ = ["bernoulli_mask", "breadcrumbs", "breadcrumbs_mask", "della_drop", "della_generator",
-           "della_keep_probability", "della_seed"]
+def l1_scale(chunks: Iterable[Sequence[Tensor]], eps: float = 1e-7) -> Tensor | None:
+    """|τ|_1 / |τ · keep|_1 in float64 (core.ties.rescale_l1's factor), from chunks of τ and of
+    its keep mask in order (core.chunks: one chunk sums as the whole tensor does), or None when
+    either norm is below eps (left unscaled). Each chunk is converted to float64 once: its
+    |τ| summed, then masked in place and summed again (the same sums as of the two tensors)."""
+    before, after = [], []
+    for tv, keep in chunks:
+        mags = tv.double().abs_()
+        before.append(mags.sum())
+        after.append(mags.mul_(keep).sum())  # |τ| · 1 or +0: |τ · keep| entry by entry
+    if not before:
+        return None
+    b, a = combine_sums(before), combine_sums(after)
+    if b < eps or a < eps:
+        return None
+    return b / a
+
+
+def pack_bits(keep: Tensor) -> Tensor:
+    """A boolean tensor as uint8 bytes, 8 entries a byte (flat order, the last byte padded)."""
+    flat = keep.reshape(-1).view(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    groups = flat.view(-1, 8)
+    out = groups[:, 0].clone()
+    for j in range(1, 8):
+        out.bitwise_or_(groups[:, j] << j)
+    return out
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """The first n booleans of pack_bits' bytes (flat)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return (packed.unsqueeze(1) >> shifts).bitwise_and_(1).view(-1)[:n].bool()
+
+
+__all__ = ["bernoulli_mask", "breadcrumbs", "breadcrumbs_mask", "della_draw", "della_drop", "della_generator",
+           "della_keep_probability", "della_seed", "l1_scale", "magnitude_order", "pack_bits", "unpack_bits"]

@@ -54,10 +54,12 @@ class TrimThreshold:
     value: the k-th largest |entry| (float32), entries above it are kept
     ties:  (m,) int64 ascending flat indices of the entries with |entry| == value that are kept
            (the lowest ones, enough to keep k entries in all)
+    tied:  how many entries have |entry| == value (m of them are kept)
     """
 
     value: float
     ties: Tensor
+    tied: int = 0
 
     def apply(self, block: Tensor, start: int = 0) -> Tensor:
         """The trimmed copy of `block`, the flat entries [start, start + block.numel()) of the
@@ -71,12 +73,22 @@ class TrimThreshold:
                 out[at] = flat[at]
         return out.reshape(block.shape)
 
+    def mask(self, block: Tensor, start: int = 0) -> Tensor:
+        """Boolean mask of the kept entries of `block` (flat entries [start, start + numel))."""
+        flat = block.reshape(-1)
+        keep = flat.abs() > self.value
+        if self.ties.numel():
+            lo, hi = torch.searchsorted(self.ties, torch.tensor([start, start + flat.numel()])).tolist()
+            keep[self.ties[lo:hi] - start] = True
+        return keep.reshape(block.shape)
 
-def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int) -> TrimThreshold:
+
+def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int | Callable[[], int]) -> TrimThreshold:
     """The TrimThreshold keeping k entries of a float32 task vector given as consecutive blocks.
 
     `blocks()` yields the vector's entries in flat order, in float32 blocks of any sizes, and is
-    called twice (two passes). The result is that of the whole vector at once, whatever the
+    called twice (two passes); `k` may be a function, called after the first pass (SCE counts
+    its entries there). The result is that of the whole vector at once, whatever the
     blocks: exactly the k-th largest |entry| that kthvalue of the magnitudes gives, ties kept
     from the lowest flat index.
 
@@ -95,6 +107,7 @@ def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int) -> TrimThresh
         counts = c if counts is None else counts.add_(c)
     if counts is None:
         raise ValueError("no entries to trim")
+    k = k() if callable(k) else k
     counts = counts.flip(0).cumsum(0)  # [j]: entries with high >= 0x7FFF - j
     j = int(torch.searchsorted(counts, torch.tensor(k)))
     top = 0x7FFF - j
@@ -111,7 +124,8 @@ def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int) -> TrimThresh
     j = int(torch.searchsorted(counts, torch.tensor(k - greater)))
     greater += int(counts[j - 1]) if j else 0
     value = torch.tensor((top << 16) | (0xFFFF - j), dtype=torch.int32).view(torch.float32)
-    return TrimThreshold(float(value), in_top[low == 0xFFFF - j][:k - greater])
+    tied = in_top[low == 0xFFFF - j]
+    return TrimThreshold(float(value), tied[:k - greater], tied.numel())
 
 
 def magnitude_trim(tv: Tensor, density: float) -> Tensor:

@@ -18,6 +18,7 @@ from esm_ray.errors import InputError
 from esm_ray.models.encoder import features, load_encoder, load_tokenizer, predict
 from esm_ray.models.heads import load_head
 from esm_ray.models.lm import load_lm, perplexity  # noqa: F401  (eval API)
+from esm_ray.models.lm_items import bootstrap_interval, mean_interval
 from esm_ray.zoo.layout import Zoo, open_zoo, read_jsonl
 
 Heads = Literal["expert", "probe"]
@@ -55,23 +56,30 @@ def expert_reference(zoo: Zoo, task: str, split: str) -> float:
 @torch.no_grad()
 def evaluate_model(model, tokenizer, zoo: str | Path | Zoo, split: str = "test", tasks: Sequence[str] | None = None,
                    heads: Heads = "expert", batch_size: int = 64) -> dict:
-    """Accuracy of an in-memory encoder on each task with that task's head (or its probe)."""
+    """Accuracy of an in-memory encoder on each task with that task's head (or its probe), each
+    with a 95% bootstrap interval over the task's items, and the average's interval (every task
+    resampled on its own)."""
     zoo = _as_zoo(zoo)
     if zoo.kind != "encoder":
         raise InputError(f"{zoo.root}: a {zoo.kind} zoo has no classification tasks; use evaluate_lm")
     max_length = int(zoo.manifest.get("max_length", 64))
     out: dict[str, dict] = {}
+    items: list[list[dict]] = []
     for t in _tasks(zoo, tasks):
         rows = zoo.rows(t, split)
         head = load_head(zoo.head_path(t) if heads == "expert" else zoo.probe_path(t))
         pred = predict(model, tokenizer, head, [r["text"] for r in rows], batch_size, max_length)
         y = torch.tensor([int(r["label"]) for r in rows])
-        correct = int((pred == y).sum())
+        hits = [{"correct": int(h)} for h in (pred == y).tolist()]
+        items.append(hits)
+        correct = sum(h["correct"] for h in hits)
         acc = correct / max(len(rows), 1)
         ref = expert_reference(zoo, t, split)
         out[t] = {"accuracy": acc, "correct": correct, "n": len(rows), "expert_accuracy": ref,
-                  "normalized": acc / ref if ref > 0 else float("nan")}
-    return {"split": split, "heads": heads, "tasks": out, "average": _averages(out)}
+                  "normalized": acc / ref if ref > 0 else float("nan"),
+                  "interval": list(bootstrap_interval(hits, "accuracy"))}
+    average = {**_averages(out), "interval": list(mean_interval(items, "accuracy"))}
+    return {"split": split, "heads": heads, "tasks": out, "average": average}
 
 
 @torch.no_grad()

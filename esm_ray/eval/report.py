@@ -98,7 +98,11 @@ def row_from_result(name: str, result: dict, kind: str = "merged", info: dict | 
         return Row(name, vals, None, kind, info or {})
     vals = {t: v["accuracy"] for t, v in result["tasks"].items()}
     norm = {t: v["normalized"] for t, v in result["tasks"].items()}
-    return Row(name, vals, norm, kind, info or {})
+    ivals = {t: list(v["interval"]) for t, v in result["tasks"].items() if "interval" in v}
+    info = dict(info or {})
+    if "interval" in result.get("average", {}):
+        info["average_interval"] = list(result["average"]["interval"])
+    return Row(name, vals, norm, kind, info, ivals or None)
 
 
 # ---------------------------------------------------------------- writers
@@ -140,7 +144,8 @@ def to_markdown(table: ReportTable, title: str | None = None) -> str:
                   "[95% bootstrap interval over items]; (normalised, % of the expert: share of its log-perplexity "
                   "gain over the base kept, or accuracy / expert accuracy); avg: of the normalised scores.", ""]
     elif pct:
-        lines += [f"{table.split} accuracy (%), normalised accuracy (% of the fine-tuned expert) in parentheses.", ""]
+        lines += [f"{table.split} accuracy (%), [95% bootstrap interval over {table.split} items] where measured, "
+                  "normalised accuracy (% of the fine-tuned expert) in parentheses.", ""]
     else:
         lines += [f"{table.split} {table.metric} (lower is better).", ""]
     lines.append("| " + " | ".join(head) + " |")
@@ -153,7 +158,9 @@ def to_markdown(table: ReportTable, title: str | None = None) -> str:
             na = r.normalized_average(table.tasks)
             cells.append("-" if na is None or math.isnan(na) else f"({100 * na:.1f})")
         else:
-            cells.append(_cell(r.average(table.tasks), r.normalized_average(table.tasks), pct))
+            # the average's interval holds for the row's own tasks only
+            ci = r.info.get("average_interval") if set(r.values) == set(table.tasks) else None
+            cells.append(_cell(r.average(table.tasks), r.normalized_average(table.tasks), pct, ci))
         lines.append("| " + " | ".join(cells) + " |")
     lines += _routing_markdown(table)
     return "\n".join(lines) + "\n"

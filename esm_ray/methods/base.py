@@ -334,8 +334,9 @@ class MergeMethod(Parametrised[P]):
     def blockwise(self, info: TensorInfo) -> bool:
         """Whether the local executor may merge this tensor in row blocks: fuse on blocks must
         give the same bytes as on the whole tensor. True for `elementwise` methods; a method
-        whose prepare needs one statistic of the whole tensor (TIES's trim threshold) returns
-        True and computes it in `block_state`."""
+        whose prepare needs a statistic of the whole tensor (TIES's trim threshold) returns
+        True and computes it in `block_state`, one whose fuse needs one across experts
+        (model_stock's cosines) in `fuse_state`."""
         return self.elementwise
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
@@ -350,6 +351,21 @@ class MergeMethod(Parametrised[P]):
         """`prepare` of rows of a tensor: `info.shape` is the block's, `start` the block's first
         flat index in the whole tensor, `state` what `block_state` returned."""
         return self.prepare(info, base, expert, ctx)
+
+    def fuse_state(self, info: TensorInfo, passes: Callable[[], Iterator[tuple[Tensor, "Parts"]]],
+                   ctxs: list[ExpertContext]) -> Any:
+        """Coordinator side, before a tensor's row blocks: what `fuse_block` needs of the whole
+        tensor across experts (model_stock's cosines, SCE's variance threshold). `passes()`
+        yields (float32 base rows, the experts' parts of those rows) block after block, each
+        valid until the next, and may be called more than once (each call reads the blocks
+        again). Default: nothing, without reading."""
+        return None
+
+    def fuse_block(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext],
+                   state: Any, start: int) -> Tensor:
+        """`fuse` of rows of a tensor: `info.shape` is the block's, `start` the block's first
+        flat index in the whole tensor, `state` what `fuse_state` returned."""
+        return self.fuse(info, base, parts, ctxs)
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         """Expert side: turn (base, expert) float32 tensors into this expert's part.

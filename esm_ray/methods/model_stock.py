@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.model_stock import model_stock
+from esm_ray.core.chunks import regroup
+from esm_ray.core.model_stock import model_stock, stock_apply, stock_factor, stock_stats
 from esm_ray.methods._common import dense_list, exactly
-from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
+from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Parts, TensorInfo
 from esm_ray.methods.registry import register
 
 
@@ -19,7 +20,12 @@ class ModelStockParams(MethodParams):
 
 @register
 class ModelStock(MergeMethod[ModelStockParams]):
-    """W = t · mean(W_i) + (1 − t) W_0 with t from the mean pairwise cosine of the task vectors."""
+    """W = t · mean(W_i) + (1 − t) W_0 with t from the mean pairwise cosine of the task vectors.
+
+    Row blocks: per row (filter_wise) each block of a matrix is merged as the whole tensor would
+    be (a 1-D tensor, one row, is merged whole); per
+    tensor, a first pass over the blocks gathers the task vectors' chunk norms and dots, then t
+    applies to every block."""
 
     name = "model_stock"
     summary = "Model Stock: interpolate base and expert average by the task vectors' angle"
@@ -35,3 +41,21 @@ class ModelStock(MergeMethod[ModelStockParams]):
         ws, _ = dense_list(parts, ctxs)
         b = base.float()
         return (model_stock(b, ws, filter_wise=self.params_for(info).filter_wise) - b).float()
+
+    def blockwise(self, info: TensorInfo) -> bool:
+        return info.ndim > 1 or not self.params_for(info).filter_wise  # a 1-D tensor is one row
+
+    def fuse_state(self, info: TensorInfo, passes: Callable[[], Iterator[tuple[Tensor, Parts]]],
+                   ctxs: list[ExpertContext]) -> Tensor | None:
+        if self.params_for(info).filter_wise:
+            return None
+        tvs = ([w - b for w in dense_list(parts, ctxs)[0]] for b, parts in passes())
+        return stock_factor(stock_stats(regroup(tvs)))
+
+    def fuse_block(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext],
+                   state: Tensor | None, start: int) -> Tensor:
+        if state is None:
+            return self.fuse(info, base, parts, ctxs)
+        ws, _ = dense_list(parts, ctxs)
+        b = base.reshape(-1)
+        return (stock_apply(state, b, [w.reshape(-1) for w in ws]) - b).reshape(base.shape).float()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.slerp import multislerp, nuslerp, nuslerp_fraction, slerp
+from esm_ray.core.chunks import regroup
+import esm_ray.core.slerp as core_slerp
+from esm_ray.core.slerp import multislerp, nuslerp, nuslerp_fraction, slerp, slerp_coefficients
 from esm_ray.methods._common import dense_list, exactly, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -42,6 +44,27 @@ class Slerp(_Weights[SlerpParams]):
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
         return (slerp(self.params_for(info).t, base.float(), w1) - base).float()
+
+    # Row blocks: the expert side finds the two coefficients from the whole tensors' chunk norms
+    # and dots (two streamed passes, mergekit's 2^20-element chunks), then interpolates each
+    # block; the coordinator only subtracts the base.
+    def blockwise(self, info: TensorInfo) -> bool:
+        return True
+
+    def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+                    ctx: ExpertContext) -> tuple[Tensor, Tensor]:
+        return slerp_coefficients(self.params_for(info).t,
+                                  lambda: ((c[0], c[1]) for c in regroup(blocks(), core_slerp._SLERP_CHUNK)))
+
+    def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
+                      state: tuple[Tensor, Tensor], start: int) -> Tensor:
+        c0, c1 = state
+        return (c0 * base.reshape(1, -1) + c1 * expert.reshape(1, -1)).reshape(base.shape)
+
+    def fuse_block(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext],
+                   state: Any, start: int) -> Tensor:
+        (w,), _ = dense_list(parts, ctxs)  # the slerped rows
+        return (w - base).float()
 
 
 class NuSlerpParams(MethodParams):

@@ -100,25 +100,39 @@ def accuracy(items: Sequence[dict]) -> float:
     return sum(i["correct"] for i in items) / max(len(items), 1)
 
 
+def _resampled(items: Sequence[dict], kind: str, idx):
+    """The score of each resample (rows of the index array idx) of the items."""
+    import numpy as np
+
+    if kind == "perplexity":
+        ll = np.array([i["ll"] for i in items])
+        w = np.array([i["words"] for i in items], dtype=float)
+        return np.exp(-ll[idx].sum(1) / w[idx].sum(1))
+    if kind == "accuracy":
+        return np.array([i["correct"] for i in items], dtype=float)[idx].mean(1)
+    raise ValueError(f"unknown score kind {kind!r}")
+
+
 def bootstrap_interval(items: Sequence[dict], kind: str, iters: int = 1000, seed: int = 0,
                        level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the score over `iters` resamples of the items (with replacement):
     word perplexity (ratio of sums) for kind "perplexity", mean correctness for "accuracy"."""
+    return mean_interval([items], kind, iters, seed, level)
+
+
+def mean_interval(groups: Sequence[Sequence[dict]], kind: str, iters: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean over groups (e.g. tasks) of each group's score, every group
+    resampled on its own, `iters` times; one group gives `bootstrap_interval`."""
     import numpy as np
 
-    n = len(items)
-    if n == 0:
+    if not groups or any(len(g) == 0 for g in groups):
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(iters, n))
-    if kind == "perplexity":
-        ll = np.array([i["ll"] for i in items])
-        w = np.array([i["words"] for i in items], dtype=float)
-        stats = np.exp(-ll[idx].sum(1) / w[idx].sum(1))
-    elif kind == "accuracy":
-        stats = np.array([i["correct"] for i in items])[idx].mean(1)
-    else:
-        raise ValueError(f"unknown score kind {kind!r}")
+    stats = np.zeros(iters)
+    for g in groups:
+        stats += _resampled(g, kind, rng.integers(0, len(g), size=(iters, len(g))))
+    stats /= len(groups)
     lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
     return (float(lo), float(hi))
 

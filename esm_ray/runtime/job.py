@@ -269,15 +269,25 @@ class MergeJob:
         """Merge one tensor a row block at a time (a blockwise method): the same bytes as the
         whole-tensor path, with memory bounded by the block."""
         spec, method, info = self.plan.spec, self.plan.method, o.info
-        states = self.pool.block_states(info, list(o.blocks))  # e.g. TIES: each expert's trim threshold
-        for r0, r1 in o.blocks:
-            sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
-            b = read_to_float32(self._base, info.name, spec.base, slot="base", rows=(r0, r1))
-            delta = method.fuse(sub, b, parts.rows(sub, b, (r0, r1), states),
-                                [method.context_for(c, info) for c in self.ctxs])
+        ctxs = [method.context_for(c, info) for c in self.ctxs]
+        row = info.numel // info.shape[0] if info.shape[0] else 0
+
+        def blocks() -> Iterator[tuple[TensorInfo, torch.Tensor, Any, int]]:
+            """(block info, base rows, parts, first flat index), block after block: one pass."""
+            states = self.pool.block_states(info, list(o.blocks))  # e.g. TIES: each expert's trim threshold
+            for r0, r1 in o.blocks:
+                sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
+                b = read_to_float32(self._base, info.name, spec.base, slot="base", rows=(r0, r1))
+                yield sub, b, parts.rows(sub, b, (r0, r1), states), r0 * row
+                del b
+
+        # e.g. model_stock: the experts' cosines over the whole tensor, from a first pass
+        state = method.fuse_state(info, lambda: ((b, p) for _, b, p, _ in blocks()), ctxs)
+        for sub, b, block_parts, start in blocks():
+            delta = method.fuse_block(sub, b, block_parts, ctxs, state, start)
             _check_shape(method.name, sub, delta)
             yield torch.add(b, delta, out=scratch("merged", sub.shape))
-            b = delta = None
+            del b, delta, block_parts
 
     def _restore(self, g: Group, sink: OutputSink | SpillSink) -> None:
         """A group finished by an earlier run of this job, from the resume store."""

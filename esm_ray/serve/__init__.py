@@ -11,6 +11,7 @@ from typing import Any
 _EXPORTS = {
     "PredictRequest": "app", "PredictResponse": "app", "Prediction": "app", "RoutedServer": "app",
     "ServeOptions": "app", "app_builder": "app", "build": "app",
+    "LLMOptions": "llm_app", "build_llm": "llm_app", "FrontOptions": "llm_front",
     "Running": "runner", "free_port": "runner", "start": "runner", "stop": "runner",
 }
 

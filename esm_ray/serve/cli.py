@@ -26,6 +26,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.address:
         loopback_env()  # the private Ray stays on 127.0.0.1: set before Ray is first imported
     from esm_ray.serve.app import ServeOptions
+    from esm_ray.serve.llm_app import LLMOptions
+    from esm_ray.serve.llm_backend import is_causal_lm_dir
     from esm_ray.serve.runner import ReplicaFailed, start, stop
     from esm_ray.spec import ServeSpec, load_spec
 
@@ -39,19 +41,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_inputs_per_request": args.max_inputs, "max_body_bytes": args.max_body_bytes,
         "max_input_chars": args.max_input_chars}.items() if v is not None}
     spec = ServeSpec.model_validate({**base.model_dump(), **updates})
-    opts = ServeOptions(model_dir=args.dir, router=args.router, heads=_heads(args.head or []),
-                        max_inputs_per_request=spec.max_inputs_per_request, max_length=args.max_length,
-                        max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
-                        max_body_bytes=spec.max_body_bytes, max_input_chars=spec.max_input_chars,
-                        threads=max(1, int(spec.num_cpus)))
+    llm = is_causal_lm_dir(args.dir)
+    opts: LLMOptions | ServeOptions
+    if llm:
+        if args.head or args.router:
+            raise SpecError(f"{args.dir} is a causal LM: --head and --router are for routed encoders "
+                            "(a causal LM's router is its router/ directory, asked with model: auto)")
+        opts = LLMOptions(model_dir=args.dir, served_name=args.served_name, max_batch_size=spec.max_batch_size,
+                          batch_wait_timeout_s=spec.batch_wait_timeout_s,
+                          max_waiting=args.max_waiting or 8 * spec.max_batch_size,
+                          max_inputs_per_request=spec.max_inputs_per_request, max_body_bytes=spec.max_body_bytes,
+                          max_input_chars=spec.max_input_chars, threads=max(1, int(spec.num_cpus)))
+    else:
+        opts = ServeOptions(model_dir=args.dir, router=args.router, heads=_heads(args.head or []),
+                            max_inputs_per_request=spec.max_inputs_per_request, max_length=args.max_length,
+                            max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
+                            max_body_bytes=spec.max_body_bytes, max_input_chars=spec.max_input_chars,
+                            threads=max(1, int(spec.num_cpus)))
     queued = args.max_queued_requests if args.max_queued_requests is not None else 4 * spec.max_ongoing_requests
     try:
         running = start(opts, spec, max_queued_requests=queued, address=args.address, name=args.name)
     except ReplicaFailed as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    print(f"serving {args.dir} on {running.url}  (POST /v1/predict, GET /v1/model, GET /healthz, docs at /docs)",
-          flush=True)
+    routes = ("POST /v1/completions, POST /v1/chat/completions, GET /v1/models" if llm else
+              "POST /v1/predict, GET /v1/model")
+    print(f"serving {args.dir} on {running.url}  ({routes}, GET /healthz, docs at /docs)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -63,8 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a routed or merged model over HTTP (Ray Serve)")
-    p.add_argument("dir", help="routed or merged model directory (local or s3://)")
+    p = sub.add_parser("serve", help="serve a routed or merged model over HTTP (Ray Serve); a causal LM "
+                                     "directory gets the OpenAI API")
+    p.add_argument("dir", help="routed or merged model directory (local or s3://; a causal LM: local)")
     p.add_argument("--spec", help="take defaults from a job spec's `serve:` section")
     p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
@@ -85,6 +101,9 @@ def register(sub) -> None:
     p.add_argument("--router", choices=["prototype", "sim", "oracle", "none"], help="default router")
     p.add_argument("--head", action="append", metavar="TASK=PATH",
                    help="a task head from an expert directory or head file (repeatable)")
+    p.add_argument("--served-name", help="causal LM: the merged model's id in the OpenAI API (default: DIR's name)")
+    p.add_argument("--max-waiting", type=int, help="causal LM: sequences waiting for a decoding batch before 503 "
+                                                   "(default 8 x max-batch-size)")
     p.add_argument("--address", help="existing Ray cluster (auto, ray://host:10001); default: a private one")
     p.add_argument("--name", default="esm-ray", help="Serve application name")
     p.set_defaults(func=cmd_serve)

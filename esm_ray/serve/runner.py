@@ -6,10 +6,13 @@ import logging
 import re
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esm_ray.serve.app import ServeOptions, build
 from esm_ray.spec import ServeSpec
+
+if TYPE_CHECKING:
+    from esm_ray.serve.llm_app import LLMOptions
 
 log = logging.getLogger("esm_ray.serve")
 
@@ -65,10 +68,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def start(options: ServeOptions | dict[str, Any], spec: ServeSpec | None = None, *,
+def _application(options: Any, spec: ServeSpec, max_queued_requests: int | None, retries: int):
+    """The Serve application for the options: a causal LM (LLMOptions) or the routed encoder."""
+    from esm_ray.serve.llm_app import LLMOptions, build_llm
+
+    if isinstance(options, LLMOptions):
+        return build_llm(options, spec, max_queued_requests, constructor_retries=retries)
+    return build(options, spec, max_queued_requests, constructor_retries=retries)
+
+
+def start(options: ServeOptions | LLMOptions | dict[str, Any], spec: ServeSpec | None = None, *,
           max_queued_requests: int | None = None, address: str | None = None, name: str = "esm-ray",
           route_prefix: str = "/", num_cpus: int | None = None) -> Running:
-    """Deploy the model and return once it answers. Starts a private Ray when none is running
+    """Deploy the model (ServeOptions or a dict of them: the routed encoder; LLMOptions: a causal
+    LM behind the OpenAI API) and return once it answers. Starts a private Ray when none is running
     and no address is given; that Ray listens on 127.0.0.1 only, whatever the HTTP host
     (esm_ray.raylocal)."""
     from esm_ray.raylocal import connect, init_private, loopback_env
@@ -88,7 +101,7 @@ def start(options: ServeOptions | dict[str, Any], spec: ServeSpec | None = None,
             started = True
     serve.start(http_options={"host": spec.host, "port": spec.port})
     try:
-        serve.run(build(options, spec, max_queued_requests, constructor_retries=1), name=name,
+        serve.run(_application(options, spec, max_queued_requests, 1), name=name,
                   route_prefix=route_prefix)
     except Exception as err:  # noqa: BLE001 - Serve reports a replica that cannot start as a long traceback
         text = f"{err}\n{_deployment_messages(name)}"

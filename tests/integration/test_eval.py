@@ -86,6 +86,35 @@ def test_evaluate_encoder_matches_hand_computation(fake_zoo: Path):
     assert list(only_b["tasks"]) == ["b"]
 
 
+def test_encoder_report_has_bootstrap_intervals(fake_zoo: Path):
+    """Each task's accuracy comes with the 95% bootstrap interval over its items (the LM report's
+    resampling), the average with the interval of the mean over tasks resampled one by one."""
+    import numpy as np
+
+    from esm_ray.eval.report import row_from_result
+
+    res = evaluate_encoder(fake_zoo / "base", fake_zoo)
+    a, b = res["tasks"]["a"], res["tasks"]["b"]
+    hits_a, hits_b = np.array([1, 1, 0, 1, 0]), np.array([0, 0, 0, 1])  # head a says 1, head b says 0
+    rng = np.random.default_rng(0)
+    want_a = np.quantile(hits_a[rng.integers(0, 5, size=(1000, 5))].mean(1), [0.025, 0.975])
+    assert a["interval"] == pytest.approx(list(want_a))
+    rng = np.random.default_rng(0)
+    avg = hits_a[rng.integers(0, 5, size=(1000, 5))].mean(1) + hits_b[rng.integers(0, 4, size=(1000, 4))].mean(1)
+    assert res["average"]["interval"] == pytest.approx(list(np.quantile(avg / 2, [0.025, 0.975])))
+    for v, (lo, hi) in ((a["accuracy"], a["interval"]), (b["accuracy"], b["interval"]),
+                        (res["average"]["accuracy"], res["average"]["interval"])):
+        assert lo <= v <= hi and lo < hi
+    t = ReportTable(["a", "b"])
+    t.add(row_from_result("base", res, "model"))
+    lo, hi = res["average"]["interval"]
+    md = to_markdown(t)
+    assert f"| 60.0 [{100 * a['interval'][0]:.1f}, {100 * a['interval'][1]:.1f}] (75.0) |" in md
+    assert f"| 42.5 [{100 * lo:.1f}, {100 * hi:.1f}] (62.5) |" in md
+    again = ReportTable.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert again.row("base").intervals["b"] == b["interval"]
+
+
 def test_missing_encoder_weights_are_an_error(fake_zoo: Path, tmp_path: Path):
     from esm_ray.errors import InputError
 

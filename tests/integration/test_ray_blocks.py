@@ -30,8 +30,9 @@ INFO = TensorInfo.of("w", (4, 4))
 # every registered method that may be merged in row blocks, with the parameters the tests use
 BLOCKWISE = sorted(n for n, m in METHODS.items()
                    if build_method(n, method_params(n), n_experts=method_experts(n, 3)).blockwise(INFO))
-CASES = [("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5})] + \
-        [(n, method_params(n)) for n in BLOCKWISE] + [("dare_linear", {"density": 0.3, "rescale": False})]
+CASES = [("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5}), ("sce", {"select_topk": 0.4})] + \
+        [(n, method_params(n)) for n in BLOCKWISE] + [("dare_linear", {"density": 0.3, "rescale": False}),
+                                                      ("della", {"density": 0.5, "epsilon": 0.2})]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,9 @@ def _same(a: Path, b: Path) -> None:
     assert [k for k in want if got[k] != want[k]] == []
 
 
-# the first two (TIES's thresholds, DARE's streams) by default; the rest are slow (Ray runs)
-@pytest.mark.parametrize("method,params", [pytest.param(m, p, marks=() if i < 2 else pytest.mark.slow)
+# the first three (TIES's thresholds, DARE's streams, SCE's passes over the blocks on the
+# coordinator) by default; the rest are slow (Ray runs)
+@pytest.mark.parametrize("method,params", [pytest.param(m, p, marks=() if i < 3 else pytest.mark.slow)
                                            for i, (m, p) in enumerate(CASES)])
 def test_ray_blocks_give_the_local_bytes(method, params, family, ray_driver, tmp_path):
     from esm_ray.runtime.ray_executor import run_on_ray

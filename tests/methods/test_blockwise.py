@@ -107,7 +107,12 @@ def test_which_methods_are_merged_in_blocks():
     info = TensorInfo.of("w", (4, 4))
     blockwise = {n for n, m in METHODS.items()
                  if build_method(n, method_params(n), n_experts=method_experts(n, 2)).blockwise(info)}
-    assert blockwise == {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "nearswap", "passthrough"}
+    assert blockwise == {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "nearswap", "passthrough",
+                         "slerp", "model_stock", "sce", "della", "della_linear"}
+    vec = TensorInfo.of("b", (16,))  # one row: DELLA ranks in it, model_stock per row takes its angle
+    assert not build_method("della", {"density": 0.5}, n_experts=2).blockwise(vec)
+    assert not build_method("model_stock", {"filter_wise": True}, n_experts=2).blockwise(vec)
+    assert build_method("model_stock", {}, n_experts=2).blockwise(vec)
     assert not build_method("ties", {"rescale": True}, n_experts=2).blockwise(info)  # L1 sums over the tensor
     assert not build_method("dare_ties", {"rescale_mode": "l1"}, n_experts=2).blockwise(info)
 
@@ -224,3 +229,37 @@ def test_stream_holds_a_bounded_number_of_parts_whatever_t(numel, depth):
     assert got == list(range(8)) and sorted(made) == list(range(8))
     assert peak[0] <= depth + 1, f"{peak[0]} parts alive at once"
     assert peak[0] == depth + 1, "the thread did not work ahead"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,params,weights", [
+    ("slerp", {"t": 0.3}, (1.0,)),
+    ("model_stock", {}, (1.0, 1.0, 1.0)),
+    ("model_stock", {"filter_wise": True}, (1.0, 1.0)),
+    ("sce", {}, (1.0, 1.0, 1.0)),
+    ("sce", {"select_topk": 0.3}, (1.0, 1.0, 1.0)),
+    ("della", {"density": 0.5, "epsilon": 0.2}, (1.0, 0.5, 2.0)),
+    ("della", {"density": 0.4, "rescale_mode": "inverse_probability"}, (1.0, 0.5, 2.0)),
+    ("della_linear", {"density": 0.6, "rescale": False}, (1.0, 0.5, 2.0)),
+])
+def test_blocks_of_whole_tensor_statistics_give_the_bytes_of_whole_tensors(method, params, weights, dtype,
+                                                                           tmp_path, monkeypatch):
+    """Methods that need a statistic of the whole tensor (a norm, a cosine, a variance threshold,
+    an L1 norm) get it from passes over the row blocks: the same bytes as whole tensors, with
+    blocks of a few rows and with chunks of the statistics' grid that span blocks."""
+    from esm_ray.core import chunks, slerp
+
+    monkeypatch.setattr(chunks, "CHUNK", 64)  # several chunks per tensor, cut across the blocks
+    monkeypatch.setattr(slerp, "_SLERP_CHUNK", 64)
+    fam = _odd_family(tmp_path / "fam", dtype)
+    whole = _run(fam, tmp_path / "whole", method, params, block_bytes=1 << 30, weights=weights)
+    seen = []
+    real = MergeJob._merged_blocks
+    monkeypatch.setattr(MergeJob, "_merged_blocks", lambda self, o, *a: (seen.append(o.info.name),
+                                                                         real(self, o, *a))[1])
+    blocks = _run(fam, tmp_path / "blocks", method, params, block_bytes=200, weights=weights)
+    # model_stock per row and DELLA's per-row ranks: a 1-D tensor is one row, merged whole
+    one_row = params.get("filter_wise") or method.startswith("della")
+    assert sorted(seen) == ["cube.weight", "embed.weight", "odd.weight"] + ([] if one_row else ["vec.bias"])
+    a, b = output_files(whole), output_files(blocks)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)

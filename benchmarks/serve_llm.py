@@ -1,0 +1,129 @@
+"""Serving a causal LM through the OpenAI API: tokens/s and time to first token.
+
+One private Ray on 127.0.0.1, one replica of esm-ray's LLM app on a causal-LM directory (merged
+base + adapters/<task>/ + optional router/). Each model id is measured in turn with the `openai`
+client, streaming completions of --max-tokens tokens (temperature 0, EOS ignored by asking for a
+fixed length is not possible through the API, so the table reports the tokens actually made):
+
+  static   the merged model alone (`model: <dir name>`)
+  expert   one task's adapter (`model: <task>`)
+  routed   the router picks the adapter (`model: auto`; only when the directory has a router)
+  mixed    each client thread names a different task: heterogeneous adapters in one batch
+
+at each concurrency (default 1 and 8): p50 time to first token, p50 request time, generated
+tokens/s over all clients, and the mean decoding batch size the replica saw (GET /v1/model).
+
+    .venv/bin/python benchmarks/serve_llm.py --tiny                # the test suite's tiny LLaMA, a smoke run
+    .venv/bin/python benchmarks/serve_llm.py --dir out/routed-lm --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_tiny(root: Path) -> Path:
+    from tests.fixtures.family import make_family
+    from tests.fixtures.lm_dir import make_lm_dir
+
+    fam = make_family(root / "family", "llama", 1, seed=0)
+    return make_lm_dir(root / "lm", fam["base"])
+
+
+def one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(time to first token, request time, tokens) of one streamed completion."""
+    t0 = time.perf_counter()
+    first, n = None, 0
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    for ch in stream:
+        if ch.choices and ch.choices[0].text and first is None:
+            first = time.perf_counter() - t0
+        if ch.usage is not None:
+            n = ch.usage.completion_tokens
+    total = time.perf_counter() - t0
+    return (first if first is not None else total), total, n
+
+
+def measure(url: str, models: list[str], conc: int, requests: int, max_tokens: int) -> dict[str, float]:
+    import httpx
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0)
+    prompts = [" ".join(f"w{(7 * i + k) % 60}" for k in range(4 + i % 5)) for i in range(requests)]
+    one(client, models[0], prompts[0], 4)  # warm-up
+    info = httpx.get(f"{url}/v1/model", timeout=30).json()
+    before = (info["batches_run"], info["sequences_run"])
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(conc) as pool:
+        got = list(pool.map(lambda i: one(client, models[i % len(models)], prompts[i], max_tokens), range(requests)))
+    wall = time.perf_counter() - t0
+    info = httpx.get(f"{url}/v1/model", timeout=30).json()
+    batch = (info["sequences_run"] - before[1]) / max(1, info["batches_run"] - before[0])
+    return {"ttft_p50_ms": 1000 * statistics.median(g[0] for g in got),
+            "req_p50_ms": 1000 * statistics.median(g[1] for g in got),
+            "tok_s": sum(g[2] for g in got) / wall, "batch": batch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", help="causal-LM directory to serve")
+    ap.add_argument("--tiny", action="store_true", help="the tests' tiny LLaMA with 3 LoRA adapters")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--requests", type=int, default=16, help="requests per (model, concurrency)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the replica")
+    args = ap.parse_args(argv)
+    tmp = tempfile.TemporaryDirectory()
+    if args.tiny:
+        model_dir = build_tiny(Path(tmp.name))
+        args.max_tokens = min(args.max_tokens, 48)  # the tiny LLaMA holds 64 positions
+    elif args.dir:
+        model_dir = Path(args.dir)
+    else:
+        ap.error("give --dir or --tiny")
+
+    import ray
+    from ray import serve
+
+    from esm_ray.serve import free_port
+    from esm_ray.serve.llm_app import LLMOptions, build_llm
+    from esm_ray.serve.llm_backend import adapter_tasks
+    from esm_ray.spec import ServeSpec
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    spec = ServeSpec(num_cpus=1, max_ongoing_requests=64)
+    opts = LLMOptions(model_dir=str(model_dir), threads=args.threads, max_batch_size=32, batch_wait_timeout_s=0.01)
+    serve.run(build_llm(opts, spec, max_queued_requests=-1), name="lm", route_prefix="/lm")
+    url = f"http://127.0.0.1:{port}/lm"
+    tasks = adapter_tasks(model_dir)
+    rows = {"static": [model_dir.name]}
+    if tasks:
+        rows |= {"expert": [tasks[0]], "mixed": tasks}
+    if (model_dir / "router" / "manifest.json").is_file():
+        rows["routed"] = ["auto"]
+    print("| model | concurrency | TTFT p50 ms | request p50 ms | tokens/s | mean batch |\n|---|---|---|---|---|---|")
+    try:
+        for conc in args.concurrency:
+            for name, models in rows.items():
+                m = measure(url, models, conc, args.requests, args.max_tokens)
+                print(f"| {name} | {conc} | {m['ttft_p50_ms']:.0f} | {m['req_p50_ms']:.0f} | {m['tok_s']:.0f} | "
+                      f"{m['batch']:.1f} |", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

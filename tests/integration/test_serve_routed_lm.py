@@ -1,0 +1,83 @@
+"""The LLM service on a real routed LM (esm_ray.routed.lm, an ESM++ merge of the tiny LLaMA
+family): `auto` requests of three domains in one decoding batch are routed as RoutedLM.route
+routes them and generate the greedy tokens RoutedLM.generate gives each alone. In process (no
+Ray); skipped where esm_ray.routed.lm is not part of the tree."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("esm_ray.routed.lm")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def routed_lm_dir(tmp_path_factory):
+    from esm_ray.runtime import run_merge
+    from esm_ray.spec import MergeSpec
+    from tests.fixtures.lm_dir import word_tokenizer
+    from tests.methods.test_routed_lm import TASKS, _domain_family, _rows
+
+    root = tmp_path_factory.mktemp("served_routed_lm")
+    fam = _domain_family(root / "family")
+    experts = []
+    for t, name in enumerate(TASKS):
+        p = root / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in _rows(t, 24, seed=t)))
+        experts.append({"name": name, "model": str(fam[f"expert_{t}"]), "data": str(p)})
+    out = root / "esm_pp"
+    run_merge(MergeSpec(base=str(fam["base"]), experts=experts, output=str(out),
+                        method={"name": "esm_pp", "params": {"base_method": "task_arithmetic", "rank": 4,
+                                                             "expert_dtype": "float32"}},
+                        calibration={"samples": 24, "batch_size": 8, "cache_dir": str(root / "cache")}),
+              progress=False)
+    word_tokenizer().save_pretrained(out)  # the family has no tokenizer; the service needs one
+    return out
+
+
+def test_auto_in_one_batch_equals_routed_lm_generate_alone(routed_lm_dir):
+    from esm_ray.routed.lm import load_routed_lm
+    from esm_ray.serve.llm_backend import LLMBackend
+    from esm_ray.serve.llm_batcher import Batcher, Seq
+    from tests.methods.test_routed_lm import TASKS, _rows
+
+    backend = LLMBackend(routed_lm_dir)
+    assert backend.tasks == TASKS and [m["id"] for m in backend.model_ids()][-1] == "auto"
+    rows = [r for t in range(3) for r in _rows(t, 3, seed=200 + t)]
+
+    async def serve_all():
+        bt = Batcher(backend, max_batch_size=16, wait_s=0.05, max_waiting=64)
+        loop = asyncio.get_running_loop()
+        seqs = [Seq(index=0, ids=r, adapter=None, auto=True, max_tokens=8, temperature=0.0, top_p=1.0, seed=None,
+                    stop=[], events=asyncio.Queue(), loop=loop) for r in rows]
+        for s in seqs:
+            bt.submit([s])
+        out = []
+        for s in seqs:
+            task = None
+            while True:
+                kind, _, *rest = await s.events.get()
+                assert kind != "error", rest
+                if kind == "task":
+                    task = rest[0]
+                if kind == "done":
+                    break
+            out.append((task, list(s.out)))
+        return out, bt.batches
+
+    got, batches = asyncio.run(serve_all())
+    assert batches == [len(rows)]  # one batch, three domains
+    lm = load_routed_lm(routed_lm_dir)
+    for r, (task, tokens) in zip(rows, got):
+        ids, mask = torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)
+        want_task = lm.route(ids, mask)[0]
+        want = lm.generate(ids, mask, tasks=[want_task], max_new_tokens=8, do_sample=False,
+                           pad_token_id=0)[0, len(r):].tolist()
+        want = want[:next((i for i, x in enumerate(want) if x in backend.eos_ids), len(want))]
+        assert (task, tokens) == (want_task, want)
+    assert [t for t, _ in got] == [TASKS[t] for t in range(3) for _ in range(3)]  # each domain to its expert

@@ -35,7 +35,10 @@ class GroupParts(Protocol):
 class ExpertPool(Protocol):
     n: int
     blockwise: bool  # may merge large tensors in row blocks
-    block_parts: int  # experts' parts of one row block held at once (the block rows shrink by it)
+
+    @property
+    def block_parts(self) -> int:
+        """How many experts' parts of one row block the pool holds at once (the rows shrink by it)."""
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every expert side; results in expert order."""

@@ -75,3 +75,27 @@ def test_rolling_items_equal_each_text_scored_whole(lm, batch_size):
         ids = tok(t, add_special_tokens=False)["input_ids"]
         assert it["ll"] == pytest.approx(_plain(model, [pre, *ids], len(ids)), rel=1e-5, abs=1e-5)
         assert it["tokens"] == len(ids) and it["words"] == len(t.split())
+
+
+def test_training_loss_equals_the_models_own_loss(lm):
+    """lm_train.loss_on_labels (head only on labelled positions) = the HF model's loss, value and gradient."""
+    from esm_ray.zoo.lm_train import batch, loss_on_labels
+
+    model, _ = lm
+    rng = random.Random(4)
+    ex = [([rng.randrange(8, 80) for _ in range(n)], k) for n, k in ((12, 3), (7, 6), (20, 1), (5, 4))]
+    ids, mask, labels = batch(ex, 0)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        want = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        gw = torch.autograd.grad(want, params)
+        got = loss_on_labels(model, ids, mask, labels)
+        gg = torch.autograd.grad(got, params)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

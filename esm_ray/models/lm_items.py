@@ -91,9 +91,9 @@ def _sum_logprobs(model, seqs: Sequence[tuple[list[int], int]], batch_size: int,
             rows += [r] * k
             pos += range(n - k - 1, n - 1)
             tgt += seq[n - k:]
-        lp = _head_logprobs(model, hidden[torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)],
-                            torch.tensor(tgt, dtype=torch.long))
-        sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, torch.tensor(rows, dtype=torch.long), lp.double())
+        r_idx = torch.tensor(rows, dtype=torch.long)
+        lp = _head_logprobs(model, hidden[r_idx, torch.tensor(pos, dtype=torch.long)], torch.tensor(tgt, dtype=torch.long))
+        sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, r_idx, lp.double())
         for r, i in enumerate(chunk):
             out[i] = float(sums[r])
     return out

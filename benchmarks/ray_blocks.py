@@ -4,7 +4,8 @@
 
 A model of one large embedding (rows x cols float32) and two small tensors; T experts. Each
 merge runs on a private local Ray (one ExpertWorker per expert, 0.25 CPU each, one
-Coordinator), once with row blocks of 4 MiB (the default) and once with every tensor whole
+Coordinator), once with row blocks (block_bytes 4 MiB, the default: on Ray each block has 1/T
+the rows, so the T parts of a block together are about 4 MiB) and once with every tensor whole
 (block_bytes above the largest tensor). The coordinator actor's peak RSS is read from the
 actor itself after the merge (`Coordinator.peak_rss`), next to its RSS before the merge (the
 Python + Ray + torch floor), and both outputs are compared byte for byte. Prints one table.
@@ -119,7 +120,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n{args.method}: one {args.rows}x{args.cols} float32 embedding ({largest / MB:.0f} MiB) per model; "
-          f"row blocks of {BLOCK_BYTES / MB:.0f} MiB; RSS in MiB")
+          f"row blocks of {BLOCK_BYTES / MB:.0f} MiB / T; RSS in MiB")
     print_table(rows_out, [("T", "T"), ("blocks", "blocks (count)"), ("floor", "coordinator before"),
                            ("peak", "coordinator peak"), ("above", "peak - before"),
                            ("workers", "largest worker peak"), ("wall", "merge s"), ("same bytes", "same bytes")])

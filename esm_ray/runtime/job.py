@@ -182,11 +182,13 @@ class MergeJob:
             self._store = ResumeStore.open(plan, self.group_bytes, math_threads(plan.spec))
             restored = self._store.scan([[i.name for i in g if plan.dtypes[i.name].is_floating_point]
                                          for g in groups])
-        out = plan_groups(plan, groups, restored, blockwise=self.pool.blockwise, block_bytes=self.block_bytes)
+        parts = self.pool.block_parts
+        out = plan_groups(plan, groups, restored, blockwise=self.pool.blockwise, block_bytes=self.block_bytes,
+                          block_parts=parts)
         blocked = [o for g in out for o in g.tensors if o.how == "blocks"]
         if blocked:
             self._row_blocks = {"tensors": len(blocked), "blocks": sum(len(o.blocks) for o in blocked),
-                                "block_bytes": self.block_bytes}
+                                "block_bytes": self.block_bytes, "block_parts": parts}
         return out
 
     def fuse(self, groups: list[Group], sink: OutputSink | SpillSink) -> None:

@@ -111,9 +111,10 @@ def layer_groups(infos: list[TensorInfo], max_bytes: int) -> Iterator[list[Tenso
 
 
 def plan_groups(plan: MergePlan, groups: list[list[TensorInfo]], restored: list[bool], *,
-                blockwise: bool, block_bytes: int) -> list[Group]:
+                blockwise: bool, block_bytes: int, block_parts: int = 1) -> list[Group]:
     """Each group's output tensors with their strategy. `blockwise`: the pool may merge in row
-    blocks."""
+    blocks; `block_parts`: how many experts' parts of one block it holds at once (the block
+    rows shrink so that those parts together stay about `block_bytes`)."""
     out = []
     position = {n: i for i, n in enumerate(plan.names)}
     for gi, infos in enumerate(groups):
@@ -123,7 +124,7 @@ def plan_groups(plan: MergePlan, groups: list[list[TensorInfo]], restored: list[
             if not plan.dtypes[info.name].is_floating_point:
                 tensors.append(OutTensor(info, plan.dtypes[info.name], gi, pos, "copy"))
                 continue
-            blocks = plan.in_blocks(info, block_bytes) if blockwise else None
+            blocks = plan.in_blocks(info, block_bytes, block_parts) if blockwise else None
             how: How = "restored" if restored[gi] else ("blocks" if blocks else "whole")
             tensors.append(OutTensor(info, plan.out_dtype, gi, pos, how, tuple(blocks or ())))
         out.append(Group(gi, tuple(tensors), restored[gi]))

@@ -41,13 +41,16 @@ _VOCAB_HINTS = ("embed", "wte", "word_embeddings", "lm_head", "output.weight")
 BLOCK_BYTES = 4 << 20
 
 
-def row_blocks(shape: tuple[int, ...], block_bytes: int) -> list[tuple[int, int]] | None:
-    """[start, stop) row ranges of about `block_bytes` in float32 covering a tensor of `shape`,
-    or None when it is at most `block_bytes` or has fewer than two rows (merged whole)."""
+def row_blocks(shape: tuple[int, ...], block_bytes: int, parts: int = 1) -> list[tuple[int, int]] | None:
+    """[start, stop) row ranges covering a tensor of `shape`, or None when it is at most
+    `block_bytes` in float32 or has fewer than two rows (merged whole).
+
+    `parts`: how many experts' parts of one block are held at once; the `parts` parts of a
+    block together are then about `block_bytes` (float32), and at least one row each."""
     numel = _numel(shape)
     if not shape or shape[0] < 2 or numel * 4 <= block_bytes:
         return None
-    step = max(1, block_bytes // (4 * max(1, numel // shape[0])))
+    step = max(1, block_bytes // (4 * max(1, parts) * max(1, numel // shape[0])))
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
@@ -86,12 +89,14 @@ class MergePlan:
     def largest_tensor_bytes(self) -> int:
         return max((_numel(s) * 4 for s in self.shapes.values()), default=0)
 
-    def in_blocks(self, info: TensorInfo, block_bytes: int | None = None) -> list[tuple[int, int]] | None:
+    def in_blocks(self, info: TensorInfo, block_bytes: int | None = None,
+                  parts: int = 1) -> list[tuple[int, int]] | None:
         """The row blocks in which one process merges `info`, or None to merge it whole: only a
-        large tensor of a blockwise method, with no purifier, layer scaling or post stage."""
+        large tensor of a blockwise method, with no purifier, layer scaling or post stage.
+        `parts`: the experts' parts of one block held at once (`row_blocks`)."""
         if self.purifier is not None or self.method.needs_layer_scales or self.method.post_stage:
             return None
-        blocks = row_blocks(info.shape, BLOCK_BYTES if block_bytes is None else block_bytes)
+        blocks = row_blocks(info.shape, BLOCK_BYTES if block_bytes is None else block_bytes, parts)
         return blocks if blocks is not None and self.method.blockwise(info) else None
 
     def largest_unit_bytes(self) -> int:

@@ -36,6 +36,10 @@ class ExpertPool(Protocol):
     n: int
     blockwise: bool  # may merge large tensors in row blocks
 
+    @property
+    def block_parts(self) -> int:
+        """How many experts' parts of one row block the pool holds at once (the rows shrink by it)."""
+
     def call(self, method: str, *args: Any) -> list[Any]:
         """Call `method(*args)` on every expert side; results in expert order."""
 
@@ -76,6 +80,7 @@ class LocalPool:
     work with the coordinator's on a second thread)."""
 
     blockwise = True
+    block_parts = 1  # LazyParts.stream makes the parts in order and holds at most three, whatever T
 
     def __init__(self, spec: MergeSpec) -> None:
         self.sides = [ExpertSide(spec, i) for i in range(len(spec.experts))]

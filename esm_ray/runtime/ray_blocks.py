@@ -5,8 +5,11 @@ random stream) and keeps it, keyed by the tensor (`ExpertSide.block_begin`): not
 tensor's name and its row ranges travels. Then the coordinator asks every worker for block b
 in parallel (`ExpertSide.prepare_rows`), `AHEAD` blocks in advance, so the workers prepare the
 next blocks while the coordinator fuses this one; the parts wait in the object store, and the
-coordinator fetches a block's parts as the method reads them (`RefParts.stream`). So the
-coordinator holds (AHEAD + 1) row blocks per expert, whatever the largest tensor.
+coordinator fetches a block's parts as the method reads them (`RefParts.stream`). Since all T
+parts of a block are in flight at once, the Ray pool's blocks have 1/T the rows of the local
+executor's (`RayPool.block_parts`, `plan.row_blocks`): the T parts of a block together are
+about `block_bytes`, and the coordinator holds about (AHEAD + 1) x `block_bytes` of parts,
+whatever T and the largest tensor (at least one row per expert and block).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
   into the object store once. Parts come back through the object store; what a part is (task
   vector, sparse values, low-rank factors) is the method's choice.
   A tensor above `block_bytes` (blockwise methods) comes block by block instead
-  (runtime/ray_blocks.py), so the coordinator holds a few row blocks, not T whole tensors.
+  (runtime/ray_blocks.py), in blocks of 1/T the rows, so the coordinator holds a few
+  `block_bytes` of parts, not T whole tensors, whatever T.
 - ``Coordinator`` runs ``MergeJob`` (layer loop, fusion, writer) next to the driver, stages
   finished groups (and blocked tensors' finished rows) for resume, and answers ``progress()``
   while it runs; the driver only shows a progress bar.
@@ -253,6 +254,12 @@ class RayPool:
         return self._run(method, [ray.put(tuple(a)) for a in args])
 
     blockwise = True  # large tensors come from the workers row block by row block (ray_blocks)
+
+    @property
+    def block_parts(self) -> int:
+        """Every worker's part of a block is requested at once: the block rows shrink by T, so
+        the T parts of a block together stay about `block_bytes`, whatever T (ray_blocks)."""
+        return self.n
 
     def group_parts(self, infos: list[TensorInfo]) -> RayGroupParts:
         """Every worker prepares its parts of the group's whole tensors in parallel, fetched at

@@ -76,6 +76,17 @@ def batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask, labels
 
 
+def loss_on_labels(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens (labels != -100), as the HF model's
+    own loss, with the LM head run only on the positions that predict them (the prompt of a
+    label task and the padding carry no loss, so their logits are never formed)."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep])
+
+
 def train_lm(model, examples: Sequence[Example], cfg: LMTrainConfig, seed: int, pad_id: int,
              on_step: Callable[[int, int, float], None] | None = None) -> dict:
     """Train `model` in place (float32) for cfg.steps steps over shuffled epochs of the examples."""
@@ -99,7 +110,7 @@ def train_lm(model, examples: Sequence[Example], cfg: LMTrainConfig, seed: int, 
             order += nxt
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         ids, mask, labels = batch([examples[i] for i in idx], pad_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = loss_on_labels(model, ids, mask, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

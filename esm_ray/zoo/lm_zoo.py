@@ -10,8 +10,10 @@ Columns (the zoo's "tasks"): domains (kind "domain", scored by word perplexity o
 held-out passages) and label tasks (kind "label_task", scored by multiple-choice accuracy).
 Every expert is the base fine-tuned in float32 on one column's training split (domains: every
 token; label tasks: the answer tokens only) and saved in bfloat16 like the base. At build time
-the base and every expert are scored on every column's test split (and their own validation
-split) with `esm_ray.models.lm_items` (lm-eval's conventions), per item, under `scores/`. The
+the base is scored on every column's test and validation split, and every expert on its own
+column's test and validation split and on a strided subset (`cross_items`) of every other
+column's test split (enough to see that it gains on its own column only, at a fraction of the
+cost), with `esm_ray.models.lm_items` (lm-eval's conventions), per item, under `scores/`. The
 manifest records each expert's task-vector norm and the pairwise cosines of the task vectors.
 """
 
@@ -38,17 +40,18 @@ from esm_ray.zoo.lm_data import (DEFAULT_DOMAINS, DEFAULT_LABEL_TASKS, REDUCED_D
 from esm_ray.zoo.lm_train import LMTrainConfig, answer_examples, domain_examples, train_lm
 
 log = logging.getLogger("esm_ray.zoo")
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: passages of 96 tokens, shorter training, cross table on a strided subset
 CALIB = 32
 
 
 @dataclass(frozen=True)
 class LMZooConfig:
-    max_length: int = 128
+    max_length: int = 96
     domain_sizes: dict = field(default_factory=lambda: {"test": 96, "validation": 48, "train": 2400})
     task_sizes: dict = field(default_factory=lambda: {"test": 240, "validation": 120, "train": 1200})
-    domain_train: LMTrainConfig = LMTrainConfig(steps=60, batch_size=8, lr=2e-4, warmup=5)
-    task_train: LMTrainConfig = LMTrainConfig(steps=40, batch_size=8, lr=2e-4, warmup=5)
+    domain_train: LMTrainConfig = LMTrainConfig(steps=32, batch_size=8, lr=2e-4, warmup=3)
+    task_train: LMTrainConfig = LMTrainConfig(steps=30, batch_size=8, lr=2e-4, warmup=3)
+    cross_items: int | None = 32  # an expert on another column's test split: this many items (strided); None: all
     layers: int | None = None  # keep only the first N decoder blocks of the base (reduced zoos)
     max_passages: int | None = None  # stop cutting a corpus into passages after this many (reduced zoos)
 
@@ -61,7 +64,7 @@ REDUCED_LM_CONFIG = LMZooConfig(max_length=32, domain_sizes={"test": 6, "validat
                                 task_sizes={"test": 8, "validation": 4, "train": 16},
                                 domain_train=LMTrainConfig(steps=3, batch_size=2, lr=1e-4, warmup=1),
                                 task_train=LMTrainConfig(steps=3, batch_size=2, lr=1e-4, warmup=1),
-                                layers=2, max_passages=400)
+                                layers=2, max_passages=400, cross_items=3)
 
 
 def lm_zoo_key(domains: Sequence[str], tasks: Sequence[str], seed: int, cfg: LMZooConfig, base_sha: str) -> str:
@@ -96,8 +99,16 @@ class _Columns:
     def metric(self, name: str) -> str:
         return "perplexity" if self.kind[name] == "domain" else "accuracy"
 
-    def items(self, model, name: str, split: str) -> list[dict]:
+    def cross_subset(self, items: list) -> list:
+        """The strided subset of a test split on which an expert is scored off its own column
+        (every k-th item, k = ceil(n / cross_items), so every block of the split is represented)."""
+        c = self.cfg.cross_items
+        return items if c is None or len(items) <= c else items[::-(-len(items) // c)]
+
+    def items(self, model, name: str, split: str, cross: bool = False) -> list[dict]:
         rows = self.rows[name][split]
+        if cross:
+            rows = self.cross_subset(rows)
         if self.kind[name] == "domain":
             return rolling_items(model, self.tok, [r["text"] for r in rows])
         task = get_label_task(name)
@@ -111,10 +122,12 @@ class _Columns:
                                self.cfg.max_length * 2)
 
     def score_all(self, model, own: str | None = None) -> dict[str, dict[str, list[dict]]]:
-        """{split: {column: items}}: every column's test split, and validation of `own` (all if None)."""
+        """{split: {column: items}}: the base (own None): every column's test and validation split;
+        an expert: its own column's test and validation split, and the cross subset of every
+        other column's test split."""
         out: dict[str, dict[str, list[dict]]] = {"test": {}, "validation": {}}
         for n in self.rows:
-            out["test"][n] = self.items(model, n, "test")
+            out["test"][n] = self.items(model, n, "test", cross=own is not None and n != own)
             if own is None or n == own:
                 out["validation"][n] = self.items(model, n, "validation")
         return out
@@ -203,6 +216,7 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
 
     entries: dict[str, dict] = {}
     cross: dict[str, dict[str, float]] = {"base": {n: v["score"] for n, v in base_sum["test"].items()}}
+    base_cross = {n: score(data.cross_subset(it), data.metric(n)) for n, it in base_items["test"].items()}
     for n in cols:
         edir = zdir / "experts" / n
         if (edir / "manifest.json").is_file():
@@ -256,7 +270,8 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
                      "layers": cfg.layers or "all"},
         "max_length": cfg.max_length, "config": cfg.to_dict(), "trainable": "decoder blocks + final norm",
         "base": "base", "base_scores": "scores/base.json", "domains": dnames, "label_tasks": tnames,
-        "tasks": entries, "test_scores": cross,
+        "tasks": entries, "test_scores": cross, "test_scores_base_cross": base_cross,
+        "cross_items": cfg.cross_items,
         "task_vectors": task_vector_stats(zdir / "base", {n: zdir / "experts" / n for n in cols}),
         "build_seconds": round(time.perf_counter() - t_start, 1),
     }

@@ -96,6 +96,13 @@ def test_reduced_lm_zoo_is_built_and_cached(lm_zoo, capsys):
     assert set(tv["norm"]) == set(zoo.tasks) and all(v > 0 for v in tv["norm"].values())
     assert tv["cosine"]["hamlet"]["hamlet"] == pytest.approx(1.0, abs=1e-5)
     assert -1 <= tv["cosine"]["hamlet"]["python"] <= 1
+    # an expert is scored on all of its own column and on a strided subset of the others
+    n_cross = zoo.manifest["cross_items"]
+    assert n_cross == 3
+    items = json.loads((zoo.expert_dir("hamlet") / "scores.json").read_text())["test"]
+    assert len(items["hamlet"]) == zoo.task("hamlet")["sizes"]["test"] == 6
+    assert len(items["python"]) == n_cross and len(items["review_verdict"]) == n_cross
+    assert set(zoo.manifest["test_scores_base_cross"]) == set(zoo.tasks)
     # experts are saved in bfloat16 like the base
     cfg = json.loads((zoo.expert_dir("hamlet") / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"

@@ -21,6 +21,7 @@ import_methods()
 from esm_ray.methods import METHODS, TensorInfo, build_method  # noqa: E402
 from esm_ray.runtime.expert import ExpertSide  # noqa: E402
 from esm_ray.runtime.job import MergeJob  # noqa: E402
+from esm_ray.runtime.layout import tensor_infos  # noqa: E402
 from esm_ray.runtime.plan import build_plan, row_blocks  # noqa: E402
 from esm_ray.runtime.pool import LocalPool  # noqa: E402
 from esm_ray.spec import spec_from_dict  # noqa: E402
@@ -94,9 +95,16 @@ def test_ray_blocks_give_the_local_bytes(method, params, family, ray_driver, tmp
     _same(tmp_path / "local", tmp_path / "whole")  # blocks change no byte
 
     spec = _spec(family, tmp_path / "ray", method, params, runtime="ray")
-    result = run_on_ray(build_plan(spec), progress=False, block_bytes=BLOCK)
+    plan, n = build_plan(spec), method_experts(method, 3)
+    result = run_on_ray(plan, progress=False, block_bytes=BLOCK)
     assert result.report["executor"] == "ray"
-    assert result.report["row_blocks"] == local.report["row_blocks"], "the Ray coordinator did not merge in blocks"
+    # the Ray coordinator merges the same tensors in blocks, each 1/T as many rows as local
+    # (T parts of a block are in flight at once: their sum stays about `block_bytes`)
+    want = sum(len(b) for info in tensor_infos(plan, set())
+               if plan.dtypes[info.name].is_floating_point and (b := plan.in_blocks(info, BLOCK, n)))
+    assert result.report["row_blocks"] == dict(local.report["row_blocks"], blocks=want, block_parts=n), \
+        "the Ray coordinator did not merge in blocks of 1/T the rows"
+    assert local.report["row_blocks"]["block_parts"] == 1 and (n == 1 or want > local.report["row_blocks"]["blocks"])
     _same(tmp_path / "ray", tmp_path / "local")
     assert not list(tmp_path.glob(".ray.esm-ray-resume-*")), "resume staging left behind"
 
@@ -177,3 +185,16 @@ def test_worker_rebuilds_its_block_state_when_asked_out_of_order(method, params,
         side2 = ExpertSide(spec, 1)
         side2.block_begin(info, blocks[3:])
         assert not torch.equal(side2.prepare_rows(info, blocks[3:], 0), in_order[3])
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 8])
+def test_block_rows_shrink_with_the_experts_in_flight(t):
+    """T parts of one block held at once stay within the block budget together (one row at the
+    least); which tensors are blocked does not depend on T; the rows cover the tensor."""
+    rows, cols = 80, 32  # 128 bytes a row (float32): 8 rows in BLOCK
+    blocks = row_blocks((rows, cols), BLOCK, t)
+    assert blocks is not None and blocks[0][0] == 0 and blocks[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert max(r1 - r0 for r0, r1 in blocks) == max(1, 8 // t)
+    assert t * max(r1 - r0 for r0, r1 in blocks) * cols * 4 <= max(BLOCK, t * cols * 4)
+    assert row_blocks((8, cols), BLOCK, t) is None  # at most BLOCK: whole, whatever T

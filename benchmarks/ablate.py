@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=64, help="calibration samples per task")
     ap.add_argument("--split", default="test")
     ap.add_argument("--keep", action="store_true", help="keep merged models")
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the table from RUN_DIR's saved rows of these variants, merging nothing")
     a = ap.parse_args(argv)
     zoo = open_zoo(a.zoo)
     run = Path(a.out)
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
         spec = spec_for(zoo, name, run / "merged" / name, entry=entry, calibration={"samples": a.samples})
         key = hashlib.sha256((dump_spec(spec) + a.split).encode()).hexdigest()[:16]
         cache = run / f"{name}.json"
-        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        if cache.is_file() and (a.table_only or json.loads(cache.read_text()).get("key") == key):
             results[name] = json.loads(cache.read_text())
             continue
         t0 = time.perf_counter()

@@ -457,3 +457,31 @@ def test_tiny_bert_esm_end_to_end(bert_calibrated):
     rep = m.report()
     assert rep["branches"]["esd"] == 13 and rep["branches"]["tsv"] == 3  # word/position/type embeddings
     assert set(rep["alpha_keys"]) == set(fused)  # roberta recipe: α scales every key
+
+
+def test_auto_preset_doubles_the_roberta_scalings_and_named_presets_stay_published():
+    """`auto`: RoBERTa's scalings with ×2 outside vision towers, the ViT recipe inside them;
+    `roberta` stays the published ×1, and `multiplier` overrides both (docs/ablations.md)."""
+    from esm_ray.methods.base import TensorInfo
+    from esm_ray.methods.esm import ESM, ESMParams
+
+    text = TensorInfo.of("model.layers.0.self_attn.q_proj.weight", (8, 8))
+    vision = TensorInfo.of("vision_model.encoder.layers.0.mlp.fc1.weight", (8, 8))
+    auto = ESM(ESMParams(), 2)
+    r = auto.recipe(text)
+    assert (r.name, r.inter_task_power, r.inter_column_power, r.multiplier) == ("roberta", 0, 0, 2.0)
+    assert auto.recipe(vision) == ESM(ESMParams(preset="vit"), 2).recipe(vision)
+    assert ESM(ESMParams(preset="roberta"), 2).recipe(text).multiplier == 1.0
+    assert ESM(ESMParams(multiplier=3.0), 2).recipe(text).multiplier == 3.0
+
+
+def test_shrinkage_is_checked_by_the_spec():
+    from pydantic import ValidationError
+
+    from esm_ray.methods.esm import ESMParams
+
+    assert ESMParams(shrinkage="oas").shrinkage == "oas"
+    assert ESMParams(shrinkage=0.25).shrinkage == 0.25
+    for bad in (1.5, -0.1, "ledoit"):
+        with pytest.raises(ValidationError):
+            ESMParams(shrinkage=bad)

@@ -53,6 +53,9 @@ class Tsvm(MergeMethod[TsvmParams]):
         tv = expert.float() - base.float()
         if tv.ndim != 2:
             return tv
+        if not bool(tv.any()):  # an untouched tensor (e.g. a LoRA adapter's non-targets): no
+            # triplet, as drop_null_triplets keeps none of a zero matrix, without a large SVD
+            return LowRankPart(tv.new_zeros(tv.shape[0], 0), tv.new_zeros(0), tv.new_zeros(0, tv.shape[1]))
         # SVD in float64 for accuracy (and less sensitivity to the BLAS); factors ship as float32.
         # τ comes from float32 weights, so directions below float32 resolution are noise: drop them.
         u, s, vh = drop_null_triplets(*tsv_truncate(tv.double(), self.rank((tv.shape[0], tv.shape[1]))),

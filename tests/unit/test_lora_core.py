@@ -85,3 +85,29 @@ def test_truncate_keeps_the_best_rank_and_energy():
     assert truncate(low).rank == sum(RANKS)  # numerical rank: exact
     assert lowrank_of_dense(low.dense(torch.float64)).rank == sum(RANKS)
     assert LowRank(torch.zeros(3, 0), torch.zeros(0, 2)).norm() == 0.0
+
+
+def test_tsvm_skips_the_svd_of_an_untouched_tensor(monkeypatch):
+    """A tensor no expert changes (a LoRA adapter's non-target, e.g. the embeddings) gives TSV-M
+    no triplet without an SVD (which costs seconds on a vocabulary-sized matrix), and the merge
+    of it and of a changed expert is what the SVD route gives."""
+    import esm_ray.methods.tsvm as tsvm_mod
+    from esm_ray.methods.base import ExpertContext, TensorInfo
+
+    m = tsvm_mod.Tsvm(tsvm_mod.TsvmParams(), n_experts=2)
+    info = TensorInfo.of("model.embed_tokens.weight", (12, 6))
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(12, 6, generator=g)
+    changed = base + 0.1 * torch.randn(12, 6, generator=g)
+    ctxs = [ExpertContext(0, "a"), ExpertContext(1, "b")]
+    want = m.fuse(info, base, [m.prepare(info, base, base.clone(), ctxs[0]),
+                               m.prepare(info, base, changed, ctxs[1])], ctxs)
+
+    def no_svd(*a, **k):
+        raise AssertionError("SVD of a zero task vector")
+    monkeypatch.setattr(tsvm_mod, "tsv_truncate", no_svd)
+    part = m.prepare(info, base, base.clone(), ctxs[0])
+    assert part.u.shape == (12, 0) and part.s.shape == (0,) and part.vh.shape == (0, 6)
+    monkeypatch.undo()
+    got = m.fuse(info, base, [part, m.prepare(info, base, changed, ctxs[1])], ctxs)
+    assert torch.equal(got, want)

@@ -20,7 +20,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from esm_ray.stats.hooks import ModuleStats
-from esm_ray.stats.store import FORMAT_VERSION, StatsStore, _atomic_write, shared_of
+from esm_ray.stats.store import FORMAT_VERSION, StatsStore, _atomic_write, encode_stats
 
 _CHUNK = 1 << 22
 
@@ -48,17 +48,10 @@ class StatsSpill:
         StatsStore.save (sharing never crosses parts: a block's inputs are its own)."""
         if not stats:
             return
-        shared = shared_of(stats)
-        tensors = {}
-        for name, st in stats.items():
-            src = shared[name]
-            if src == name:
-                tensors[f"{name}.gram"] = st.gram.contiguous()
-                tensors[f"{name}.s1"] = st.s1.contiguous()
-                self.distinct += 1
-            self.modules[name] = {"stored_as": src, "n": int(st.n), "d_in": st.d_in,
-                                  "transposed": bool(getattr(st, "transposed", False))}
-            self.tokens = max(self.tokens, int(st.n))
+        tensors, modules = encode_stats(stats)
+        self.modules.update(modules)
+        self.distinct += sum(1 for m, e in modules.items() if e["stored_as"] == m)
+        self.tokens = max([self.tokens, *(int(st.n) for st in stats.values())])
         part = self.dir / f"part-{len(self.parts):05d}.safetensors"
         save_file(tensors, str(part))
         self.parts.append(part)

@@ -18,6 +18,7 @@ from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import Tensor
 
 from esm_ray.errors import InputError
 from esm_ray.stats.hooks import ModuleStats
@@ -44,6 +45,22 @@ def shared_of(stats: dict[str, ModuleStats]) -> dict[str, str]:
         first.setdefault(key, name)
         out[name] = first[key]
     return out
+
+
+def encode_stats(stats: dict[str, ModuleStats]) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """The stored form of statistics: ({"<module>.gram" / ".s1": tensor} for each distinct input,
+    {module: manifest entry}); modules sharing an input are stored once, under the first."""
+    shared = shared_of(stats)
+    tensors: dict[str, Tensor] = {}
+    modules: dict[str, dict[str, Any]] = {}
+    for name, st in stats.items():
+        src = shared[name]
+        if src == name:
+            tensors[f"{name}.gram"] = st.gram.contiguous()
+            tensors[f"{name}.s1"] = st.s1.contiguous()
+        modules[name] = {"stored_as": src, "n": int(st.n), "d_in": st.d_in,
+                         "transposed": bool(getattr(st, "transposed", False))}
+    return tensors, modules
 
 
 class StatsStore:
@@ -93,18 +110,9 @@ class StatsStore:
         """Write statistics and manifest atomically; returns the store."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shared = shared_of(stats)
-        tensors = {}
-        modules = {}
-        for name, st in stats.items():
-            src = shared[name]
-            if src == name:
-                tensors[f"{name}.gram"] = st.gram.contiguous()
-                tensors[f"{name}.s1"] = st.s1.contiguous()
-            modules[name] = {"stored_as": src, "n": int(st.n), "d_in": st.d_in,
-                             "transposed": bool(getattr(st, "transposed", False))}
+        tensors, modules = encode_stats(stats)
         full = {**manifest, "format": FORMAT_VERSION, "modules": modules,
-                "distinct_inputs": sum(1 for m, s in shared.items() if m == s)}
+                "distinct_inputs": sum(1 for m, e in modules.items() if e["stored_as"] == m)}
         _atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": str(FORMAT_VERSION)}))
         _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(full, indent=1, sort_keys=True)))
         return StatsStore(path, full)

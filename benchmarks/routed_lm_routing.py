@@ -81,23 +81,15 @@ def prompts(task: int, n: int, span: int, shared: tuple[int, int], own: float, l
 
 
 def left(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    w = max(map(len, rows))
-    ids = torch.zeros(len(rows), w, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, w - len(r):] = torch.tensor(r)
-        mask[i, w - len(r):] = 1
-    return ids, mask
+    from esm_ray.models.text import pad_batch
+
+    return pad_batch(rows, 0, side="left")
 
 
 def right(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    w = max(map(len, rows))
-    ids = torch.zeros(len(rows), w, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids, mask
+    from esm_ray.models.text import pad_batch
+
+    return pad_batch(rows, 0)
 
 
 def timed(fn, repeat: int) -> float:

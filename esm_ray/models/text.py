@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,15 +39,20 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> 
     return out
 
 
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """(input_ids, attention_mask) of shape (B, L_max) for rows of token ids, padded on the
-    right with `pad_id`; mask 1 for tokens, 0 for padding."""
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int = 0,
+              side: Literal["right", "left"] = "right") -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) of shape (B, L_max) for rows of token ids, padded with
+    `pad_id` on the right (default) or on the left (prompts to generate from); mask 1 for
+    tokens, 0 for padding."""
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
-        input_ids[b, :len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[b, :len(r)] = 1
+        cols = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        input_ids[b, cols] = torch.tensor(list(r), dtype=torch.long)
+        mask[b, cols] = 1
     return input_ids, mask
 
 

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from esm_ray.models.text import pad_batch
+
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
@@ -63,12 +65,8 @@ def _cache_of(out) -> object:
 def decode(model: torch.nn.Module, rows: list[Row], *, pad_id: int, eos_ids: set[int], mixed: bool,
            device: str = "cpu") -> None:
     """Generate every row to its end (EOS, a stop from on_token, or max_tokens)."""
-    b, width = len(rows), max(len(r.ids) for r in rows)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
-        mask[i, width - len(r.ids):] = 1
+    b = len(rows)
+    ids, mask = pad_batch([r.ids for r in rows], pad_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     extra = {"adapter_names": [r.adapter or BASE for r in rows]} if mixed else {}

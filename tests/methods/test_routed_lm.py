@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from esm_ray.errors import InputError
+from esm_ray.models.text import pad_batch
 from esm_ray.routed import load_routed
 from esm_ray.routed.lm import load_routed_lm
 from esm_ray.routed.lm_format import LM_FORMAT, lora_keys
@@ -39,23 +40,11 @@ def _rows(task: int, n: int, seed: int, lo_len: int = 4, hi_len: int = 12) -> li
 
 def _left(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (input_ids, attention_mask), pad id 0."""
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    return pad_batch(rows, 0, side="left")
 
 
 def _right(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids, mask
+    return pad_batch(rows, 0)
 
 
 def _domain_family(root: Path, shift_norm: float = SHIFT, gain: float = GAIN) -> dict[str, Path]:

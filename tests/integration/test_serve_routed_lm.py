@@ -6,7 +6,6 @@ Ray); skipped where esm_ray.routed.lm is not part of the tree."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import torch
@@ -18,24 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def routed_lm_dir(tmp_path_factory):
-    from esm_ray.runtime import run_merge
-    from esm_ray.spec import MergeSpec
     from tests.fixtures.lm_dir import word_tokenizer
-    from tests.methods.test_routed_lm import TASKS, _domain_family, _rows
+    from tests.methods.test_routed_lm import build_routed_lms
 
-    root = tmp_path_factory.mktemp("served_routed_lm")
-    fam = _domain_family(root / "family")
-    experts = []
-    for t, name in enumerate(TASKS):
-        p = root / f"{name}.jsonl"
-        p.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in _rows(t, 24, seed=t)))
-        experts.append({"name": name, "model": str(fam[f"expert_{t}"]), "data": str(p)})
-    out = root / "esm_pp"
-    run_merge(MergeSpec(base=str(fam["base"]), experts=experts, output=str(out),
-                        method={"name": "esm_pp", "params": {"base_method": "task_arithmetic", "rank": 4,
-                                                             "expert_dtype": "float32"}},
-                        calibration={"samples": 24, "batch_size": 8, "cache_dir": str(root / "cache")}),
-              progress=False)
+    out = build_routed_lms(tmp_path_factory.mktemp("served_routed_lm"), ("esm_pp",))["esm_pp"]
     word_tokenizer().save_pretrained(out)  # the family has no tokenizer; the service needs one
     return out
 

@@ -66,14 +66,13 @@ def _domain_family(root: Path, shift_norm: float = SHIFT, gain: float = GAIN) ->
     return fam
 
 
-@pytest.fixture(scope="module")
-def lm_dirs(tmp_path_factory) -> dict[str, Path]:
-    """{"esm_pp": dir, "sim": dir}: routed merges of the constructed family."""
+def build_routed_lms(root: Path, methods: tuple[str, ...] = ("esm_pp", "sim")) -> dict[str, Path]:
+    """{method: dir}: routed merges (rank 4 on task arithmetic) of the constructed family, each
+    expert calibrated on 24 rows of its own token range."""
     from esm_ray.runtime import run_merge
     from esm_ray.spec import MergeSpec
     import esm_ray.methods.sim  # noqa: F401
 
-    root = tmp_path_factory.mktemp("routed_lm")
     fam = _domain_family(root / "family")
     experts = []
     for t, name in enumerate(TASKS):
@@ -81,7 +80,7 @@ def lm_dirs(tmp_path_factory) -> dict[str, Path]:
         p.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in _rows(t, 24, seed=t)))
         experts.append({"name": name, "model": str(fam[f"expert_{t}"]), "data": str(p)})
     out = {}
-    for method in ("esm_pp", "sim"):
+    for method in methods:
         params = {"base_method": "task_arithmetic", "rank": 4, "expert_dtype": "float32"}
         if method == "sim":
             params |= {"subspace_rank": 3, "support_samples": 16}
@@ -91,6 +90,12 @@ def lm_dirs(tmp_path_factory) -> dict[str, Path]:
                             calibration={"samples": 24, "batch_size": 8, "cache_dir": str(root / "cache")}),
                   progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"esm_pp": dir, "sim": dir}: routed merges of the constructed family."""
+    return build_routed_lms(tmp_path_factory.mktemp("routed_lm"))
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from esm_ray.models.encoder import load_encoder, load_tokenizer, predict
-from esm_ray.models.heads import load_head
+from esm_ray.eval.metrics import task_hits
+from esm_ray.models.encoder import load_encoder, load_tokenizer
 from esm_ray.runtime import run_merge
 from esm_ray.spec import dump_spec
 from esm_ray.zoo.layout import open_zoo
@@ -58,13 +58,8 @@ def parse_variant(text: str) -> tuple[str, MethodEntry]:
 def score(model_dir: Path, zoo, split: str) -> dict[str, list[int]]:
     model = load_encoder(model_dir, torch.float32, strict=True)
     tok = load_tokenizer(zoo.base_dir)
-    out = {}
-    for t in zoo.tasks:
-        rows = zoo.rows(t, split)
-        pred = predict(model, tok, load_head(zoo.head_path(t)), [r["text"] for r in rows], 64,
-                       int(zoo.manifest.get("max_length", 64)))
-        out[t] = [int(p == int(r["label"])) for p, r in zip(pred.tolist(), rows)]
-    return out
+    max_length = int(zoo.manifest.get("max_length", 64))
+    return {t: task_hits(model, tok, zoo, t, split, max_length=max_length) for t in zoo.tasks}
 
 
 def norm_mean(items: dict[str, torch.Tensor], ref: dict[str, float], idx: dict[str, torch.Tensor] | None = None):

@@ -54,6 +54,17 @@ def expert_reference(zoo: Zoo, task: str, split: str) -> float:
 
 
 @torch.no_grad()
+def task_hits(model, tokenizer, zoo: Zoo, task: str, split: str = "test", heads: Heads = "expert",
+              batch_size: int = 64, max_length: int = 64) -> list[int]:
+    """1 or 0 for each of the task's rows on a split: whether the task's head (or its probe)
+    on the model's features predicts the row's label."""
+    rows = zoo.rows(task, split)
+    head = load_head(zoo.head_path(task) if heads == "expert" else zoo.probe_path(task))
+    pred = predict(model, tokenizer, head, [r["text"] for r in rows], batch_size, max_length)
+    return [int(h) for h in (pred == torch.tensor([int(r["label"]) for r in rows])).tolist()]
+
+
+@torch.no_grad()
 def evaluate_model(model, tokenizer, zoo: str | Path | Zoo, split: str = "test", tasks: Sequence[str] | None = None,
                    heads: Heads = "expert", batch_size: int = 64) -> dict:
     """Accuracy of an in-memory encoder on each task with that task's head (or its probe), each
@@ -66,16 +77,12 @@ def evaluate_model(model, tokenizer, zoo: str | Path | Zoo, split: str = "test",
     out: dict[str, dict] = {}
     items: list[list[dict]] = []
     for t in _tasks(zoo, tasks):
-        rows = zoo.rows(t, split)
-        head = load_head(zoo.head_path(t) if heads == "expert" else zoo.probe_path(t))
-        pred = predict(model, tokenizer, head, [r["text"] for r in rows], batch_size, max_length)
-        y = torch.tensor([int(r["label"]) for r in rows])
-        hits = [{"correct": int(h)} for h in (pred == y).tolist()]
+        hits = [{"correct": h} for h in task_hits(model, tokenizer, zoo, t, split, heads, batch_size, max_length)]
         items.append(hits)
         correct = sum(h["correct"] for h in hits)
-        acc = correct / max(len(rows), 1)
+        acc = correct / max(len(hits), 1)
         ref = expert_reference(zoo, t, split)
-        out[t] = {"accuracy": acc, "correct": correct, "n": len(rows), "expert_accuracy": ref,
+        out[t] = {"accuracy": acc, "correct": correct, "n": len(hits), "expert_accuracy": ref,
                   "normalized": acc / ref if ref > 0 else float("nan"),
                   "interval": list(bootstrap_interval(hits, "accuracy"))}
     average = {**_averages(out), "interval": list(mean_interval(items, "accuracy"))}

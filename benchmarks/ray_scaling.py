@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting; the fastest counts")
     ap.add_argument("--address", help="an existing Ray (default: a private local one)")
     ap.add_argument("--json", help="also write the measurements here")
+    ap.add_argument("--zoo", help="a built zoo (e.g. `esm-ray zoo lm`): its base, experts and calibration rows "
+                                  "instead of the synthetic family (--experts: the first N of its experts)")
+    ap.add_argument("--equal", action="store_true",
+                    help="with --zoo: also merge the zoo once locally and once with --runtime ray (2 workers) "
+                         "and compare the output files byte for byte")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -113,24 +118,38 @@ def main(argv: list[str] | None = None) -> int:
     from esm_ray.spec import spec_from_dict
 
     load0 = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    shape = LlamaShape(f"scaling-h{args.hidden}-l{args.layers}", args.hidden, args.layers, args.intermediate,
-                       heads=8, kv_heads=8, vocab=args.vocab, tied=False)
-    fam = make_llama_family(shape, args.experts)
     cache_root().mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="esm-ray-scaling-", dir=cache_root()))
-    data = write_data(work / "data", args.experts, args.vocab, args.samples, args.length)
     stats_cache = work / "stats"
-    raw = {"base": str(fam.base), "output": str(work / "unused"),
-           "experts": [{"name": f"e{i}", "model": str(d), "data": str(data[i])} for i, d in enumerate(fam.experts)],
-           "method": {"name": args.method},
-           "calibration": {"samples": args.samples, "max_length": args.length, "batch_size": 8,
-                           "cache_dir": str(stats_cache)},
-           "runtime": {"name": "ray", "address": args.address, "num_cpus_per_worker": 1, "num_gpus_per_worker": 0}}
+    if args.zoo:
+        from esm_ray.zoo.layout import open_zoo
+
+        zoo = open_zoo(args.zoo)
+        names = zoo.tasks[:args.experts]
+        length = int(zoo.manifest.get("max_length", args.length))
+        raw = {"base": str(zoo.base_dir), "output": str(work / "unused"),
+               "experts": [{"name": n, "model": str(zoo.expert_dir(n)), "data": str(zoo.calib_path(n))} for n in names]}
+        model_name = f"zoo {zoo.manifest.get('hash')} ({zoo.manifest.get('backbone', {}).get('class', zoo.kind)})"
+    else:
+        shape = LlamaShape(f"scaling-h{args.hidden}-l{args.layers}", args.hidden, args.layers, args.intermediate,
+                           heads=8, kv_heads=8, vocab=args.vocab, tied=False)
+        fam = make_llama_family(shape, args.experts)
+        data = write_data(work / "data", args.experts, args.vocab, args.samples, args.length)
+        raw = {"base": str(fam.base), "output": str(work / "unused"),
+               "experts": [{"name": f"e{i}", "model": str(d), "data": str(data[i])}
+                           for i, d in enumerate(fam.experts)]}
+        model_name, length = f"synthetic LLaMA {shape.name}", args.length
+    raw.update({"method": {"name": args.method},
+                "calibration": {"samples": args.samples, "max_length": length, "batch_size": 8,
+                                "cache_dir": str(stats_cache)},
+                "runtime": {"name": "ray", "address": args.address, "num_cpus_per_worker": 1,
+                            "num_gpus_per_worker": 0}})
     spec = spec_from_dict(raw)
     plan = build_plan(spec)
     t = args.experts
     rows: list[dict] = []
-    measured: dict = {"model": shape.name, "params": shape.n_params, "experts": t, "method": args.method,
+    n_params = sum(shape_numel(sh) for sh in plan.shapes.values())
+    measured: dict = {"model": model_name, "params": n_params, "experts": t, "method": args.method,
                       "cores": os.cpu_count()}
     try:
         with ray_session(spec.runtime, n_workers=t):  # T actors exist; at most 2 compute at once
@@ -175,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                         times["decomposition"][conc], cpu["decomposition"][conc] = total, total_cpu
             rss = pool.peak_rss()
             pool.close()
+        if args.equal:
+            measured["equal"] = merge_both(raw, work)
+            rows.append({"m": "local vs Ray (2 workers) output", "v": "identical" if measured["equal"]["identical"]
+                         else "DIFFERENT", "n": f"{measured['equal']['files']} files compared byte for byte; "
+                         f"merge {measured['equal']['local_s']:.0f} s local, {measured['equal']['ray_s']:.0f} s Ray"})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -202,13 +226,39 @@ def main(argv: list[str] | None = None) -> int:
                  "n": f"one expert + base readers, stats; min {min(rss) / 1e6:.0f} MB"})
     measured["peak_rss_per_worker"] = rss
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\nRay scaling: {args.method}, synthetic LLaMA {shape.name} ({shape.n_params / 1e6:.1f}M params), "
+    print(f"\nRay scaling: {args.method}, {model_name} ({n_params / 1e6:.1f}M params), "
           f"T={t} experts, {os.cpu_count()} cores (load average before: {load0}; after: {load}), "
           f"1 CPU and 1 torch thread per worker\n")
     print_table(rows, [("m", "measure"), ("v", "value"), ("n", "note")])
     if args.json:
         Path(args.json).write_text(json.dumps(measured, indent=2))
     return 0
+
+
+def merge_both(raw: dict, work: Path) -> dict:
+    """Merge the spec once with the local runtime and once on Ray (2 workers, fresh statistics
+    each), and compare every output file byte for byte."""
+    import hashlib
+
+    from esm_ray.runtime import run_merge
+    from esm_ray.spec import spec_from_dict
+
+    out: dict = {}
+    digests = {}
+    for rt in ("local", "ray"):
+        r = json.loads(json.dumps(raw))
+        r["output"] = str(work / f"merged-{rt}")
+        r["calibration"]["cache_dir"] = str(work / f"stats-{rt}")
+        r["runtime"] = ({"name": "local"} if rt == "local" else
+                        dict(raw["runtime"]))
+        t0 = time.perf_counter()
+        run_merge(spec_from_dict(r), progress=False)
+        out[f"{rt}_s"] = time.perf_counter() - t0
+        digests[rt] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                       for p in sorted(Path(r["output"]).glob("*.safetensors"))}
+    out["files"] = len(digests["local"])
+    out["identical"] = bool(digests["local"]) and digests["local"] == digests["ray"]
+    return out
 
 
 def shape_numel(shape) -> int:

@@ -59,8 +59,11 @@ def _items(kind: str, samples: list[dict]) -> list[dict]:
 
 
 def harness_items(model_dir: str | Path, zoo: Zoo, split: str = "test", names: Sequence[str] | None = None,
-                  batch_size: int = 8) -> dict[str, list[dict]]:
-    """{column: per-item records} from lm-eval's `simple_evaluate` on a local model, offline."""
+                  batch_size: int = 8, loaded=None) -> dict[str, list[dict]]:
+    """{column: per-item records} from lm-eval's `simple_evaluate` on a local model, offline.
+
+    `loaded` = (model, tokenizer) scores a model already in memory (e.g. rescaled on validation
+    by `esm_ray.eval.lm_select`) through lm-eval's HFLM; model_dir then only names it."""
     for k, v in HF_OFFLINE.items():
         os.environ.setdefault(k, v)
     try:
@@ -69,13 +72,20 @@ def harness_items(model_dir: str | Path, zoo: Zoo, split: str = "test", names: S
         raise InputError(f"lm-evaluation-harness is not installed ({err}); install the `lm` extra: "
                          "pip install 'esm-ray[lm]'") from None
     p = Path(model_dir)
-    if not (p / "config.json").is_file():
-        raise InputError(f"{p}: not a Hugging Face model directory (no config.json)")
     cols = list(names or zoo.tasks)
     tm = task_manager(write_harness_tasks(zoo, split, cols))
-    args = {"pretrained": str(p.resolve()), "dtype": "float32",
-            "tokenizer": str((p if _has_tokenizer(p) else zoo.base_dir).resolve())}
-    res = simple_evaluate(model="hf", model_args=args, tasks=[TASK_PREFIX + c for c in cols], task_manager=tm,
+    if loaded is not None:
+        from lm_eval.models.huggingface import HFLM
+
+        model: object = HFLM(pretrained=loaded[0], tokenizer=loaded[1], batch_size=batch_size)
+        args: dict | None = None
+    else:
+        if not (p / "config.json").is_file():
+            raise InputError(f"{p}: not a Hugging Face model directory (no config.json)")
+        model = "hf"
+        args = {"pretrained": str(p.resolve()), "dtype": "float32",
+                "tokenizer": str((p if _has_tokenizer(p) else zoo.base_dir).resolve())}
+    res = simple_evaluate(model=model, model_args=args, tasks=[TASK_PREFIX + c for c in cols], task_manager=tm,
                           batch_size=batch_size, device="cpu", log_samples=True, bootstrap_iters=0,
                           random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     if res is None or "samples" not in res:

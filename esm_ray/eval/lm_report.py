@@ -44,6 +44,36 @@ def normalized(zoo: Zoo, name: str, value: float, split: str) -> float | None:
     return math.log(base / value) / gain if abs(gain) > 1e-12 else None
 
 
+def normalized_resamples(zoo: Zoo, items: dict[str, list[dict]], split: str, iters: int = 1000, seed: int = 0):
+    """The mean normalised score over columns for `iters` bootstrap resamples (numpy array): each
+    column's items resampled with replacement on their own. The indices depend only on the seed,
+    the column order and the item counts, so two models scored on the same items get paired
+    resamples (the difference of their arrays is the paired bootstrap of the difference)."""
+    import numpy as np
+
+    from esm_ray.models.lm_items import _resampled
+
+    kinds = units(zoo, list(items))
+    total = np.zeros(iters)
+    for i, (c, it) in enumerate(items.items()):
+        rng = np.random.default_rng([seed, i, len(it)])
+        vals = _resampled(it, kinds[c], rng.integers(0, len(it), size=(iters, len(it))))
+        m = zoo.task(c)["metrics"]
+        base, expert = m["base"][split], m["expert"][split]
+        if kinds[c] == "accuracy":
+            total += vals / expert
+        else:
+            total += np.log(base / vals) / math.log(base / expert)
+    return total / len(items)
+
+
+def interval(samples, level: float = 0.95) -> list[float]:
+    import numpy as np
+
+    lo, hi = np.quantile(samples, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
 def row_from_items(zoo: Zoo, name: str, items: dict[str, list[dict]], split: str, kind: str = "model",
                    info: dict | None = None) -> Row:
     """A Row (value, normalised value, interval per column) from per-item records."""
@@ -57,7 +87,10 @@ def row_from_items(zoo: Zoo, name: str, items: dict[str, list[dict]], split: str
         n = normalized(zoo, c, vals[c], split)
         if n is not None:
             norm[c] = n
-    return Row(name, vals, norm, kind, {**(info or {}), "n_items": {c: len(it) for c, it in items.items()}}, ivals)
+    extra = {"n_items": {c: len(it) for c, it in items.items()}}
+    if len(norm) == len(items):
+        extra["normalized_interval"] = interval(normalized_resamples(zoo, items, split))
+    return Row(name, vals, norm, kind, {**(info or {}), **extra}, ivals)
 
 
 def _load(path: Path) -> dict:
@@ -81,9 +114,10 @@ def lm_baseline_rows(zoo: Zoo, split: str = "test", names: Sequence[str] | None 
 
 
 def evaluate_lm_harness(model_dir: str | Path, zoo: Zoo, split: str = "test", names: Sequence[str] | None = None,
-                        batch_size: int = 8) -> dict:
-    """Score a model on the zoo's columns with lm-eval; {"model", "split", "items": {column: records}}."""
+                        batch_size: int = 8, loaded=None) -> dict:
+    """Score a model on the zoo's columns with lm-eval; {"model", "split", "items": {column: records}}.
+    `loaded` = (model, tokenizer): a model in memory (see `harness_items`)."""
     from esm_ray.eval.harness import harness_items
 
     return {"model": str(model_dir), "split": split,
-            "items": harness_items(model_dir, zoo, split, list(names or zoo.tasks), batch_size)}
+            "items": harness_items(model_dir, zoo, split, list(names or zoo.tasks), batch_size, loaded)}

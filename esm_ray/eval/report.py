@@ -142,7 +142,8 @@ def to_markdown(table: ReportTable, title: str | None = None) -> str:
     if table.metric == "lm":
         lines += [f"{table.split}: word perplexity for domains (lower is better), accuracy (%) for label tasks; "
                   "[95% bootstrap interval over items]; (normalised, % of the expert: share of its log-perplexity "
-                  "gain over the base kept, or accuracy / expert accuracy); avg: of the normalised scores.", ""]
+                  "gain over the base kept, or accuracy / expert accuracy); avg: of the normalised scores, with its "
+                  "95% bootstrap interval (every column's items resampled).", ""]
     elif pct:
         lines += [f"{table.split} accuracy (%), [95% bootstrap interval over {table.split} items] where measured, "
                   "normalised accuracy (% of the fine-tuned expert) in parentheses.", ""]
@@ -156,7 +157,9 @@ def to_markdown(table: ReportTable, title: str | None = None) -> str:
             cells.append(_cell(r.values.get(t), (r.normalized or {}).get(t), _pct(table, t), (r.intervals or {}).get(t)))
         if table.metric == "lm":
             na = r.normalized_average(table.tasks)
-            cells.append("-" if na is None or math.isnan(na) else f"({100 * na:.1f})")
+            ci = r.info.get("normalized_interval") if set(r.values) == set(table.tasks) else None
+            cells.append("-" if na is None or math.isnan(na) else
+                         f"({100 * na:.1f})" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""))
         else:
             # the average's interval holds for the row's own tasks only
             ci = r.info.get("average_interval") if set(r.values) == set(table.tasks) else None

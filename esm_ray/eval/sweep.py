@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from esm_ray.errors import InputError
 from esm_ray.eval.metrics import (evaluate_encoder, evaluate_lm, evaluate_model, evaluate_probe, expert_results,
-                                  load_encoder_checked, mean_entropy, _tokenizer_for)
+                                  load_encoder_checked, lm_tokenizer, mean_entropy, _tokenizer_for)
 from esm_ray.models.heads import HEAD_FILE
 from esm_ray.eval.report import ReportTable, Row, row_from_result
 from esm_ray.spec import MergeSpec, load_spec
@@ -194,6 +194,29 @@ def select_lambda(base_dir: str | Path, merged_dir: str | Path, lambda0: float, 
     return out
 
 
+def _selected_lm_rows(spec: MergeSpec, label: str, out: Path, zoo: Zoo, split: str, names: Sequence[str],
+                      info: dict) -> list[Row]:
+    """On an LM zoo: task arithmetic's λ (grid) or ESM's α (golden section) chosen on validation
+    by rescaling the merge in memory, then scored once on `split` by lm-eval; [] for other methods."""
+    from esm_ray.eval.lm_report import evaluate_lm_harness, row_from_items
+    from esm_ray.eval.lm_select import ScaledLM, select_scale
+
+    mrep = _report(out).get("method_report", {})
+    if spec.method.name in LAMBDA_METHODS:
+        scaled, f0, what, kw = ScaledLM(zoo.base_dir, out), _lambda_of(spec), "λ", {"grid": LAMBDA_GRID}
+    elif spec.method.name == "esm" and mrep.get("alpha_keys") and mrep.get("alpha"):
+        scaled, f0, what, kw = ScaledLM(zoo.base_dir, out, mrep["alpha_keys"]), float(mrep["alpha"]), "α", {}
+    else:
+        return []
+    tok = lm_tokenizer(out, zoo)
+    sel = select_scale(scaled, f0, zoo, tok, names, what=what, **kw)
+    items = evaluate_lm_harness(out, zoo, split, names, loaded=(scaled.model, tok))["items"]
+    key = "lambda" if what == "λ" else "alpha"
+    return [row_from_items(zoo, f"{label} [{what}={sel['value']:.2f} on val]", items, split, "merged",
+                           {**info, "selected": {key: sel["value"], "validation": sel["validation"],
+                                                 "history": sel["history"]}})]
+
+
 def _lambda_of(spec: MergeSpec) -> float:
     p = spec.method.params
     return float(p.get("lambda", p.get("lambda_", 1.0)))
@@ -256,6 +279,9 @@ def sweep(specs: Sequence[MergeSpec | str | Path], zoo_dir: str | Path | Zoo,
         if harness:
             items = evaluate_lm_harness(out, zoo, split, names)["items"]
             table.add(row_from_items(zoo, label, items, split, "merged", info))
+            if select:
+                for row in _selected_lm_rows(spec, label, out, zoo, split, names, info):
+                    table.add(row)
             continue
         if zoo.kind == "causal_lm":
             table.add(row_from_result(label, evaluate_lm(out, zoo, split, names), "merged", info))

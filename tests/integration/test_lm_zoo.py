@@ -188,3 +188,57 @@ def test_eval_of_a_task_arithmetic_merge_matches_torch(lm_zoo, tmp_path):
     out = Path(str(run_merge(spec, progress=False).output))
     report = _eval(out, zdir, tmp_path / "rep")
     _check_against_torch(report, out, zdir)
+
+
+def test_sweep_chooses_lambda_on_validation_and_scores_it_on_test(lm_zoo, tmp_path):
+    """`--select` on an LM zoo: λ from the grid by the mean normalised validation score (checked
+    against our own torch scoring at λ0), then the rescaled model scored by lm-eval on test,
+    equal to a merge written at the chosen λ."""
+    from esm_ray.eval.sweep import LAMBDA_GRID, sweep
+    from esm_ray.runtime import run_merge
+    from esm_ray.spec import spec_from_dict
+    from esm_ray.zoo.layout import open_zoo
+
+    zdir = lm_zoo[0]
+    zoo = open_zoo(zdir)
+
+    def spec(lam: float, out: Path):
+        return spec_from_dict({"base": str(zoo.base_dir),
+                               "experts": [{"name": c, "model": str(zoo.expert_dir(c))} for c in zoo.tasks],
+                               "method": {"name": "task_arithmetic", "params": {"lambda": lam}},
+                               "output": str(out)})
+
+    table = sweep([spec(0.5, tmp_path / "m05")], zoo, lambda s: str(run_merge(s, progress=False).output),
+                  select=True)
+    chosen = table.rows[-1]
+    sel = chosen.info["selected"]
+    assert [h[0] for h in sel["history"]] == list(LAMBDA_GRID)
+    assert sel["validation"] == max(h[1] for h in sel["history"])
+    assert chosen.name.endswith(f"[λ={sel['lambda']:.2f} on val]")
+    assert chosen.info["normalized_interval"][0] <= chosen.normalized_average(zoo.tasks) <= \
+        chosen.info["normalized_interval"][1]
+
+    # the validation objective at λ0, by our own torch code
+    model, tok = _model(zoo.base_dir)
+    model, _ = _model(tmp_path / "m05")
+    norm = []
+    for c in zoo.tasks:
+        m = zoo.task(c)["metrics"]
+        rows = _rows(zoo.data_path(c, "validation"))
+        if c == "review_verdict":
+            norm.append(_our_accuracy(model, tok, rows, zoo.task(c)["choices"]) / m["expert"]["validation"])
+        else:
+            ppl = _our_word_perplexity(model, tok, [r["text"] for r in rows])
+            norm.append(math.log(m["base"]["validation"] / ppl) / math.log(m["base"]["validation"]
+                                                                         / m["expert"]["validation"]))
+    at_half = dict((h[0], h[1]) for h in sel["history"])[0.5]
+    assert at_half == pytest.approx(sum(norm) / len(norm), rel=1e-3, abs=1e-3)
+
+    # the test row is the merge a user would write at the chosen λ
+    out = Path(str(run_merge(spec(sel["lambda"], tmp_path / "mchosen"), progress=False).output))
+    model, _ = _model(out)
+    for d in ("hamlet", "python"):
+        texts = [r["text"] for r in _rows(zoo.data_path(d, "test"))]
+        # equal up to the rounding of W₀ + λ/λ0 · (merged − W₀) vs W₀ + λ Σ τ to bfloat16
+        assert math.log(chosen.values[d]) == pytest.approx(math.log(_our_word_perplexity(model, tok, texts)),
+                                                           rel=2e-3), d

@@ -1,0 +1,118 @@
+"""Choosing a merge's scale on an LM zoo's validation splits: task arithmetic's λ, ESM's α.
+
+A merge that is linear in its scale f (task arithmetic: W = W₀ + λ Σ τ; ESM: α scales the
+update of its `alpha_keys`) is made once at f₀ and rescaled in memory:
+W(f) = W₀ + (f / f₀)(W_merged − W₀) on the scaled keys, rounded to the stored dtype of the
+merged file (so the chosen model is the one a merge at f would write, up to that rounding).
+
+The objective is the mean normalised score over the zoo's columns on their validation splits
+(`esm_ray.eval.lm_report.normalized`: the share of the expert's log-perplexity gain kept, or
+accuracy / the expert's), scored in process by `esm_ray.models.lm_items`, which follows
+lm-eval's conventions (the test that compares them is tests/integration/test_lm_zoo.py). Test
+splits are never read here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+
+from esm_ray.errors import InputError
+from esm_ray.eval.lm_report import normalized
+from esm_ray.models.lm_items import choice_items, rolling_items, score
+from esm_ray.zoo.layout import Zoo
+
+log = logging.getLogger("esm_ray.eval")
+
+
+def _stored(model_dir: Path) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
+    """Every floating tensor of a model directory as float32, with the dtype it is stored in."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{model_dir}: no .safetensors weights")
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                if t.is_floating_point():
+                    out[k] = (t.float(), t.dtype)
+    return out
+
+
+class ScaledLM:
+    """A merged causal LM whose update on `keys` (None: every floating tensor) can be rescaled
+    in place: W(f) = round_to_stored_dtype(W₀ + f (W_merged − W₀))."""
+
+    def __init__(self, base_dir: str | Path, merged_dir: str | Path, keys: Sequence[str] | None = None):
+        from esm_ray.models.lm import load_lm
+
+        merged_dir = Path(merged_dir)
+        self.model = load_lm(merged_dir)
+        params = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        base, merged = _stored(Path(base_dir)), _stored(merged_dir)
+        self.keys = list(keys) if keys is not None else [k for k in merged if k in params]
+        bad = [k for k in self.keys if k not in params or k not in base or k not in merged]
+        if bad:
+            raise InputError(f"{merged_dir}: keys to scale not found in the model, the merge or the base: "
+                             f"{', '.join(bad[:5])}")
+        self.params = {k: params[k] for k in self.keys}
+        self.w0 = {k: base[k][0] for k in self.keys}
+        self.delta = {k: merged[k][0] - base[k][0] for k in self.keys}
+        self.dtype = {k: merged[k][1] for k in self.keys}
+
+    @torch.no_grad()
+    def set_factor(self, f: float) -> None:
+        for k in self.keys:
+            self.params[k].copy_((self.w0[k] + f * self.delta[k]).to(self.dtype[k]).float())
+
+
+def validation_score(model, tokenizer, zoo: Zoo, names: Sequence[str] | None = None, split: str = "validation"
+                     ) -> tuple[float, dict[str, float]]:
+    """(mean normalised score, {column: normalised score}) of a model on the zoo's `split`."""
+    from esm_ray.eval.harness import column_kind
+    from esm_ray.zoo.lm_data import get_label_task
+
+    per = {}
+    for c in names or zoo.tasks:
+        rows = zoo.rows(c, split)
+        kind = column_kind(zoo, c)
+        if kind == "perplexity":
+            items = rolling_items(model, tokenizer, [r["text"] for r in rows])
+        else:
+            items = choice_items(model, tokenizer, [r["prompt"] for r in rows], get_label_task(c).choices,
+                                 [r["label"] for r in rows])
+        n = normalized(zoo, c, score(items, kind), split)
+        if n is None:
+            raise InputError(f"{zoo.root}: column {c} has no recorded base/expert {split} score to normalise by")
+        per[c] = n
+    return sum(per.values()) / len(per), per
+
+
+def select_scale(scaled: ScaledLM, factor0: float, zoo: Zoo, tokenizer, names: Sequence[str] | None = None,
+                 grid: Sequence[float] | None = None, lo: float = 0.0, hi: float = 2.0, tol: float = 0.05,
+                 max_iter: int = 6, what: str = "scale") -> dict:
+    """Choose the scale f on validation: on `grid` if given, else by golden-section search on
+    [lo, hi]. Leaves `scaled.model` at the chosen scale; returns {"value", "validation", "history"}."""
+    from esm_ray.eval.sweep import golden_section_max
+
+    if factor0 == 0:
+        raise InputError(f"choosing {what} needs a merge made with a non-zero {what}")
+
+    def val(f: float) -> float:
+        scaled.set_factor(f / factor0)
+        v, _ = validation_score(scaled.model, tokenizer, zoo, names)
+        log.info("%s %.3f: mean normalised validation score %.4f", what, f, v)
+        return v
+
+    if grid is not None:
+        history = [(float(f), val(f)) for f in grid]
+        best, best_val = max(history, key=lambda h: h[1])
+    else:
+        best, best_val, history = golden_section_max(val, lo, hi, tol, max_iter)
+    scaled.set_factor(best / factor0)
+    return {"value": best, "validation": best_val, "history": [list(h) for h in history]}

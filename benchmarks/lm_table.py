@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     run.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     for text in a.variant:
+        if "=" not in text:  # NAME alone: the method of that name (or METHOD_TABLE entry)
+            text = f"{text}={text}"
         name = text.partition("=")[0]
         if name in ("base", "experts"):
             results[name] = {"items": recorded(zoo, name, a.split)}

@@ -11,7 +11,11 @@ with PAVE; METHOD may name an entry of esm_ray.zoo.specs.METHOD_TABLE). `select=
 (task arithmetic) or `select=alpha` (ESM) chooses the scale on the validation splits
 (esm_ray.eval.lm_select) before the one test scoring. `base` and `experts` are the rows recorded
 when the zoo was built. Each variant's per-item records are kept in RUN_DIR/<name>.json (keyed by
-the spec), so a rerun only merges what changed; `--table-only` merges nothing.
+the spec), so a rerun only merges what changed; `--table-only` merges nothing. Test items are
+scored by esm_ray.models.lm_items (lm-eval's conventions; tests/integration/test_lm_zoo.py checks
+that `esm-ray eval`'s lm-eval scores equal them), or with `--scorer lm-eval` by
+lm-evaluation-harness itself, which on a 2-core CPU takes about an hour per model on the full
+zoo's test splits (it runs every answer of a multiple-choice item with its prompt).
 
 Normalised score per column: the share of the expert's log word-perplexity gain over the base
 that the model keeps (domains), or accuracy / the expert's accuracy (label tasks); averaged over
@@ -48,7 +52,8 @@ def recorded(zoo, which: str, split: str) -> dict[str, list[dict]]:
     return {c: json.loads(zoo.path(zoo.task(c)["scores"]).read_text())[split][c] for c in zoo.tasks}
 
 
-def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool) -> dict:
+def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool, scorer: str,
+                reuse: bool = False) -> dict:
     from esm_ray.eval.lm_select import ScaledLM, select_scale
     from esm_ray.eval.metrics import lm_tokenizer
     from esm_ray.runtime import run_merge
@@ -58,8 +63,12 @@ def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool)
     out = run / "merged" / name
     spec = spec_for(zoo, name, out, entry=entry, calibration={"samples": samples})
     t0 = time.perf_counter()
-    run_merge(spec, progress=False)
-    res: dict = {"merge_seconds": round(time.perf_counter() - t0, 1)}
+    rep_file = out / "merge_report.json"
+    reused = (reuse and rep_file.is_file() and json.loads(rep_file.read_text()).get("method") == entry.method
+              and json.loads(rep_file.read_text()).get("params", {}).items() >= entry.params.items())
+    if not reused:
+        run_merge(spec, progress=False)
+    res: dict = {"merge_seconds": None if reused else round(time.perf_counter() - t0, 1)}
     loaded = None
     if select:
         rep = json.loads((out / "merge_report.json").read_text()).get("method_report", {})
@@ -78,7 +87,15 @@ def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool)
         res["select_seconds"] = round(time.perf_counter() - t1, 1)
         loaded = (scaled.model, tok)
     t1 = time.perf_counter()
-    res["items"] = evaluate_lm_harness(out, zoo, split, loaded=loaded)["items"]
+    if scorer == "lm-eval":
+        res["items"] = evaluate_lm_harness(out, zoo, split, loaded=loaded)["items"]
+    else:
+        from esm_ray.eval.lm_select import column_items
+        from esm_ray.models.lm import load_lm
+
+        model, tok = loaded if loaded is not None else (load_lm(out), lm_tokenizer(out, zoo))
+        res["items"] = {c: column_items(model, tok, zoo, c, split) for c in zoo.tasks}
+    res["scorer"] = scorer
     res["score_seconds"] = round(time.perf_counter() - t1, 1)
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
@@ -94,6 +111,12 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=32, help="calibration samples per expert")
     ap.add_argument("--split", default="test")
     ap.add_argument("--keep", action="store_true", help="keep merged models")
+    ap.add_argument("--scorer", choices=["esm-ray", "lm-eval"], default="esm-ray",
+                    help="per-item test scores from esm_ray.models.lm_items (lm-eval's conventions, batched, "
+                         "one prompt pass per multiple-choice item) or from lm-evaluation-harness itself "
+                         "(the same numbers, about 4x the CPU time)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score a merged model already in RUN_DIR/merged/NAME (same method and params) as it is")
     ap.add_argument("--table-only", action="store_true", help="print the table from RUN_DIR, merging nothing")
     a = ap.parse_args(argv)
     zoo = open_zoo(a.zoo)
@@ -109,17 +132,17 @@ def main(argv=None) -> int:
             continue
         _, entry = parse_variant(text)
         spec = spec_for(zoo, name, run / "merged" / name, entry=entry, calibration={"samples": a.samples})
-        key = hashlib.sha256((dump_spec(spec) + a.split + text).encode()).hexdigest()[:16]
+        key = hashlib.sha256((dump_spec(spec) + a.split + text + a.scorer).encode()).hexdigest()[:16]
         cache = run / f"{name}.json"
         if cache.is_file() and (a.table_only or json.loads(cache.read_text()).get("key") == key):
             results[name] = json.loads(cache.read_text())
             continue
         if a.table_only:
             continue
-        res = {"key": key, "variant": text, **run_variant(zoo, run, text, a.split, a.samples, a.keep)}
+        res = {"key": key, "variant": text, **run_variant(zoo, run, text, a.split, a.samples, a.keep, a.scorer, a.reuse)}
         cache.write_text(json.dumps(res))
         results[name] = res
-        print(f"# {name}: merge {res['merge_seconds']:.0f} s, select {res.get('select_seconds', 0):.0f} s, "
+        print(f"# {name}: merge {res['merge_seconds'] or 0:.0f} s, select {res.get('select_seconds', 0):.0f} s, "
               f"score {res['score_seconds']:.0f} s", file=sys.stderr, flush=True)
 
     cols = list(zoo.tasks)

@@ -71,22 +71,27 @@ class ScaledLM:
             self.params[k].copy_((self.w0[k] + f * self.delta[k]).to(self.dtype[k]).float())
 
 
+def column_items(model, tokenizer, zoo: Zoo, column: str, split: str) -> list[dict]:
+    """Per-item records of a model on one column's split (`esm_ray.models.lm_items`, lm-eval's
+    conventions): {"ll", "tokens", "words", "bytes"} per passage, or {"lls", "label", "correct"}."""
+    from esm_ray.eval.harness import column_kind
+    from esm_ray.zoo.lm_data import get_label_task
+
+    rows = zoo.rows(column, split)
+    if column_kind(zoo, column) == "perplexity":
+        return rolling_items(model, tokenizer, [r["text"] for r in rows])
+    return choice_items(model, tokenizer, [r["prompt"] for r in rows], get_label_task(column).choices,
+                        [r["label"] for r in rows])
+
+
 def validation_score(model, tokenizer, zoo: Zoo, names: Sequence[str] | None = None, split: str = "validation"
                      ) -> tuple[float, dict[str, float]]:
     """(mean normalised score, {column: normalised score}) of a model on the zoo's `split`."""
     from esm_ray.eval.harness import column_kind
-    from esm_ray.zoo.lm_data import get_label_task
 
     per = {}
     for c in names or zoo.tasks:
-        rows = zoo.rows(c, split)
-        kind = column_kind(zoo, c)
-        if kind == "perplexity":
-            items = rolling_items(model, tokenizer, [r["text"] for r in rows])
-        else:
-            items = choice_items(model, tokenizer, [r["prompt"] for r in rows], get_label_task(c).choices,
-                                 [r["label"] for r in rows])
-        n = normalized(zoo, c, score(items, kind), split)
+        n = normalized(zoo, c, score(column_items(model, tokenizer, zoo, c, split), column_kind(zoo, c)), split)
         if n is None:
             raise InputError(f"{zoo.root}: column {c} has no recorded base/expert {split} score to normalise by")
         per[c] = n

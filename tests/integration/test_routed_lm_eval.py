@@ -182,3 +182,24 @@ def test_esm_ray_eval_writes_routed_prefix_and_oracle_rows(lm_zoo, routed_dir, e
     md = (out / "report.md").read_text()
     assert "routing accuracy" in md and "routed [prototype router, first 8 tokens]" in md
     assert (out / "confusion_routed_prototype_router.png").is_file() or any(out.glob("confusion_*.png"))
+
+
+def test_a_sweep_gives_a_routed_lm_its_routed_and_oracle_rows(lm_zoo, routed_dir, evaluated):
+    """The sweep's routed branch: a spec whose merge is a routed LM gets the same rows (here the
+    merge step returns the directory built above)."""
+    from esm_ray.eval.sweep import sweep
+    from esm_ray.models.lm_items import word_perplexity
+    from esm_ray.zoo.layout import open_zoo
+    from esm_ray.zoo.specs import MethodEntry, spec_for
+
+    zoo = open_zoo(lm_zoo[0])
+    spec = spec_for(zoo, "esm_pp", routed_dir, entry=MethodEntry("esm_pp", {"rank": 4}))
+    table = sweep([spec], zoo, lambda s: str(routed_dir))
+    rows = {r.name: r for r in table.rows}
+    assert table.metric == "lm"
+    assert {"esm_pp (rank=4) [prototype router]", "esm_pp (rank=4) [prototype router, first 32 tokens]",
+            "esm_pp (rank=4) [oracle routing]"} <= set(rows)
+    d = zoo.manifest["domains"][0]
+    assert rows["esm_pp (rank=4) [oracle routing]"].values[d] == pytest.approx(
+        word_perplexity(evaluated["items"]["oracle"][d]), rel=1e-9)
+    assert rows["esm_pp (rank=4) [prototype router]"].info["method"] == "esm_pp"

@@ -64,12 +64,15 @@ def _alone(model, tok, zoo, c: str, row: dict) -> dict:
     return {"lls": lls}
 
 
-def _peft(routed_dir: Path, task: str):
+@pytest.fixture(scope="module")
+def pefts(routed_dir) -> dict:
+    """{task: peft.PeftModel of the merged base with that one adapter}, loaded by peft alone."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(routed_dir), dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(routed_dir / "adapters" / task)).eval()
+    tasks = json.loads((routed_dir / "router" / "manifest.json").read_text())["tasks"]
+    return {t: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(routed_dir), dtype=torch.float32),
+                                         str(routed_dir / "adapters" / t)).eval() for t in tasks}
 
 
 def _same(got: dict, want: dict) -> None:
@@ -79,7 +82,7 @@ def _same(got: dict, want: dict) -> None:
         assert got["lls"] == pytest.approx(want["lls"], rel=1e-4, abs=1e-3)
 
 
-def test_items_scored_with_a_mixed_choice_of_adapters_equal_peft_alone(lm_zoo, routed_dir):
+def test_items_scored_with_a_mixed_choice_of_adapters_equal_peft_alone(lm_zoo, routed_dir, pefts):
     """Each item, whatever adapter it is given (here: alternating), gets the records of peft's
     PeftModel with that one adapter on that item alone."""
     from esm_ray.eval.routed_lm import RoutedLMScorer
@@ -92,7 +95,7 @@ def test_items_scored_with_a_mixed_choice_of_adapters_equal_peft_alone(lm_zoo, r
     tok = lm.tokenizer or AutoTokenizer.from_pretrained(str(zoo.base_dir))
     lm.tokenizer = tok
     scorer = RoutedLMScorer(lm, zoo, "test", zoo.tasks)
-    models = {t: _peft(routed_dir, t) for t in lm.tasks}
+    models = pefts
     for c in zoo.tasks:
         rows = _rows(zoo, c)
         tasks = [lm.tasks[i % len(lm.tasks)] for i in range(len(rows))]
@@ -128,12 +131,17 @@ def test_routes_and_routing_accuracy_recount_from_route_alone(lm_zoo, routed_dir
         assert summary["routing_accuracy"][c] == pytest.approx(sum(t == c for t in whole) / len(whole))
         row = summary["confusion"][lm.tasks.index(c)]
         assert row == [whole.count(t) for t in lm.tasks]
+    from esm_ray.errors import InputError
+    from esm_ray.eval.routed_lm import evaluate_routed_lm_zoo
+
+    with pytest.raises(InputError, match="router.*sim.*not available"):  # esm_pp has only the prototype router
+        evaluate_routed_lm_zoo(routed_dir, zoo, routers=["sim"])
     longer = [r["text"] for c in zoo.manifest["domains"] for r in _rows(zoo, c)
               if len(lm.tokenizer(r["text"])["input_ids"]) > PREFIX]
     assert longer, "no passage is longer than the prefix: the prefix rows would test nothing"
 
 
-def test_routed_and_oracle_rows_equal_per_adapter_scoring(lm_zoo, routed_dir, evaluated):
+def test_routed_and_oracle_rows_equal_per_adapter_scoring(lm_zoo, routed_dir, evaluated, pefts):
     """The routed row's items are each item with its routed adapter, the oracle row's each item
     with its own column's adapter (peft, one adapter, item alone); the row values follow."""
     from esm_ray.models.lm_items import word_perplexity
@@ -142,12 +150,10 @@ def test_routed_and_oracle_rows_equal_per_adapter_scoring(lm_zoo, routed_dir, ev
 
     zoo = open_zoo(lm_zoo[0])
     tok = AutoTokenizer.from_pretrained(str(routed_dir if (routed_dir / "tokenizer.json").is_file() else zoo.base_dir))
-    models: dict = {}
     for name in ("prototype", "oracle"):
         for c in zoo.tasks:
             for rec, row, t in zip(evaluated["items"][name][c], _rows(zoo, c), evaluated["routes"][name][c]):
-                m = models.setdefault(t, _peft(routed_dir, t))
-                _same(rec, _alone(m, tok, zoo, c, row))
+                _same(rec, _alone(pefts[t], tok, zoo, c, row))
     assert all(word_perplexity(evaluated["items"]["oracle"][c]) > 0 for c in zoo.manifest["domains"])
 
 

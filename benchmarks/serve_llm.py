@@ -15,6 +15,10 @@ tokens/s over all clients, and the mean decoding batch size the replica saw (GET
 
     .venv/bin/python benchmarks/serve_llm.py --tiny                # the test suite's tiny LLaMA, a smoke run
     .venv/bin/python benchmarks/serve_llm.py --dir out/routed-lm --max-tokens 128
+    .venv/bin/python benchmarks/serve_llm.py --dir out/routed-lm --zoo ZOO   # prompts from the LM zoo's test items
+
+With --zoo the prompts are the zoo's own test items, so `auto` routes real domain text and
+`mixed` names the adapters in turn.
 """
 
 from __future__ import annotations
@@ -53,18 +57,41 @@ def one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, float,
     return (first if first is not None else total), total, n
 
 
-def measure(url: str, models: list[str], conc: int, requests: int, max_tokens: int) -> dict[str, float]:
+def zoo_prompts(zoo_dir: str, model_dir: Path, n: int, tokens: int = 32) -> list[str]:
+    """n prompts from an LM zoo's test items, the columns taken in turn: a domain passage's first
+    `tokens` tokens, a label task's prompt (so `auto` routes real domain text)."""
+    from transformers import AutoTokenizer
+
+    from esm_ray.zoo.layout import open_zoo
+    from esm_ray.zoo.lm_tasks import column_kind
+
+    zoo = open_zoo(zoo_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir if (model_dir / "tokenizer_config.json").is_file()
+                                            else zoo.base_dir))
+    per = {}
+    for c in zoo.tasks:
+        rows = zoo.rows(c, "test")
+        if column_kind(zoo, c) == "accuracy":
+            per[c] = [r["prompt"] for r in rows]
+        else:
+            per[c] = [tok.decode(tok(r["text"], add_special_tokens=False)["input_ids"][:tokens]) for r in rows]
+    return [per[c][(i // len(per)) % len(per[c])] for i, c in zip(range(n), [*zoo.tasks] * n)]
+
+
+def measure(url: str, models: list[str], conc: int, requests: int, max_tokens: int,
+            prompts: list[str] | None = None) -> dict[str, float]:
     import httpx
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=600, max_retries=0)
-    prompts = [" ".join(f"w{(7 * i + k) % 60}" for k in range(4 + i % 5)) for i in range(requests)]
+    prompts = prompts or [" ".join(f"w{(7 * i + k) % 60}" for k in range(4 + i % 5)) for i in range(requests)]
     one(client, models[0], prompts[0], 4)  # warm-up
     info = httpx.get(f"{url}/v1/model", timeout=30).json()
     before = (info["batches_run"], info["sequences_run"])
     t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as pool:
-        got = list(pool.map(lambda i: one(client, models[i % len(models)], prompts[i], max_tokens), range(requests)))
+        got = list(pool.map(lambda i: one(client, models[i % len(models)], prompts[i % len(prompts)], max_tokens),
+                            range(requests)))
     wall = time.perf_counter() - t0
     info = httpx.get(f"{url}/v1/model", timeout=30).json()
     batch = (info["sequences_run"] - before[1]) / max(1, info["batches_run"] - before[0])
@@ -77,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", help="causal-LM directory to serve")
     ap.add_argument("--tiny", action="store_true", help="the tests' tiny LLaMA with 3 LoRA adapters")
+    ap.add_argument("--zoo", help="an LM zoo: prompts are its test items (a passage's first 32 tokens, a "
+                                  "label task's prompt), the columns in turn; default: synthetic words")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--requests", type=int, default=16, help="requests per (model, concurrency)")
@@ -107,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build_llm(opts, spec, max_queued_requests=-1), name="lm", route_prefix="/lm")
     url = f"http://127.0.0.1:{port}/lm"
     tasks = adapter_tasks(model_dir)
+    prompts = zoo_prompts(args.zoo, model_dir, args.requests) if args.zoo else None
     rows = {"static": [model_dir.name]}
     if tasks:
         rows |= {"expert": [tasks[0]], "mixed": tasks}
@@ -116,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for conc in args.concurrency:
             for name, models in rows.items():
-                m = measure(url, models, conc, args.requests, args.max_tokens)
+                m = measure(url, models, conc, args.requests, args.max_tokens, prompts)
                 print(f"| {name} | {conc} | {m['ttft_p50_ms']:.0f} | {m['req_p50_ms']:.0f} | {m['tok_s']:.0f} | "
                       f"{m['batch']:.1f} |", flush=True)
     finally:

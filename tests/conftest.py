@@ -20,7 +20,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray listens on 127.0.0.1 only
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.lora", "tests.fixtures.s3", "tests.fixtures.ray", "tests.fixtures.mergekit"]
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.lora", "tests.fixtures.s3", "tests.fixtures.ray", "tests.fixtures.mergekit",
+                  "tests.fixtures.lm_zoo"]
 
 # fixture -> the markers of a test that uses it (directly or through another fixture)
 FIXTURE_MARKS: dict[str, tuple[str, ...]] = {

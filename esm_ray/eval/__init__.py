@@ -6,6 +6,8 @@
 - `search_alpha` (ESM α, golden section on validation), `select_lambda` (task-arithmetic λ grid)
 - `evaluate_routed_zoo(model_dir, zoo_dir)`: a routed (ESM++ / SiM) directory per router: accuracy,
   routing accuracy, confusion; `sweep` and `esm-ray eval` give such a directory one row per router
+- `evaluate_routed_lm_zoo(model_dir, zoo_dir)`: a routed causal LM on an LM zoo: each item routed on
+  its own text and scored with its routed adapter; `routed_lm_rows` (routed, prefix-routed, oracle)
 - `write_report(table, out_dir)`: report.json, report.md, report.png (+ confusion PNGs of routed rows)
 
 Names are imported on first use so that `import esm_ray.eval` stays cheap.
@@ -21,6 +23,7 @@ _EXPORTS = {
     "golden_section_max": "esm_ray.eval.sweep", "ReportTable": "esm_ray.eval.report", "Row": "esm_ray.eval.report",
     "write_report": "esm_ray.eval.report", "to_markdown": "esm_ray.eval.report",
     "evaluate_routed_zoo": "esm_ray.eval.routed", "routed_rows": "esm_ray.eval.routed",
+    "evaluate_routed_lm_zoo": "esm_ray.eval.routed_lm", "routed_lm_rows": "esm_ray.eval.routed_lm",
 }
 
 __all__ = sorted(_EXPORTS)

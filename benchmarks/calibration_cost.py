@@ -6,14 +6,19 @@ For each expert of a built zoo (default: the reduced zoo, built or reused), on t
 calibration rows, batches and threads: a plain forward pass (inference mode), and
 `esm_ray.stats.calibrate` (the same forward with the hooks that accumulate n, Σx and the
 Gram XᵀX of every linear layer's input, padding excluded), once with each
-`calibration.gram_precision` (float64, and mixed: float32 block products into float64). Prints per expert the
-fastest of `--repeats` runs of each, their ratio, and the size of the statistics; then the
-Gram's share estimated from flop counts. No cache is involved (the function is called directly).
+`calibration.gram_precision` (float64, and mixed: float32 products of the Gram's lower
+block-triangle summed into float64), and with `--before` also the mixed accumulation of the
+previous release (the full float32 XᵀX of each call added into float64; kept here, not in the
+package, for the side-by-side ratio). The variants run interleaved, `--repeats` rounds; per
+expert it prints the median wall time and the median CPU time of this process (steadier on a
+loaded machine, exact for `--threads 1`) of each, their ratios to the plain forward, and the
+size of the statistics. No cache is involved (the function is called directly).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,13 +28,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _fastest(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def _before_add(self, x) -> None:
+    """The previous "mixed" accumulation: the full float32 XᵀX of each block of rows, added
+    into a full float64 Gram (allocated on first use)."""
+    from esm_ray.stats.hooks import BLOCK_ROWS
+
+    self.n += int(x.shape[0])
+    if getattr(self, "gram", None) is None:
+        self.gram = torch.zeros(self.d, self.d, dtype=torch.float64, device=x.device)
+    x32 = x.to(torch.float32)
+    for i in range(0, int(x32.shape[0]), BLOCK_ROWS):
+        blk = x32[i:i + BLOCK_ROWS]
+        self.s1 += blk.sum(0)
+        self.gram += blk.T @ blk
+
+
+def _before_result(self):
+    return self.n, self.s1, self.gram
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are reported)")
+    ap.add_argument("--before", action="store_true", help="also time the previous mixed accumulation")
     args = ap.parse_args(argv)
+
+    from esm_ray.stats import hooks
 
     torch.set_num_threads(args.threads)
     zoo = open_zoo(args.zoo or build_zoo(None, reduced=True, progress=False))
     max_length = int(zoo.manifest.get("max_length", 64))
     settings = {prec: CalibrationSpec(samples=args.samples, max_length=max_length, batch_size=args.batch_size,
                                       gram_precision=prec) for prec in ("float64", "mixed")}
+    variants = ["plain", "float64", "mixed"] + (["before"] if args.before else [])
     rows_out = []
     for task in args.tasks or zoo.tasks:
         d = zoo.expert_dir(task)
@@ -76,26 +102,43 @@ def main(argv: list[str] | None = None) -> int:
             stats.clear()
             stats.update(calibrate(model, rows, tok, settings[prec]))
 
+        def before() -> None:
+            add, result = hooks._Acc.add, hooks._Acc.result
+            hooks._Acc.add, hooks._Acc.result = _before_add, _before_result
+            try:
+                stats_pass("mixed")
+            finally:
+                hooks._Acc.add, hooks._Acc.result = add, result
+
+        run = {"plain": plain, "float64": lambda: stats_pass("float64"), "mixed": lambda: stats_pass("mixed"),
+               "before": before}
         plain()  # warm-up
-        t_plain = _fastest(plain, args.repeats)
-        t64 = _fastest(lambda: stats_pass("float64"), args.repeats)
-        t_mix = _fastest(lambda: stats_pass("mixed"), args.repeats)
+        times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for v in variants:
+                times[v].append(_timed(run[v]))
+        med = {v: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+               for v, ts in times.items()}
         unique = {id(s): s for s in stats.values()}.values()
         size = sum(s.gram.numel() * s.gram.element_size() + s.s1.numel() * s.s1.element_size() for s in unique)
-        rows_out.append((task, len(rows), tokens, t_plain, t64, t_mix, len(stats), len(unique), size))
-        print(f"{task}: plain {t_plain:.3f} s, statistics float64 {t64:.3f} s, mixed {t_mix:.3f} s", file=sys.stderr)
+        rows_out.append((task, len(rows), tokens, med, len(stats), len(unique), size))
+        print(f"{task}: " + ", ".join(f"{v} {w:.3f} s wall / {c:.3f} s CPU" for v, (w, c) in med.items()),
+              file=sys.stderr)
 
     print(f"\nzoo {zoo.root.name}, {args.threads} threads, batch {args.batch_size}, max length {max_length}, "
-          f"fastest of {args.repeats}\n")
-    print("| expert | rows | tokens | plain forward s | float64 stats s | ratio | mixed stats s | ratio | "
-          "layers (distinct inputs) | stats MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
-    for task, n, tokens, tp, t64, tm, n_layers, n_unique, size in rows_out:
-        print(f"| {task} | {n} | {tokens} | {tp:.3f} | {t64:.3f} | {t64 / tp:.2f} | {tm:.3f} | {tm / tp:.2f} | "
-              f"{n_layers} ({n_unique}) | {size / 1e6:.1f} |")
-    tp, t64, tm = (sum(r[i] for r in rows_out) for i in (3, 4, 5))
-    print(f"\ntotal: plain {tp:.2f} s, float64 statistics {t64:.2f} s (ratio {t64 / tp:.2f}), "
-          f"mixed {tm:.2f} s (ratio {tm / tp:.2f})")
+          f"median of {args.repeats} interleaved rounds; ratios to the plain forward, wall (CPU)\n")
+    print("| expert | rows | tokens | plain forward s wall (CPU) | " +
+          " | ".join(f"{v} stats s | ratio" for v in variants[1:]) + " | layers (distinct inputs) | stats MB |")
+    print("|---|---:|---:|---:|" + "---:|---:|" * (len(variants) - 1) + "---|---:|")
+    for task, n, tokens, med, n_layers, n_unique, size in rows_out:
+        pw, pc = med["plain"]
+        cells = " | ".join(f"{med[v][0]:.3f} ({med[v][1]:.3f}) | {med[v][0] / pw:.2f} ({med[v][1] / pc:.2f})"
+                           for v in variants[1:])
+        print(f"| {task} | {n} | {tokens} | {pw:.3f} ({pc:.3f}) | {cells} | {n_layers} ({n_unique}) | "
+              f"{size / 1e6:.1f} |")
+    tot = {v: (sum(r[3][v][0] for r in rows_out), sum(r[3][v][1] for r in rows_out)) for v in variants}
+    print("\ntotal: " + ", ".join(f"{v} {w:.2f} s ({c:.2f} s CPU), ratio {w / tot['plain'][0]:.2f} "
+                                  f"({c / tot['plain'][1]:.2f})" for v, (w, c) in tot.items() if v != "plain"))
     return 0
 
 

@@ -127,8 +127,9 @@ class CalibrationSpec(Frozen):
     batch_size: int = Field(default=8, ge=1)
     seed: int = 0
     cache_dir: str | None = None  # default: $ESM_RAY_CACHE or ~/.cache/esm-ray
-    # How each Gram XᵀX is accumulated: mixed = float32 products of token blocks (TF32 on GPUs
-    # where torch allows it) summed into a float64 accumulator; float64 = every product in float64.
+    # How each Gram XᵀX is accumulated: mixed = float32 products (TF32 on GPUs where torch allows
+    # it) of its lower block-triangle, summed in float32 over at most 1024 token rows, then into
+    # float64, mirrored at the end; float64 = the full XᵀX, every product in float64.
     gram_precision: Literal["mixed", "float64"] = "mixed"
     # How the expert is run: full = the whole model loaded, one forward pass per batch;
     # layerwise = one block loaded at a time from the lazy reader, every batch run through it

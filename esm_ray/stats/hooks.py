@@ -1,16 +1,17 @@
 """Forward hooks that accumulate the input statistics of every linear layer.
 
 Each hooked layer's input rows x (padding tokens removed) are accumulated into float64:
-n (rows), s1 = Σ x, G = Σ x xᵀ. With precision "mixed" (the default) the rows are cut into
-blocks of `BLOCK_ROWS`; each block's XᵀX and Σx are computed in float32 (a float32 GEMM, TF32
-on GPUs where torch allows it) and added to the float64 accumulators, so the float32 round-off
-covers one block only. With "float64" every row is upcast and multiplied in float64 (2x to 64x
-slower). Low-precision activations are upcast before anything is multiplied. Layers that are called with the very same input tensor (q/k/v projections, LLaMA's
+n (rows), s1 = Σ x, G = Σ x xᵀ. With precision "mixed" (the default) only the lower
+block-triangle of G is computed (`tri_blocks`: about half the flops of XᵀX), by float32 GEMMs
+(TF32 on GPUs where torch allows it) summed into float32 buffers that are added into the
+float64 accumulators every `BLOCK_ROWS` rows, so the float32 round-off covers at most that
+many rows; the Gram is mirrored from its lower triangle at the end (exactly symmetric). With
+"float64" every row is upcast and multiplied in float64 (2x to 64x slower). Low-precision activations are upcast before anything is multiplied. Layers that are called with the very same input tensor (q/k/v projections, LLaMA's
 gate/up) share one accumulation: it is stored once under the first such layer and the others
 map to it, which divides the memory of attention and MLP inputs by 3 and 2.
 
-Memory: one distinct input of width d_in costs d_in² · 8 bytes (+ d_in · 8) for as long as the
-pass runs, e.g. 4.7 MB for d_in = 768, 134 MB for d_in = 4096 and 970 MB for d_in = 11008
+Memory: one distinct input of width d_in costs about d_in² · 8 bytes (`stats_bytes`) for as
+long as the pass runs, e.g. 4.7 MB for d_in = 768, 134 MB for d_in = 4096 and 970 MB for d_in = 11008
 (LLaMA-7B down_proj). When all layers do not fit, `plan_passes` packs the shared-input groups
 into passes under a byte budget, and calibration runs the data once per pass.
 """
@@ -57,8 +58,13 @@ def in_features(module: nn.Module) -> int:
 
 
 def stats_bytes(d_in: int) -> int:
-    """Bytes held for one distinct input of width d_in: G (d_in²) and s1 (d_in) in float64."""
-    return 8 * d_in * (d_in + 1)
+    """Bytes held for one distinct input of width d_in while a pass runs, in either precision:
+    "float64" holds G (d_in²) and s1 (d_in) in float64; "mixed" holds the lower block-triangle
+    of G (`tri_blocks`) and s1 in float64 and again in float32 (more than float64 for
+    d_in < 384, less above)."""
+    full = 8 * d_in * (d_in + 1)
+    tri = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tri_blocks(d_in))
+    return max(full, 12 * (tri + d_in))
 
 
 def linear_modules(model: nn.Module, modules: ModuleFilter = None) -> dict[str, nn.Module]:
@@ -74,19 +80,66 @@ def linear_modules(model: nn.Module, modules: ModuleFilter = None) -> dict[str, 
 
 
 GramPrecision = Literal["mixed", "float64"]
-BLOCK_ROWS = 1024  # token rows per float32 product in "mixed" precision
+BLOCK_ROWS = 1024  # token rows summed in float32 before they are added in float64 ("mixed")
+TRI_BASE = 192  # "mixed": Gram blocks on the diagonal are at most this wide (see tri_blocks)
+
+
+def tri_blocks(d: int, base: int = TRI_BASE) -> list[tuple[int, int, int, int]]:
+    """The lower block-triangle of a d x d Gram as blocks (r0, r1, c0, c1), r0 >= c0.
+
+    The columns are halved recursively until a part is at most `base` wide: each halving
+    gives one off-diagonal block (the lower half's rows against the upper half's columns),
+    the parts at the bottom give the diagonal blocks (square, computed whole). Their GEMMs
+    cost (1 + base/d)/2 of the full XᵀX (d = 1536: 0.56; d = 384: 0.75), in few, squarish
+    products; torch has no symmetric rank-k update (BLAS syrk).
+    """
+    out: list[tuple[int, int, int, int]] = []
+
+    def split(lo: int, hi: int) -> None:
+        if hi - lo <= base:
+            out.append((lo, hi, lo, hi))
+            return
+        mid = (lo + hi) // 2
+        out.append((mid, hi, lo, mid))
+        split(lo, mid)
+        split(mid, hi)
+
+    split(0, d)
+    return out
 
 
 class _Acc:
-    __slots__ = ("n", "s1", "gram", "precision")
+    """n, Σx and XᵀX of one input.
+
+    "float64": every row upcast, XᵀX by one float64 GEMM per call.
+    "mixed": only the Gram's lower block-triangle (`tri_blocks`) is computed: each block is a
+    float32 GEMM added (addmm) into a float32 buffer, and the buffer is added into a float64
+    accumulator of the same block, then zeroed, whenever BLOCK_ROWS more rows would be summed
+    in it; float32 round-off thus covers at most BLOCK_ROWS rows. `result()` flushes the
+    buffers, mirrors the off-diagonal blocks and averages each diagonal block with its
+    transpose, so the Gram is exactly symmetric. Memory per input:
+    (1 + 192/d)/2 · d² · (8 + 4) bytes: 6.75 · d² at d = 1536 (a full float64 Gram: 8 · d²), 9 · d²
+    at 384 (see `stats_bytes`).
+    """
+
+    __slots__ = ("n", "d", "s1", "gram", "precision", "blocks", "buf", "acc", "s1_buf", "rows_buf")
 
     def __init__(self, d_in: int, device: torch.device, precision: GramPrecision = "mixed") -> None:
         if precision not in ("mixed", "float64"):
             raise ValueError(f"gram precision must be 'mixed' or 'float64', got {precision!r}")
         self.n = 0
+        self.d = d_in
         self.precision = precision
         self.s1 = torch.zeros(d_in, dtype=torch.float64, device=device)
-        self.gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        if precision == "float64":
+            self.gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+            return
+        self.blocks = tri_blocks(d_in)
+        self.buf = [torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=device)
+                    for r0, r1, c0, c1 in self.blocks]
+        self.acc: list[Tensor] | None = None  # float64 blocks, made by the first flush
+        self.s1_buf = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.rows_buf = 0
 
     def add(self, x: Tensor) -> None:
         self.n += int(x.shape[0])
@@ -98,8 +151,59 @@ class _Acc:
         x32 = x.to(torch.float32)
         for i in range(0, int(x32.shape[0]), BLOCK_ROWS):
             blk = x32[i:i + BLOCK_ROWS]
-            self.s1 += blk.sum(0)
-            self.gram += blk.T @ blk
+            if self.rows_buf + int(blk.shape[0]) > BLOCK_ROWS:
+                self._flush()
+            for (r0, r1, c0, c1), buf in zip(self.blocks, self.buf):
+                buf.addmm_(blk[:, r0:r1].T, blk[:, c0:c1])
+            self.s1_buf += blk.sum(0)
+            self.rows_buf += int(blk.shape[0])
+
+    def _flush(self) -> None:
+        if not self.rows_buf:
+            return
+        if self.acc is None:
+            self.acc = [b.to(torch.float64) for b in self.buf]
+        else:
+            for a, b in zip(self.acc, self.buf):
+                a += b
+        self.s1 += self.s1_buf
+        for b in self.buf:
+            b.zero_()
+        self.s1_buf.zero_()
+        self.rows_buf = 0
+
+    def result(self) -> tuple[int, Tensor, Tensor]:
+        """(n, Σx, XᵀX) in float64, on the accumulators' device; "mixed" Grams are symmetric.
+        Call once, after the last `add`: "mixed" frees its blocks as it assembles the Gram."""
+        if self.precision == "float64":
+            return self.n, self.s1, self.gram
+        # accumulators made in inference mode can only be updated in it (results() may run after)
+        with torch.inference_mode(self.s1.is_inference()):
+            if self.acc is None:  # never flushed: the float32 buffers hold every row
+                self.s1 += self.s1_buf
+                return self._assemble(self.buf)
+            self._flush()
+            return self._assemble(self.acc)
+
+    def _assemble(self, acc: list[Tensor]) -> tuple[int, Tensor, Tensor]:
+        """The Gram's lower block-triangle `acc` (float32 or float64 blocks) as one symmetric
+        float64 Gram; the accumulators are freed."""
+        s1 = self.s1
+        self.buf, self.acc = [], None
+        d, dev = self.d, self.s1.device
+        if not self.n:
+            return self.n, s1, torch.zeros(d, d, dtype=torch.float64, device=dev)
+        gram = torch.empty(d, d, dtype=torch.float64, device=dev)  # every entry is written below
+        for (r0, r1, c0, c1), a in zip(self.blocks, acc):
+            if r0 == c0:  # a diagonal block, computed whole: made exactly symmetric
+                a = a.to(torch.float64)
+                gram[r0:r1, c0:c1] = (a + a.T) * 0.5
+                continue
+            gram[r0:r1, c0:c1] = a
+            for i in range(0, r1 - r0, TRI_BASE):  # the mirror, in row strips (cache-friendlier)
+                e = min(i + TRI_BASE, r1 - r0)
+                gram[c0:c1, r0 + i:r0 + e] = a[i:e].T
+        return self.n, s1, gram
 
 
 class StatsCollector:
@@ -134,6 +238,8 @@ class StatsCollector:
         self._acc: dict[str, _Acc] = {}
         self._seen: dict[int, tuple[Tensor, str]] = {}
         self._mask: Tensor | None = None
+        self._keep_all = True
+        self._index: dict[torch.device, Tensor] = {}  # kept token rows of this batch, per device
         self._batches = 0
         self._handles: list = []
 
@@ -159,16 +265,24 @@ class StatsCollector:
     def begin_batch(self, attention_mask: Tensor | None) -> None:
         self._seen.clear()
         self._mask = None if attention_mask is None else attention_mask.detach().bool()
+        self._keep_all = self._mask is None or bool(self._mask.all())
+        self._index = {}
         self._batches += 1
 
     def _rows(self, x: Tensor) -> Tensor:
+        """x's rows, (tokens, d), without padding: when x has the mask's (B, L) leading shape or
+        its B·L rows, the kept rows are gathered with the batch's token indices (made once per
+        batch and device; nothing is gathered when the mask keeps every token)."""
         m = self._mask
-        if m is not None and x.dim() >= 2:
-            if tuple(x.shape[:-1]) == tuple(m.shape):
-                x = x[m.to(x.device)]
-            elif x.dim() == 2 and x.shape[0] == m.numel():
-                x = x[m.reshape(-1).to(x.device)]
-        return x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        if m is None or x.dim() < 2 or self._keep_all:
+            return rows
+        if tuple(x.shape[:-1]) == tuple(m.shape) or (x.dim() == 2 and x.shape[0] == m.numel()):
+            idx = self._index.get(x.device)
+            if idx is None:
+                idx = self._index[x.device] = m.reshape(-1).nonzero().squeeze(1).to(x.device)
+            return rows.index_select(0, idx)
+        return rows
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -215,7 +329,8 @@ class StatsCollector:
         """{module name: ModuleStats} on CPU; modules that share an input share one object."""
         by_canon = {}
         for canon, acc in self._acc.items():
-            by_canon[canon] = (acc.n, acc.s1.cpu(), acc.gram.cpu())
+            n, s1, g = acc.result()
+            by_canon[canon] = (n, s1.cpu(), g.cpu())
         out: dict[str, ModuleStats] = {}
         cache: dict[tuple[str, bool], ModuleStats] = {}
         for name, canon in self.shared.items():

@@ -9,7 +9,8 @@ paired differences against a reference row.
 A variant is NAME=METHOD[:key=value,...] as in benchmarks/ablate.py (`pave.rho=...` purifies
 with PAVE; METHOD may name an entry of esm_ray.zoo.specs.METHOD_TABLE). `select=lambda`
 (task arithmetic) or `select=alpha` (ESM) chooses the scale on the validation splits
-(esm_ray.eval.lm_select) before the one test scoring. `base` and `experts` are the rows recorded
+(esm_ray.eval.lm_select; golden-section search, λ on [0, 1] and α on [0, 2], on a strided
+subset of `--val-items` items per column) before the one test scoring. `base` and `experts` are the rows recorded
 when the zoo was built. Each variant's per-item records are kept in RUN_DIR/<name>.json (keyed by
 the spec), so a rerun only merges what changed; `--table-only` merges nothing. Test items are
 scored by esm_ray.models.lm_items (lm-eval's conventions; tests/integration/test_lm_zoo.py checks
@@ -53,7 +54,7 @@ def recorded(zoo, which: str, split: str) -> dict[str, list[dict]]:
 
 
 def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool, scorer: str,
-                reuse: bool = False) -> dict:
+                reuse: bool = False, val_items: int | None = 24) -> dict:
     from esm_ray.eval.lm_select import ScaledLM, select_scale
     from esm_ray.eval.metrics import lm_tokenizer
     from esm_ray.runtime import run_merge
@@ -75,7 +76,7 @@ def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool,
         if select == "lambda":
             f0 = float(entry.params.get("lambda", 1.0))
             scaled = ScaledLM(zoo.base_dir, out)
-            kw: dict = {"grid": [round(0.1 * i, 1) for i in range(1, 11)]}
+            kw: dict = {"lo": 0.0, "hi": 1.0}  # golden section, as for α (a 10-point grid costs 10 scorings)
         elif select == "alpha":
             f0 = float(rep["alpha"])
             scaled, kw = ScaledLM(zoo.base_dir, out, rep["alpha_keys"]), {}
@@ -83,7 +84,7 @@ def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool,
             raise SystemExit(f"{name}: select must be 'lambda' or 'alpha', got {select!r}")
         tok = lm_tokenizer(out, zoo)
         t1 = time.perf_counter()
-        res["selected"] = select_scale(scaled, f0, zoo, tok, what=select, **kw)
+        res["selected"] = select_scale(scaled, f0, zoo, tok, what=select, max_items=val_items, **kw)
         res["select_seconds"] = round(time.perf_counter() - t1, 1)
         loaded = (scaled.model, tok)
     t1 = time.perf_counter()
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
                          "(the same numbers, about 4x the CPU time)")
     ap.add_argument("--reuse", action="store_true",
                     help="score a merged model already in RUN_DIR/merged/NAME (same method and params) as it is")
+    ap.add_argument("--val-items", type=int, default=24,
+                    help="select=...: score every ⌈n/N⌉-th validation item per column during the search")
     ap.add_argument("--table-only", action="store_true", help="print the table from RUN_DIR, merging nothing")
     a = ap.parse_args(argv)
     zoo = open_zoo(a.zoo)
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
             continue
         if a.table_only:
             continue
-        res = {"key": key, "variant": text, **run_variant(zoo, run, text, a.split, a.samples, a.keep, a.scorer, a.reuse)}
+        res = {"key": key, "variant": text, **run_variant(zoo, run, text, a.split, a.samples, a.keep, a.scorer, a.reuse,
+                                                             a.val_items)}
         cache.write_text(json.dumps(res))
         results[name] = res
         print(f"# {name}: merge {res['merge_seconds'] or 0:.0f} s, select {res.get('select_seconds', 0):.0f} s, "

@@ -71,27 +71,33 @@ class ScaledLM:
             self.params[k].copy_((self.w0[k] + f * self.delta[k]).to(self.dtype[k]).float())
 
 
-def column_items(model, tokenizer, zoo: Zoo, column: str, split: str) -> list[dict]:
+def column_items(model, tokenizer, zoo: Zoo, column: str, split: str, max_items: int | None = None) -> list[dict]:
     """Per-item records of a model on one column's split (`esm_ray.models.lm_items`, lm-eval's
-    conventions): {"ll", "tokens", "words", "bytes"} per passage, or {"lls", "label", "correct"}."""
+    conventions): {"ll", "tokens", "words", "bytes"} per passage, or {"lls", "label", "correct"}.
+    max_items: every ⌈n / max_items⌉-th item only (a strided subset, every block represented)."""
     from esm_ray.eval.harness import column_kind
     from esm_ray.zoo.lm_data import get_label_task
 
     rows = zoo.rows(column, split)
+    if max_items is not None and len(rows) > max_items:
+        rows = rows[::-(-len(rows) // max_items)]
     if column_kind(zoo, column) == "perplexity":
         return rolling_items(model, tokenizer, [r["text"] for r in rows])
     return choice_items(model, tokenizer, [r["prompt"] for r in rows], get_label_task(column).choices,
                         [r["label"] for r in rows])
 
 
-def validation_score(model, tokenizer, zoo: Zoo, names: Sequence[str] | None = None, split: str = "validation"
-                     ) -> tuple[float, dict[str, float]]:
-    """(mean normalised score, {column: normalised score}) of a model on the zoo's `split`."""
+def validation_score(model, tokenizer, zoo: Zoo, names: Sequence[str] | None = None, split: str = "validation",
+                     max_items: int | None = None) -> tuple[float, dict[str, float]]:
+    """(mean normalised score, {column: normalised score}) of a model on the zoo's `split`
+    (on a strided subset of at most `max_items` items per column if given; the reference
+    scores it is normalised by are those of the whole split)."""
     from esm_ray.eval.harness import column_kind
 
     per = {}
     for c in names or zoo.tasks:
-        n = normalized(zoo, c, score(column_items(model, tokenizer, zoo, c, split), column_kind(zoo, c)), split)
+        items = column_items(model, tokenizer, zoo, c, split, max_items)
+        n = normalized(zoo, c, score(items, column_kind(zoo, c)), split)
         if n is None:
             raise InputError(f"{zoo.root}: column {c} has no recorded base/expert {split} score to normalise by")
         per[c] = n
@@ -100,9 +106,10 @@ def validation_score(model, tokenizer, zoo: Zoo, names: Sequence[str] | None = N
 
 def select_scale(scaled: ScaledLM, factor0: float, zoo: Zoo, tokenizer, names: Sequence[str] | None = None,
                  grid: Sequence[float] | None = None, lo: float = 0.0, hi: float = 2.0, tol: float = 0.05,
-                 max_iter: int = 6, what: str = "scale") -> dict:
+                 max_iter: int = 6, what: str = "scale", max_items: int | None = None) -> dict:
     """Choose the scale f on validation: on `grid` if given, else by golden-section search on
-    [lo, hi]. Leaves `scaled.model` at the chosen scale; returns {"value", "validation", "history"}."""
+    [lo, hi] (max_items: score a strided subset of each validation split, for a cheaper search).
+    Leaves `scaled.model` at the chosen scale; returns {"value", "validation", "history"}."""
     from esm_ray.eval.sweep import golden_section_max
 
     if factor0 == 0:
@@ -110,7 +117,7 @@ def select_scale(scaled: ScaledLM, factor0: float, zoo: Zoo, tokenizer, names: S
 
     def val(f: float) -> float:
         scaled.set_factor(f / factor0)
-        v, _ = validation_score(scaled.model, tokenizer, zoo, names)
+        v, _ = validation_score(scaled.model, tokenizer, zoo, names, max_items=max_items)
         log.info("%s %.3f: mean normalised validation score %.4f", what, f, v)
         return v
 

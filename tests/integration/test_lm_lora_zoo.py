@@ -211,3 +211,21 @@ def test_task_arithmetic_sweep_of_the_lora_zoo_through_the_cli(lora_zoo, tmp_pat
     finally:
         for a in adapters:
             a.close()
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_eval_of_an_adapter_expert_through_lm_eval(lora_zoo, tmp_path):
+    """`esm-ray eval ADAPTER_DIR --zoo LORA_ZOO`: lm-eval loads the adapter on the zoo's base
+    (its `peft=` argument) and reproduces the expert's recorded own-column score."""
+    pytest.importorskip("lm_eval")
+    from esm_ray.cli import main
+
+    zdir = lora_zoo[0]
+    out = tmp_path / "rep"
+    assert main(["eval", str(zdir / "experts" / "hamlet"), "--zoo", str(zdir), "--out", str(out),
+                 "--name", "adapter"]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert rows["adapter"]["values"]["hamlet"] == pytest.approx(rows["experts (own column)"]["values"]["hamlet"],
+                                                                rel=1e-3)
+    assert rows["adapter"]["values"]["hamlet"] != pytest.approx(rows["pretrained"]["values"]["hamlet"], rel=1e-3)

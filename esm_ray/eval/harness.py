@@ -80,11 +80,15 @@ def harness_items(model_dir: str | Path, zoo: Zoo, split: str = "test", names: S
         model: object = HFLM(pretrained=loaded[0], tokenizer=loaded[1], batch_size=batch_size)
         args: dict | None = None
     else:
-        if not (p / "config.json").is_file():
-            raise InputError(f"{p}: not a Hugging Face model directory (no config.json)")
+        adapter = (p / "adapter_config.json").is_file()  # a PEFT adapter (a LoRA zoo's expert): on the zoo's base
+        if not adapter and not (p / "config.json").is_file():
+            raise InputError(f"{p}: not a Hugging Face model directory (no config.json) nor a PEFT adapter "
+                             "(no adapter_config.json)")
         model = "hf"
-        args = {"pretrained": str(p.resolve()), "dtype": "float32",
+        args = {"pretrained": str((zoo.base_dir if adapter else p).resolve()), "dtype": "float32",
                 "tokenizer": str((p if _has_tokenizer(p) else zoo.base_dir).resolve())}
+        if adapter:
+            args["peft"] = str(p.resolve())
     res = simple_evaluate(model=model, model_args=args, tasks=[TASK_PREFIX + c for c in cols], task_manager=tm,
                           batch_size=batch_size, device="cpu", log_samples=True, bootstrap_iters=0,
                           random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)

@@ -17,10 +17,20 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_lm(args: argparse.Namespace) -> int:
+    from esm_ray.zoo.lm_lora import LoraSettings
     from esm_ray.zoo.lm_zoo import build_lm_zoo
 
+    lora = None
+    if args.lora:
+        d = LoraSettings()
+        lora = LoraSettings(rank=args.rank or d.rank, alpha=args.lora_alpha or d.alpha, lr=args.lora_lr or d.lr)
+    elif args.rank is not None or args.lora_alpha is not None or args.lora_lr is not None:
+        from esm_ray.errors import InputError
+
+        raise InputError("--rank, --lora-alpha and --lora-lr need --lora")
     zdir = build_lm_zoo(args.out, domains=args.domains, tasks=args.label_tasks, reduced=args.reduced,
-                        seed=args.seed, progress=not args.no_progress, threads=args.threads, steps=args.steps)
+                        seed=args.seed, progress=not args.no_progress, threads=args.threads, steps=args.steps,
+                        lora=lora)
     print(zdir)
     return 0
 
@@ -70,6 +80,11 @@ def register(subparsers) -> None:
         p.add_argument("--label-tasks", nargs="*", help="instruction-style label tasks (default: 3)")
         p.add_argument("--steps", type=int, help="override the optimizer steps per expert")
         p.add_argument("--reduced", action="store_true", help="2 domains + 1 task, tiny splits, 3 steps (CI)")
+        p.add_argument("--lora", action="store_true", help="the LoRA zoo: each expert a PEFT LoRA adapter on "
+                       "q/k/v/o/gate/up/down (same columns, data, base and steps; its own hash)")
+        p.add_argument("--rank", type=int, help="LoRA rank (default 16; with --lora)")
+        p.add_argument("--lora-alpha", type=float, help="LoRA lora_alpha (default 32; with --lora)")
+        p.add_argument("--lora-lr", type=float, help="LoRA learning rate (default 2e-3; with --lora)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--no-progress", action="store_true")

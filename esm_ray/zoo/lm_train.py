@@ -88,13 +88,16 @@ def loss_on_labels(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
 
 
 def train_lm(model, examples: Sequence[Example], cfg: LMTrainConfig, seed: int, pad_id: int,
-             on_step: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train `model` in place (float32) for cfg.steps steps over shuffled epochs of the examples."""
+             on_step: Callable[[int, int, float], None] | None = None,
+             params: Sequence[torch.nn.Parameter] | None = None) -> dict:
+    """Train `model` in place (float32) for cfg.steps steps over shuffled epochs of the examples.
+    params: the parameters to train (already requiring grad, e.g. LoRA factors); default
+    `trainable(model)`."""
     if not examples:
         raise ValueError("no training examples")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    params = trainable(model)
+    params = list(params) if params is not None else trainable(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     order: list[int] = []

@@ -15,6 +15,9 @@ column's test and validation split and on a strided subset (`cross_items`) of ev
 column's test split (enough to see that it gains on its own column only, at a fraction of the
 cost), with `esm_ray.models.lm_items` (lm-eval's conventions), per item, under `scores/`. The
 manifest records each expert's task-vector norm and the pairwise cosines of the task vectors.
+
+With `lora` (`esm-ray zoo lm --lora`) the same zoo is built with PEFT LoRA adapters as experts
+(`esm_ray.zoo.lm_lora`) under its own hash; the layout, manifest and scores are the same.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from esm_ray.models.lm_items import bootstrap_interval, choice_items, rolling_it
 from esm_ray.zoo.layout import FORMAT, MANIFEST, default_root, write_json, write_jsonl
 from esm_ray.zoo.lm_data import (DEFAULT_DOMAINS, DEFAULT_LABEL_TASKS, REDUCED_DOMAINS, REDUCED_LABEL_TASKS,
                                  domain_texts, get_domain, get_label_task, label_rows)
+from esm_ray.zoo.lm_lora import LoraSettings
 from esm_ray.zoo.lm_train import LMTrainConfig, answer_examples, domain_examples, train_lm
 
 log = logging.getLogger("esm_ray.zoo")
 RECIPE_VERSION = 2  # 2: passages of 96 tokens, shorter training, cross table on a strided subset
+LORA_RECIPE_VERSION = 1
 CALIB = 32
 
 
@@ -67,10 +72,15 @@ REDUCED_LM_CONFIG = LMZooConfig(max_length=32, domain_sizes={"test": 6, "validat
                                 layers=2, max_passages=400, cross_items=3)
 
 
-def lm_zoo_key(domains: Sequence[str], tasks: Sequence[str], seed: int, cfg: LMZooConfig, base_sha: str) -> str:
+def lm_zoo_key(domains: Sequence[str], tasks: Sequence[str], seed: int, cfg: LMZooConfig, base_sha: str,
+               lora: LoraSettings | None = None) -> str:
+    """The zoo's content hash; a LoRA zoo's also covers its LoRA settings (a full zoo's key is
+    unchanged by their existence)."""
     blob = {"format": FORMAT, "kind": "causal_lm", "recipe": RECIPE_VERSION, "seed": seed, "config": cfg.to_dict(),
             "domains": [get_domain(d).fingerprint() for d in domains],
             "tasks": [get_label_task(t).fingerprint() for t in tasks], "base": base_sha}
+    if lora is not None:
+        blob["lora"] = {"recipe": LORA_RECIPE_VERSION, **lora.to_dict()}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -163,8 +173,11 @@ def task_vector_stats(base_dir: Path, expert_dirs: dict[str, Path]) -> dict:
 def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = None,
                  tasks: Sequence[str] | None = None, reduced: bool = False, seed: int = 0,
                  config: LMZooConfig | None = None, progress: bool = True, threads: int | None = 2,
-                 steps: int | None = None) -> Path:
-    """Build (or find cached, or resume) the LM zoo; returns `<root>/<hash>`."""
+                 steps: int | None = None, lora: LoraSettings | None = None) -> Path:
+    """Build (or find cached, or resume) the LM zoo; returns `<root>/<hash>`. With `lora`, the
+    LoRA zoo: the same columns, data, base and training schedule, each expert a PEFT LoRA
+    adapter (`zoo.lm_lora`), under its own hash; it reuses the full zoo's base scores when that
+    zoo (same settings) is built under the same root."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from esm_ray.zoo.lm_tasks import write_harness_tasks
@@ -190,7 +203,7 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
         torch.set_num_threads(threads)
     conv = truncated_smollm2(root, cfg.layers) if cfg.layers else convert_smollm2(root)
     base_sha = json.loads((conv / "conversion.json").read_text())["source_sha256"]
-    key = lm_zoo_key(dnames, tnames, seed, cfg, base_sha)
+    key = lm_zoo_key(dnames, tnames, seed, cfg, base_sha, lora)
     zdir = root / key
     if (zdir / MANIFEST).is_file():
         log.info("LM zoo %s is cached at %s", key, zdir)
@@ -206,13 +219,17 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
 
     base = AutoModelForCausalLM.from_pretrained(str(zdir / "base"), dtype=torch.float32).eval()
     base_file = zdir / "scores" / "base.json"
+    full_base = root / lm_zoo_key(dnames, tnames, seed, cfg, base_sha) / "scores" / "base.json"
+    if lora is not None and not base_file.is_file() and full_base.is_file():
+        log.info("LoRA zoo %s: base scores from the full zoo %s", key, full_base.parent.parent.name)
+        write_json(base_file, json.loads(full_base.read_text()))
     if base_file.is_file():
         base_items = json.loads(base_file.read_text())
     else:
         base_items = data.score_all(base)
         write_json(base_file, base_items)
     base_sum = summarize(base_items, data.metric)
-    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()} if lora is None else {}  # LoRA trains a copy
 
     entries: dict[str, dict] = {}
     cross: dict[str, dict[str, float]] = {"base": {n: v["score"] for n, v in base_sum["test"].items()}}
@@ -223,16 +240,23 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
             m = json.loads((edir / "manifest.json").read_text())
             entries[n], cross[n] = m["zoo_entry"], m["test_all_columns"]
             continue
-        base.load_state_dict(base_sd)
         tcfg = cfg.domain_train if data.kind[n] == "domain" else cfg.task_train
         tseed = zlib.crc32(f"{n}:{seed}".encode()) & 0x7FFFFFFF
-        stats = train_lm(base, data.examples(n), tcfg, tseed, tok.pad_token_id, on_step=_progress(n, progress))
         tmp = edir.with_name(f".{n}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        base.to(torch.bfloat16).save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        base.float()
-        saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+        if lora is None:
+            base.load_state_dict(base_sd)
+            stats = train_lm(base, data.examples(n), tcfg, tseed, tok.pad_token_id, on_step=_progress(n, progress))
+            base.to(torch.bfloat16).save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
+            base.float()
+            saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+        else:
+            from esm_ray.zoo.lm_lora import train_adapter
+
+            tcfg = lora.train_config(tcfg)
+            stats, saved = train_adapter(base, data.examples(n), tcfg, lora, tseed, tok.pad_token_id, tmp,
+                                         on_step=_progress(n, progress))
         items = data.score_all(saved, own=n)
         del saved
         write_json(tmp / "scores.json", items)
@@ -247,7 +271,7 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
             "metrics": {"base": {s: base_sum[s][n]["score"] for s in ("validation", "test")},
                         "expert": {s: summ[s][n]["score"] for s in ("validation", "test")},
                         "expert_interval": {s: summ[s][n]["interval"] for s in ("validation", "test")}},
-            "steps": stats["steps"], "train_seconds": round(stats["train_seconds"], 1),
+            "steps": stats["steps"], "lr": tcfg.lr, "train_seconds": round(stats["train_seconds"], 1),
             "seconds_per_step": round(stats["seconds_per_step"], 3), "final_loss": stats["final_loss"],
         }
         if data.kind[n] == "domain":
@@ -257,22 +281,32 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
             entry.update({"choices": list(lt.choices), "prompt": lt.prompt, "source_task": lt.source_task,
                           "majority_rate": _majority(data.rows[n]["test"])})
         write_json(tmp / "manifest.json", {"column": n, "seed": seed, "config": cfg.to_dict(), "zoo_entry": entry,
-                                           "test_all_columns": cross[n]})
+                                           "test_all_columns": cross[n], "lora": lora and lora.to_dict()})
         shutil.rmtree(edir, ignore_errors=True)
         edir.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(edir)
         entries[n] = entry
         log.info("LM expert %-16s %3d steps %6.0fs  test %s %.3f -> %.3f", n, stats["steps"], stats["train_seconds"],
                  entry["metric"], entry["metrics"]["base"]["test"], entry["metrics"]["expert"]["test"])
+    expert_dirs = {n: zdir / "experts" / n for n in cols}
+    if lora is None:
+        tv, trained = task_vector_stats(zdir / "base", expert_dirs), "decoder blocks + final norm"
+    else:
+        from esm_ray.zoo.lm_lora import adapter_vector_stats
+
+        tv = adapter_vector_stats(zdir / "base", expert_dirs)
+        trained = f"LoRA factors (r={lora.rank}, lora_alpha={lora.alpha:g}) of {', '.join(lora.targets)}"
     manifest = {
         "format": FORMAT, "kind": "causal_lm", "hash": key, "seed": seed, "reduced": reduced,
         "backbone": {"name": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)", "class": "LlamaForCausalLM",
                      "layers": cfg.layers or "all"},
-        "max_length": cfg.max_length, "config": cfg.to_dict(), "trainable": "decoder blocks + final norm",
+        "max_length": cfg.max_length, "config": cfg.to_dict(), "trainable": trained,
+        "expert_format": "full" if lora is None else "peft_lora",
+        **({} if lora is None else {"lora": lora.to_dict(),
+                                    "full_zoo": lm_zoo_key(dnames, tnames, seed, cfg, base_sha)}),
         "base": "base", "base_scores": "scores/base.json", "domains": dnames, "label_tasks": tnames,
         "tasks": entries, "test_scores": cross, "test_scores_base_cross": base_cross,
-        "cross_items": cfg.cross_items,
-        "task_vectors": task_vector_stats(zdir / "base", {n: zdir / "experts" / n for n in cols}),
+        "cross_items": cfg.cross_items, "task_vectors": tv,
         "build_seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json(zdir / MANIFEST, manifest)

@@ -147,6 +147,19 @@ def test_llama_qkv_and_gate_up_share_inputs(tiny_llama):
     assert len({id(s) for s in stats.values()}) == 2 * 4 + 1  # per block qkv, o, gate/up, down; lm_head
 
 
+def test_causal_lm_padding_never_enters_a_gram(tiny_llama):
+    """A decoder calibrated in padded batches (right padding, mask) equals one sample at a time
+    (no padding at all), and the token count is the real tokens'."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama["expert_1"])).float().eval()
+    rows = _id_rows(5, seed=6, vocab=70, lo=2, hi=12)
+    batched = calibrate(model, rows, None, CalibrationSpec(samples=5, batch_size=5, gram_precision="float64"))
+    single = calibrate(model, rows, None, CalibrationSpec(samples=5, batch_size=1, gram_precision="float64"))
+    _assert_same(batched, single, rtol=1e-5)
+    assert batched["model.layers.1.mlp.down_proj"].n == sum(len(r["input_ids"]) for r in rows)
+
+
 def test_low_precision_inputs_are_upcast_and_conv1d_is_hooked():
     from transformers.pytorch_utils import Conv1D
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ablate import parse_variant  # noqa: E402
 
-from esm_ray.eval.lm_report import evaluate_lm_harness, interval, normalized, normalized_resamples, units  # noqa: E402
+from esm_ray.eval.lm_report import evaluate_lm_harness, interval, normalized_resamples, units  # noqa: E402
 from esm_ray.models.lm_items import score  # noqa: E402
 from esm_ray.spec import dump_spec  # noqa: E402
 from esm_ray.zoo.layout import open_zoo  # noqa: E402
@@ -54,7 +55,7 @@ def recorded(zoo, which: str, split: str) -> dict[str, list[dict]]:
 
 
 def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool, scorer: str,
-                reuse: bool = False, val_items: int | None = 24) -> dict:
+                reuse: bool = False, val_items: int | None = 24, stride: int = 1) -> dict:
     from esm_ray.eval.lm_select import ScaledLM, select_scale
     from esm_ray.eval.metrics import lm_tokenizer
     from esm_ray.runtime import run_merge
@@ -95,7 +96,8 @@ def run_variant(zoo, run: Path, text: str, split: str, samples: int, keep: bool,
         from esm_ray.models.lm import load_lm
 
         model, tok = loaded if loaded is not None else (load_lm(out), lm_tokenizer(out, zoo))
-        res["items"] = {c: column_items(model, tok, zoo, c, split) for c in zoo.tasks}
+        res["items"] = {c: column_items(model, tok, zoo, c, split, stride=stride) for c in zoo.tasks}
+        res["stride"] = stride
     res["scorer"] = scorer
     res["score_seconds"] = round(time.perf_counter() - t1, 1)
     if not keep:
@@ -118,6 +120,9 @@ def main(argv=None) -> int:
                          "(the same numbers, about 4x the CPU time)")
     ap.add_argument("--reuse", action="store_true",
                     help="score a merged model already in RUN_DIR/merged/NAME (same method and params) as it is")
+    ap.add_argument("--stride", type=int, default=1,
+                    help="score (and tabulate) every N-th test item of each column only; rows scored on "
+                         "every item are subset to the same items")
     ap.add_argument("--val-items", type=int, default=24,
                     help="select=...: score every ⌈n/N⌉-th validation item per column during the search")
     ap.add_argument("--table-only", action="store_true", help="print the table from RUN_DIR, merging nothing")
@@ -135,15 +140,20 @@ def main(argv=None) -> int:
             continue
         _, entry = parse_variant(text)
         spec = spec_for(zoo, name, run / "merged" / name, entry=entry, calibration={"samples": a.samples})
-        key = hashlib.sha256((dump_spec(spec) + a.split + text + a.scorer).encode()).hexdigest()[:16]
+        key = hashlib.sha256((dump_spec(spec) + a.split + text + a.scorer
+                              + ("" if a.stride == 1 else f"/{a.stride}")).encode()).hexdigest()[:16]
         cache = run / f"{name}.json"
-        if cache.is_file() and (a.table_only or json.loads(cache.read_text()).get("key") == key):
-            results[name] = json.loads(cache.read_text())
-            continue
+        if cache.is_file():
+            got = json.loads(cache.read_text())
+            # a row scored on every item serves a strided table too (its items are subset below)
+            if a.table_only or got.get("key") == key or (got.get("stride", 1) == 1 and a.stride > 1
+                                                         and got.get("variant") == text):
+                results[name] = got
+                continue
         if a.table_only:
             continue
         res = {"key": key, "variant": text, **run_variant(zoo, run, text, a.split, a.samples, a.keep, a.scorer, a.reuse,
-                                                             a.val_items)}
+                                                             a.val_items, a.stride)}
         cache.write_text(json.dumps(res))
         results[name] = res
         print(f"# {name}: merge {res['merge_seconds'] or 0:.0f} s, select {res.get('select_seconds', 0):.0f} s, "
@@ -151,12 +161,30 @@ def main(argv=None) -> int:
 
     cols = list(zoo.tasks)
     kinds = units(zoo, cols)
-    boots = {k: normalized_resamples(zoo, {c: v["items"][c] for c in cols}, a.split) * 100 for k, v in results.items()}
-    point = {k: 100 * sum(normalized(zoo, c, score(v["items"][c], kinds[c]), a.split) for c in cols) / len(cols)
+    for k in list(results):  # every row on the same items: every `stride`-th one
+        got = results[k].get("stride", 1)
+        if got == a.stride:
+            continue
+        if got != 1:
+            print(f"# {k}: scored on every {got}th item, left out of a table on every {a.stride}th", file=sys.stderr)
+            del results[k]
+            continue
+        results[k] = {**results[k], "items": {c: it[::a.stride] for c, it in results[k]["items"].items()}}
+    # normalise by the base's and the experts' scores on the same items as the rows
+    base_it, exp_it = recorded(zoo, "base", a.split), recorded(zoo, "experts", a.split)
+    refs = {c: (score(base_it[c][::a.stride], kinds[c]), score(exp_it[c][::a.stride], kinds[c])) for c in cols}
+
+    def norm(c: str, value: float) -> float:
+        b, e = refs[c]
+        return value / e if kinds[c] == "accuracy" else math.log(b / value) / math.log(b / e)
+
+    boots = {k: normalized_resamples(zoo, {c: v["items"][c] for c in cols}, a.split, refs=refs) * 100
+             for k, v in results.items()}
+    point = {k: 100 * sum(norm(c, score(v["items"][c], kinds[c])) for c in cols) / len(cols)
              for k, v in results.items()}
     head = ["row", "norm.", "95% CI"] + ([f"Δ vs {a.ref}", "95% CI", "exceeds"] if a.ref in results else [])
     head += [c[:12] for c in cols]
-    print(f"{a.split}, zoo {zoo.manifest.get('hash')}: normalised score (% of the expert; domains: share of the "
+    print(f"{a.split}{'' if a.stride == 1 else f' (every {a.stride}th item)'}, zoo {zoo.manifest.get('hash')}: normalised score (% of the expert; domains: share of the "
           "log word-perplexity gain kept), per column the same")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -171,7 +199,7 @@ def main(argv=None) -> int:
             dlo, dhi = interval(boots[k] - boots[a.ref])
             cells += [f"{point[k] - point[a.ref]:+.1f}", f"[{dlo:+.1f}, {dhi:+.1f}]",
                       "yes" if dlo > 0 or dhi < 0 else "no"]
-        cells += [f"{100 * normalized(zoo, c, score(v['items'][c], kinds[c]), a.split):.1f}" for c in cols]
+        cells += [f"{100 * norm(c, score(v['items'][c], kinds[c])):.1f}" for c in cols]
         print("| " + " | ".join(cells) + " |")
     return 0
 

@@ -44,11 +44,14 @@ def normalized(zoo: Zoo, name: str, value: float, split: str) -> float | None:
     return math.log(base / value) / gain if abs(gain) > 1e-12 else None
 
 
-def normalized_resamples(zoo: Zoo, items: dict[str, list[dict]], split: str, iters: int = 1000, seed: int = 0):
+def normalized_resamples(zoo: Zoo, items: dict[str, list[dict]], split: str, iters: int = 1000, seed: int = 0,
+                         refs: dict[str, tuple[float, float]] | None = None):
     """The mean normalised score over columns for `iters` bootstrap resamples (numpy array): each
     column's items resampled with replacement on their own. The indices depend only on the seed,
     the column order and the item counts, so two models scored on the same items get paired
-    resamples (the difference of their arrays is the paired bootstrap of the difference)."""
+    resamples (the difference of their arrays is the paired bootstrap of the difference).
+    refs: {column: (base score, expert score)} to normalise by (default: the zoo's recorded
+    scores of the whole split)."""
     import numpy as np
 
     from esm_ray.models.lm_items import _resampled
@@ -58,8 +61,11 @@ def normalized_resamples(zoo: Zoo, items: dict[str, list[dict]], split: str, ite
     for i, (c, it) in enumerate(items.items()):
         rng = np.random.default_rng([seed, i, len(it)])
         vals = _resampled(it, kinds[c], rng.integers(0, len(it), size=(iters, len(it))))
-        m = zoo.task(c)["metrics"]
-        base, expert = m["base"][split], m["expert"][split]
+        if refs is not None:
+            base, expert = refs[c]
+        else:
+            m = zoo.task(c)["metrics"]
+            base, expert = m["base"][split], m["expert"][split]
         if kinds[c] == "accuracy":
             total += vals / expert
         else:

@@ -71,16 +71,19 @@ class ScaledLM:
             self.params[k].copy_((self.w0[k] + f * self.delta[k]).to(self.dtype[k]).float())
 
 
-def column_items(model, tokenizer, zoo: Zoo, column: str, split: str, max_items: int | None = None) -> list[dict]:
+def column_items(model, tokenizer, zoo: Zoo, column: str, split: str, max_items: int | None = None,
+                 stride: int = 1) -> list[dict]:
     """Per-item records of a model on one column's split (`esm_ray.models.lm_items`, lm-eval's
     conventions): {"ll", "tokens", "words", "bytes"} per passage, or {"lls", "label", "correct"}.
-    max_items: every ⌈n / max_items⌉-th item only (a strided subset, every block represented)."""
+    Only every `stride`-th item, or with max_items every ⌈n / max_items⌉-th item (a strided
+    subset: every block of the split represented)."""
     from esm_ray.eval.harness import column_kind
     from esm_ray.zoo.lm_data import get_label_task
 
     rows = zoo.rows(column, split)
     if max_items is not None and len(rows) > max_items:
-        rows = rows[::-(-len(rows) // max_items)]
+        stride = max(stride, -(-len(rows) // max_items))
+    rows = rows[::stride]
     if column_kind(zoo, column) == "perplexity":
         return rolling_items(model, tokenizer, [r["text"] for r in rows])
     return choice_items(model, tokenizer, [r["prompt"] for r in rows], get_label_task(column).choices,

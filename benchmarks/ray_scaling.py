@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--equal", action="store_true",
                     help="with --zoo: also merge the zoo once locally and once with --runtime ray (2 workers) "
                          "and compare the output files byte for byte")
+    ap.add_argument("--equal-only", action="store_true", help="with --zoo: only the --equal comparison, no timings")
     args = ap.parse_args(argv)
+    if args.equal_only:
+        args.equal, args.repeats = True, 0
     logging.basicConfig(level=logging.WARNING)
 
     import ray
@@ -152,48 +155,49 @@ def main(argv: list[str] | None = None) -> int:
     measured: dict = {"model": model_name, "params": n_params, "experts": t, "method": args.method,
                       "cores": os.cpu_count()}
     try:
-        with ray_session(spec.runtime, n_workers=t):  # T actors exist; at most 2 compute at once
-            imports = tuple(type(m).__module__ for m in (plan.method, plan.purifier) if m is not None)
-            pool = RayPool.start(spec, worker_options(spec.runtime, ray.cluster_resources()), "scaling",
-                                 imports=imports)
-            pool.wait_ready()
-            w, pid = pool.workers, pool.id
-            none = [[] for _ in w]
-            times: dict[str, dict[int, float]] = {"calibration": {}, "decomposition": {}}
-            cpu: dict[str, dict[int, float]] = {"calibration": {}, "decomposition": {}}
-            parts_bytes: dict[str, int] = {}
-            base = open_model(spec.base)
-            fuse_s = 0.0
-            # warm-up, untimed: imports, model classes, page cache
-            if plan.needs_stats:
-                run_stage(w, "calibrate", pid, none, (), 2)
-            for rep in range(args.repeats):
-                for conc in ((1, 2) if rep % 2 == 0 else (2, 1)):
-                    if plan.needs_stats:
-                        shutil.rmtree(stats_cache, ignore_errors=True)
-                        s, mods = run_stage(w, "calibrate", pid, none, (), conc)
-                        if s < times["calibration"].get(conc, float("inf")):
-                            times["calibration"][conc], cpu["calibration"][conc] = s, CPU["last"]
-                        modules = set(mods[0])
-                    else:
-                        modules = set()
-                    journal = [[("calibrate", ray.put(()))] if plan.needs_stats else [] for _ in w]
-                    infos = [TensorInfo.of(n, plan.shapes[n], _module(n, modules)) for n in plan.names]
-                    floating = [i for i in infos if plan.dtypes[i.name].is_floating_point]
-                    total = total_cpu = 0.0
-                    for group in _groups(floating, 64 << 20):
-                        s, parts = run_stage(w, "prepare", pid, journal, (group,), conc)
-                        total += s
-                        total_cpu += CPU["last"]
-                        if rep == 0 and conc == 1:
-                            if group[0].layer_index is not None:
-                                for j, info in enumerate(group):
-                                    parts_bytes[info.name] = sum(len(pickle.dumps(p[j])) for p in parts)
-                            fuse_s += fuse_group(plan, base, group, parts)
-                    if total < times["decomposition"].get(conc, float("inf")):
-                        times["decomposition"][conc], cpu["decomposition"][conc] = total, total_cpu
-            rss = pool.peak_rss()
-            pool.close()
+        if not args.equal_only:
+            with ray_session(spec.runtime, n_workers=t):  # T actors exist; at most 2 compute at once
+                imports = tuple(type(m).__module__ for m in (plan.method, plan.purifier) if m is not None)
+                pool = RayPool.start(spec, worker_options(spec.runtime, ray.cluster_resources()), "scaling",
+                                     imports=imports)
+                pool.wait_ready()
+                w, pid = pool.workers, pool.id
+                none = [[] for _ in w]
+                times: dict[str, dict[int, float]] = {"calibration": {}, "decomposition": {}}
+                cpu: dict[str, dict[int, float]] = {"calibration": {}, "decomposition": {}}
+                parts_bytes: dict[str, int] = {}
+                base = open_model(spec.base)
+                fuse_s = 0.0
+                # warm-up, untimed: imports, model classes, page cache
+                if plan.needs_stats:
+                    run_stage(w, "calibrate", pid, none, (), 2)
+                for rep in range(args.repeats):
+                    for conc in ((1, 2) if rep % 2 == 0 else (2, 1)):
+                        if plan.needs_stats:
+                            shutil.rmtree(stats_cache, ignore_errors=True)
+                            s, mods = run_stage(w, "calibrate", pid, none, (), conc)
+                            if s < times["calibration"].get(conc, float("inf")):
+                                times["calibration"][conc], cpu["calibration"][conc] = s, CPU["last"]
+                            modules = set(mods[0])
+                        else:
+                            modules = set()
+                        journal = [[("calibrate", ray.put(()))] if plan.needs_stats else [] for _ in w]
+                        infos = [TensorInfo.of(n, plan.shapes[n], _module(n, modules)) for n in plan.names]
+                        floating = [i for i in infos if plan.dtypes[i.name].is_floating_point]
+                        total = total_cpu = 0.0
+                        for group in _groups(floating, 64 << 20):
+                            s, parts = run_stage(w, "prepare", pid, journal, (group,), conc)
+                            total += s
+                            total_cpu += CPU["last"]
+                            if rep == 0 and conc == 1:
+                                if group[0].layer_index is not None:
+                                    for j, info in enumerate(group):
+                                        parts_bytes[info.name] = sum(len(pickle.dumps(p[j])) for p in parts)
+                                fuse_s += fuse_group(plan, base, group, parts)
+                        if total < times["decomposition"].get(conc, float("inf")):
+                            times["decomposition"][conc], cpu["decomposition"][conc] = total, total_cpu
+                rss = pool.peak_rss()
+                pool.close()
         if args.equal:
             measured["equal"] = merge_both(raw, work)
             rows.append({"m": "local vs Ray (2 workers) output", "v": "identical" if measured["equal"]["identical"]
@@ -202,6 +206,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if not args.equal_only:
+        rows = timing_rows(rows, measured, times, cpu, parts_bytes, plan, t, fuse_s, rss)
+    if args.json:
+        Path(args.json).write_text(json.dumps(measured, indent=2))
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"\nRay scaling: {args.method}, {model_name} ({n_params / 1e6:.1f}M params), "
+          f"T={t} experts, {os.cpu_count()} cores (load average before: {load0}; after: {load}), "
+          f"1 CPU and 1 torch thread per worker\n")
+    print_table(rows, [("m", "measure"), ("v", "value"), ("n", "note")])
+    return 0
+
+
+def timing_rows(rows: list, measured: dict, times: dict, cpu: dict, parts_bytes: dict, plan, t: int, fuse_s: float,
+                rss: list) -> list:
+    """The table rows (and `measured` entries) of the stage timings."""
     for stage, by in times.items():
         if not by:
             continue
@@ -225,14 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"m": "peak RSS per worker (max of T)", "v": f"{max(rss) / 1e6:.0f} MB",
                  "n": f"one expert + base readers, stats; min {min(rss) / 1e6:.0f} MB"})
     measured["peak_rss_per_worker"] = rss
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"\nRay scaling: {args.method}, {model_name} ({n_params / 1e6:.1f}M params), "
-          f"T={t} experts, {os.cpu_count()} cores (load average before: {load0}; after: {load}), "
-          f"1 CPU and 1 torch thread per worker\n")
-    print_table(rows, [("m", "measure"), ("v", "value"), ("n", "note")])
-    if args.json:
-        Path(args.json).write_text(json.dumps(measured, indent=2))
-    return 0
+    return rows
 
 
 def merge_both(raw: dict, work: Path) -> dict:

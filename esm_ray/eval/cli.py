@@ -67,7 +67,7 @@ def _table(args: argparse.Namespace):
         names = list(args.tasks or zoo.tasks)
         if is_routed_lm_dir(args.model):  # a routed causal LM: each item routed on its own text
             rows = routed_lm_rows(args.name or args.model, args.model, zoo, args.split, args.tasks,
-                                  prefix_tokens=args.route_prefix or None)
+                                  prefix_tokens=args.route_prefix or None, stride=args.stride)
         else:
             rows = routed_rows(args.name or args.model, args.model, zoo, args.split, args.tasks)
         if _is_harness_zoo(zoo):
@@ -129,6 +129,8 @@ def register(subparsers) -> None:
     p.add_argument("--route-prefix", type=int, default=32, metavar="N",
                    help="a routed LM on an LM zoo: also route each item on its first N tokens, a served "
                         "prompt's length (default 32; 0: only on the whole passage or prompt)")
+    p.add_argument("--stride", type=int, default=1, metavar="N",
+                   help="a routed LM on an LM zoo: route and score every N-th test item of each column only")
     p.add_argument("--title", help="title of the Markdown table and chart")
     p.add_argument("--combine", nargs="+", metavar="REPORT_JSON",
                    help="join report.json files of one zoo (a sweep run in parts) into one report")

@@ -70,9 +70,10 @@ class RoutedLMScorer:
     """Per-item records of a zoo's columns under any choice of adapter per item, each
     (column, adapter, item) scored once."""
 
-    def __init__(self, lm: Any, zoo: Zoo, split: str, columns: Sequence[str], batch_size: int = 8) -> None:
+    def __init__(self, lm: Any, zoo: Zoo, split: str, columns: Sequence[str], batch_size: int = 8,
+                 stride: int = 1) -> None:
         self.lm, self.zoo, self.split, self.batch_size = lm, zoo, split, batch_size
-        self.rows = {c: zoo.rows(c, split) for c in columns}
+        self.rows = {c: zoo.rows(c, split)[::stride] for c in columns}  # every stride-th item
         self.kind = {c: column_kind(zoo, c) for c in columns}
         self._cache: dict[tuple[str, str, int], dict] = {}
 
@@ -124,7 +125,8 @@ def routing_summary(routes: dict[str, list[str]], model_tasks: Sequence[str]) ->
 
 def evaluate_routed_lm_zoo(model_dir: str | Path, zoo: str | Path | Zoo, split: str = "test",
                            columns: Sequence[str] | None = None, routers: Sequence[str] | None = None,
-                           prefix_tokens: int | None = PREFIX_TOKENS, batch_size: int = 8) -> dict[str, Any]:
+                           prefix_tokens: int | None = PREFIX_TOKENS, batch_size: int = 8,
+                           stride: int = 1) -> dict[str, Any]:
     """Route and score every item of the zoo's `columns` (default all) with the routed LM.
 
     Returns {"model", "split", "model_tasks", "routes": {name: {column: [task per item]}},
@@ -150,7 +152,7 @@ def evaluate_routed_lm_zoo(model_dir: str | Path, zoo: str | Path | Zoo, split: 
     bad = [r for r in names if r not in lm.routers]
     if bad:
         raise InputError(f"{model_dir}: router(s) {', '.join(bad)} not available (have: {', '.join(lm.routers)})")
-    scorer = RoutedLMScorer(lm, zoo, split, cols, batch_size)
+    scorer = RoutedLMScorer(lm, zoo, split, cols, batch_size, stride)
     texts = {c: [scorer.routing_text(c, r) for r in scorer.rows[c]] for c in cols}
     routes: dict[str, dict[str, list[str]]] = {}
     for r in names:
@@ -165,11 +167,14 @@ def evaluate_routed_lm_zoo(model_dir: str | Path, zoo: str | Path | Zoo, split: 
 
 def routed_lm_rows(label: str, model_dir: str | Path, zoo: str | Path | Zoo, split: str = "test",
                    columns: Sequence[str] | None = None, info: dict[str, Any] | None = None,
-                   routers: Sequence[str] | None = None, prefix_tokens: int | None = PREFIX_TOKENS) -> list[Row]:
+                   routers: Sequence[str] | None = None, prefix_tokens: int | None = PREFIX_TOKENS,
+                   stride: int = 1) -> list[Row]:
     """Rows of a routed LM: one per router on the whole text, one per router on the first
-    `prefix_tokens` tokens, and the oracle row (each item with its own column's adapter)."""
+    `prefix_tokens` tokens, and the oracle row (each item with its own column's adapter).
+    stride > 1: every stride-th item of each column only (normalised by the zoo's whole-split
+    base and expert scores)."""
     zoo = zoo if isinstance(zoo, Zoo) else open_zoo(zoo)
-    res = evaluate_routed_lm_zoo(model_dir, zoo, split, columns, routers, prefix_tokens)
+    res = evaluate_routed_lm_zoo(model_dir, zoo, split, columns, routers, prefix_tokens, stride=stride)
     rows = []
     for name, got in res["routes"].items():
         router, _, n = name.partition("@")

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
 
 from esm_ray.errors import InputError
 from esm_ray.eval.lm_report import normalized
@@ -31,17 +30,9 @@ log = logging.getLogger("esm_ray.eval")
 
 def _stored(model_dir: Path) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
     """Every floating tensor of a model directory as float32, with the dtype it is stored in."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise InputError(f"{model_dir}: no .safetensors weights")
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                t = st.get_tensor(k)
-                if t.is_floating_point():
-                    out[k] = (t.float(), t.dtype)
-    return out
+    from esm_ray.eval.sweep import stored_tensors
+
+    return {k: (t.float(), t.dtype) for k, t in stored_tensors(model_dir) if t.is_floating_point()}
 
 
 class ScaledLM:

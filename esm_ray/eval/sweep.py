@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -42,19 +42,22 @@ LAMBDA_METHODS = ("task_arithmetic",)
 REPORT_FILE = "merge_report.json"
 
 
-def read_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors files of an HF directory (float tensors as float32)."""
+def stored_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor as stored) for every tensor of the safetensors files of an HF directory
+    (the task-head file left out)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     files = [f for f in files if f.name != HEAD_FILE]
     if not files:
         raise InputError(f"{model_dir}: no .safetensors weights")
-    out = {}
     for f in files:
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
-                t = st.get_tensor(k)
-                out[k] = t.float() if t.is_floating_point() else t
-    return out
+                yield k, st.get_tensor(k)
+
+
+def read_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files of an HF directory (float tensors as float32)."""
+    return {k: t.float() if t.is_floating_point() else t for k, t in stored_tensors(model_dir)}
 
 
 class ScaledModel:

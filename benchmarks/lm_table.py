@@ -145,8 +145,10 @@ def main(argv=None) -> int:
         cache = run / f"{name}.json"
         if cache.is_file():
             got = json.loads(cache.read_text())
-            # a row scored on every item serves a strided table too (its items are subset below)
-            if a.table_only or got.get("key") == key or (got.get("stride", 1) == 1 and a.stride > 1
+            # a row scored on every s-th item serves a table on every (multiple of s)-th item too
+            # (its items are subset below)
+            if a.table_only or got.get("key") == key or (got.get("stride", 1) != a.stride
+                                                         and a.stride % got.get("stride", 1) == 0
                                                          and got.get("variant") == text):
                 results[name] = got
                 continue
@@ -165,11 +167,12 @@ def main(argv=None) -> int:
         got = results[k].get("stride", 1)
         if got == a.stride:
             continue
-        if got != 1:
+        if a.stride % got:
             print(f"# {k}: scored on every {got}th item, left out of a table on every {a.stride}th", file=sys.stderr)
             del results[k]
             continue
-        results[k] = {**results[k], "items": {c: it[::a.stride] for c, it in results[k]["items"].items()}}
+        step = a.stride // got
+        results[k] = {**results[k], "items": {c: it[::step] for c, it in results[k]["items"].items()}}
     # normalise by the base's and the experts' scores on the same items as the rows
     base_it, exp_it = recorded(zoo, "base", a.split), recorded(zoo, "experts", a.split)
     refs = {c: (score(base_it[c][::a.stride], kinds[c]), score(exp_it[c][::a.stride], kinds[c])) for c in cols}

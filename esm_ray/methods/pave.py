@@ -1,5 +1,6 @@
 """PAVE as a purifier: each expert's linear weights are replaced by W̃_t = SVD_r(W_t C_reg) C_reg⁻¹
-before any task-vector method sees them.
+before any task-vector method sees them (`subject: task_vector`: W̃_t = W_0 + SVD_r(τ_t C_reg) C_reg⁻¹,
+τ_t = W_t − W_0, which never touches the base).
 
 Flow: `prepass` (expert side) returns the normalised context spectrum of every calibrated
 linear weight; `plan` (coordinator) allocates ranks layer by layer across experts and collapses
@@ -32,6 +33,9 @@ class PAVEParams(MethodParams):
         "relative", description="ε = δ·mean(diag C) (relative) or ε itself (absolute, as the reference code)")
     damping_init: float | None = Field(None, gt=0, description="initial δ or ε; default 0.01 relative, 0.1 absolute")
     tol: float = Field(0.05, gt=0, description="accept ε once ||C_reg⁻¹ C_reg − I||_F < tol")
+    subject: Literal["weight", "task_vector"] = Field(
+        "weight", description="what is truncated: the fine-tuned weight W_t (as published) or the task "
+                              "vector W_t − W_0 (the base is then never changed)")
 
 
 @register
@@ -53,13 +57,15 @@ class PAVE(Purifier[PAVEParams]):
     def has_prepass(self) -> bool:
         return self.params.rank_ratio is None
 
-    def _prepared(self, info: TensorInfo, expert: Tensor, ctx: ExpertContext):
+    def _prepared(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext):
         p = self.params
         stats = ctx.stats
         if stats is None or stats.n == 0 or expert.ndim != 2:
             return None
         t = oriented(info, stats)
         w = expert.to(torch.float64)
+        if p.subject == "task_vector":
+            w = w - base.to(torch.float64)
         key = (ctx.index, str(info.module))
         if key in self._delta:
             delta, steps, res = self._delta[key]
@@ -72,7 +78,7 @@ class PAVE(Purifier[PAVEParams]):
 
     def prepass(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         """Normalised singular values of W_t C_reg (float32, length min(d_out, d_in)), or None."""
-        got = self._prepared(info, expert, ctx)
+        got = self._prepared(info, base, expert, ctx)
         if got is None:
             return None
         w, _, damped = got
@@ -99,7 +105,7 @@ class PAVE(Purifier[PAVEParams]):
 
     def purify(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Tensor:
         p = self.params
-        got = self._prepared(info, expert, ctx)
+        got = self._prepared(info, base, expert, ctx)
         if got is None:
             return expert
         q = ctx.plan if ctx.plan is not None else p.rank_ratio
@@ -112,7 +118,10 @@ class PAVE(Purifier[PAVEParams]):
                 "pave %s [%s]: eps=%.4g (delta=%.4g, %d doublings, residual %.2g), rank %d/%d",
                 info.name, ctx.name, damped.eps, damped.delta, damped.steps, damped.residual, r, min(w.shape))
         out = purify_weight(w, damped, r)
-        return (out.T if t else out).contiguous().to(torch.float32)
+        out = out.T if t else out
+        if p.subject == "task_vector":
+            out = out + base.to(torch.float64)
+        return out.contiguous().to(torch.float32)
 
     def report(self) -> dict[str, Any]:
         p = self.params

@@ -220,3 +220,29 @@ def test_fixed_ratio_one_leaves_the_experts_as_they_are(bert_stats):
     sd, st = experts[1]
     out = pave.purify(infos[name], base[name], sd[name], ExpertContext(1, "e1", stats=st[infos[name].module], plan=1.0))
     torch.testing.assert_close(out, sd[name], rtol=1e-5, atol=1e-6)
+
+
+def test_task_vector_subject_truncates_the_update_and_keeps_the_base(bert_stats):
+    """subject="task_vector": W̃_t = W_0 + SVD_r(τ_t C_reg) C_reg⁻¹; the context-norm error is the
+    tail of τ_t C_reg's spectrum, the purified update has rank r, and a base-only expert stays the base."""
+    base, experts = bert_stats
+    infos = _infos(base, experts[0][1])
+    pave = PAVE(PAVEParams(rank_ratio=0.5, subject="task_vector"), n_experts=3)
+    name = "encoder.layer.1.intermediate.dense.weight"
+    sd, st = experts[2]
+    stats = st[infos[name].module]
+    ctx = ExpertContext(2, "e2", stats=stats, plan=0.5)
+    w, w0 = sd[name], base[name]
+    tau = w.double() - w0.double()
+    out = pave.purify(infos[name], w0, w, ctx)
+    r = pave_rank(tuple(w.shape), 0.5)
+    d = damp(stats.second_moment())
+    s = torch.linalg.svdvals(tau @ d.c_reg)
+    err = float(torch.linalg.matrix_norm((out.double() - w.double()) @ d.c_reg))
+    assert err == pytest.approx(float(s[r:].square().sum().sqrt()), rel=1e-3)
+    assert int(torch.linalg.matrix_rank(out.double() - w0.double(), rtol=1e-5)) == r
+    same = pave.purify(infos[name], w0, w0.clone(), ctx)
+    torch.testing.assert_close(same, w0, rtol=0, atol=1e-6)
+    # the published subject truncates W_t itself: a different result
+    whole = PAVE(PAVEParams(rank_ratio=0.5), n_experts=3).purify(infos[name], w0, w, ctx)
+    assert float((whole - out).abs().max()) > 1e-3

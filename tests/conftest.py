@@ -11,7 +11,10 @@ for `ray_driver` is marked `ray` without saying so; a test that starts a service
 marks itself. Select with e.g. `-m 'not slow and not ray'` (the default run is `-m 'not slow'`).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -19,6 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray listens on 127.0.0.1 only
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Calibration statistics of the test models go to a directory of this session, never to the
+# user's cache (~/.cache/esm-ray or their $ESM_RAY_CACHE); subprocesses and Ray workers inherit it.
+_STATS_CACHE = tempfile.mkdtemp(prefix="esm-ray-test-stats-")
+os.environ["ESM_RAY_CACHE"] = _STATS_CACHE
+atexit.register(shutil.rmtree, _STATS_CACHE, True)
 
 pytest_plugins = ["tests.fixtures.models", "tests.fixtures.lora", "tests.fixtures.s3", "tests.fixtures.ray", "tests.fixtures.mergekit",
                   "tests.fixtures.lm_zoo"]

@@ -288,7 +288,7 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
         entries[n] = entry
         log.info("LM expert %-16s %3d steps %6.0fs  test %s %.3f -> %.3f", n, stats["steps"], stats["train_seconds"],
                  entry["metric"], entry["metrics"]["base"]["test"], entry["metrics"]["expert"]["test"])
-        if not beats_base(entry["metric"], entry["metrics"]["base"]["test"], entry["metrics"]["expert_interval"]["test"]):
+        if _weak(entry):
             log.warning("LM expert %s is not better than the base on its own column beyond the 95%% interval "
                         "(test %s %.3f, expert %.3f %s): normalised scores of this column mean little; "
                         "rebuild with more --steps or another --seed", n, entry["metric"],
@@ -313,8 +313,7 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
         "base": "base", "base_scores": "scores/base.json", "domains": dnames, "label_tasks": tnames,
         "tasks": entries, "test_scores": cross, "test_scores_base_cross": base_cross,
         "cross_items": cfg.cross_items, "task_vectors": tv,
-        "weak_experts": [n for n in cols if not beats_base(entries[n]["metric"], entries[n]["metrics"]["base"]["test"],
-                                                           entries[n]["metrics"]["expert_interval"]["test"])],
+        "weak_experts": [n for n in cols if _weak(entries[n])],
         "build_seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json(zdir / MANIFEST, manifest)
@@ -329,6 +328,12 @@ def beats_base(metric: str, base: float, expert_interval: Sequence[float]) -> bo
     whole interval of its test score below the base's word perplexity, or above its accuracy."""
     lo, hi = expert_interval
     return hi < base if metric == "word_perplexity" else lo > base
+
+
+def _weak(entry: dict) -> bool:
+    """Whether a zoo entry's expert does not beat the base on its own test column (`beats_base`)."""
+    m = entry["metrics"]
+    return not beats_base(entry["metric"], m["base"]["test"], m["expert_interval"]["test"])
 
 
 def _majority(rows: list[dict]) -> float:

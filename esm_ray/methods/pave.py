@@ -77,7 +77,8 @@ class PAVE(Purifier[PAVEParams]):
         return (w.T if t else w), t, damped
 
     def prepass(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
-        """Normalised singular values of W_t C_reg (float32, length min(d_out, d_in)), or None."""
+        """Normalised singular values of W_t C_reg (of τ_t C_reg for subject task_vector; float32,
+        length min(d_out, d_in)), or None."""
         got = self._prepared(info, base, expert, ctx)
         if got is None:
             return None

@@ -30,7 +30,7 @@ def cmd_lm(args: argparse.Namespace) -> int:
         raise InputError("--rank, --lora-alpha and --lora-lr need --lora")
     zdir = build_lm_zoo(args.out, domains=args.domains, tasks=args.label_tasks, reduced=args.reduced,
                         seed=args.seed, progress=not args.no_progress, threads=args.threads, steps=args.steps,
-                        lora=lora)
+                        retries=args.retries, lora=lora)
     print(zdir)
     return 0
 
@@ -79,6 +79,8 @@ def register(subparsers) -> None:
         p.add_argument("--domains", nargs="*", help="text domains (default: all 7; see docs/zoo.md)")
         p.add_argument("--label-tasks", nargs="*", help="instruction-style label tasks (default: 3)")
         p.add_argument("--steps", type=int, help="override the optimizer steps per expert")
+        p.add_argument("--retries", type=int, help="an expert not better than the base on its validation split "
+                       "trains again from the base with twice the steps, at most this many times (default 2)")
         p.add_argument("--reduced", action="store_true", help="2 domains + 1 task, tiny splits, 3 steps (CI)")
         p.add_argument("--lora", action="store_true", help="the LoRA zoo: each expert a PEFT LoRA adapter on "
                        "q/k/v/o/gate/up/down (same columns, data, base and steps; its own hash)")

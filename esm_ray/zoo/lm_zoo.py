@@ -9,11 +9,12 @@ temporary name and renamed when done, and a finished expert is reused.
 Columns (the zoo's "tasks"): domains (kind "domain", scored by word perplexity of their
 held-out passages) and label tasks (kind "label_task", scored by multiple-choice accuracy).
 Every expert is the base fine-tuned in float32 on one column's training split (domains: every
-token; label tasks: the answer tokens only) and saved in bfloat16 like the base. At build time
-the base is scored on every column's test and validation split, and every expert on its own
-column's test and validation split and on a strided subset (`cross_items`) of every other
-column's test split (enough to see that it gains on its own column only, at a fraction of the
-cost), with `esm_ray.models.lm_items` (lm-eval's conventions), per item, under `scores/`. The
+token; label tasks: the answer tokens only) and saved in bfloat16 like the base; an expert not
+better than the base on its own validation split trains again with twice the steps (`retries`).
+At build time the base is scored on every column's test and validation split, and every
+expert on its own column's test and validation split and on a strided subset (`cross_items`)
+of every other column's test split (enough to see that it gains on its own column only, at a
+fraction of the cost), with `esm_ray.models.lm_items` (lm-eval's conventions), per item, under `scores/`. The
 manifest records each expert's task-vector norm and the pairwise cosines of the task vectors.
 
 With `lora` (`esm-ray zoo lm --lora`) the same zoo is built with PEFT LoRA adapters as experts
@@ -45,8 +46,11 @@ from esm_ray.zoo.lm_train import LMTrainConfig, answer_examples, domain_examples
 
 log = logging.getLogger("esm_ray.zoo")
 RECIPE_VERSION = 2  # 2: passages of 96 tokens, shorter training, cross table on a strided subset
+# `retries` came later, in the key through the config: a zoo built without it equals one built
+# with it when every expert passed its validation check at the first attempt
 LORA_RECIPE_VERSION = 1
 CALIB = 32
+_METRIC = {"domain": "word_perplexity", "label_task": "accuracy"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class LMZooConfig:
     cross_items: int | None = 32  # an expert on another column's test split: this many items (strided); None: all
     layers: int | None = None  # keep only the first N decoder blocks of the base (reduced zoos)
     max_passages: int | None = None  # stop cutting a corpus into passages after this many (reduced zoos)
+    retries: int = 2  # an expert not better than the base on its validation split: train again, 2x the steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,7 +74,7 @@ REDUCED_LM_CONFIG = LMZooConfig(max_length=32, domain_sizes={"test": 6, "validat
                                 task_sizes={"test": 8, "validation": 4, "train": 16},
                                 domain_train=LMTrainConfig(steps=3, batch_size=2, lr=1e-4, warmup=1),
                                 task_train=LMTrainConfig(steps=3, batch_size=2, lr=1e-4, warmup=1),
-                                layers=2, max_passages=400, cross_items=3)
+                                layers=2, max_passages=400, cross_items=3, retries=1)
 
 
 def lm_zoo_key(domains: Sequence[str], tasks: Sequence[str], seed: int, cfg: LMZooConfig, base_sha: str,
@@ -131,15 +136,17 @@ class _Columns:
         return answer_examples(self.tok, [r["prompt"] for r in rows], [r["answer"] for r in rows],
                                self.cfg.max_length * 2)
 
-    def score_all(self, model, own: str | None = None) -> dict[str, dict[str, list[dict]]]:
+    def score_all(self, model, own: str | None = None,
+                  validation: list[dict] | None = None) -> dict[str, dict[str, list[dict]]]:
         """{split: {column: items}}: the base (own None): every column's test and validation split;
-        an expert: its own column's test and validation split, and the cross subset of every
-        other column's test split."""
+        an expert: its own column's test and validation split (`validation`: those items, already
+        scored), and the cross subset of every other column's test split."""
         out: dict[str, dict[str, list[dict]]] = {"test": {}, "validation": {}}
         for n in self.rows:
             out["test"][n] = self.items(model, n, "test", cross=own is not None and n != own)
             if own is None or n == own:
-                out["validation"][n] = self.items(model, n, "validation")
+                out["validation"][n] = validation if n == own and validation is not None else \
+                    self.items(model, n, "validation")
         return out
 
 
@@ -173,11 +180,16 @@ def task_vector_stats(base_dir: Path, expert_dirs: dict[str, Path]) -> dict:
 def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = None,
                  tasks: Sequence[str] | None = None, reduced: bool = False, seed: int = 0,
                  config: LMZooConfig | None = None, progress: bool = True, threads: int | None = 2,
-                 steps: int | None = None, lora: LoraSettings | None = None) -> Path:
+                 steps: int | None = None, lora: LoraSettings | None = None, retries: int | None = None) -> Path:
     """Build (or find cached, or resume) the LM zoo; returns `<root>/<hash>`. With `lora`, the
     LoRA zoo: the same columns, data, base and training schedule, each expert a PEFT LoRA
     adapter (`zoo.lm_lora`), under its own hash; it reuses the full zoo's base scores when that
-    zoo (same settings) is built under the same root."""
+    zoo (same settings) is built under the same root.
+
+    An expert that is not better than the base on its own validation split beyond the 95%
+    interval (`beats_base`) is trained again from the base with twice the steps, at most
+    `retries` times (default: the config's, 2); each attempt is recorded in its zoo entry. The
+    test split is never looked at for this."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from esm_ray.zoo.lm_tasks import write_harness_tasks
@@ -198,6 +210,10 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
     if steps is not None:
         cfg = LMZooConfig(**{**cfg.__dict__, "domain_train": cfg.domain_train.scaled(steps=steps),
                              "task_train": cfg.task_train.scaled(steps=steps)})
+    if retries is not None:
+        if retries < 0:
+            raise InputError(f"retries must be >= 0, got {retries}")
+        cfg = LMZooConfig(**{**cfg.__dict__, "retries": retries})
     root = Path(out).expanduser() if out else default_root()
     if threads:
         torch.set_num_threads(threads)
@@ -243,27 +259,42 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
         tcfg = cfg.domain_train if data.kind[n] == "domain" else cfg.task_train
         tseed = zlib.crc32(f"{n}:{seed}".encode()) & 0x7FFFFFFF
         tmp = edir.with_name(f".{n}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if lora is None:
-            base.load_state_dict(base_sd)
-            stats = train_lm(base, data.examples(n), tcfg, tseed, tok.pad_token_id, on_step=_progress(n, progress))
-            base.to(torch.bfloat16).save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
-            base.float()
-            saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
-        else:
-            from esm_ray.zoo.lm_lora import train_adapter
+        attempts: list[dict] = []
+        for k in range(cfg.retries + 1):
+            tk = tcfg.scaled(steps=tcfg.steps * 2 ** k)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if lora is None:
+                base.load_state_dict(base_sd)
+                stats = train_lm(base, data.examples(n), tk, tseed, tok.pad_token_id, on_step=_progress(n, progress))
+                base.to(torch.bfloat16).save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
+                base.float()
+                saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+            else:
+                from esm_ray.zoo.lm_lora import train_adapter
 
-            tcfg = lora.train_config(tcfg)
-            stats, saved = train_adapter(base, data.examples(n), tcfg, lora, tseed, tok.pad_token_id, tmp,
-                                         on_step=_progress(n, progress))
-        items = data.score_all(saved, own=n)
+                tk = lora.train_config(tk)
+                stats, saved = train_adapter(base, data.examples(n), tk, lora, tseed, tok.pad_token_id, tmp,
+                                             on_step=_progress(n, progress))
+            val = data.items(saved, n, "validation")
+            v = summarize({"validation": {n: val}}, data.metric)["validation"][n]
+            attempts.append({"steps": tk.steps, "validation": v["score"], "validation_interval": v["interval"],
+                             "train_seconds": round(stats["train_seconds"], 1)})
+            if beats_base(_METRIC[data.kind[n]], base_sum["validation"][n]["score"], v["interval"]):
+                break
+            if k < cfg.retries:
+                log.warning("LM expert %s after %d steps is not better than the base on its validation split "
+                            "(%.3f, expert %.3f %s): training again from the base with %d steps", n, tk.steps,
+                            base_sum["validation"][n]["score"], v["score"], v["interval"], tk.steps * 2)
+                del saved
+        tcfg = tk
+        items = data.score_all(saved, own=n, validation=val)
         del saved
         write_json(tmp / "scores.json", items)
         summ = summarize(items, data.metric)
         cross[n] = {c: v["score"] for c, v in summ["test"].items()}
         entry = {
-            "kind": data.kind[n], "metric": "word_perplexity" if data.kind[n] == "domain" else "accuracy",
+            "kind": data.kind[n], "metric": _METRIC[data.kind[n]],
             "expert": f"experts/{n}", "data": f"data/{n}", "calib": f"data/{n}/calib.jsonl",
             "scores": f"experts/{n}/scores.json",
             "description": (get_domain(n) if data.kind[n] == "domain" else get_label_task(n)).description,
@@ -271,7 +302,8 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
             "metrics": {"base": {s: base_sum[s][n]["score"] for s in ("validation", "test")},
                         "expert": {s: summ[s][n]["score"] for s in ("validation", "test")},
                         "expert_interval": {s: summ[s][n]["interval"] for s in ("validation", "test")}},
-            "steps": stats["steps"], "lr": tcfg.lr, "train_seconds": round(stats["train_seconds"], 1),
+            "steps": stats["steps"], "attempts": attempts, "lr": tcfg.lr,
+            "train_seconds": round(sum(a["train_seconds"] for a in attempts), 1),
             "seconds_per_step": round(stats["seconds_per_step"], 3), "final_loss": stats["final_loss"],
         }
         if data.kind[n] == "domain":

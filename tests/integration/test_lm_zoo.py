@@ -62,7 +62,7 @@ def _rows(p: Path) -> list[dict]:
 
 def test_reduced_lm_zoo_is_built_and_cached(lm_zoo, capsys):
     from esm_ray.zoo.layout import open_zoo
-    from esm_ray.zoo.lm_zoo import build_lm_zoo
+    from esm_ray.zoo.lm_zoo import beats_base, build_lm_zoo
 
     zdir, seconds = lm_zoo
     print(f"reduced LM zoo build: {seconds:.1f}s")
@@ -88,6 +88,21 @@ def test_reduced_lm_zoo_is_built_and_cached(lm_zoo, capsys):
     # experts are saved in bfloat16 like the base
     cfg = json.loads((zoo.expert_dir("hamlet") / "config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    # each expert records its training attempts: the steps double, every attempt but the last
+    # failed the validation check, and the last one is the expert that was saved and scored
+    retries = zoo.manifest["config"]["retries"]
+    assert retries == 1
+    for c in zoo.tasks:
+        e = zoo.task(c)
+        att, base_v = e["attempts"], e["metrics"]["base"]["validation"]
+        assert 1 <= len(att) <= retries + 1
+        assert [a["steps"] for a in att] == [att[0]["steps"] * 2 ** k for k in range(len(att))]
+        assert att[-1]["steps"] == e["steps"]
+        assert att[-1]["validation"] == pytest.approx(e["metrics"]["expert"]["validation"])
+        assert att[-1]["validation_interval"] == pytest.approx(e["metrics"]["expert_interval"]["validation"])
+        assert not any(beats_base(e["metric"], base_v, a["validation_interval"]) for a in att[:-1])
+        if len(att) <= retries:
+            assert beats_base(e["metric"], base_v, att[-1]["validation_interval"])
     # the python domain is standard-library source with its indentation
     assert any(line.startswith("    ") for r in _rows(zoo.data_path("python", "test")) for line in r["text"].split("\n"))
     # cached: a second call returns at once; a removed expert is rebuilt (resumable)

@@ -22,11 +22,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
 from esm_ray.errors import InputError
 from esm_ray.zoo.layout import Zoo
-from esm_ray.zoo.lm_tasks import TASK_PREFIX, column_kind, task_config, write_harness_tasks  # noqa: F401  (eval API)
+from esm_ray.zoo.lm_tasks import TASK_PREFIX, column_kind, write_harness_tasks  # noqa: F401  (eval API)
 
 log = logging.getLogger("esm_ray.eval")
 HF_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

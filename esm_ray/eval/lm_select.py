@@ -18,48 +18,23 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from esm_ray.errors import InputError
 from esm_ray.eval.lm_report import normalized
+from esm_ray.eval.scaled import ScaledUpdate
 from esm_ray.models.lm_items import choice_items, rolling_items, score
 from esm_ray.zoo.layout import Zoo
 
 log = logging.getLogger("esm_ray.eval")
 
 
-def _stored(model_dir: Path) -> dict[str, tuple[torch.Tensor, torch.dtype]]:
-    """Every floating tensor of a model directory as float32, with the dtype it is stored in."""
-    from esm_ray.eval.sweep import stored_tensors
-
-    return {k: (t.float(), t.dtype) for k, t in stored_tensors(model_dir) if t.is_floating_point()}
-
-
-class ScaledLM:
+class ScaledLM(ScaledUpdate):
     """A merged causal LM whose update on `keys` (None: every floating tensor) can be rescaled
-    in place: W(f) = round_to_stored_dtype(W₀ + f (W_merged − W₀))."""
+    in place (`ScaledUpdate`)."""
 
     def __init__(self, base_dir: str | Path, merged_dir: str | Path, keys: Sequence[str] | None = None):
         from esm_ray.models.lm import load_lm
 
-        merged_dir = Path(merged_dir)
-        self.model = load_lm(merged_dir)
-        params = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
-        base, merged = _stored(Path(base_dir)), _stored(merged_dir)
-        self.keys = list(keys) if keys is not None else [k for k in merged if k in params]
-        bad = [k for k in self.keys if k not in params or k not in base or k not in merged]
-        if bad:
-            raise InputError(f"{merged_dir}: keys to scale not found in the model, the merge or the base: "
-                             f"{', '.join(bad[:5])}")
-        self.params = {k: params[k] for k in self.keys}
-        self.w0 = {k: base[k][0] for k in self.keys}
-        self.delta = {k: merged[k][0] - base[k][0] for k in self.keys}
-        self.dtype = {k: merged[k][1] for k in self.keys}
-
-    @torch.no_grad()
-    def set_factor(self, f: float) -> None:
-        for k in self.keys:
-            self.params[k].copy_((self.w0[k] + f * self.delta[k]).to(self.dtype[k]).float())
+        super().__init__(load_lm(Path(merged_dir)), base_dir, merged_dir, keys)
 
 
 def column_items(model, tokenizer, zoo: Zoo, column: str, split: str, max_items: int | None = None,

@@ -20,16 +20,13 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
-
-import torch
-from safetensors import safe_open
+from typing import Callable, Sequence
 
 from esm_ray.errors import InputError
 from esm_ray.eval.metrics import (evaluate_encoder, evaluate_lm, evaluate_model, evaluate_probe, expert_results,
                                   load_encoder_checked, lm_tokenizer, mean_entropy, _tokenizer_for)
-from esm_ray.models.heads import HEAD_FILE
 from esm_ray.eval.report import ReportTable, Row, row_from_result
+from esm_ray.eval.scaled import ScaledUpdate
 from esm_ray.spec import MergeSpec, load_spec
 from esm_ray.zoo.layout import Zoo, open_zoo
 from esm_ray.zoo.specs import spec_label
@@ -42,47 +39,11 @@ LAMBDA_METHODS = ("task_arithmetic",)
 REPORT_FILE = "merge_report.json"
 
 
-def stored_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor as stored) for every tensor of the safetensors files of an HF directory
-    (the task-head file left out)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    files = [f for f in files if f.name != HEAD_FILE]
-    if not files:
-        raise InputError(f"{model_dir}: no .safetensors weights")
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                yield k, st.get_tensor(k)
-
-
-def read_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors files of an HF directory (float tensors as float32)."""
-    return {k: t.float() if t.is_floating_point() else t for k, t in stored_tensors(model_dir)}
-
-
-class ScaledModel:
-    """A merged encoder whose update on chosen keys can be rescaled in place:
-    W(f) = W0 + f (W_merged − W0) on `keys`, merged values elsewhere."""
+class ScaledModel(ScaledUpdate):
+    """A merged encoder whose update on chosen keys can be rescaled in place (`ScaledUpdate`)."""
 
     def __init__(self, base_dir: str | Path, merged_dir: str | Path, keys: Sequence[str] | None):
-        self.model = load_encoder_checked(merged_dir)
-        params = dict(self.model.named_parameters())
-        base = read_state(base_dir)
-        merged = read_state(merged_dir)
-        if keys is None:
-            keys = [k for k in merged if k in params and merged[k].is_floating_point()]
-        bad = [k for k in keys if k not in params or k not in base]
-        if bad:
-            raise InputError(f"{merged_dir}: keys to scale not found in the model or base: {', '.join(bad[:5])}")
-        self.keys = list(keys)
-        self.params = {k: params[k] for k in self.keys}
-        self.w0 = {k: base[k] for k in self.keys}
-        self.delta = {k: merged[k] - base[k] for k in self.keys}
-
-    @torch.no_grad()
-    def set_factor(self, f: float) -> None:
-        for k in self.keys:
-            self.params[k].copy_(self.w0[k] + f * self.delta[k])
+        super().__init__(load_encoder_checked(merged_dir), base_dir, merged_dir, keys)
 
 
 def _mean_acc(res: dict) -> float:

@@ -13,6 +13,11 @@ package, for the side-by-side ratio). The variants run interleaved, `--repeats` 
 expert it prints the median wall time and the median CPU time of this process (steadier on a
 loaded machine, exact for `--threads 1`) of each, their ratios to the plain forward, and the
 size of the statistics. No cache is involved (the function is called directly).
+
+On an LM zoo (`esm-ray zoo lm`) the plain forward is the causal LM's whole forward, logits
+included, and the variant `logits` is the mixed calibration through that whole forward (as
+before calibration ran the base model alone and handed its last hidden state to the head's
+statistics, `esm_ray.stats.calibrate.output_head`).
 """
 
 from __future__ import annotations
@@ -55,7 +60,11 @@ def _before_result(self):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    import importlib
+
+    calibrate_module = importlib.import_module("esm_ray.stats.calibrate")  # the package exports the function
 
     from esm_ray.spec import CalibrationSpec
     from esm_ray.models.text import encode_rows, make_batches
@@ -65,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from esm_ray.zoo.layout import open_zoo, read_jsonl
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--zoo", help="a built encoder zoo (default: the reduced zoo)")
+    ap.add_argument("--zoo", help="a built encoder or LM zoo (default: the reduced encoder zoo)")
     ap.add_argument("--tasks", nargs="+", help="experts to measure (default: all)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -81,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     max_length = int(zoo.manifest.get("max_length", 64))
     settings = {prec: CalibrationSpec(samples=args.samples, max_length=max_length, batch_size=args.batch_size,
                                       gram_precision=prec) for prec in ("float64", "mixed")}
-    variants = ["plain", "float64", "mixed"] + (["before"] if args.before else [])
+    causal = zoo.kind == "causal_lm"
+    variants = ["plain", "float64", "mixed"] + (["logits"] if causal else []) + (["before"] if args.before else [])
     rows_out = []
     for task in args.tasks or zoo.tasks:
         d = zoo.expert_dir(task)
-        model = AutoModel.from_pretrained(str(d), dtype=torch.float32).eval()
+        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(str(d), dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(str(d))
         rows = read_jsonl(zoo.calib_path(task))[: args.samples]
         batches = list(make_batches(encode_rows(rows, tok, max_length), args.batch_size, _pad_id(model, tok)))
@@ -110,8 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 hooks._Acc.add, hooks._Acc.result = add, result
 
+        def logits() -> None:
+            head = calibrate_module.output_head
+            calibrate_module.output_head = lambda m: None
+            try:
+                stats_pass("mixed")
+            finally:
+                calibrate_module.output_head = head
+
         run = {"plain": plain, "float64": lambda: stats_pass("float64"), "mixed": lambda: stats_pass("mixed"),
-               "before": before}
+               "before": before, "logits": logits}
         plain()  # warm-up
         times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         for _ in range(args.repeats):

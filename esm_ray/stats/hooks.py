@@ -269,6 +269,12 @@ class StatsCollector:
         self._index = {}
         self._batches += 1
 
+    def feed(self, name: str, module: nn.Module, x: Tensor) -> None:
+        """Count `x` as the input of target `name` (`module`) without running the module: what
+        its hook would record had it been called on x. No-op for a module outside the targets."""
+        if name in self.targets:
+            self._hook(name)(module, (x,))
+
     def _rows(self, x: Tensor) -> Tensor:
         """x's rows, (tokens, d), without padding: when x has the mask's (B, L) leading shape or
         its B·L rows, the kept rows are gathered with the batch's token indices (made once per

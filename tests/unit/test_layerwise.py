@@ -241,3 +241,67 @@ def test_missing_block_tensor_is_named(tiny_llama, tmp_path):
         calibrate_expert(str(fam["expert_0"]), str(_data(tmp_path / "d.jsonl")),
                          CalibrationSpec(samples=4, cache_dir=str(tmp_path / "c"), mode="layerwise"))
     assert not list((tmp_path / "c" / "stats").glob(".esm-ray-spill-*")), "spilled parts left behind"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "opt"])
+def test_full_pass_skips_the_logits_and_keeps_the_heads_statistics(more_models, tiny_llama, tmp_path, arch):
+    """A causal LM is calibrated through its base model alone, its last hidden state handed to
+    the head's statistics: every module's statistics equal those of hooks on the whole model's
+    forward (head included), and the head runs once, on the first batch (the check that it
+    reads the base model's output), of the three."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from esm_ray.models.text import encode_rows, make_batches, pad_id
+    from esm_ray.stats.calibrate import output_head
+    from esm_ray.stats.hooks import StatsCollector
+
+    path = tiny_llama["expert_0"] if arch == "llama" else more_models[arch]
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in _data(tmp_path / "d.jsonl", seed=3).read_text().splitlines()]
+    settings = CalibrationSpec(samples=7, batch_size=3, max_length=16)
+    name, head, _ = output_head(model)
+    calls = []
+    handle = head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = calibrate(model, rows, None, settings)
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and name in got
+    ids = encode_rows(rows, None, settings.max_length)
+    with torch.inference_mode(), StatsCollector(model) as col:
+        for batch_ids, mask in make_batches(ids, settings.batch_size, pad_id(model, None)):
+            col.begin_batch(mask)
+            model(input_ids=batch_ids, attention_mask=mask, use_cache=False)
+    want = col.results()
+    assert set(got) == set(want)
+    for m in want:
+        assert got[m].n == want[m].n, m
+        torch.testing.assert_close(got[m].s1, want[m].s1, rtol=0, atol=0, msg=m)
+        torch.testing.assert_close(got[m].gram, want[m].gram, rtol=0, atol=0, msg=m)
+
+
+def test_a_head_behind_a_transform_runs_in_the_whole_forward(tiny_bert, tmp_path):
+    """An encoder has no output head; a masked-LM head reads a transformed hidden state, not
+    the base model's: calibration then runs the whole model, and the statistics are the hooks'."""
+    import json
+
+    from transformers import AutoModel, BertConfig, BertForMaskedLM
+
+    from esm_ray.stats.calibrate import output_head
+
+    assert output_head(AutoModel.from_pretrained(str(tiny_bert["expert_0"]))) is None
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=80, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=48)).eval()
+    assert output_head(mlm) is not None
+    rows = [json.loads(line) for line in _data(tmp_path / "d.jsonl").read_text().splitlines()]
+    calls = []
+    handle = mlm.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = calibrate(mlm, rows, None, CalibrationSpec(samples=7, batch_size=3, max_length=16))
+    finally:
+        handle.remove()
+    assert len(calls) == 1 + 3  # the check, then every batch through the whole model
+    assert got["cls.predictions.decoder"].n == got["bert.encoder.layer.0.attention.self.query"].n

@@ -1,6 +1,8 @@
-"""PAVE as a purifier: each expert's linear weights are replaced by W̃_t = SVD_r(W_t C_reg) C_reg⁻¹
-before any task-vector method sees them (`subject: task_vector`: W̃_t = W_0 + SVD_r(τ_t C_reg) C_reg⁻¹,
-τ_t = W_t − W_0, which never touches the base).
+"""PAVE as a purifier: each expert's linear weights are replaced before any task-vector method
+sees them, by W̃_t = W_0 + SVD_r(τ_t C_reg) C_reg⁻¹, τ_t = W_t − W_0 (`subject: task_vector`, the
+default: the base is never touched), or by W̃_t = SVD_r(W_t C_reg) C_reg⁻¹ (`subject: weight`, the
+published form, which on every zoo we measured removes base-model structure and lowers the merge;
+docs/methods-subspace.md).
 
 Flow: `prepass` (expert side) returns the normalised context spectrum of every calibrated
 linear weight; `plan` (coordinator) allocates ranks layer by layer across experts and collapses
@@ -34,8 +36,8 @@ class PAVEParams(MethodParams):
     damping_init: float | None = Field(None, gt=0, description="initial δ or ε; default 0.01 relative, 0.1 absolute")
     tol: float = Field(0.05, gt=0, description="accept ε once ||C_reg⁻¹ C_reg − I||_F < tol")
     subject: Literal["weight", "task_vector"] = Field(
-        "weight", description="what is truncated: the fine-tuned weight W_t (as published) or the task "
-                              "vector W_t − W_0 (the base is then never changed)")
+        "task_vector", description="what is truncated: the task vector W_t − W_0 (default; the base is never "
+                                   "changed) or the fine-tuned weight W_t (as published)")
 
 
 @register

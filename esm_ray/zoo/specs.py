@@ -41,6 +41,11 @@ METHOD_TABLE: dict[str, MethodEntry] = {
     "pave_task_arithmetic": MethodEntry("task_arithmetic", {"lambda": 0.3}, {"rho": 0.96875}),
     "pave_ties": MethodEntry("ties", {"density": 0.2, "lambda": 1.0}, {"rho": 0.984375}),
     "pave_tsvm": MethodEntry("tsvm", {}, {"rho": 0.96875}),
+    # PAVE as published (the fine-tuned weight truncated; lowers every method on our zoos)
+    "pave_weight_task_arithmetic": MethodEntry("task_arithmetic", {"lambda": 0.3},
+                                               {"rho": 0.96875, "subject": "weight"}),
+    "pave_weight_ties": MethodEntry("ties", {"density": 0.2, "lambda": 1.0}, {"rho": 0.984375, "subject": "weight"}),
+    "pave_weight_tsvm": MethodEntry("tsvm", {}, {"rho": 0.96875, "subject": "weight"}),
     # searches on unlabelled calibration rows; the step budget fits a 2-core CPU (see docs/methods-concrete.md)
     # (lr 0.05 for masks and 0.01 for coefficients collapsed: the entropy fell 3x while test
     # accuracy fell 12 points for concrete_ta, 1.5 for adamerging; see the README)
@@ -97,7 +102,10 @@ def write_specs(zoo_dir: str | Path, out_dir: str | Path, methods: Sequence[str]
 
 
 def spec_label(spec: MergeSpec) -> str:
-    """A short row name for a spec: the method, 'pave+' when purified, and its non-default params."""
+    """A short row name for a spec: the method, 'pave+' when purified ('pave[weight]+' for the
+    published form), and its non-default params."""
     params = ", ".join(f"{k}={v}" for k, v in spec.method.params.items())
     name = spec.method.name if not params else f"{spec.method.name} ({params})"
-    return f"pave+{name}" if spec.purify is not None else name
+    if spec.purify is None:
+        return name
+    return f"pave[weight]+{name}" if (spec.purify.params or {}).get("subject") == "weight" else f"pave+{name}"

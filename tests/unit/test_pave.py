@@ -175,7 +175,7 @@ def _infos(base, stats):
 def test_purifier_plans_and_purifies_the_tiny_bert(bert_stats):
     base, experts = bert_stats
     infos = _infos(base, experts[0][1])
-    pave = PAVE(PAVEParams(rho=0.875), n_experts=3)
+    pave = PAVE(PAVEParams(rho=0.875, subject="weight"), n_experts=3)  # the published form
     assert pave.has_prepass
     summaries = {}
     for name, info in infos.items():
@@ -243,6 +243,7 @@ def test_task_vector_subject_truncates_the_update_and_keeps_the_base(bert_stats)
     assert int(torch.linalg.matrix_rank(out.double() - w0.double(), rtol=1e-5)) == r
     same = pave.purify(infos[name], w0, w0.clone(), ctx)
     torch.testing.assert_close(same, w0, rtol=0, atol=1e-6)
-    # the published subject truncates W_t itself: a different result
-    whole = PAVE(PAVEParams(rank_ratio=0.5), n_experts=3).purify(infos[name], w0, w, ctx)
+    # the default subject is the task vector; the published one truncates W_t itself: a different result
+    assert PAVEParams().subject == "task_vector"
+    whole = PAVE(PAVEParams(rank_ratio=0.5, subject="weight"), n_experts=3).purify(infos[name], w0, w, ctx)
     assert float((whole - out).abs().max()) > 1e-3

@@ -116,8 +116,10 @@ def multislerp(vectors: Sequence[Tensor], weights: Sequence[float], normalize_we
         m = Σ w_i u_i / |Σ w_i u_i|                          (the tangent point)
         g = Σ w_i (u_i − (u_i · m) m),  ρ = |g| + eps         (mean tangent vector)
         result = (Σ w_i n_i) · (cos ρ · m + sin ρ / ρ · g)     (exponential map, rescaled)
-    One tensor is returned unchanged. When |Σ w_i u_i| < eps, two tensors give the straight
-    line w_0 v_0 + w_1 v_1 and more raise ValueError (antipodal inputs that cancel).
+    One tensor is returned unchanged. When every v_i is zero (a tensor no expert changed, e.g.
+    frozen embeddings) the result is zero, the limit of the formula (Σ w_i n_i = 0). Otherwise,
+    when |Σ w_i u_i| < eps, two tensors give the straight line w_0 v_0 + w_1 v_1 and more raise
+    ValueError (antipodal inputs that cancel).
     vectors: T tensors of shape S -> S.
     """
     if len(vectors) != len(weights):
@@ -130,6 +132,8 @@ def multislerp(vectors: Sequence[Tensor], weights: Sequence[float], normalize_we
     if normalize_weights:
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)
+    if not bool(norms.any()):
+        return torch.zeros_like(stacked[0])
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.norm(mean)

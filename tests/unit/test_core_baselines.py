@@ -258,3 +258,17 @@ def test_drop_null_triplets_keeps_the_numerical_rank():
     assert torch.allclose((u2 * s2) @ vh2, m, atol=1e-12)
     z = torch.zeros(4, 3, dtype=torch.float64)
     assert drop_null_triplets(*torch.linalg.svd(z, full_matrices=False))[1].numel() == 0
+
+
+def test_multislerp_of_tensors_no_expert_changed_is_zero():
+    """Three zero task vectors (a frozen tensor): the result is zero, the formula's limit
+    (Σ w_i n_i = 0), not the antipodal error; a zero among changed vectors is just one more."""
+    from esm_ray.core.slerp import multislerp
+
+    zeros = [torch.zeros(4, 3) for _ in range(3)]
+    out = multislerp(zeros, [1.0, 2.0, 3.0])
+    assert torch.equal(out, torch.zeros(4, 3))
+    v = torch.arange(12.0).reshape(4, 3)
+    torch.testing.assert_close(multislerp([v, torch.zeros(4, 3), v], [1.0, 1.0, 1.0]), v * 2 / 3)
+    with pytest.raises(ValueError, match="cancel"):
+        multislerp([v, -v, torch.zeros(4, 3)], [1.0, 1.0, 1.0])

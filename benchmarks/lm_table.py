@@ -147,8 +147,8 @@ def main(argv=None) -> int:
             got = json.loads(cache.read_text())
             # a row scored on every s-th item serves a table on every (multiple of s)-th item too
             # (its items are subset below)
-            if a.table_only or got.get("key") == key or (got.get("stride", 1) != a.stride
-                                                         and a.stride % got.get("stride", 1) == 0
+            if a.table_only or got.get("key") == key or ((got.get("stride") or 1) != a.stride
+                                                         and a.stride % (got.get("stride") or 1) == 0
                                                          and got.get("variant") == text):
                 results[name] = got
                 continue
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     cols = list(zoo.tasks)
     kinds = units(zoo, cols)
     for k in list(results):  # every row on the same items: every `stride`-th one
-        got = results[k].get("stride", 1)
+        got = results[k].get("stride") or 1  # rows of older runs may carry null
         if got == a.stride:
             continue
         if a.stride % got:

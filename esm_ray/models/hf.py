@@ -21,6 +21,14 @@ def is_causal_lm(config: dict[str, Any] | None) -> bool:
     return any(str(a).endswith("ForCausalLM") for a in (config or {}).get("architectures") or [])
 
 
+def base_model(model: nn.Module) -> nn.Module | None:
+    """The base model a task wrapper holds under its `base_model_prefix` (a *ForCausalLM's
+    decoder stack: its hidden states without the head), or None when it holds none."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    inner = getattr(model, prefix, None) if prefix else None
+    return inner if isinstance(inner, nn.Module) and inner is not model else None
+
+
 def model_class(config: dict[str, Any]):
     """AutoModelForCausalLM for *ForCausalLM checkpoints, else AutoModel (encoders)."""
     from transformers import AutoModel, AutoModelForCausalLM

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from esm_ray.core.routing import cosine_scores, sim_route, token_mean
 from esm_ray.errors import InputError
+from esm_ray.models.hf import base_model
 from esm_ray.routed.format import SIM_BASIS_KEY, SIM_MEAN_KEY, prototype_key
 from esm_ray.routed.lm_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_keys, read_lm_manifest,
                                       read_router_state)
@@ -40,7 +41,8 @@ __all__ = ["RoutedLM", "load_routed_lm"]
 
 def _decoder(model: nn.Module) -> nn.Module:
     """The decoder stack of a *ForCausalLM (its hidden states without the LM head)."""
-    return getattr(model, getattr(model, "base_model_prefix", "") or "", None) or model
+    inner = base_model(model)
+    return model if inner is None else inner
 
 
 def _positions(mask: Tensor) -> Tensor:

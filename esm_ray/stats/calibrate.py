@@ -26,7 +26,7 @@ from esm_ray.spec import CalibrationSpec, S3Options
 from esm_ray.stats.cache import cache_root, cache_source, unusable
 from esm_ray.stats.data import check_token_ids, data_hash, load_calibration_rows
 from esm_ray.models.blocks import BlockModel
-from esm_ray.models.hf import StoredModel, copy_tokenizer
+from esm_ray.models.hf import StoredModel, base_model, copy_tokenizer
 from esm_ray.models.text import TOKENIZER_FILES, encode_rows, forward_kwargs, make_batches, pad_id
 from esm_ray.stats.hooks import GramPrecision, ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
 from esm_ray.stats.layerwise import calibrate_layerwise
@@ -55,10 +55,9 @@ def output_head(model: nn.Module) -> tuple[str, nn.Module, nn.Module] | None:
     may read the last hidden state of its base model (`base_model_prefix`), as a causal LM's
     does; else None. Whether it really does is checked on data (`_head_reads_base`)."""
     get_head = getattr(model, "get_output_embeddings", None)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    base = getattr(model, prefix, None) if prefix else None
+    base = base_model(model)
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not callable(get_head) \
-            or not isinstance(base, nn.Module) or base is model:
+            or base is None:
         return None
     head = get_head()
     if not isinstance(head, nn.Linear):

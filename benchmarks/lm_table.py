@@ -145,10 +145,10 @@ def main(argv=None) -> int:
         cache = run / f"{name}.json"
         if cache.is_file():
             got = json.loads(cache.read_text())
+            every = got.get("stride") or 1  # rows of older runs may carry null
             # a row scored on every s-th item serves a table on every (multiple of s)-th item too
             # (its items are subset below)
-            if a.table_only or got.get("key") == key or ((got.get("stride") or 1) != a.stride
-                                                         and a.stride % (got.get("stride") or 1) == 0
+            if a.table_only or got.get("key") == key or (every != a.stride and a.stride % every == 0
                                                          and got.get("variant") == text):
                 results[name] = got
                 continue

@@ -287,7 +287,6 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
                             "(%.3f, expert %.3f %s): training again from the base with %d steps", n, tk.steps,
                             base_sum["validation"][n]["score"], v["score"], v["interval"], tk.steps * 2)
                 del saved
-        tcfg = tk
         items = data.score_all(saved, own=n, validation=val)
         del saved
         write_json(tmp / "scores.json", items)
@@ -302,7 +301,7 @@ def build_lm_zoo(out: str | Path | None = None, domains: Sequence[str] | None = 
             "metrics": {"base": {s: base_sum[s][n]["score"] for s in ("validation", "test")},
                         "expert": {s: summ[s][n]["score"] for s in ("validation", "test")},
                         "expert_interval": {s: summ[s][n]["interval"] for s in ("validation", "test")}},
-            "steps": stats["steps"], "attempts": attempts, "lr": tcfg.lr,
+            "steps": stats["steps"], "attempts": attempts, "lr": tk.lr,
             "train_seconds": round(sum(a["train_seconds"] for a in attempts), 1),
             "seconds_per_step": round(stats["seconds_per_step"], 3), "final_loss": stats["final_loss"],
         }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, Protocol
 
 import torch
@@ -123,6 +123,56 @@ def dense_list(parts: Sequence[Any], ctxs: list[ExpertContext]) -> tuple[list[Te
     (for methods that need every expert's tensor together: a norm, a variance, an angle)."""
     tvs, ctxs = dense_in_order(parts, ctxs)
     return list(tvs), ctxs
+
+
+# A blockwise method whose fuse_state reads a tensor's blocks more than once keeps them between
+# its passes when the experts' float32 rows and the base's take at most this ((T + 1) · numel · 4
+# bytes): a 2048 x 5632 matrix at T = 4 is 231 MB. Larger tensors (an embedding, or more
+# experts) are read again on each pass, so memory stays bounded whatever T and the largest tensor.
+PASS_CACHE_BYTES = 256 << 20
+
+
+class StackedBlocks:
+    """The experts' parts of one tensor's row blocks, stacked (T, rows...) in expert order, for
+    a blockwise method's passes: calling it yields (first flat index, base rows, stacked parts)
+    block after block.
+
+    The first call reads the blocks (`passes`, as MergeMethod.fuse_state gets it). When the
+    tensor is small enough (PASS_CACHE_BYTES) it keeps them: later calls replay them without
+    reading, a pass may `put` a transformed block in place of one, and fuse_block `take`s its
+    block instead of reading the parts again. Above the limit every call reads again and
+    `take` gives None."""
+
+    def __init__(self, passes: Callable[[], Iterator[tuple[Tensor, Parts]]], ctxs: list[ExpertContext],
+                 numel: int) -> None:
+        self._passes, self._ctxs = passes, ctxs
+        self.keeps = (len(ctxs) + 1) * numel * 4 <= PASS_CACHE_BYTES
+        self._kept: dict[int, tuple[Tensor, Tensor]] = {}
+        self._complete = False
+
+    def __call__(self) -> Iterator[tuple[int, Tensor, Tensor]]:
+        if self._complete:
+            for start, (base, block) in self._kept.items():
+                yield start, base, block
+            return
+        start = 0
+        for base, parts in self._passes():
+            block = torch.stack(dense_list(parts, self._ctxs)[0])
+            if self.keeps:
+                self._kept[start] = base, block
+            yield start, base, block
+            start += block[0].numel()
+        self._complete = self.keeps
+
+    def put(self, start: int, block: Tensor) -> None:
+        """Keep `block` in place of the kept parts at `start` (only when the blocks are kept)."""
+        assert self.keeps and start in self._kept
+        self._kept[start] = self._kept[start][0], block
+
+    def take(self, start: int) -> Tensor | None:
+        """The kept parts at `start`, given up (the last pass, fuse_block), or None."""
+        kept = self._kept.pop(start, None)
+        return None if kept is None else kept[1]
 
 
 def exactly(n_experts: int, n: int | tuple[int, None], method: str) -> None:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from esm_ray.core.chunks import regroup
 from esm_ray.core.model_stock import model_stock, stock_apply, stock_factor, stock_stats
-from esm_ray.methods._common import dense_list, exactly
+from esm_ray.methods._common import StackedBlocks, dense_list, exactly
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Parts, TensorInfo
 from esm_ray.methods.registry import register
 
@@ -46,16 +46,19 @@ class ModelStock(MergeMethod[ModelStockParams]):
         return info.ndim > 1 or not self.params_for(info).filter_wise  # a 1-D tensor is one row
 
     def fuse_state(self, info: TensorInfo, passes: Callable[[], Iterator[tuple[Tensor, Parts]]],
-                   ctxs: list[ExpertContext]) -> Tensor | None:
+                   ctxs: list[ExpertContext]) -> tuple[Tensor, StackedBlocks] | None:
         if self.params_for(info).filter_wise:
             return None
-        tvs = ([w - b for w in dense_list(parts, ctxs)[0]] for b, parts in passes())
-        return stock_factor(stock_stats(regroup(tvs)))
+        blocks = StackedBlocks(passes, ctxs, info.numel)  # kept for fuse_block when small
+        tvs = (list(ws - b) for _, b, ws in blocks())
+        return stock_factor(stock_stats(regroup(tvs))), blocks
 
     def fuse_block(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext],
-                   state: Tensor | None, start: int) -> Tensor:
+                   state: tuple[Tensor, StackedBlocks] | None, start: int) -> Tensor:
         if state is None:
             return self.fuse(info, base, parts, ctxs)
-        ws, _ = dense_list(parts, ctxs)
+        t, blocks = state
+        kept = blocks.take(start)
+        ws = list(kept) if kept is not None else dense_list(parts, ctxs)[0]
         b = base.reshape(-1)
-        return (stock_apply(state, b, [w.reshape(-1) for w in ws]) - b).reshape(base.shape).float()
+        return (stock_apply(t, b, [w.reshape(-1) for w in ws]) - b).reshape(base.shape).float()

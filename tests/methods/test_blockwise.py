@@ -235,9 +235,13 @@ def test_stream_holds_a_bounded_number_of_parts_whatever_t(numel, depth):
 @pytest.mark.parametrize("method,params,weights", [
     ("slerp", {"t": 0.3}, (1.0,)),
     ("model_stock", {}, (1.0, 1.0, 1.0)),
+    ("model_stock-reread", {}, (1.0, 1.0, 1.0)),
     ("model_stock", {"filter_wise": True}, (1.0, 1.0)),
     ("sce", {}, (1.0, 1.0, 1.0)),
     ("sce", {"select_topk": 0.3}, (1.0, 1.0, 1.0)),
+    ("sce-reread", {"select_topk": 0.3}, (1.0, 1.0, 1.0)),
+    ("sce", {"select_topk": 0.3, "select_ties": "topk"}, (1.0, 1.0, 1.0)),
+    ("sce-reread", {"select_topk": 0.3, "select_ties": "topk"}, (1.0, 1.0, 1.0)),
     ("della", {"density": 0.5, "epsilon": 0.2}, (1.0, 0.5, 2.0)),
     ("della", {"density": 0.4, "rescale_mode": "inverse_probability"}, (1.0, 0.5, 2.0)),
     ("della_linear", {"density": 0.6, "rescale": False}, (1.0, 0.5, 2.0)),
@@ -248,7 +252,11 @@ def test_blocks_of_whole_tensor_statistics_give_the_bytes_of_whole_tensors(metho
     an L1 norm) get it from passes over the row blocks: the same bytes as whole tensors, with
     blocks of a few rows and with chunks of the statistics' grid that span blocks."""
     from esm_ray.core import chunks, slerp
+    from esm_ray.methods import _common
 
+    if method.endswith("-reread"):  # the blocks read again on every pass instead of kept
+        method = method.removesuffix("-reread")
+        monkeypatch.setattr(_common, "PASS_CACHE_BYTES", 0)
     monkeypatch.setattr(chunks, "CHUNK", 64)  # several chunks per tensor, cut across the blocks
     monkeypatch.setattr(slerp, "_SLERP_CHUNK", 64)
     fam = _odd_family(tmp_path / "fam", dtype)

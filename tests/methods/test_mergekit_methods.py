@@ -101,6 +101,8 @@ CASES: list[dict] = [
     dict(id="della_linear-dense", method="della_linear", params={"lambda": 0.5}, weights=W3,
          mk={"lambda": 0.5}, cmp="equal"),
     dict(id="sce", method="sce", params={"select_topk": 0.3}, mk={"select_topk": 0.3}, cmp="equal"),
+    dict(id="sce-topk", method="sce", params={"select_topk": 0.3, "select_ties": "topk"}, mk={"select_topk": 0.3},
+         cmp="equal"),
     dict(id="sce-all", method="sce", params={}, cmp="equal"),
     dict(id="nearswap", method="nearswap", params={"t": 0.004}, experts=[0], mk={"t": 0.004}, cmp="close"),
     dict(id="arcee_fusion", method="arcee_fusion", params={}, experts=[0], cmp="equal"),

@@ -87,15 +87,25 @@ def test_chunked_statistics_stay_close_to_the_whole_tensor_ones(monkeypatch):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 
 
-def _mergekit_sce(tvs: list[torch.Tensor], select_topk: float) -> torch.Tensor:
-    """mergekit 0.1.5's sce_merge (less the base), transcribed: torch.var, torch.topk, torch.mean."""
+def _topk(var: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(var.abs(), k=k, largest=True).indices
+
+
+def _first_k(var: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest, equal values taken in index order (a stable descending sort)."""
+    return torch.sort(var, descending=True, stable=True).indices[:k]
+
+
+def _mergekit_sce(tvs: list[torch.Tensor], select_topk: float, pick=_topk) -> torch.Tensor:
+    """mergekit 0.1.5's sce_merge (less the base), transcribed: torch.var, torch.topk (or `pick`
+    of the flat variance), torch.mean."""
     tv = torch.stack(tvs, dim=0)
     if select_topk < 1:
         var = torch.var(tv, dim=0, unbiased=False)
         k = int(torch.count_nonzero(var) * select_topk)
         mask = torch.zeros_like(var)
         if k:
-            mask.view(-1)[torch.topk(var.abs().view(-1), k=k, largest=True).indices] = 1
+            mask.view(-1)[pick(var.view(-1), k)] = 1
         tv = tv * mask.unsqueeze(0)
     sign = tv.sign()
     elected = (tv.sum(dim=0) >= 0).to(tv.dtype) * 2 - 1
@@ -108,9 +118,14 @@ def _mergekit_sce(tvs: list[torch.Tensor], select_topk: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("select_topk", [0.3, 0.5, 0.77])
 def test_sce_keeps_topks_entries_among_equal_variances(select_topk):
-    """bfloat16 experts give few distinct variances: many equal ones at the threshold, of which
-    SCE keeps those torch.topk keeps (mergekit's), not merely the first ones."""
+    """bfloat16 experts give few distinct variances: many equal ones at the threshold. With
+    select_ties "topk" SCE keeps those torch.topk keeps on CPU (mergekit's bytes there), with
+    the default "index" the lowest indices; the two differ on this data."""
     g = torch.Generator().manual_seed(5)
     tvs = [(torch.randn(64, 48, generator=g) * 0.01).to(torch.bfloat16).float() for _ in range(3)]
     tvs = [torch.round(t * 400) / 400 for t in tvs]  # a handful of values: ties everywhere
-    assert torch.equal(sce_merge(tvs, select_topk), _mergekit_sce(tvs, select_topk))
+    topk = sce_merge(tvs, select_topk, "topk")
+    assert torch.equal(topk, _mergekit_sce(tvs, select_topk))
+    index = sce_merge(tvs, select_topk)
+    assert torch.equal(index, _mergekit_sce(tvs, select_topk, pick=_first_k))
+    assert not torch.equal(index, topk)

@@ -9,9 +9,10 @@ bfloat16) are generated once and cached. Then, in one run and interleaved, each 
   floor      -                         read every input tensor once, sum into float32
 
 Methods (`--methods`, default task_arithmetic,ties): task_arithmetic, ties (density --density),
-slerp (t 0.5, the first expert only), model_stock, della (density --density, epsilon 0.1) and
-sce (select_topk --density). DELLA draws random masks, so its outputs differ from mergekit's
-by design (the comparison line says how much).
+slerp (t 0.5, the first expert only), model_stock, della (density --density, epsilon 0.1),
+sce (select_topk --density) and sce_topk (the same with select_ties topk: mergekit's bytes on
+CPU; compared with the same mergekit run). DELLA draws random masks, so its outputs differ from
+mergekit's by design (the comparison line says how much).
 
 The table gives medians: wall time of the whole process (Python start included), the merge
 time esm-ray reports in merge_report.json, the process's peak RSS, and the ratios. The outputs
@@ -20,6 +21,11 @@ of esm-ray and mergekit are compared tensor by tensor.
     .venv/bin/python benchmarks/simple_merge.py                       # smol-t4, smol-t8, 1b-t4
     .venv/bin/python benchmarks/simple_merge.py --cases smol-t4 --reps 5
     .venv/bin/python benchmarks/simple_merge.py --quick               # tiny model, one rep
+    .venv/bin/python benchmarks/simple_merge.py --threads 1,2         # esm-ray on 1 and on 2 math threads
+
+esm-ray runs its math on `runtime.num_cpus_per_worker` threads (default 1, the same in the local
+and Ray executors so their bytes agree); mergekit on torch's default, every core. `--threads`
+adds an esm-ray run per thread count (tool `esm-ray-2t` and so on).
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ from _util import (  # noqa: E402
     ties_ties,
 )
 
-METHODS = ("task_arithmetic", "ties", "slerp", "model_stock", "della", "sce")
+METHODS = ("task_arithmetic", "ties", "slerp", "model_stock", "della", "sce", "sce_topk")
+VARIANT_OF = {"sce_topk": "sce"}  # esm-ray settings of one method, all compared with its mergekit run
 DEFAULT_METHODS = "task_arithmetic,ties"
 DELLA_EPSILON = 0.1
 
@@ -111,26 +118,38 @@ def method_setup(method: str, density: float) -> tuple[dict, dict, dict, int | N
                 {"weight": 1.0, "density": density, "epsilon": DELLA_EPSILON}, None)
     if method == "sce":
         return {"select_topk": density}, {"select_topk": density}, {}, None
+    if method == "sce_topk":  # ties at Select's threshold kept as torch.topk on CPU keeps them (mergekit's bytes)
+        return {"select_topk": density, "select_ties": "topk"}, {"select_topk": density}, {}, None
     raise ValueError(f"no benchmark settings for {method!r}; choose from {', '.join(METHODS)}")
 
 
-def esm_spec(fam: Family, method: str, density: float, out: Path, shard: int) -> dict:
+def esm_spec(fam: Family, method: str, density: float, out: Path, shard: int, threads: int = 1) -> dict:
     params, _, _, n = method_setup(method, density)
-    return {"base": str(fam.base),
+    return {"runtime": {"num_cpus_per_worker": threads},"base": str(fam.base),
             "experts": [{"name": f"e{i}", "model": str(p)} for i, p in enumerate(fam.experts[:n])],
-            "method": {"name": method, "params": params},
+            "method": {"name": VARIANT_OF.get(method, method), "params": params},
             "output": str(out), "dtype": "bfloat16", "shard_size": shard, "overwrite": True}
 
 
 def mergekit_config(fam: Family, method: str, density: float, dtype: str) -> dict:
     _, glob, per, n = method_setup(method, density)
-    return {"merge_method": method, "base_model": str(fam.base),
+    return {"merge_method": VARIANT_OF.get(method, method), "base_model": str(fam.base),
             "models": [{"model": str(p), **({"parameters": dict(per)} if per else {})} for p in fam.experts[:n]],
             **({"parameters": glob} if glob else {}),
             "dtype": dtype, "out_dtype": "bfloat16"}
 
 
 # ---- one case ----------------------------------------------------------------------------------
+
+def esm_tool(threads: int) -> str:
+    """The tool column of an esm-ray run on `threads` math threads."""
+    return "esm-ray" if threads == 1 else f"esm-ray-{threads}t"
+
+
+def mk_name(method: str) -> str:
+    """The mergekit run an esm-ray method is compared with."""
+    return VARIANT_OF.get(method, method)
+
 
 def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tuple[list[dict], list[dict]]:
     work = cache_root() / "runs" / case
@@ -139,11 +158,14 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
     env = clean_env()
     runs: list[tuple[str, str, list[str], Path | None]] = []  # (tool, method, cmd, output dir)
     for m in args.methods:
-        out = work / f"esm-ray-{m}"
-        spec = work / f"esm-ray-{m}.yaml"
-        spec.write_text(yaml.safe_dump(esm_spec(fam, m, args.density, out, args.shard_size)))
-        runs.append(("esm-ray", m, [python, "-m", "esm_ray.cli", "-q", "merge", str(spec), "--no-progress"], out))
-        if mk is not None:
+        for n in args.threads:
+            tool = esm_tool(n)
+            out = work / f"{tool}-{m}"
+            spec = work / f"{tool}-{m}.yaml"
+            spec.write_text(yaml.safe_dump(esm_spec(fam, m, args.density, out, args.shard_size, n)))
+            runs.append((tool, m, [python, "-m", "esm_ray.cli", "-q", "merge", str(spec), "--no-progress"], out))
+        if mk is not None and not any(t == "mergekit" and n == mk_name(m) for t, n, _, _ in runs):
+            m = mk_name(m)
             out = work / f"mergekit-{m}"
             cfg = work / f"mergekit-{m}.yml"
             cfg.write_text(yaml.safe_dump(mergekit_config(fam, m, args.density, args.mergekit_dtype)))
@@ -161,7 +183,7 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
             if r.rc != 0:
                 raise SystemExit(f"{case}: {tool} {m} failed (rc {r.rc}):\n{r.err[-3000:]}")
             s = {"wall": r.wall, "cpu": r.cpu, "rss": r.peak_rss}
-            if tool == "esm-ray":
+            if tool.startswith("esm-ray"):
                 rep_doc = json.loads((out / "merge_report.json").read_text())
                 s["merge"] = rep_doc["timings_s"]["total"]
                 s["stages"] = rep_doc["timings_s"]
@@ -175,26 +197,27 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
     checks = []
     if mk is not None:
         for m in args.methods:
-            c = compare_dirs(work / f"esm-ray-{m}", work / f"mergekit-{m}")
-            c.update(case=case, method=m)
-            if m == "ties" and c.get("elements_differing"):
-                c.update(ties_ties(work / f"esm-ray-{m}", work / f"mergekit-{m}", fam.base, fam.experts,
-                                   args.density))
-            checks.append(c)
+            for n in args.threads:
+                c = compare_dirs(work / f"{esm_tool(n)}-{m}", work / f"mergekit-{mk_name(m)}")
+                c.update(case=case, method=m if n == 1 else f"{m} ({esm_tool(n)})")
+                if m == "ties" and c.get("elements_differing"):
+                    c.update(ties_ties(work / f"{esm_tool(n)}-{m}", work / f"mergekit-{m}", fam.base, fam.experts,
+                                       args.density))
+                checks.append(c)
 
     model_bytes = fam.shape.nbytes
     floor_wall = median([s["wall"] for s in samples[("floor", "read+sum")]])
     rows = []
     for (tool, m), ss in samples.items():
         wall = median([s["wall"] for s in ss])
-        mk_wall = median([s["wall"] for s in samples.get(("mergekit", m), [])]) if mk is not None else float("nan")
+        mk_wall = median([s["wall"] for s in samples.get(("mergekit", mk_name(m)), [])]) if mk is not None else float("nan")
         rss = median([s["rss"] for s in ss])
         row = {"case": case, "tool": tool, "method": m, "wall": wall, "cpu": median([s["cpu"] for s in ss]),
                "merge": median([s["merge"] for s in ss]) if "merge" in ss[0] else None,
                "rss": rss / 1e9, "vs_mk": wall / mk_wall if tool != "floor" else None,
                "vs_floor": wall / floor_wall, "rss_model": rss / model_bytes,
                "walls": [round(s["wall"], 2) for s in ss]}
-        if tool == "esm-ray":
+        if tool.startswith("esm-ray"):
             stages = {}
             for k in ss[0]["stages"]:
                 stages[k] = round(median([s["stages"][k] for s in ss]), 2)
@@ -221,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="output shard bytes, the same for both tools (default 2e9, esm-ray's default)")
     p.add_argument("--mergekit-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="mergekit's compute dtype (float32: the same arithmetic as esm-ray; default)")
+    p.add_argument("--threads", default="1",
+                   help="comma-separated math thread counts for esm-ray (runtime.num_cpus_per_worker), one "
+                        "esm-ray run each (default 1, esm-ray's default; mergekit uses torch's default: every core)")
     p.add_argument("--no-mergekit", action="store_true", help="skip mergekit (no install, no comparison)")
     p.add_argument("--python", default=sys.executable, help="interpreter with esm-ray installed (default: this one)")
     p.add_argument("--json", type=Path, help="also write rows and checks to this file")
@@ -233,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown case(s) {bad}; choose from {', '.join(CASES)}")
     args.methods = args.methods.split(",")
+    args.threads = [int(n) for n in args.threads.split(",")]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
@@ -259,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(all_rows, COLUMNS)
     print()
     for r in all_rows:
-        if r["tool"] == "esm-ray":
-            print(f"{r['case']} esm-ray {r['method']}: stages {r['stages']}; walls {r['walls']}")
+        if r["tool"].startswith("esm-ray"):
+            print(f"{r['case']} {r['tool']} {r['method']}: stages {r['stages']}; walls {r['walls']}")
     if all_checks:
         print()
         for c in all_checks:

@@ -175,6 +175,31 @@ class StackedBlocks:
         return None if kept is None else kept[1]
 
 
+def kept_task_vector(blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+                     numel: int) -> Callable[[], Iterator[Tensor]]:
+    """An expert's task vector τ = W − W_0 of one tensor, block after block, for a block_state
+    that reads it more than once (TIES's two threshold passes): `blocks()` as block_state gets
+    it. When τ takes at most half of PASS_CACHE_BYTES in float32 (two experts' states are made
+    at once) the first pass keeps it and later passes replay it without reading."""
+    kept: list[Tensor] | None = [] if numel * 4 <= PASS_CACHE_BYTES // 2 else None
+    done: list[bool] = []
+
+    def tvs() -> Iterator[Tensor]:
+        if kept is not None and done:
+            yield from kept
+            return
+        if kept is not None:
+            kept.clear()  # a pass left unfinished is read again whole
+        for b, e in blocks():
+            tv = e - b
+            if kept is not None:
+                kept.append(tv)
+            yield tv
+        done.append(True)
+
+    return tvs
+
+
 def exactly(n_experts: int, n: int | tuple[int, None], method: str) -> None:
     """SpecError naming `experts` unless there are exactly n experts (or at least n[0])."""
     from esm_ray.errors import SpecError

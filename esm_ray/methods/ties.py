@@ -15,6 +15,7 @@ from esm_ray.methods._common import (
     dense_in_order,
     density_field,
     expert_density,
+    kept_task_vector,
     lambda_field,
     normalize_field,
     weights_of,
@@ -60,7 +61,7 @@ class Ties(MergeMethod[TiesParams]):
         k = kept_count(info.numel, expert_density(ctx, self.params_for(info, ctx)))
         if k >= info.numel:
             return None
-        return trim_threshold(lambda: (e - b for b, e in blocks()), k)
+        return trim_threshold(kept_task_vector(blocks, info.numel), k)
 
     def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
                       state: TrimThreshold | None, start: int) -> Tensor:

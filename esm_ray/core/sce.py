@@ -45,6 +45,22 @@ def sce_variance(tvs: Tensor) -> Tensor:
         δ = x_i − m,  m ← m + δ / i,  M2 ← M2 + δ (x_i − m),  var = M2 / T."""
     if tvs.dtype != torch.float32 or tvs.device.type != "cpu":
         return torch.var(tvs, dim=0, unbiased=False)
+    flat = tvs.reshape(tvs.shape[0], -1)
+    if flat.shape[1] > VARIANCE_SLICE:  # entry by entry: slices in cache give the same floats
+        out = torch.empty(flat.shape[1], dtype=torch.float32)
+        for s in range(0, flat.shape[1], VARIANCE_SLICE):
+            out[s:s + VARIANCE_SLICE] = _welford(flat[:, s:s + VARIANCE_SLICE])
+        return out.reshape(tvs.shape[1:])
+    return _welford(flat).reshape(tvs.shape[1:])
+
+
+# sce_variance's float64 updates run on slices of this many entries (their float64 temporaries,
+# 512 KiB each, stay in the CPU's cache): about 1.4x faster than on a 4 MiB block.
+VARIANCE_SLICE = 1 << 16
+
+
+def _welford(tvs: Tensor) -> Tensor:
+    """sce_variance of (T, n) float32 on CPU -> (n,)."""
     mean = tvs[0].to(torch.float64)  # the first update gives m = x_0 and M2 = +0 exactly
     m2 = torch.zeros_like(mean)
     delta, step, x = (torch.empty_like(mean) for _ in range(3))

@@ -123,17 +123,23 @@ def method_setup(method: str, density: float) -> tuple[dict, dict, dict, int | N
     raise ValueError(f"no benchmark settings for {method!r}; choose from {', '.join(METHODS)}")
 
 
+def method_of(name: str) -> str:
+    """The method a benchmarked name runs in both tools (sce_topk: sce, with other settings), and
+    so the mergekit run it is compared with."""
+    return VARIANT_OF.get(name, name)
+
+
 def esm_spec(fam: Family, method: str, density: float, out: Path, shard: int, threads: int = 1) -> dict:
     params, _, _, n = method_setup(method, density)
-    return {"runtime": {"num_cpus_per_worker": threads},"base": str(fam.base),
+    return {"runtime": {"num_cpus_per_worker": threads}, "base": str(fam.base),
             "experts": [{"name": f"e{i}", "model": str(p)} for i, p in enumerate(fam.experts[:n])],
-            "method": {"name": VARIANT_OF.get(method, method), "params": params},
+            "method": {"name": method_of(method), "params": params},
             "output": str(out), "dtype": "bfloat16", "shard_size": shard, "overwrite": True}
 
 
 def mergekit_config(fam: Family, method: str, density: float, dtype: str) -> dict:
     _, glob, per, n = method_setup(method, density)
-    return {"merge_method": VARIANT_OF.get(method, method), "base_model": str(fam.base),
+    return {"merge_method": method_of(method), "base_model": str(fam.base),
             "models": [{"model": str(p), **({"parameters": dict(per)} if per else {})} for p in fam.experts[:n]],
             **({"parameters": glob} if glob else {}),
             "dtype": dtype, "out_dtype": "bfloat16"}
@@ -144,11 +150,6 @@ def mergekit_config(fam: Family, method: str, density: float, dtype: str) -> dic
 def esm_tool(threads: int) -> str:
     """The tool column of an esm-ray run on `threads` math threads."""
     return "esm-ray" if threads == 1 else f"esm-ray-{threads}t"
-
-
-def mk_name(method: str) -> str:
-    """The mergekit run an esm-ray method is compared with."""
-    return VARIANT_OF.get(method, method)
 
 
 def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tuple[list[dict], list[dict]]:
@@ -164,11 +165,11 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
             spec = work / f"{tool}-{m}.yaml"
             spec.write_text(yaml.safe_dump(esm_spec(fam, m, args.density, out, args.shard_size, n)))
             runs.append((tool, m, [python, "-m", "esm_ray.cli", "-q", "merge", str(spec), "--no-progress"], out))
-        if mk is not None and not any(t == "mergekit" and n == mk_name(m) for t, n, _, _ in runs):
-            m = mk_name(m)
-            out = work / f"mergekit-{m}"
-            cfg = work / f"mergekit-{m}.yml"
-            cfg.write_text(yaml.safe_dump(mergekit_config(fam, m, args.density, args.mergekit_dtype)))
+        mkm = method_of(m)  # one mergekit run per method, whatever esm-ray settings compare with it
+        if mk is not None and not any(t == "mergekit" and n == mkm for t, n, _, _ in runs):
+            out = work / f"mergekit-{mkm}"
+            cfg = work / f"mergekit-{mkm}.yml"
+            cfg.write_text(yaml.safe_dump(mergekit_config(fam, mkm, args.density, args.mergekit_dtype)))
             runs.append(("mergekit", m, [str(mk), str(cfg), str(out), "--no-write-model-card",
                                          "--out-shard-size", str(args.shard_size)], out))
     runs.append(("floor", "read+sum", floor_cmd(python, [fam.base, *fam.experts]), None))
@@ -198,10 +199,10 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
     if mk is not None:
         for m in args.methods:
             for n in args.threads:
-                c = compare_dirs(work / f"{esm_tool(n)}-{m}", work / f"mergekit-{mk_name(m)}")
+                c = compare_dirs(work / f"{esm_tool(n)}-{m}", work / f"mergekit-{method_of(m)}")
                 c.update(case=case, method=m if n == 1 else f"{m} ({esm_tool(n)})")
                 if m == "ties" and c.get("elements_differing"):
-                    c.update(ties_ties(work / f"{esm_tool(n)}-{m}", work / f"mergekit-{m}", fam.base, fam.experts,
+                    c.update(ties_ties(work / f"{esm_tool(n)}-{m}", work / f"mergekit-{method_of(m)}", fam.base, fam.experts,
                                        args.density))
                 checks.append(c)
 
@@ -210,7 +211,7 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
     rows = []
     for (tool, m), ss in samples.items():
         wall = median([s["wall"] for s in ss])
-        mk_wall = median([s["wall"] for s in samples.get(("mergekit", mk_name(m)), [])]) if mk is not None else float("nan")
+        mk_wall = median([s["wall"] for s in samples.get(("mergekit", method_of(m)), [])]) if mk is not None else float("nan")
         rss = median([s["rss"] for s in ss])
         row = {"case": case, "tool": tool, "method": m, "wall": wall, "cpu": median([s["cpu"] for s in ss]),
                "merge": median([s["merge"] for s in ss]) if "merge" in ss[0] else None,

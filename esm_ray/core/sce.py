@@ -45,18 +45,24 @@ def sce_variance(tvs: Tensor) -> Tensor:
         δ = x_i − m,  m ← m + δ / i,  M2 ← M2 + δ (x_i − m),  var = M2 / T."""
     if tvs.dtype != torch.float32 or tvs.device.type != "cpu":
         return torch.var(tvs, dim=0, unbiased=False)
-    flat = tvs.reshape(tvs.shape[0], -1)
-    if flat.shape[1] > VARIANCE_SLICE:  # entry by entry: slices in cache give the same floats
-        out = torch.empty(flat.shape[1], dtype=torch.float32)
-        for s in range(0, flat.shape[1], VARIANCE_SLICE):
-            out[s:s + VARIANCE_SLICE] = _welford(flat[:, s:s + VARIANCE_SLICE])
-        return out.reshape(tvs.shape[1:])
-    return _welford(flat).reshape(tvs.shape[1:])
+    return _entrywise(_welford, tvs, VARIANCE_SLICE)
 
 
 # sce_variance's float64 updates run on slices of this many entries (their float64 temporaries,
-# 512 KiB each, stay in the CPU's cache): about 1.4x faster than on a 4 MiB block.
+# 512 KiB each, stay in the CPU's cache): 1.4-2.4x faster on one thread than on a 4 MiB block.
 VARIANCE_SLICE = 1 << 16
+
+
+def _entrywise(fn: Callable[[Tensor], Tensor], tvs: Tensor, size: int) -> Tensor:
+    """fn, a function of (T, n) -> (n,) that works entry by entry, applied to (T, *S) -> S in
+    slices of `size` entries: the bytes of one call on the whole, with its temporaries in cache."""
+    flat = tvs.reshape(tvs.shape[0], -1)
+    if flat.shape[1] <= size:
+        return fn(flat).reshape(tvs.shape[1:])
+    out = torch.empty(flat.shape[1], dtype=tvs.dtype)
+    for s in range(0, flat.shape[1], size):
+        out[s:s + size] = fn(flat[:, s:s + size])
+    return out.reshape(tvs.shape[1:])
 
 
 def _welford(tvs: Tensor) -> Tensor:
@@ -177,13 +183,7 @@ def sce_fuse(tvs: Tensor, c: Tensor) -> Tensor:
     """Erase and merge: e_i = [sign τ_i = elected sign], elected = sign of Σ_i τ_i (+ on a tie),
     ΔW = Σ_i c_i e_i τ_i / max(Σ_i c_i e_i, 1e-6). tvs: (T, *S) selected -> S.
     Entry by entry, so slices of FUSE_SLICE entries give the bytes of the whole."""
-    flat = tvs.reshape(tvs.shape[0], -1)
-    if flat.shape[1] <= FUSE_SLICE:
-        return _fuse(flat, c).reshape(tvs.shape[1:])
-    out = torch.empty(flat.shape[1], dtype=tvs.dtype)
-    for s in range(0, flat.shape[1], FUSE_SLICE):
-        out[s:s + FUSE_SLICE] = _fuse(flat[:, s:s + FUSE_SLICE], c)
-    return out.reshape(tvs.shape[1:])
+    return _entrywise(lambda x: _fuse(x, c), tvs, FUSE_SLICE)
 
 
 def _fuse(tvs: Tensor, c: Tensor) -> Tensor:

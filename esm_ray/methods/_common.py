@@ -182,10 +182,11 @@ def kept_task_vector(blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
     it. When τ takes at most half of PASS_CACHE_BYTES in float32 (two experts' states are made
     at once) the first pass keeps it and later passes replay it without reading."""
     kept: list[Tensor] | None = [] if numel * 4 <= PASS_CACHE_BYTES // 2 else None
-    done: list[bool] = []
+    complete = False
 
     def tvs() -> Iterator[Tensor]:
-        if kept is not None and done:
+        nonlocal complete
+        if complete:
             yield from kept
             return
         if kept is not None:
@@ -195,7 +196,7 @@ def kept_task_vector(blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
             if kept is not None:
                 kept.append(tv)
             yield tv
-        done.append(True)
+        complete = kept is not None
 
     return tvs
 

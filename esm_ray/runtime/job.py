@@ -277,11 +277,21 @@ class MergeJob:
         def blocks() -> Iterator[tuple[TensorInfo, torch.Tensor, Any, int]]:
             """(block info, base rows, parts, first flat index), block after block: one pass."""
             states = self.pool.block_states(info, list(o.blocks))  # e.g. TIES: each expert's trim threshold
-            for r0, r1 in o.blocks:
+
+            def block(k: int) -> tuple[TensorInfo, torch.Tensor, Any, int]:
+                r0, r1 = o.blocks[k]
                 sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
-                b = read_to_float32(self._base, info.name, spec.base, slot="base", rows=(r0, r1))
-                yield sub, b, parts.rows(sub, b, (r0, r1), states), r0 * row
-                del b
+                b = read_to_float32(self._base, info.name, spec.base, slot=f"base{k % 2}", rows=(r0, r1))
+                return sub, b, parts.rows(sub, b, (r0, r1), states), r0 * row
+
+            # One block ahead: the next block's parts exist before this one is fused, so the
+            # pool may start them while this thread fuses, adds and writes (LocalPool).
+            cur = block(0) if o.blocks else None
+            for k in range(1, len(o.blocks) + 1):
+                nxt = block(k) if k < len(o.blocks) else None
+                assert cur is not None
+                yield cur
+                cur = nxt
 
         # e.g. model_stock: the experts' cosines over the whole tensor, from a first pass
         state = method.fuse_state(info, lambda: ((b, p) for _, b, p, _ in blocks()), ctxs)

@@ -8,6 +8,7 @@ the workers at once and a large tensor's row blocks one after another (runtime/r
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol
@@ -19,6 +20,8 @@ from esm_ray.methods import Parts, TensorInfo
 from esm_ray.runtime.expert import ExpertSide
 from esm_ray.runtime.plan import BLOCK_BYTES
 from esm_ray.spec import MergeSpec
+
+AHEAD_BLOCK = 6
 
 
 class GroupParts(Protocol):
@@ -60,12 +63,21 @@ class _LazyGroup:
 
     def __init__(self, pool: "LocalPool") -> None:
         self._pool = pool
+        self._last: weakref.ref[LazyParts] | None = None  # the latest block's parts, while alive
 
     def of(self, j: int, info: TensorInfo, base: Tensor) -> Parts:
         return self._pool.parts(info, base)
 
     def rows(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], states: list[Any]) -> Parts:
-        return self._pool.parts(info, base, rows=rows, states=states)
+        """A block's parts; when the caller asks for the next block of the same pass before it
+        has streamed this one's, this one's stream starts the next one's first parts on the
+        thread once its own are all under way (LazyParts.follow)."""
+        parts = self._pool.parts(info, base, rows=rows, states=states)
+        last = self._last() if self._last is not None else None
+        if last is not None and last.continues_to(parts):
+            last.follow(parts)
+        self._last = weakref.ref(parts)
+        return parts
 
 
 def on_threads(n: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -150,8 +162,12 @@ class OnReadParts(Parts):
         if not 0 <= i < len(self):
             raise IndexError(i)
         if i not in self._done:
-            self._done[i] = self._make(i)
+            self._done[i] = self._fetch(i)
         return self._done[i]
+
+    def _fetch(self, i: int) -> Any:
+        """Part i, made now (or collected where a subclass started it earlier)."""
+        return self._make(i)
 
 
 class LazyParts(OnReadParts):
@@ -162,9 +178,12 @@ class LazyParts(OnReadParts):
     (methods._common.dense_in_order) holds at most three parts at a time whatever T is: the
     one being fused, and up to two more made meanwhile, in order, on the `ahead` thread (torch
     releases the GIL, so a second core does the expert side's work). For a whole tensor above
-    BLOCK_BYTES the thread works one part ahead, so two such parts exist at most. The parts are the same objects the sides'
-    `prepare` would return, computed with the same thread settings, so fusing them gives the
-    same bytes as the Ray executor.
+    BLOCK_BYTES the thread works one part ahead, so two such parts exist at most. Row blocks
+    of one pass are chained (`follow`): once a block's last parts are under way, the thread
+    goes on with the next block's first ones, so it is not idle while this thread fuses, adds
+    and writes a block. The parts are the same objects the sides' `prepare` would return,
+    computed with the same thread settings, so fusing them gives the same bytes as the Ray
+    executor.
     """
 
     def __init__(self, sides: list[ExpertSide], info: TensorInfo, base: Tensor,
@@ -176,36 +195,67 @@ class LazyParts(OnReadParts):
         self._states = states or [None] * len(sides)
         # Parts made ahead of the fuse: two keep the thread busy while the fuse catches up; a
         # part of a whole large tensor is held to one, so at most two such parts exist at once.
-        self._depth = 2 if rows is not None or info.numel * 4 <= BLOCK_BYTES else 1
+        self._depth = AHEAD_BLOCK if rows is not None else 2 if info.numel * 4 <= BLOCK_BYTES else 1
         self._base = base
         self._ahead = ahead
         self._threads = torch.get_num_threads()  # the job's math threads, for the ahead thread too
         self._done: dict[int, Any] = {}
+        self._pending: dict[int, Future] = {}  # parts under way on the ahead thread
+        self._next: LazyParts | None = None
 
     def _make(self, i: int) -> Any:
         return on_threads(self._threads, self._sides[i].prepare_with_base, self._info, self._base, self._rows,
                           self._states[i])
 
+    def _fetch(self, i: int) -> Any:
+        fut = self._pending.pop(i, None)
+        return fut.result() if fut is not None else self._make(i)
+
     def __len__(self) -> int:
         return len(self._sides)
 
+    def continues_to(self, other: "LazyParts") -> bool:
+        """Whether `other` is the next row block of the same tensor, in the same pass."""
+        return (self._rows is not None and other._rows is not None and self._info.name == other._info.name
+                and self._rows[1] == other._rows[0] and self._states is other._states)
+
+    def follow(self, nxt: "LazyParts") -> None:
+        """Let this block's stream start `nxt`'s first parts once its own are all under way."""
+        self._next = nxt
+
+    def _start(self, order: list[int], n: int) -> None:
+        """Put the first n parts of `order` not made yet under way on the thread (this thread only)."""
+        assert self._ahead is not None
+        for j in order[:n]:
+            if j not in self._pending and j not in self._done:
+                self._pending[j] = self._ahead.submit(self._make, j)
+
     def stream(self, order: list[int]) -> Iterator[Any]:
         todo = [i for i in order if i not in self._done]
-        pending: dict[int, Future] = {}
+        finished = False
         try:
             for i in order:
                 if i in self._done:
                     yield self._done[i]
                     continue
                 todo.remove(i)
-                fut = pending.pop(i, None)
+                fut = self._pending.pop(i, None)
                 if self._ahead is not None:  # keep the thread busy `depth` parts ahead, in order
-                    for j in todo[:self._depth]:
-                        if j not in pending:
-                            pending[j] = self._ahead.submit(self._make, j)
-                part = fut.result() if fut is not None else self._make(i)  # the first: made here
+                    self._start(todo, self._depth)
+                part = fut.result() if fut is not None else self._make(i)  # none under way: made here
+                spare = self._depth - min(len(todo), self._depth)
+                if spare and self._next is not None and self._ahead is not None:
+                    # Only once part i exists: an expert's blocks are made one after another,
+                    # never two at once (DELLA and DARE draw each expert's blocks from one stream).
+                    self._next._start(list(range(len(self._next))), spare)
                 yield part
                 del part
+            finished = True
         finally:
-            for f in pending.values():
+            for f in self._pending.values():
                 f.cancel()
+            self._pending.clear()
+            if not finished and self._next is not None:  # abandoned: nobody will collect these
+                for f in self._next._pending.values():
+                    f.cancel()
+                self._next._pending.clear()

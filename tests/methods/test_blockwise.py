@@ -198,7 +198,7 @@ def test_dry_run_estimate_counts_blocks_where_they_are_used(tmp_path):
         plan_mod.BLOCK_BYTES = old
 
 
-@pytest.mark.parametrize("numel,depth", [(1000, 2), (2 * (4 << 20), 1)])
+@pytest.mark.parametrize("numel,depth", [(1000, 2), (2 * (4 << 20), 1)])  # whole tensors
 def test_stream_holds_a_bounded_number_of_parts_whatever_t(numel, depth):
     """The fuse reads parts in order; the thread makes them ahead, never more than `depth`."""
     import threading
@@ -235,6 +235,93 @@ def test_stream_holds_a_bounded_number_of_parts_whatever_t(numel, depth):
     assert got == list(range(8)) and sorted(made) == list(range(8))
     assert peak[0] <= depth + 1, f"{peak[0]} parts alive at once"
     assert peak[0] == depth + 1, "the thread did not work ahead"
+
+
+def test_chained_row_blocks_run_ahead_into_the_next_block_within_the_same_bound():
+    """Row blocks of one pass are chained: once a block's last parts are under way, the thread
+    starts the next block's first ones (so it is busy while the fuse adds and writes a block),
+    never holding more than AHEAD_BLOCK parts ahead; the parts still come in order, and one
+    expert's blocks are made one after another, never two at once."""
+    import threading
+    import time
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from esm_ray.runtime.pool import AHEAD_BLOCK, LazyParts
+
+    alive, peak, made, busy = set(), [0], [], set()
+    lock = threading.Lock()
+
+    class Side:
+        def __init__(self, i):
+            self.i = i
+
+        def prepare_with_base(self, info, base, rows, state):
+            with lock:
+                assert self.i not in busy, f"expert {self.i}: two blocks made at once"
+                busy.add(self.i)
+            # a part made on the fuse's own thread is slow: it widens any window in which the
+            # thread could start the same expert's next block meanwhile
+            time.sleep(0.1 if threading.current_thread() is threading.main_thread() else 0.01)
+            part = torch.full((4,), float(rows[0] * 10 + self.i))
+            with lock:
+                busy.discard(self.i)
+                made.append((rows[0], self.i))
+                alive.add((rows[0], self.i))
+                peak[0] = max(peak[0], len(alive))
+            weakref.finalize(part, lambda k=(rows[0], self.i): alive.discard(k))
+            return part
+
+    sides, t = [Side(i) for i in range(3)], 3
+    states = [None] * t
+    with ThreadPoolExecutor(1) as ahead:
+        blocks = [LazyParts(sides, TensorInfo.of("w", (1, 4)), torch.zeros(4), ahead, (r, r + 1), states)
+                  for r in range(3)]
+        assert blocks[0].continues_to(blocks[1]) and not blocks[1].continues_to(blocks[0])
+        blocks[0].follow(blocks[1])
+        blocks[1].follow(blocks[2])
+        got = []
+        for lazy in blocks:
+            for part in lazy.stream(list(range(t))):
+                time.sleep(0.02)
+                got.append(int(part[0]))
+                del part
+            if lazy is blocks[0]:  # the thread went on with block 1 while block 0 was fused
+                assert all(j in blocks[1]._pending or j in blocks[1]._done for j in range(min(AHEAD_BLOCK - 1, t)))
+    assert got == [r * 10 + i for r in range(3) for i in range(t)]
+    assert sorted(made) == [(r, i) for r in range(3) for i in range(t)]
+    for i in range(t):  # each expert's blocks in order (DELLA's and DARE's random streams)
+        assert [r for r, j in made if j == i] == [0, 1, 2]
+    assert peak[0] <= AHEAD_BLOCK + 1, f"{peak[0]} parts alive at once"
+
+
+def test_an_abandoned_block_stream_cancels_what_it_started_of_the_next_block():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from esm_ray.runtime.pool import LazyParts
+
+    gate = threading_event = __import__("threading").Event()
+
+    class Side:
+        def __init__(self, i):
+            self.i = i
+
+        def prepare_with_base(self, info, base, rows, state):
+            gate.wait(5)
+            return torch.full((2,), float(self.i))
+
+    sides = [Side(i) for i in range(2)]
+    with ThreadPoolExecutor(1) as ahead:
+        a = LazyParts(sides, TensorInfo.of("w", (1, 2)), torch.zeros(2), ahead, (0, 1), [None, None])
+        b = LazyParts(sides, TensorInfo.of("w", (1, 2)), torch.zeros(2), ahead, (1, 2), [None, None])
+        a.follow(b)
+        it = a.stream([0, 1])
+        next(it)  # part 0 made here; part 1 and b's first parts under way
+        assert b._pending
+        futures = list(b._pending.values())
+        it.close()  # the fuse gave up on block a
+        threading_event.set()
+    assert not b._pending and all(f.cancelled() or f.done() for f in futures)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

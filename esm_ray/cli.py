@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from esm_ray.errors import EsmRayError
@@ -163,5 +164,35 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _teardown_skippable() -> bool:
+    """Whether nothing is left for the interpreter's teardown but freeing memory: Ray never
+    imported (no cluster or driver to stop), no other non-daemon thread and no child process."""
+    import threading
+
+    if "ray" in sys.modules:
+        return False
+    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return False
+    mp = sys.modules.get("multiprocessing")
+    return not (mp is not None and mp.active_children())
+
+
+def run() -> None:
+    """The `esm-ray` command: main(), then exit. Once a local command has finished (a merge is
+    committed by then: files written, synced and renamed) and nothing else runs, the process
+    leaves without the interpreter's teardown, which mostly runs torch's finalizers and takes
+    about half a second; logs and output streams are flushed first."""
+    rc = main()
+    if _teardown_skippable():
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+                pass
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

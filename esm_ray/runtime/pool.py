@@ -92,7 +92,7 @@ class LocalPool:
     work with the coordinator's on a second thread)."""
 
     blockwise = True
-    block_parts = 1  # LazyParts.stream makes the parts in order and holds at most three, whatever T
+    block_parts = 1  # LazyParts.stream makes the parts in order and holds at most AHEAD_BLOCK + 1 of a block, whatever T
 
     def __init__(self, spec: MergeSpec) -> None:
         self.sides = [ExpertSide(spec, i) for i in range(len(spec.experts))]

@@ -228,3 +228,26 @@ def test_merge_from_s3_to_s3(tiny_llama, tmp_path, s3_bucket, s3_env, s3_server)
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="out/merged/")["Contents"]]
     assert "out/merged/model.safetensors.index.json" in keys and "out/merged/merge_report.json" in keys
     assert not [k for k in keys if ".partial" in k]
+
+
+def test_the_command_exits_with_its_code_and_all_its_output_after_a_merge(tiny_llama, tmp_path):
+    """`esm-ray` (esm_ray.cli.run) leaves without the interpreter's teardown after a local
+    command: what it printed and logged still arrives, a committed output is complete, and a
+    bad input still exits 2 with its message."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env.pop("PYTHONUNBUFFERED", None)  # stdout into a pipe is then block-buffered: it must be flushed
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="task_arithmetic")
+    ok = subprocess.run([sys.executable, "-m", "esm_ray.cli", "-v", "merge", str(spec), "--no-progress"],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert f"output: {tmp_path / 'out'}" in ok.stdout and "total" in ok.stdout
+    assert "esm_ray" in ok.stderr  # the log lines
+    want = _weights(tmp_path / "out")
+    assert set(want) == set(_weights(tiny_llama["base"]))
+    bad = write_spec(tmp_path / "bad.yaml", tiny_llama, tmp_path / "out2", method="no_such_method")
+    err = subprocess.run([sys.executable, "-m", "esm_ray.cli", "merge", str(bad), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert err.returncode == 2 and "no_such_method" in err.stderr and not (tmp_path / "out2").exists()

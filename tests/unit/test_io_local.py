@@ -539,3 +539,38 @@ def test_staging_owner_pid_reused_by_another_process_counts_as_dead(tmp_path):
     assert _stale(d) == os.getpid()
     (d / _OWNER).write_text(json.dumps(dict(_owner(), start="1", host=socket.gethostname() + "-other")))
     assert _stale(d) is None  # another host's process cannot be checked from here
+
+
+def test_streamed_shards_sync_in_the_background_and_report_a_failed_sync(tmp_path, monkeypatch):
+    """A shard written tensor by tensor is synced on a helper thread every SYNC_EVERY bytes (the
+    final fsync then only waits for the tail): the files are the same as with one sync at the
+    end, and a sync that fails in the background fails the write, naming the shard, with
+    nothing published."""
+    from esm_ray.io import targets
+
+    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(12)}
+    plan = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]  # headers known: streamed
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(targets.os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    for every, name in ((1 << 40, "once"), (2048, "often")):
+        monkeypatch.setattr(targets, "SYNC_EVERY", every)
+        with ShardedWriter(str(tmp_path / name), 4096, plan=plan) as w:
+            for k, t in tensors.items():
+                w.add(k, t)
+        if name == "once":
+            assert not synced
+    assert len(synced) >= 3  # 3 shards of 4 KiB: each synced at least once while it was written
+    once, often = sorted((tmp_path / "once").iterdir()), sorted((tmp_path / "often").iterdir())
+    assert [p.name for p in once] == [p.name for p in often]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(once, often))
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(targets.os, "fdatasync", failing)
+    with pytest.raises(OutputError, match=r"failed \(shard 1\): write failed: Input/output error"):
+        with ShardedWriter(str(tmp_path / "failed"), 4096, plan=plan) as w:
+            for k, t in tensors.items():
+                w.add(k, t)
+    assert not (tmp_path / "failed").exists()

@@ -31,6 +31,8 @@ from esm_ray.io.composite import open_expert
 from esm_ray.io.lora_config import CONFIG_NAME, WEIGHTS_NAME
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import TensorInfo
+from esm_ray.runtime.layout import OutTensor
+from esm_ray.runtime.memory import read_to_float32
 from esm_ray.spec import MergeSpec
 
 if TYPE_CHECKING:
@@ -85,23 +87,31 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
     layout = adapter_layout(spec)
     updates: dict[str, LowRank] = {}
     deltas: dict[str, Tensor] = {}
+    # Without a later pass over all updates (layer scales, peft.rank / energy) each update goes
+    # into its written form at once: memory holds the output adapter, not float32 factors.
+    final = not method.needs_layer_scales and spec.peft.rank is None and spec.peft.energy is None
+    lora_out: dict[str, Tensor] = {}
+    saved_out: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
     with job._stage("fuse"):
         for info in infos:
             name = info.name  # every tensor: a method may change one no expert changed (passthrough's scale)
+            if name not in layout.targets and name not in layout.saved:
+                if not _comes_out_as_base(job, info):
+                    raise SpecError(f"field `output_format`: tensor {name!r} changes in the merge but is no LoRA "
+                                    "target and no saved module of any adapter, so an adapter cannot hold it; "
+                                    "merge to a dense model (output_format: dense)")
+                continue
             base = job._base.get(name).to(torch.float32)
             parts = job.pool.group_parts([info]).of(0, info, base)
             ctxs = [method.context_for(c, info) for c in job.ctxs]
             if name in layout.targets:
                 low = method.fuse_lowrank(info, base, parts, ctxs)
                 updates[name] = low if low is not None else lowrank_of_dense(method.fuse(info, base, parts, ctxs))
-                continue
-            delta = method.fuse(info, base, parts, ctxs)
-            if name in layout.saved:
-                deltas[name] = delta
-            elif bool((delta != 0).any()):
-                raise SpecError(f"field `output_format`: tensor {name!r} changes in the merge but is no LoRA "
-                                "target and no saved module of any adapter, so an adapter cannot hold it; "
-                                "merge to a dense model (output_format: dense)")
+            else:
+                deltas[name] = method.fuse(info, base, parts, ctxs)
+            if final:
+                _written(updates, deltas, layout, job, plan.out_dtype, lora_out, saved_out, ranks)
     if method.needs_layer_scales:
         with job._stage("layer_scaling"):
             norms = {n: u.norm() for n, u in updates.items()} | {n: float(d.norm()) for n, d in deltas.items()}
@@ -110,8 +120,10 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
             deltas = {n: d * scales.get(n, 1.0) for n, d in deltas.items()}
     if spec.peft.rank is not None or spec.peft.energy is not None:
         updates = {n: truncate(u, spec.peft.rank, spec.peft.energy) for n, u in updates.items()}
-    tensors, ranks = _tensors(updates, deltas, layout, job, plan.out_dtype)
-    config = _config(ranks, layout, sorted(n.removesuffix(".weight") for n in deltas), spec)
+    saved_names = sorted(n.removesuffix(".weight") for n in [*deltas, *(k.removeprefix(_PREFIX) for k in saved_out)])
+    _written(updates, deltas, layout, job, plan.out_dtype, lora_out, saved_out, ranks)
+    tensors = {**lora_out, **saved_out}
+    config = _config(ranks, layout, saved_names, spec)
     with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3) as writer:
         writer.write_tensors(WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         writer.write_file(CONFIG_NAME, json.dumps(config, indent=2).encode())
@@ -122,11 +134,33 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
         writer.commit()
 
 
-def _tensors(updates: dict[str, LowRank], deltas: dict[str, Tensor], layout: AdapterLayout, job: "MergeJob",
-             dtype: torch.dtype) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """The adapter's tensors under peft's names, and each written target's rank."""
-    out: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
+def _comes_out_as_base(job: "MergeJob", info: TensorInfo) -> bool:
+    """Whether the merge leaves tensor `info` (no LoRA target, no saved module) equal to the
+    base's, entry by entry. A large tensor of a blockwise method is merged in row blocks as the
+    dense output would be (the embedding of an adapter merge is never held whole in float32);
+    otherwise whole, ΔW == 0."""
+    plan, method = job.plan, job.plan.method
+    blocks = plan.in_blocks(info, job.block_bytes, job.pool.block_parts) if job.pool.blockwise else None
+    if not blocks:
+        base = job._base.get(info.name).to(torch.float32)
+        parts = job.pool.group_parts([info]).of(0, info, base)
+        delta = method.fuse(info, base, parts, [method.context_for(c, info) for c in job.ctxs])
+        return not bool((delta != 0).any())
+    o = OutTensor(info, plan.out_dtype, 0, 0, "blocks", tuple(blocks))
+    merged = job._merged_blocks(o, job.pool.group_parts([]))
+    for rows, block in zip(blocks, merged):
+        b = read_to_float32(job._base, info.name, plan.spec.base, slot="unchanged", rows=rows)
+        if not torch.equal(block, b):
+            merged.close()
+            return False
+    return True
+
+
+def _written(updates: dict[str, LowRank], deltas: dict[str, Tensor], layout: AdapterLayout, job: "MergeJob",
+             dtype: torch.dtype, lora_out: dict[str, Tensor], saved_out: dict[str, Tensor],
+             ranks: dict[str, int]) -> None:
+    """Move the updates and deltas into the adapter's tensors under peft's names (`lora_out`,
+    `saved_out`, in dtype) and each written target's rank (`ranks`); empties both inputs."""
     for name, u in updates.items():
         if u.rank == 0:
             continue  # no update: the module is left out
@@ -134,12 +168,13 @@ def _tensors(updates: dict[str, LowRank], deltas: dict[str, Tensor], layout: Ada
         t = layout.targets[name]
         b, a = (u.a.T, u.b.T) if t.swap else (u.b, u.a)  # peft's B (d_out, R), A (R, d_in)
         keys = ("lora_embedding_A", "lora_embedding_B") if t.embedding else ("lora_A.weight", "lora_B.weight")
-        out[f"{_PREFIX}{module}.{keys[0]}"] = a.to(dtype).contiguous()
-        out[f"{_PREFIX}{module}.{keys[1]}"] = b.to(dtype).contiguous()
+        lora_out[f"{_PREFIX}{module}.{keys[0]}"] = a.to(dtype).contiguous()
+        lora_out[f"{_PREFIX}{module}.{keys[1]}"] = b.to(dtype).contiguous()
         ranks[module] = u.rank
     for name, d in deltas.items():
-        out[f"{_PREFIX}{name}"] = (job._base.get(name).to(torch.float32) + d).to(dtype).contiguous()
-    return out, ranks
+        saved_out[f"{_PREFIX}{name}"] = (job._base.get(name).to(torch.float32) + d).to(dtype).contiguous()
+    updates.clear()
+    deltas.clear()
 
 
 def _config(ranks: dict[str, int], layout: AdapterLayout, saved_modules: list[str], spec: MergeSpec) -> dict:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from esm_ray.cli import main
 from esm_ray.errors import SpecError
 from esm_ray.io.reader import open_model
-from esm_ray.runtime import run_merge
+from esm_ray.runtime import build_plan, run_merge
 from esm_ray.spec import spec_from_dict
 from tests.builders import calibration_files, output_files
 
@@ -216,6 +216,41 @@ def test_peft_output_refuses_what_an_adapter_cannot_hold(lora_family, tmp_path, 
     only_full = _spec(lora_family["base"], [lora_family["full_0"]], tmp_path / "out", output_format="peft")
     with pytest.raises(SpecError, match="no expert is one"):
         _merge(only_full)
+    assert not (tmp_path / "out").exists()
+
+
+def test_peft_output_checks_the_other_tensors_in_row_blocks(lora_family, tmp_path, monkeypatch):
+    """The tensors no adapter targets are checked unchanged in row blocks where the method
+    merges in blocks (an LLM's embedding is never held whole in float32): the same adapter as
+    whole-tensor checks, and the same refusal, naming the tensor, when a full expert changes one."""
+    from esm_ray.runtime.job import MergeJob
+    from esm_ray.runtime.pool import LocalPool
+
+    def merge(spec: dict, block_bytes: int):
+        s = spec_from_dict(spec)
+        pool = LocalPool(s)
+        try:
+            return MergeJob(build_plan(s), pool, progress=False, block_bytes=block_bytes).run()
+        finally:
+            pool.close()
+
+    blocked = []
+    real = MergeJob._merged_blocks
+    monkeypatch.setattr(MergeJob, "_merged_blocks", lambda self, o, *a: (blocked.append(o.info.name),
+                                                                         real(self, o, *a))[1])
+    adapters = [lora_family["lora_0"], lora_family["lora_1"]]
+    for name, block_bytes in (("whole", 1 << 30), ("blocks", 256)):
+        merge(_spec(lora_family["base"], adapters, tmp_path / name, "ties", params={"density": 0.5},
+                    output_format="peft"), block_bytes)
+        assert bool(blocked) == (name == "blocks")
+    assert "model.embed_tokens.weight" in blocked
+    a = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "blocks" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    mixed = _spec(lora_family["base"], [lora_family["full_0"], lora_family["lora_0"]], tmp_path / "out",
+                  output_format="peft")
+    with pytest.raises(SpecError, match=r"tensor '(lm_head|model\.[a-z_.0-9]+)\.weight' changes in the merge"):
+        merge(mixed, 256)
     assert not (tmp_path / "out").exists()
 
 

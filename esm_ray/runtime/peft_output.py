@@ -87,9 +87,11 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
     layout = adapter_layout(spec)
     updates: dict[str, LowRank] = {}
     deltas: dict[str, Tensor] = {}
-    # Without a later pass over all updates (layer scales, peft.rank / energy) each update goes
-    # into its written form at once: memory holds the output adapter, not float32 factors.
-    final = not method.needs_layer_scales and spec.peft.rank is None and spec.peft.energy is None
+    # Without layer scales (a pass over all updates) each update is truncated (peft.rank /
+    # energy) and put into its written form at once: memory holds the output adapter, not the
+    # float32 factors of every target.
+    final = not method.needs_layer_scales
+    truncating = spec.peft.rank is not None or spec.peft.energy is not None
     lora_out: dict[str, Tensor] = {}
     saved_out: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
@@ -111,6 +113,8 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
             else:
                 deltas[name] = method.fuse(info, base, parts, ctxs)
             if final:
+                if truncating and name in updates:
+                    updates[name] = truncate(updates[name], spec.peft.rank, spec.peft.energy)
                 _written(updates, deltas, layout, job, plan.out_dtype, lora_out, saved_out, ranks)
     if method.needs_layer_scales:
         with job._stage("layer_scaling"):
@@ -118,7 +122,7 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
             scales = method.layer_scales({i.name: i for i in infos}, norms)
             updates = {n: u.scaled(scales.get(n, 1.0)) for n, u in updates.items()}
             deltas = {n: d * scales.get(n, 1.0) for n, d in deltas.items()}
-    if spec.peft.rank is not None or spec.peft.energy is not None:
+    if truncating:
         updates = {n: truncate(u, spec.peft.rank, spec.peft.energy) for n, u in updates.items()}
     saved_names = sorted(n.removesuffix(".weight") for n in [*deltas, *(k.removeprefix(_PREFIX) for k in saved_out)])
     _written(updates, deltas, layout, job, plan.out_dtype, lora_out, saved_out, ranks)

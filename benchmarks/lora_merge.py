@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -241,10 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         ref = {"peft": ("peft", "cat", "peft"), f"peft r{args.rank}": ("peft", "svd", f"peft r{args.rank}"),
                "dense": ("mergekit", "task_arithmetic", "dense")}.get(r["output"])
-        if r["tool"] == "esm-ray" and r["method"] == "task_arithmetic" and ref:
+        # a ratio only where the run it compares with was made (not left out by --only or --no-*)
+        if r["tool"] == "esm-ray" and r["method"] == "task_arithmetic" and ref and not math.isnan(wall(*ref)):
             r["vs"] = f"{wall(*ref) / r['wall']:.1f}x faster than {ref[0]} {ref[1]}"
-        if r["tool"] == "esm-ray densified":
-            r["vs"] = f"{r['wall'] / wall('esm-ray', r['method'], 'dense'):.1f}x the time on the adapters"
+        own = wall("esm-ray", r["method"], "dense")
+        if r["tool"] == "esm-ray densified" and not math.isnan(own):
+            r["vs"] = f"{r['wall'] / own:.1f}x the time on the adapters"
 
     print()
     print(f"{args.case}: {shape.n_params / 1e6:.0f}M params base ({shape.nbytes / 1e9:.2f} GB bf16), "

@@ -30,7 +30,7 @@ from esm_ray.io.adapter import AdapterModel
 from esm_ray.io.composite import open_expert
 from esm_ray.io.lora_config import CONFIG_NAME, WEIGHTS_NAME
 from esm_ray.io.writer import ShardedWriter
-from esm_ray.methods import TensorInfo
+from esm_ray.methods import ExpertContext, Parts, TensorInfo
 from esm_ray.runtime.layout import OutTensor
 from esm_ray.runtime.memory import read_to_float32
 from esm_ray.spec import MergeSpec
@@ -104,9 +104,7 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
                                     "target and no saved module of any adapter, so an adapter cannot hold it; "
                                     "merge to a dense model (output_format: dense)")
                 continue
-            base = job._base.get(name).to(torch.float32)
-            parts = job.pool.group_parts([info]).of(0, info, base)
-            ctxs = [method.context_for(c, info) for c in job.ctxs]
+            base, parts, ctxs = _whole(job, info)
             if name in layout.targets:
                 low = method.fuse_lowrank(info, base, parts, ctxs)
                 updates[name] = low if low is not None else lowrank_of_dense(method.fuse(info, base, parts, ctxs))
@@ -124,9 +122,9 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
             deltas = {n: d * scales.get(n, 1.0) for n, d in deltas.items()}
     if truncating:
         updates = {n: truncate(u, spec.peft.rank, spec.peft.energy) for n, u in updates.items()}
-    saved_names = sorted(n.removesuffix(".weight") for n in [*deltas, *(k.removeprefix(_PREFIX) for k in saved_out)])
     _written(updates, deltas, layout, job, plan.out_dtype, lora_out, saved_out, ranks)
     tensors = {**lora_out, **saved_out}
+    saved_names = sorted(k.removeprefix(_PREFIX).removesuffix(".weight") for k in saved_out)
     config = _config(ranks, layout, saved_names, spec)
     with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3) as writer:
         writer.write_tensors(WEIGHTS_NAME, tensors, metadata={"format": "pt"})
@@ -138,6 +136,13 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
         writer.commit()
 
 
+def _whole(job: "MergeJob", info: TensorInfo) -> tuple[Tensor, Parts, list[ExpertContext]]:
+    """What the method fuses of a whole tensor: the float32 base, the experts' parts, their contexts."""
+    method = job.plan.method
+    base = job._base.get(info.name).to(torch.float32)
+    return base, job.pool.group_parts([info]).of(0, info, base), [method.context_for(c, info) for c in job.ctxs]
+
+
 def _comes_out_as_base(job: "MergeJob", info: TensorInfo) -> bool:
     """Whether the merge leaves tensor `info` (no LoRA target, no saved module) equal to the
     base's, entry by entry. A large tensor of a blockwise method is merged in row blocks as the
@@ -146,9 +151,7 @@ def _comes_out_as_base(job: "MergeJob", info: TensorInfo) -> bool:
     plan, method = job.plan, job.plan.method
     blocks = plan.in_blocks(info, job.block_bytes, job.pool.block_parts) if job.pool.blockwise else None
     if not blocks:
-        base = job._base.get(info.name).to(torch.float32)
-        parts = job.pool.group_parts([info]).of(0, info, base)
-        delta = method.fuse(info, base, parts, [method.context_for(c, info) for c in job.ctxs])
+        delta = method.fuse(info, *_whole(job, info))
         return not bool((delta != 0).any())
     o = OutTensor(info, plan.out_dtype, 0, 0, "blocks", tuple(blocks))
     merged = job._merged_blocks(o, job.pool.group_parts([]))

@@ -243,10 +243,9 @@ class LazyParts(OnReadParts):
                     yield self._done[i]
                     continue
                 todo.remove(i)
-                fut = self._pending.pop(i, None)
                 if self._ahead is not None:  # keep the thread busy `depth` parts ahead, in order
                     self._start(todo, self._depth)
-                part = fut.result() if fut is not None else self._make(i)  # none under way: made here
+                part = self._fetch(i)  # made here when not under way
                 spare = self._depth - min(len(todo), self._depth)
                 if spare and self._next is not None and self._ahead is not None:
                     # Only once part i exists: an expert's blocks are made one after another,
@@ -256,10 +255,12 @@ class LazyParts(OnReadParts):
                 del part
             finished = True
         finally:
-            for f in self._pending.values():
-                f.cancel()
-            self._pending.clear()
+            self._cancel()
             if not finished and self._next is not None:  # abandoned: nobody will collect these
-                for f in self._next._pending.values():
-                    f.cancel()
-                self._next._pending.clear()
+                self._next._cancel()
+
+    def _cancel(self) -> None:
+        """Cancel the parts still under way (those already running finish unused)."""
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()

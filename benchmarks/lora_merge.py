@@ -9,13 +9,18 @@ in float32, stored in bfloat16 like the base) are the full experts of the dense 
 Then every run below is timed once in a fresh process (wall time, peak RSS):
 
   esm-ray   task_arithmetic and tsvm, each with a dense output (bfloat16) and with
-            `output_format: peft`; task_arithmetic `peft: {rank: r}` too (ESM needs calibration
-            data, which this benchmark has none of; without statistics it takes TSV-M's route)
+            `output_format: peft`; task_arithmetic `peft: {rank: r}` too; esm with a dense
+            output, calibrated on `--calib-rows` rows of random token ids per expert (the same
+            rows for the adapter and for its densified expert)
   peft      load the base and the T adapters, add_weighted_adapter `cat` / `svd` (rank r),
             save the merged adapter
   mergekit  task_arithmetic over `base+adapter` references (0.1.5, own venv: it densifies each
             adapter into a cached full model first; the cache is emptied before the run)
-  dense     esm-ray tsvm on the densified experts
+  dense     esm-ray tsvm and esm on the densified experts
+
+"fuse s" is the merge without calibration (merge_report.json's `fuse` stage): what the factored
+and the densified runs of ESM do differently. The calibration statistics are computed afresh in
+every run (each run has its own statistics cache).
 
     .venv/bin/python benchmarks/lora_merge.py                   # smol, T = 8
     .venv/bin/python benchmarks/lora_merge.py --case 1b
@@ -138,13 +143,32 @@ model.save_pretrained(out, selected_adapters=["merged"])
 """
 
 
-def esm_spec(base: Path, experts: list[Path], method: str, out: Path, fmt: str, rank: int | None) -> dict:
+def calib_files(root: Path, t: int, vocab: int, rows: int, length: int = 64) -> list[Path]:
+    """One JSONL of `rows` rows of random token ids per expert (seeded by the expert's index)."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(t):
+        g = torch.Generator().manual_seed(2000 + i)
+        p = root / f"e{i}-{rows}x{length}.jsonl"
+        if not p.is_file():
+            ids = torch.randint(0, vocab, (rows, length), generator=g)
+            p.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids.tolist()))
+        out.append(p)
+    return out
+
+
+def esm_spec(base: Path, experts: list[Path], method: str, out: Path, fmt: str, rank: int | None,
+             data: list[Path] | None = None) -> dict:
     params = {"lambda": 1.0, "normalize": False} if method == "task_arithmetic" else {}
     spec = {"base": str(base), "experts": [{"name": f"e{i}", "model": str(p)} for i, p in enumerate(experts)],
             "method": {"name": method, "params": params}, "output": str(out), "dtype": "bfloat16",
             "overwrite": True,
-            # the calibration cache (never written without data) must not hold the output
-            "calibration": {"cache_dir": str(out.parent.parent / f"{out.parent.name}-stats")}}
+            # each run its own statistics cache, which must not hold the output
+            "calibration": {"cache_dir": str(out.parent / f"{out.name}-stats")}}
+    if data:
+        for e, d in zip(spec["experts"], data):
+            e["data"] = str(d)
+        spec["calibration"] |= {"samples": sum(1 for _ in open(data[0])), "max_length": 64, "batch_size": 8}
     if fmt == "peft":
         spec["output_format"] = "peft"
         if rank:
@@ -166,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--std", type=float, default=0.02, help="std of the random A and B entries")
     p.add_argument("--no-mergekit", action="store_true")
     p.add_argument("--no-dense", action="store_true", help="skip esm-ray on the densified experts")
+    p.add_argument("--calib-rows", type=int, default=32, help="calibration rows per expert for esm (default 32)")
     p.add_argument("--only", default=None,
                    help="comma-separated TOOL:METHOD of the runs to do (e.g. esm-ray:tsvm); default all")
     p.add_argument("--python", default=sys.executable)
@@ -190,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     py, env = args.python, clean_env()
     runs: list[tuple[str, str, str, list[str], Path]] = []  # (tool, method, output, cmd, out dir)
 
+    calib = calib_files(lroot / "calib", args.t, shape.vocab, args.calib_rows)
+
     def esm(method: str, fmt: str, experts: list[Path], tool: str, rank: int | None = None) -> None:
-        tag = f"{tool}-{method}-{fmt}{rank or ''}"
+        tag = f"{tool}-{method}-{fmt}{rank or ''}".replace(" ", "-")
         spec = work / f"{tag}.yaml"
-        spec.write_text(yaml.safe_dump(esm_spec(fam.base, experts, method, work / tag, fmt, rank)))
+        data = calib if method == "esm" else None
+        spec.write_text(yaml.safe_dump(esm_spec(fam.base, experts, method, work / tag, fmt, rank, data)))
         label = fmt if not rank else f"peft r{rank}"
         runs.append((tool, method, label, [py, "-m", "esm_ray.cli", "-q", "merge", str(spec), "--no-progress"],
                      work / tag))
@@ -202,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         esm(m, "dense", adapters, "esm-ray")
         esm(m, "peft", adapters, "esm-ray")
     esm("task_arithmetic", "peft", adapters, "esm-ray", args.rank)
+    esm("esm", "dense", adapters, "esm-ray")
     for how in ("cat", "svd"):
         runs.append(("peft", how, "peft" if how == "cat" else f"peft r{args.rank}",
                      [py, "-c", PEFT_CODE, str(fam.base), how, str(args.rank), str(work / f"peft-{how}"),
@@ -214,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(("mergekit", "task_arithmetic", "dense",
                      [str(mk), str(cfg), str(work / "mergekit"), "--no-write-model-card",
                       "--lora-merge-cache", str(mk_cache)], work / "mergekit"))
-    for m in ("tsvm",) if dense else ():
+    for m in ("tsvm", "esm") if dense else ():
         esm(m, "dense", dense, "esm-ray densified")
 
     if args.only:
@@ -230,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         if r.rc:
             row["note"] = f"failed rc {r.rc}: " + (r.err.strip().splitlines() or ["?"])[-1][:100]
         elif tool.startswith("esm-ray"):
-            row["merge"] = json.loads((out / "merge_report.json").read_text())["timings_s"]["total"]
+            timings = json.loads((out / "merge_report.json").read_text())["timings_s"]
+            row["merge"], row["fuse"] = timings["total"], timings.get("fuse")
         log(f"  {tool:<17} {m:<15} {fmt:<8} wall {r.wall:7.2f}s  cpu {r.cpu:7.2f}s  rss {r.peak_rss / 1e9:5.2f} GB"
             + (f"  {row['note']}" if "note" in row else ""))
         rows.append(row)
@@ -247,13 +277,16 @@ def main(argv: list[str] | None = None) -> int:
             r["vs"] = f"{wall(*ref) / r['wall']:.1f}x faster than {ref[0]} {ref[1]}"
         own = wall("esm-ray", r["method"], "dense")
         if r["tool"] == "esm-ray densified" and not math.isnan(own):
-            r["vs"] = f"{r['wall'] / own:.1f}x the time on the adapters"
+            fuse = next((o.get("fuse") for o in rows if (o["tool"], o["method"], o["output"])
+                         == ("esm-ray", r["method"], "dense")), None)
+            r["vs"] = f"{r['wall'] / own:.1f}x the time on the adapters" + (
+                f" (fuse {r['fuse'] / fuse:.0f}x)" if fuse and r.get("fuse") else "")
 
     print()
     print(f"{args.case}: {shape.n_params / 1e6:.0f}M params base ({shape.nbytes / 1e9:.2f} GB bf16), "
           f"T = {args.t} adapters of rank {args.rank} on {len(TARGETS)} projections")
     print_table(rows, [("tool", "tool"), ("method", "method"), ("output", "output"), ("wall", "wall s"),
-                       ("merge", "merge s"), ("cpu", "cpu s"), ("rss", "peak RSS GB"), ("vs", "ratio"),
+                       ("merge", "merge s"), ("fuse", "fuse s"), ("cpu", "cpu s"), ("rss", "peak RSS GB"), ("vs", "ratio"),
                        ("note", "note")])
     if not args.no_mergekit and (work / "mergekit").is_dir() and (work / "esm-ray-task_arithmetic-dense").is_dir():
         c = compare_dirs(work / "esm-ray-task_arithmetic-dense", work / "mergekit")

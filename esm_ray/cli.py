@@ -93,6 +93,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     def lora(kind: str, cls) -> str | None:  # how LoRA experts are merged (io.adapter)
         if kind != "method":
             return None
+        if getattr(cls, "output_kind", "static") == "routed":  # methods.esm_pp: residual_of
+            return "routed as themselves (residual_of: base)"
         return "factored" if getattr(cls, "factored", False) else "densified per tensor"
 
     if args.json:

@@ -330,6 +330,11 @@ class MergeMethod(Parametrised[P]):
         causal LM. The default ignores both; a routed method writes a causal LM's experts as
         PEFT adapters."""
 
+    def bind_experts(self, adapters: list[bool]) -> None:
+        """Told once by the plan after it has opened every expert: which of them (in spec order)
+        are LoRA adapters (io.adapter). The default ignores it; a routed method routes adapter
+        experts as themselves."""
+
     # -- row blocks (the local executor, tensors over MergeJob.block_bytes) -------------------
     def blockwise(self, info: TensorInfo) -> bool:
         """Whether the local executor may merge this tensor in row blocks: fuse on blocks must
@@ -407,6 +412,12 @@ class MergeMethod(Parametrised[P]):
     def post_prepare(self, info: TensorInfo, merged: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         """Expert side: a part computed against the final merged tensor (e.g. residual experts)."""
         raise NotImplementedError
+
+    def post_prepare_lora(self, info: TensorInfo, merged: Tensor, lora: LoraFactors, ctx: ExpertContext) -> Any:
+        """Expert side of the post stage for a LoRA target of an adapter expert, from its factors
+        (ΔW = lora.scale · lora.b lora.a, never densified). None (the default): the runtime reads
+        the expert densified and calls `post_prepare`."""
+        return None
 
     def post_fuse(self, info: TensorInfo, merged: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> None:
         """Coordinator: consume the experts' post parts (kept in the method's state)."""

@@ -9,6 +9,10 @@ each expert sends its task head. The output is the merged base in HF layout plus
 heads/* (see `esm_ray.routed.load`); for a causal LM (the base's config names a *ForCausalLM)
 one PEFT LoRA adapter per task under adapters/ and the router under router/ instead
 (`esm_ray.routed.lm_format`, served by `esm_ray.routed.lm`).
+
+With `residual_of: base` (the default when every expert is a LoRA adapter) the routed linears
+keep the base's weight W_0 instead, and a task's routed expert there is W_t − W_0: an adapter's
+own factors (s·B, A), taken as they are (`post_prepare_lora`), or a full expert's rank-r ESD.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from esm_ray.routed.format import (
 )
 from esm_ray.routed.lm_format import LM_BACKBONE_FILE, pack_lm
 from esm_ray.core.dtypes import DTYPES
+from esm_ray.core.lora import LoraFactors
 from esm_ray.core.routing import residual_expert
 from esm_ray.errors import SpecError
 from esm_ray.methods._common import in_expert_order
@@ -59,6 +64,12 @@ class RoutedParams(MethodParams):
                                                  "default: every attention and MLP linear per block")
     expert_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="storage dtype of the experts' factors")
+    residual_of: Literal["auto", "merged", "base"] = Field(
+        "auto", description="what each task's routed expert corrects: `merged`, the static merge (the "
+                            "routed linears carry the merge, each expert the rank-r residual W_t − W_m); "
+                            "`base`, the pretrained base (the routed linears keep W_0; a LoRA adapter "
+                            "expert is routed as itself, exactly, a full expert as the rank-r W_t − W_0); "
+                            "`auto`: `base` when every expert is a LoRA adapter, else `merged`")
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,14 @@ class ExpertPart:
     A: Tensor          # (r, d_in)
     prototype: Tensor  # (d_in,) float32
     kept: int          # nonzero factors (≤ r)
+
+
+def _widen(b: Tensor, a: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Factors B (..., d_out, r_b) and A (..., r_b, d_in) with zero factors appended up to rank r:
+    the same update, at the one rank the routed experts are stacked and written at (an adapter
+    routed as itself keeps its own rank, a full expert gets `rank`)."""
+    pad = torch.nn.functional.pad
+    return pad(b, (0, r - b.shape[-1])), pad(a, (0, 0, 0, r - a.shape[-2]))
 
 
 def _inner(params: RoutedParams, n_experts: int, seed: int) -> MergeMethod:
@@ -121,6 +140,8 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         self.needs_layer_scales = self.inner.needs_layer_scales
         self.accepts_purifier = self.inner.accepts_purifier
         self.decomposes = self.inner.decomposes
+        self.factored = self.inner.factored  # adapters' targets reach the static merge as factors
+        self._on_base = p.residual_of == "base"  # `auto` is settled by bind_experts
         try:
             self._pattern = re.compile(p.layers or DEFAULT_ROUTED_LAYERS)
         except re.error as err:
@@ -135,20 +156,39 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
     def bind_model(self, config: dict[str, Any] | None, causal_lm: bool = False) -> None:
         self._causal = causal_lm
 
-    # ---- the static base: delegated ----------------------------------------------------------
+    def bind_experts(self, adapters: list[bool]) -> None:
+        if self.params.residual_of == "auto":
+            self._on_base = bool(adapters) and all(adapters)
+
+    def _residual_of(self) -> str:
+        """`residual_of` as settled for this job: 'base' or 'merged'."""
+        return "base" if self._on_base else "merged"
+
+    def _keeps_base(self, info: TensorInfo) -> bool:
+        """Whether this tensor is a routed linear that keeps the base's weight (residual_of base)."""
+        return self._on_base and self.post_applies(info)
+
+    # ---- the static base: delegated (the routed linears keep W_0 when residual_of is base) ----
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
-        return self.inner.prepare(info, base, expert, ctx)
+        return None if self._keeps_base(info) else self.inner.prepare(info, base, expert, ctx)
+
+    def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
+        return None if self._keeps_base(info) else self.inner.prepare_lora(info, lora, ctx)
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        if self._keeps_base(info):
+            return torch.zeros_like(base)
         return self.inner.fuse(info, base, parts, ctxs)
 
     def layer_scales(self, infos: dict[str, TensorInfo], norms: dict[str, float]) -> dict[str, float]:
-        return self.inner.layer_scales(infos, norms)
+        kept = {n: i for n, i in infos.items() if not self._keeps_base(i)}
+        return self.inner.layer_scales(kept, {n: v for n, v in norms.items() if n in kept})
 
     def memory_note(self, shapes: dict[str, tuple[int, ...]]) -> str | None:
         note = self.inner.memory_note(shapes)
-        mine = (f"routed experts: T x rank {self.params.rank} factors per routed linear "
-                "held by the coordinator until the end")
+        rank = ("each LoRA adapter's own rank (residual_of base), full experts' rank "
+                f"{self.params.rank}") if self._on_base else f"rank {self.params.rank}"
+        mine = f"routed experts: T x {rank} factors per routed linear held by the coordinator until the end"
         return f"{note}; {mine}" if note else mine
 
     # ---- support stage: heads (and SiM features in the subclass) -----------------------------
@@ -174,19 +214,42 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         dt = _DTYPES[self.params.expert_dtype]
         return ExpertPart(e.B.to(dt).contiguous(), e.A.to(dt).contiguous(), st.mean().to(torch.float32), kept)
 
+    def post_prepare_lora(self, info: TensorInfo, merged: Tensor, lora: LoraFactors,
+                          ctx: ExpertContext) -> ExpertPart | None:
+        """residual_of base: an adapter's target is routed as the adapter itself, B = s·B_t and
+        A = A_t at the adapter's own rank (W_0 + s B_t A_t is the expert's weight, exactly, up
+        to `expert_dtype`). Otherwise None: the residual against the merge is computed densely."""
+        if not self._on_base:
+            return None
+        if ctx.stats is None:
+            raise RuntimeError(f"{self.name}: no calibration statistics for layer {info.module!r} of {ctx.name!r}")
+        if (lora.b.shape[0], lora.a.shape[1]) != tuple(merged.shape):  # e.g. a Conv1D target (d_in, d_out)
+            return None
+        dt = _DTYPES[self.params.expert_dtype]
+        b = (lora.b.to(torch.float32) * lora.scale).to(dt).contiguous()
+        return ExpertPart(b, lora.a.to(dt).contiguous(), ctx.stats.mean().to(torch.float32), int(lora.a.shape[0]))
+
     def post_fuse(self, info: TensorInfo, merged: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> None:
         parts, ctxs = in_expert_order(parts, ctxs)
         if not self._tasks:
             self._tasks = [c.name for c in ctxs]
         module = info.module
         assert module is not None
-        self._experts[module] = (torch.stack([p.B for p in parts]), torch.stack([p.A for p in parts]))
+        r = max(p.B.shape[1] for p in parts)
+        factors = [_widen(p.B, p.A, r) for p in parts]
+        self._experts[module] = (torch.stack([b for b, _ in factors]), torch.stack([a for _, a in factors]))
         self._protos[module] = torch.stack([p.prototype for p in parts])
         self._kept[module] = [p.kept for p in parts]
 
     # ---- output --------------------------------------------------------------------------------
     def routers(self) -> list[str]:
         return ["prototype"]
+
+    def _stacked(self) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
+        """The routed experts at one rank R for every layer (zero factors appended where a layer's
+        are narrower: adapters of other ranks, or layers no adapter targets), and R."""
+        r = max(int(b.shape[2]) for b, _ in self._experts.values())
+        return {m: _widen(b, a, r) for m, (b, a) in self._experts.items()}, r
 
     def sim_state(self) -> tuple[Tensor | None, Tensor | None, dict[str, Any] | None, dict[str, BaseWeights]]:
         """(means, bases, manifest entry, extra files) of the SiM router; none for ESM++."""
@@ -198,9 +261,10 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
                                f"{self.params.layers or DEFAULT_ROUTED_LAYERS!r}")
         p = self.params
         means, bases, sim_meta, extra = self.sim_state()
+        experts, rank = self._stacked()
         if self._causal:
-            return self._lm_artifacts(means, bases, sim_meta, extra)
-        packed = pack_routed(self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype])
+            return self._lm_artifacts(experts, rank, means, bases, sim_meta, extra)
+        packed = pack_routed(experts, self._protos, means, bases, _DTYPES[p.expert_dtype])
         files: dict[str, bytes | BaseWeights] = {rel: st_save(tensors) for rel, tensors in packed.items()}
         files.update(extra)
         heads: dict[str, dict[str, Any]] = {}
@@ -215,18 +279,20 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
             files[rel] = part.head
             heads[task] = {"file": rel, "labels": part.labels}
         size = {rel: len(v) if isinstance(v, bytes) else 0 for rel, v in files.items()}
-        layers = {m: (int(b.shape[1]), int(a.shape[2])) for m, (b, a) in self._experts.items()}
+        layers = {m: (int(b.shape[1]), int(a.shape[2])) for m, (b, a) in experts.items()}
         sizes = {"experts_bytes": size[EXPERTS_FILE], "router_bytes": size[ROUTER_FILE],
                  "backbone_bytes": self._support[0].base_bytes if extra else 0,
                  "heads_bytes": sum(size[h["file"]] for h in heads.values())}
-        man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=p.rank,
+        man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=rank,
                               expert_dtype=p.expert_dtype, layers=layers, routers=self.routers(), sim=sim_meta,
                               heads=heads, base_method=p.base_method,
-                              base_params=dict(p.base_params), kept_ranks=self._kept, sizes=sizes)
+                              base_params=dict(p.base_params), residual_of=self._residual_of(),
+                              kept_ranks=self._kept, sizes=sizes)
         files[MANIFEST_FILE] = json.dumps(man, indent=2).encode()
         return files
 
-    def _lm_artifacts(self, means: Tensor | None, bases: Tensor | None, sim_meta: dict[str, Any] | None,
+    def _lm_artifacts(self, experts: dict[str, tuple[Tensor, Tensor]], rank: int, means: Tensor | None,
+                      bases: Tensor | None, sim_meta: dict[str, Any] | None,
                       extra: dict[str, BaseWeights]) -> dict[str, bytes | BaseWeights]:
         """A causal LM's routed files (esm_ray.routed.lm_format): one PEFT LoRA adapter per task
         and the router state under router/; the SiM backbone as router/backbone.safetensors."""
@@ -234,12 +300,12 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         if sim_meta is not None and sim_meta.get("backbone") == BACKBONE_FILE:
             sim_meta = {**sim_meta, "backbone": LM_BACKBONE_FILE}
             extra = {LM_BACKBONE_FILE if k == BACKBONE_FILE else k: v for k, v in extra.items()}
-        layers = {m: (int(b.shape[1]), int(a.shape[2])) for m, (b, a) in self._experts.items()}
-        man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=p.rank,
+        layers = {m: (int(b.shape[1]), int(a.shape[2])) for m, (b, a) in experts.items()}
+        man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=rank,
                               expert_dtype=p.expert_dtype, layers=layers, routers=self.routers(), sim=sim_meta,
                               heads={}, base_method=p.base_method, base_params=dict(p.base_params),
-                              kept_ranks=self._kept)
-        packed = pack_lm(self._tasks, self._experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man)
+                              residual_of=self._residual_of(), kept_ranks=self._kept)
+        packed = pack_lm(self._tasks, experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man)
         files: dict[str, bytes | BaseWeights] = {rel: v if isinstance(v, bytes) else st_save(v)
                                                  for rel, v in packed.items()}
         files.update(extra)
@@ -249,4 +315,5 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         kept = [k for ks in self._kept.values() for k in ks]
         return {"base_method": self.inner.name, "base_report": self.inner.report(),
                 "routed_layers": len(self._experts), "rank": self.params.rank,
+                "residual_of": self._residual_of(),
                 "mean_kept_rank": round(sum(kept) / len(kept), 3) if kept else 0, "routers": self.routers()}

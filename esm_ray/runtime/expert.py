@@ -30,7 +30,8 @@ log = logging.getLogger("esm_ray.expert")
 
 class ExpertSide:
     # Calls that change the side's state; an executor replays them on a restarted side.
-    STATE_CALLS: ClassVar[tuple[str, ...]] = ("calibrate", "set_plan", "search_begin", "search_end")
+    STATE_CALLS: ClassVar[tuple[str, ...]] = ("bind_experts", "calibrate", "set_plan", "search_begin",
+                                              "search_end")
 
     def __init__(self, spec: MergeSpec, index: int) -> None:
         self.spec = spec
@@ -105,6 +106,10 @@ class ExpertSide:
                  len(self._stats.modules()), time.perf_counter() - t0, self.device)
         return sorted(self._stats.modules())
 
+    def bind_experts(self, adapters: list[bool]) -> None:
+        """The method's `bind_experts` on this side (which experts of the job are LoRA adapters)."""
+        self.method.bind_experts(adapters)
+
     def set_plan(self, plan: Any) -> None:
         self._plan = plan
 
@@ -129,10 +134,15 @@ class ExpertSide:
         """This expert's LoRA factors of `info` when the method merges them factored: the expert
         is an adapter (io.adapter), `info` one of its targets, the method `factored`, and no
         purifier rewrites the tensor. None otherwise (the tensor is then read densified)."""
-        m = self.model
-        if not self.method.factored or not hasattr(m, "factors") or info.ndim != 2:
+        if not self.method.factored or (self.purifier is not None and self.purifier.applies(info)):
             return None
-        if self.purifier is not None and self.purifier.applies(info):
+        return self._factors(info)
+
+    def _factors(self, info: TensorInfo) -> LoraFactors | None:
+        """This expert's LoRA factors of `info`: None unless the expert is an adapter and `info`
+        a 2-D target of it."""
+        m = self.model
+        if not hasattr(m, "factors") or info.ndim != 2:
             return None
         f = m.factors(info.name)
         return None if f is None else LoraFactors(*f)
@@ -237,9 +247,13 @@ class ExpertSide:
         """This expert's post-stage parts against the final merged tensors."""
         out = []
         for info, m in zip(infos, merged):
-            w = self._expert_float32(info.name)
-            dev = self._device_if(self.method.post_decomposes)
-            out.append(self._on(dev, self.method.post_prepare, info, (m, w), self._ctx(info)))
+            lora = self._factors(info)
+            part = None if lora is None else self.method.post_prepare_lora(info, m, lora, self._ctx(info))
+            if part is None:
+                w = self._expert_float32(info.name)
+                dev = self._device_if(self.method.post_decomposes)
+                part = self._on(dev, self.method.post_prepare, info, (m, w), self._ctx(info))
+            out.append(part)
         return out
 
     def support_features(self) -> Any:

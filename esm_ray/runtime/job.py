@@ -103,6 +103,7 @@ class MergeJob:
         try:
             # Resolving runtime.device on every side first fails early where it cannot be used.
             self.devices = dict(zip((e.name for e in spec.experts), self.pool.call("device_name")))
+            self.pool.call("bind_experts", [e.name in plan.adapters for e in spec.experts])
             infos = tensor_infos(plan, self.calibrate())
             floating = [i for i in infos if plan.dtypes[i.name].is_floating_point]
             self.purify_plan(floating)

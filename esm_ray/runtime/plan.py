@@ -325,6 +325,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
             facts[e.name] = {"targets": len(r.targets()), "ranks": ranks, "saved": sorted(r.saved()),
                              "factored": method.factored}
         r.close()
+    method.bind_experts([e.name in facts for e in spec.experts])
     check_needs(spec, needs, what, base.config, aux_names)
     blocks = None
     if needs.stats and spec.calibration.mode == "layerwise":
@@ -352,6 +353,9 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         if len(adapters) < len(spec.experts):
             plan.notes.append("output_format peft with full experts: a tensor the merge changes outside the "
                               "adapters' targets and saved modules fails the merge (nothing is written)")
+    mem = method.memory_note(shapes)
+    if mem:
+        plan.notes.append(f"method {method.name!r}: {mem}")
     if not needs.reads_data and any(e.data for e in spec.experts):
         plan.notes.append(f"method {method.name!r} does not use calibration data; `data` is ignored")
     plan.notes.append("tensor values are checked for NaN/Inf in the output dtype while merging; "

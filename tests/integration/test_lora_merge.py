@@ -289,6 +289,11 @@ def test_dry_run_names_the_adapters_and_the_output(lora_family, tmp_path, capsys
            "densified one tensor at a time" in out
     assert "one LoRA adapter on the base (rank 4)" in out and "with full experts" in out
     assert not (tmp_path / "out").exists()
+    routed = _routed_spec(lora_family["base"], [lora_family["lora_0"], lora_family["lora_1"]], tmp_path / "out",
+                          tmp_path)
+    spec.write_text(yaml.safe_dump(routed))
+    assert main(["merge", str(spec), "--dry-run"]) == 0
+    assert "routed experts: T x each LoRA adapter's own rank (residual_of base)" in capsys.readouterr().out
     r = open_input(str(lora_family["lora_1"]), str(lora_family["base"]))
     again = pickle.loads(pickle.dumps(r))  # readers travel to Ray workers by reopening
     assert again.fingerprint() == r.fingerprint() and torch.equal(again.factors(TARGET_KEYS[0])[0],
@@ -321,6 +326,90 @@ def test_ray_equals_local_bytes_for_an_adapter_output(lora_family, ray_driver, t
     for name, runtime in (("local", {"name": "local"}), ("ray", {"name": "ray"})):
         _merge(_spec(lora_family["base"], experts, tmp_path / name, "tsvm", runtime=runtime,
                      output_format="peft", peft={"rank": 3}))
+    assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
+
+
+# ---- routed models from adapters ------------------------------------------------------------------
+
+ROUTED = [f"model.layers.{i}.{m}" for i in range(2) for m in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+def _routed_spec(base: Path, experts: list[Path], out: Path, tmp_path: Path, runtime: str = "local",
+                 **params) -> dict:
+    """ESM++ on task arithmetic with float32 experts, each expert calibrated on its own rows."""
+    from tests.builders import TEST_CALIBRATION
+
+    spec = _spec(base, experts, out, "esm_pp",
+                 params={"base_method": "task_arithmetic", "rank": 2, "expert_dtype": "float32", **params},
+                 calibration=TEST_CALIBRATION | {"cache_dir": str(tmp_path / "cache")}, runtime={"name": runtime})
+    for e, d in zip(spec["experts"], calibration_files(tmp_path / "data", len(experts), vocab=80)):
+        e["data"] = str(d)
+    return spec
+
+
+def _routed_deltas(out: Path, task: str) -> dict[str, torch.Tensor]:
+    """{weight name: ΔW} of one task's written adapter, loaded by peft onto the written base."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(out), out / "adapters" / task)
+    return _peft_deltas(model, "default")
+
+
+def test_routed_merge_of_adapters_routes_each_adapter_as_itself(lora_family, tmp_path):
+    """ESM++ on adapter experts only (residual_of auto -> base): the routed linears keep W_0 and
+    each task's written adapter, loaded by peft, gives its input adapter's ΔW (peft's own
+    get_delta_weight, ranks 2, 4 and 3 with rsLoRA), and nothing on the linears it does not target."""
+    ads = [lora_family["lora_0"], lora_family["lora_1"], lora_family["lora_2"]]
+    out = tmp_path / "routed"
+    _merge(_routed_spec(lora_family["base"], ads, out, tmp_path))
+    man = json.loads((out / "router" / "manifest.json").read_text())
+    assert man["residual_of"] == "base" and man["rank"] == 4
+    assert json.loads((out / "adapters" / "e1" / "adapter_config.json").read_text())["r"] == 4
+    base, got = _weights(lora_family["base"]), _weights(out)
+    assert all(torch.equal(got[f"{m}.weight"], base[f"{m}.weight"]) for m in ROUTED)
+    for i, ad in enumerate(ads):
+        want = _peft_deltas(_peft_model(lora_family["base"], [ad]), "a0")
+        mine = _routed_deltas(out, f"e{i}")
+        assert sorted(mine) == sorted(f"{m}.weight" for m in ROUTED)
+        for k, d in mine.items():
+            if k in want:
+                assert _rel(d, want[k]) < 1e-6, (i, k)
+            else:
+                assert not d.any(), (i, k)
+
+
+def test_routed_merge_of_mixed_experts(lora_family, tmp_path):
+    """A full expert among the adapters: `auto` keeps ESM++'s residuals against the merge (the
+    routed linears carry it); `residual_of: base` routes the adapters as themselves and the full
+    expert as a rank-2 update of W_0."""
+    experts = [lora_family["full_0"], lora_family["lora_1"]]
+    _merge(_routed_spec(lora_family["base"], experts, tmp_path / "auto", tmp_path))
+    assert json.loads((tmp_path / "auto" / "router" / "manifest.json").read_text())["residual_of"] == "merged"
+    base, auto = _weights(lora_family["base"]), _weights(tmp_path / "auto")
+    assert all(not torch.equal(auto[f"{m}.weight"], base[f"{m}.weight"]) for m in ROUTED)
+
+    out = tmp_path / "on_base"
+    _merge(_routed_spec(lora_family["base"], experts, out, tmp_path, residual_of="base"))
+    got = _weights(out)
+    assert all(torch.equal(got[f"{m}.weight"], base[f"{m}.weight"]) for m in ROUTED)
+    want = _peft_deltas(_peft_model(lora_family["base"], [lora_family["lora_1"]]), "a0")
+    adapter = _routed_deltas(out, "e1")
+    assert all(_rel(adapter[k], d) < 1e-6 for k, d in want.items())
+    full, tau = _routed_deltas(out, "e0"), _weights(lora_family["full_0"])
+    for m in ROUTED:
+        k = f"{m}.weight"
+        sv = torch.linalg.svdvals(full[k].double())
+        assert sv[1] > 0 and sv[2] < 1e-5 * sv[0], k  # rank 2 (peft forms ΔW in float32)
+        assert (tau[k] - base[k] - full[k]).norm() < (tau[k] - base[k]).norm(), k  # a closer W_t than W_0
+
+
+def test_ray_equals_local_bytes_for_a_routed_merge_of_adapters(lora_family, ray_driver, tmp_path):
+    ads = [lora_family["lora_0"], lora_family["lora_2"]]
+    for runtime in ("local", "ray"):
+        _merge(_routed_spec(lora_family["base"], ads, tmp_path / runtime, tmp_path / f"{runtime}-work", runtime))
     assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
 
 
@@ -389,5 +478,6 @@ def test_methods_say_which_are_factored_for_adapters(capsys):
     factored = sorted(n for n, m in table.items() if m["lora"] == "factored")
     assert factored == ["esm", "linear", "task_arithmetic", "tsvm"]
     assert table["ties"]["lora"] == "densified per tensor" and table["pave"]["lora"] is None
+    assert table["esm_pp"]["lora"] == table["sim"]["lora"] == "routed as themselves (residual_of: base)"
     assert main(["methods"]) == 0
     assert "tsvm  [method, LoRA factored]" in capsys.readouterr().out

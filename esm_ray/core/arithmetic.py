@@ -17,6 +17,16 @@ def work_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def is_zero(t: Tensor) -> bool:
+    """Whether every entry of a real tensor is zero (NaN is not), from one min/max pass:
+    `(t != 0).any()` first writes a bool tensor of t's size, which a merge making one such check
+    per expert and tensor leaves behind as heap fragments."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(lo == 0) and bool(hi == 0)
+
+
 def check_group(tensors: Sequence[Tensor], weights: Sequence[float]) -> None:
     """Raise ValueError unless there is at least one tensor, one weight each, all one shape."""
     if len(tensors) == 0:

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from esm_ray.core.arithmetic import is_zero
 from esm_ray.core.lora import LoraFactors, LowRank, lora_svd
 from esm_ray.core.tsvm import drop_null_triplets, tsv_rank, tsv_truncate, tsvm_factors, tsvm_fuse
 from esm_ray.methods._common import in_expert_order, lambda_field, weights_of
@@ -53,7 +54,7 @@ class Tsvm(MergeMethod[TsvmParams]):
         tv = expert.float() - base.float()
         if tv.ndim != 2:
             return tv
-        if not bool(tv.any()):  # an untouched tensor (e.g. a LoRA adapter's non-targets): no
+        if is_zero(tv):  # an untouched tensor (e.g. a LoRA adapter's non-targets): no
             # triplet, as drop_null_triplets keeps none of a zero matrix, without a large SVD
             return LowRankPart(tv.new_zeros(tv.shape[0], 0), tv.new_zeros(0), tv.new_zeros(0, tv.shape[1]))
         # SVD in float64 for accuracy (and less sensitivity to the BLAS); factors ship as float32.

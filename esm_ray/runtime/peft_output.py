@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from esm_ray.core.arithmetic import is_zero
 from esm_ray.core.lora import LowRank, lowrank_of_dense, truncate
 from esm_ray.errors import SpecError
 from esm_ray.io.adapter import AdapterModel
@@ -152,7 +153,7 @@ def _comes_out_as_base(job: "MergeJob", info: TensorInfo) -> bool:
     blocks = plan.in_blocks(info, job.block_bytes, job.pool.block_parts) if job.pool.blockwise else None
     if not blocks:
         delta = method.fuse(info, *_whole(job, info))
-        return not bool((delta != 0).any())
+        return is_zero(delta)
     o = OutTensor(info, plan.out_dtype, 0, 0, "blocks", tuple(blocks))
     merged = job._merged_blocks(o, job.pool.group_parts([]))
     for rows, block in zip(blocks, merged):

@@ -272,3 +272,15 @@ def test_multislerp_of_tensors_no_expert_changed_is_zero():
     torch.testing.assert_close(multislerp([v, torch.zeros(4, 3), v], [1.0, 1.0, 1.0]), v * 2 / 3)
     with pytest.raises(ValueError, match="cancel"):
         multislerp([v, -v, torch.zeros(4, 3)], [1.0, 1.0, 1.0])
+
+
+def test_is_zero_agrees_with_any_nonzero():
+    from esm_ray.core.arithmetic import is_zero
+
+    z = torch.zeros(7, 5)
+    assert is_zero(z) and is_zero(-z) and is_zero(torch.zeros(0, 3)) and is_zero(z.bfloat16())
+    for value in (1e-38, -1e-45, float("nan"), float("inf"), -3.0):
+        t = z.clone()
+        t[6, 4] = value
+        assert not is_zero(t), value
+        assert is_zero(t) == (not bool((t != 0).any()))

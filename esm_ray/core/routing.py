@@ -184,6 +184,51 @@ class TaskSubspace:
     basis: Tensor
 
 
+def mean_token_loglik(logits: Tensor, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Each sequence's mean next-token log-probability under a causal LM.
+
+    logits:    (N, L, V) the LM's logits over input_ids
+    input_ids: (N, L)
+    mask:      (N, L) 1 = token, 0 = padding (either side); None: every token counts
+    Returns (N,) float32: the mean over positions i < L − 1 where tokens i and i + 1 are real of
+    log p(x_{i+1} | x_{≤i}) = logit of x_{i+1} − logsumexp of the logits at i; 0 for a sequence of
+    fewer than two real tokens.
+    """
+    if logits.ndim != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    mask = torch.ones_like(input_ids) if mask is None else mask
+    lg = logits[:, :-1].float()
+    lp = lg.gather(-1, input_ids[:, 1:, None])[..., 0] - torch.logsumexp(lg, -1)
+    w = (mask[:, 1:] * mask[:, :-1]).to(lp.dtype)
+    return (lp * w).sum(1) / w.sum(1).clamp_min(1)
+
+
+def likelihood_route(prototype_scores: Tensor, logliks: Tensor, eligible: Tensor) -> Tensor:
+    """The likelihood router's scores: the prototype router decides whether a sequence belongs
+    to an eligible task (one whose expert models its own task's text better than the base);
+    if so, the eligible task whose expert gives the sequence the highest likelihood wins.
+
+    prototype_scores: (N, T) summed prototype cosines (higher = better)
+    logliks:          (N, T) mean token log-likelihood of each sequence under each task's
+                      expert (read only where the sequence's prototype top-1 is eligible, and
+                      there only in eligible columns)
+    eligible:         (T,) bool
+    Returns (N, T) scores whose argmax is the route: the log-likelihoods over eligible tasks
+    where the prototype top-1 is eligible; 0 at the prototype top-1 and −inf elsewhere
+    otherwise. A sequence routes as its prototype top-1 when no task is eligible.
+    """
+    top = prototype_scores.argmax(-1)
+    out = torch.full_like(prototype_scores, float("-inf"))
+    by_ll = eligible[top]
+    rows = by_ll.nonzero().flatten()
+    if rows.numel():
+        sub = logliks[rows].float().masked_fill(~eligible[None, :], float("-inf"))
+        out[rows] = sub.to(out.dtype)
+    other = (~by_ll).nonzero().flatten()
+    out[other, top[other]] = 0.0
+    return out
+
+
 def _prepare(features: Tensor, normalize: bool) -> Tensor:
     f = features.to(torch.float64)
     if normalize:

@@ -130,6 +130,8 @@ class SupportInputs:
                 `support_samples()` unlabelled rows, when the method asks for them
     base_uri:   where the base model is
     base_bytes: the bytes of the base's tensors
+    gain:       a causal LM expert's mean next-token log-likelihood gain over the base on its
+                first `support_gain_samples()` rows (nats per token), when the method asks
     """
 
     head: bytes | None = None
@@ -137,6 +139,7 @@ class SupportInputs:
     features: Tensor | None = None
     base_uri: str = ""
     base_bytes: int = 0
+    gain: float | None = None
 
 
 class BaseWeights:
@@ -434,6 +437,11 @@ class MergeMethod(Parametrised[P]):
     def support_samples(self) -> int:
         """How many of each expert's unlabelled rows the runtime turns into pooled backbone
         features for `support_part` (0: none)."""
+        return 0
+
+    def support_gain_samples(self) -> int:
+        """On a causal LM, how many of each expert's rows the runtime scores under the expert and
+        under the base for `SupportInputs.gain` (0: none)."""
         return 0
 
     def support_part(self, ctx: ExpertContext, inputs: SupportInputs) -> Any:

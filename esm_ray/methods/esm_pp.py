@@ -64,6 +64,9 @@ class RoutedParams(MethodParams):
                                                  "default: every attention and MLP linear per block")
     expert_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="storage dtype of the experts' factors")
+    likelihood_samples: int = Field(
+        16, ge=0, description="causal LMs: rows of each expert's data on which its log-likelihood gain over "
+                              "the base is measured, for the likelihood router (0: no likelihood router)")
     residual_of: Literal["auto", "merged", "base"] = Field(
         "auto", description="what each task's routed expert corrects: `merged`, the static merge (the "
                             "routed linears carry the merge, each expert the rank-r residual W_t − W_m); "
@@ -195,10 +198,20 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
     def support_part(self, ctx: ExpertContext, inputs: SupportInputs) -> SupportInputs:
         return inputs
 
+    def support_gain_samples(self) -> int:
+        return self.params.likelihood_samples
+
     def support_fuse(self, parts: list[Any], ctxs: list[ExpertContext]) -> None:
         parts, ctxs = in_expert_order(parts, ctxs)
         self._support = list(parts)
         self._tasks = [c.name for c in ctxs]
+
+    def _gains(self) -> Tensor | None:
+        """Each task's log-likelihood gain over the base (T,), when every expert measured one."""
+        gains = [s.gain for s in self._support]
+        if not gains or any(g is None for g in gains):
+            return None
+        return torch.tensor(gains, dtype=torch.float32)
 
     # ---- post stage: residual experts --------------------------------------------------------
     def post_applies(self, info: TensorInfo) -> bool:
@@ -301,11 +314,14 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
             sim_meta = {**sim_meta, "backbone": LM_BACKBONE_FILE}
             extra = {LM_BACKBONE_FILE if k == BACKBONE_FILE else k: v for k, v in extra.items()}
         layers = {m: (int(b.shape[1]), int(a.shape[2])) for m, (b, a) in experts.items()}
+        gains = self._gains()
+        routers = self.routers() + (["likelihood"] if gains is not None else [])
         man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=rank,
-                              expert_dtype=p.expert_dtype, layers=layers, routers=self.routers(), sim=sim_meta,
+                              expert_dtype=p.expert_dtype, layers=layers, routers=routers, sim=sim_meta,
                               heads={}, base_method=p.base_method, base_params=dict(p.base_params),
-                              residual_of=self._residual_of(), kept_ranks=self._kept)
-        packed = pack_lm(self._tasks, experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man)
+                              residual_of=self._residual_of(), kept_ranks=self._kept,
+                              likelihood_gains=None if gains is None else dict(zip(self._tasks, gains.tolist())))
+        packed = pack_lm(self._tasks, experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man, gains)
         files: dict[str, bytes | BaseWeights] = {rel: v if isinstance(v, bytes) else st_save(v)
                                                  for rel, v in packed.items()}
         files.update(extra)

@@ -13,6 +13,11 @@ multi-LoRA engines batch):
 - "sim": one pass of the pretrained backbone over the prompt; its mean last hidden state is
   scored against the SiM task subspaces (esm_ray.core.routing.sim_route). Cost: one extra
   forward of the backbone over the prompt.
+- "likelihood": the prototype pass decides whether the prompt belongs to an *eligible* task, one
+  whose adapter models its own task's rows better than the base (a positive gain, measured at
+  merge time); if so, the eligible adapter that gives the prompt the highest mean token
+  log-likelihood wins (`core.routing.likelihood_route`). Cost: the prototype pass plus, for such
+  prompts, one prefill of the prompt with each eligible adapter (logits included).
 
 Generation runs every sequence with its own adapter in one batch (peft's mixed-adapter batch,
 `adapter_names=`). Prompts are left-padded (attention_mask 0 on the left); position ids of the
@@ -29,11 +34,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from esm_ray.core.routing import cosine_scores, sim_route, token_mean
+from esm_ray.core.routing import cosine_scores, likelihood_route, mean_token_loglik, sim_route, token_mean
 from esm_ray.errors import InputError
 from esm_ray.models.hf import base_model
 from esm_ray.routed.format import SIM_BASIS_KEY, SIM_MEAN_KEY, prototype_key
-from esm_ray.routed.lm_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_keys, read_lm_manifest,
+from esm_ray.routed.lm_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, GAIN_KEY, lora_keys, read_lm_manifest,
                                       read_router_state)
 
 __all__ = ["RoutedLM", "load_routed_lm"]
@@ -58,13 +63,15 @@ class RoutedLM:
     model:     the peft.PeftModel over the merged base with every task's adapter loaded
                (adapter name: `adapter_names[task]`)
     tokenizer: the directory's tokenizer, or None
-    router:    the default router ("prototype" or "sim"); `routers` lists those available
+    router:    the default router ("prototype", "sim" or "likelihood"); `routers` lists those available
     manifest:  router/manifest.json
+    gains:     (T,) each task's log-likelihood gain over the base (the likelihood router), or None
     """
 
     def __init__(self, model: Any, tasks: list[str], adapter_names: dict[str, str], manifest: dict[str, Any],
                  prototypes: dict[str, Tensor], sim: tuple[Tensor, Tensor, bool, bool] | None,
-                 backbone: nn.Module | None, tokenizer: Any = None, router: str | None = None) -> None:
+                 backbone: nn.Module | None, tokenizer: Any = None, router: str | None = None,
+                 gains: Tensor | None = None) -> None:
         self.model = model.eval()
         self.tasks = list(tasks)
         self.adapter_names = dict(adapter_names)
@@ -72,9 +79,10 @@ class RoutedLM:
         self.prototypes = prototypes
         self.sim = sim
         self.backbone = backbone.eval() if backbone is not None else None
+        self.gains = gains
         self.tokenizer = tokenizer
         self.source_dir: Path | None = None
-        self.routers = [r for r in ("prototype", "sim") if self._has(r)]
+        self.routers = [r for r in ("prototype", "sim", "likelihood") if self._has(r)]
         pref = manifest.get("router")
         self.router = router or (pref if pref in self.routers else (self.routers[0] if self.routers else ""))
         if self.router not in self.routers:
@@ -89,8 +97,9 @@ class RoutedLM:
                              "use peft >= 0.21")
 
     def _has(self, router: str) -> bool:
-        if router == "prototype":
-            return bool(self.prototypes) and all(m in self.prototypes for m in self.modules)
+        if router in ("prototype", "likelihood"):
+            protos = bool(self.prototypes) and all(m in self.prototypes for m in self.modules)
+            return protos and (router == "prototype" or (self.gains is not None and len(self.gains) == len(self.tasks)))
         return self.sim is not None and self.backbone is not None
 
     @property
@@ -107,7 +116,8 @@ class RoutedLM:
     def scores(self, input_ids: Tensor, attention_mask: Tensor | None = None, router: str | None = None) -> Tensor:
         """Per sequence and task the router's score on the prompt, higher = better. (B, T) float.
 
-        prototype: Σ over routed layers of cos(token-mean input, prototype); sim: −residual."""
+        prototype: Σ over routed layers of cos(token-mean input, prototype); sim: −residual;
+        likelihood: `core.routing.likelihood_route` (mean token log-likelihoods, −inf off the route's candidates)."""
         router = router or self.router
         if router not in self.routers:
             raise ValueError(f"router {router!r} is not available (have: {', '.join(self.routers)})")
@@ -115,6 +125,8 @@ class RoutedLM:
         with self._lock:
             if router == "sim":
                 return self._sim_scores(input_ids, mask)
+            if router == "likelihood":
+                return self._likelihood_scores(input_ids, mask)
             return self._prototype_scores(input_ids, mask)
 
     def route(self, input_ids: Tensor, attention_mask: Tensor | None = None, router: str | None = None) -> list[str]:
@@ -146,6 +158,21 @@ class RoutedLM:
             for h in handles:
                 h.remove()
         return total
+
+    def _likelihood_scores(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+        assert self.gains is not None
+        proto = self._prototype_scores(input_ids, mask)
+        eligible = (self.gains > 0).to(proto.device)
+        ll = torch.zeros_like(proto)
+        rows = eligible[proto.argmax(-1)].nonzero().flatten()
+        if rows.numel():
+            ids, m = input_ids[rows], mask[rows]
+            for t in eligible.nonzero().flatten().tolist():
+                names = [self.adapter_names[self.tasks[t]]] * len(rows)
+                logits = self.model(input_ids=ids, attention_mask=m, position_ids=_positions(m),
+                                    adapter_names=names, use_cache=False).logits
+                ll[rows, t] = mean_token_loglik(logits, ids, m).to(ll.device)
+        return likelihood_route(proto, ll, eligible)
 
     @contextmanager
     def _base_only(self) -> Iterator[None]:
@@ -269,6 +296,7 @@ def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
     paths = {t: _check_adapter(d, man["adapters"][t], modules) for t in man["tasks"]}
     state = read_router_state(d, man)
     protos = {m: state[prototype_key(m)].to(device) for m in modules if prototype_key(m) in state}
+    gains = state.get(GAIN_KEY)
     base = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype)
     sim, backbone = sim_router(d, man, state.get(SIM_MEAN_KEY), state.get(SIM_BASIS_KEY), base, dtype, s3)
     names = {t: paths[t].name for t in man["tasks"]}
@@ -291,6 +319,6 @@ def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
         tokenizer = AutoTokenizer.from_pretrained(str(d))
     sim_state = (sim.means.to(device), sim.bases.to(device), sim.normalize, sim.relative) if sim is not None else None
     lm = RoutedLM(model.to(device), list(man["tasks"]), names, man, protos, sim_state,
-                  backbone.to(device) if backbone is not None else None, tokenizer, router)
+                  backbone.to(device) if backbone is not None else None, tokenizer, router, gains)
     lm.source_dir = d
     return lm

@@ -8,7 +8,8 @@ the merged base in HF layout (loadable by AutoModelForCausalLM):
                                                (scaling 1), base = "../..", the merged model
                                                relative to the adapter (BASE_REF)
     router/manifest.json                       format, method, tasks, adapter dirs, router, layers
-    router/router.safetensors                  "prototype.<module>" (T, d_in); "sim.mean", "sim.basis"
+    router/router.safetensors                  "prototype.<module>" (T, d_in); "sim.mean", "sim.basis";
+                                               "likelihood.gain" (T,)
     router/backbone.safetensors                SiM: the pretrained backbone for the feature pass
 
 Task t's residual expert at a routed linear is W_m + B_t A_t with B_t (d_out, r), A_t (r, d_in):
@@ -34,6 +35,7 @@ ADAPTERS_DIR = "adapters"
 LM_MANIFEST_FILE = "router/manifest.json"
 LM_ROUTER_FILE = "router/router.safetensors"
 LM_BACKBONE_FILE = "router/backbone.safetensors"
+GAIN_KEY = "likelihood.gain"  # (T,) in router.safetensors: each task's log-likelihood gain over the base
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # how a routed LM picks one adapter per sequence (written into the manifest, shown by the server)
@@ -46,6 +48,11 @@ ROUTING_RULES = {
                  "summed over the routed layers; top-1 task; held for every generated token",
     "sim": "one pass of the pretrained backbone over the prompt; its mean last hidden state scored "
            "against each task's SiM subspace; top-1 task; held for every generated token",
+    "likelihood": "the prototype router's pass; when its top-1 task is one whose adapter models its own "
+                  "task's text better than the base (a positive gain measured at merge time), one "
+                  "prefill of the prompt per such adapter and the one giving the prompt the highest "
+                  "mean token log-likelihood wins; otherwise the prototype top-1; held for every "
+                  "generated token",
 }
 
 
@@ -92,12 +99,13 @@ def unique_dirs(tasks: list[str]) -> dict[str, str]:
 
 def pack_lm(tasks: list[str], experts: dict[str, tuple[Tensor, Tensor]], prototypes: dict[str, Tensor],
             sim_means: Tensor | None, sim_bases: Tensor | None, expert_dtype: torch.dtype,
-            manifest: dict[str, Any]) -> dict[str, dict[str, Tensor] | bytes]:
+            manifest: dict[str, Any], gains: Tensor | None = None) -> dict[str, dict[str, Tensor] | bytes]:
     """{relative path: tensors or JSON bytes} of the adapters and the router (not the backbone).
 
     experts:  {module: (B (T, d_out, r), A (T, r, d_in))}, in model order
     manifest: the routed manifest's fields (method, router, routers, rank, layers, sim, ...);
               "format" and "adapters" are set here
+    gains:    (T,) each task's log-likelihood gain over the base (the likelihood router), or None
     """
     modules = list(experts)
     rank = int(next(iter(experts.values()))[0].shape[2]) if experts else 0
@@ -116,6 +124,8 @@ def pack_lm(tasks: list[str], experts: dict[str, tuple[Tensor, Tensor]], prototy
     if sim_means is not None and sim_bases is not None:
         rt[SIM_MEAN_KEY] = sim_means.to(torch.float32).contiguous()
         rt[SIM_BASIS_KEY] = sim_bases.to(torch.float32).contiguous()
+    if gains is not None:
+        rt[GAIN_KEY] = gains.to(torch.float32).contiguous()
     files[LM_ROUTER_FILE] = rt
     man = {**manifest, "format": LM_FORMAT, "tasks": list(tasks), "adapters": dirs,
            "router_file": LM_ROUTER_FILE, "routing": {r: ROUTING_RULES[r] for r in manifest.get("routers", [])
@@ -206,7 +216,7 @@ def read_lm_experts(d: Path, man: dict[str, Any]) -> dict[str, tuple[Tensor, Ten
             for m in modules}
 
 
-__all__ = ["ADAPTERS_DIR", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_REF", "LM_BACKBONE_FILE", "LM_FORMAT",
+__all__ = ["ADAPTERS_DIR", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "BASE_REF", "GAIN_KEY", "LM_BACKBONE_FILE", "LM_FORMAT",
            "LM_MANIFEST_FILE", "LM_ROUTER_FILE", "ROUTING_RULES", "adapter_config", "adapter_dir", "adapter_name",
            "is_lm_dir", "lora_keys", "pack_lm", "read_adapter", "read_lm_experts", "read_lm_manifest",
            "read_router_state", "unique_dirs"]

@@ -18,7 +18,7 @@ from torch import Tensor
 from esm_ray.core.lora import LoraFactors
 from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import check_finite
-from esm_ray.methods import ExpertContext, TensorInfo, build_method, build_purifier
+from esm_ray.methods import ExpertContext, TensorInfo, build_purifier
 from esm_ray.methods.base import SupportInputs
 from esm_ray.runtime.device import CPU, resolve_device, to_device
 from esm_ray.runtime.memory import read_to_float32
@@ -260,14 +260,20 @@ class ExpertSide:
         """Before the merge loop (methods with needs_support_features): this expert's support
         part, from its task head and, when the method asks, pooled backbone features of its rows."""
         from esm_ray.models.heads import read_expert_head
-        from esm_ray.runtime.support import support_features
+        from esm_ray.models.hf import is_causal_lm
+        from esm_ray.runtime.support import likelihood_gain, support_features
 
         ctx = ExpertContext(self.index, self.expert.name, self.expert.weight, self.expert.density)
         head, labels = read_expert_head(self.model)
         n = self.method.support_samples()
         feats = support_features(self.spec, self.index, n) if n else None
+        g = self.method.support_gain_samples() if is_causal_lm(self.base.config) else 0
+        gain = likelihood_gain(self.spec, self.index, g) if g else None
+        if gain is not None:
+            log.info("expert %s: log-likelihood gain over the base on %d of its rows: %+.3f nats/token",
+                     self.expert.name, g, gain)
         base_bytes = sum(self.base.info(k).nbytes for k in self.base.keys())
-        return self.method.support_part(ctx, SupportInputs(head, labels, feats, self.spec.base, base_bytes))
+        return self.method.support_part(ctx, SupportInputs(head, labels, feats, self.spec.base, base_bytes, gain))
 
     # -- search stage (Concrete, AdaMerging): this expert's task entropy and its gradient ---
     def _searcher(self):

@@ -1,5 +1,6 @@
 """What the runtime reads on an expert's side for a method's support stage (routed methods): the
-task head and, for SiM, pooled features of the pretrained backbone on the expert's rows."""
+task head, for SiM pooled features of the pretrained backbone on the expert's rows, and for a
+causal LM's likelihood router the expert's log-likelihood gain over the base on them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from esm_ray.core.routing import mean_token_loglik
 from esm_ray.errors import InputError
 from esm_ray.models.features import pooled_features
 from esm_ray.models.hf import StoredModel
@@ -17,29 +19,49 @@ from esm_ray.spec import MergeSpec
 from esm_ray.stats.data import load_calibration_rows
 
 
-def support_features(spec: MergeSpec, index: int, samples: int, batch_size: int = 16) -> Tensor:
-    """Pooled pretrained-backbone features (n, d) of expert `index`'s first `samples` rows.
-
-    The rows are drawn like calibration rows (same file, same seed, same max_length); text rows
-    are tokenized with the base model's tokenizer.
-    """
+def _support_ids(spec: MergeSpec, index: int, samples: int, what: str) -> tuple[list[list[int]], int]:
+    """Token ids of expert `index`'s first `samples` rows, drawn like calibration rows (same file,
+    seed and max_length; text rows tokenized with the base's tokenizer), and the pad id."""
     expert = spec.experts[index]
     if not expert.data:
-        raise InputError(f"expert {expert.name!r}: SiM needs support samples (`data`)")
+        raise InputError(f"expert {expert.name!r}: {what} needs rows of the expert's task (`data`)")
     rows = load_calibration_rows(expert.data, samples, spec.calibration.seed)
-    src = StoredModel(spec.base, spec.s3)
     tokenizer = None
-    with tempfile.TemporaryDirectory(prefix="esm-ray-sim-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="esm-ray-support-") as tmp:
         if any("input_ids" not in r for r in rows):
-            tok_dir = src.tokenizer_dir(Path(tmp))
+            tok_dir = StoredModel(spec.base, spec.s3).tokenizer_dir(Path(tmp))
             if tok_dir is None:
                 raise InputError(f"{expert.data}: rows are text but the base {spec.base} has no tokenizer")
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         ids = encode_rows(rows, tokenizer, spec.calibration.max_length)
-    model = src.load(torch.float32, "cpu")
     pad = getattr(tokenizer, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) and pad >= 0 else 0
+    return ids, pad if isinstance(pad, int) and pad >= 0 else 0
+
+
+def support_features(spec: MergeSpec, index: int, samples: int, batch_size: int = 16) -> Tensor:
+    """Pooled pretrained-backbone features (n, d) of expert `index`'s first `samples` rows."""
+    ids, pad = _support_ids(spec, index, samples, "SiM")
+    model = StoredModel(spec.base, spec.s3).load(torch.float32, "cpu")
     feats = [pooled_features(model, b_ids, b_mask) for b_ids, b_mask in make_batches(ids, batch_size, pad)]
     return torch.cat(feats).float()
+
+
+@torch.no_grad()
+def likelihood_gain(spec: MergeSpec, index: int, samples: int, batch_size: int = 8) -> float:
+    """How much better expert `index` models its own task's text than the base: the mean over
+    its first `samples` rows of each row's mean next-token log-likelihood under the expert minus
+    under the base (nats per token; a LoRA adapter is applied to the base). Positive for an
+    expert trained on its text; negative for one trained on answers only that lost the prompts."""
+    ids, pad = _support_ids(spec, index, samples, "the likelihood router")
+    total = torch.zeros(len(ids), dtype=torch.float64)
+    for sign, src in ((-1.0, StoredModel(spec.base, spec.s3)),
+                      (1.0, StoredModel(spec.experts[index].model, spec.s3, spec.base))):
+        model, at = src.load(torch.float32, "cpu"), 0
+        for b_ids, b_mask in make_batches(ids, batch_size, pad):
+            ll = mean_token_loglik(model(input_ids=b_ids, attention_mask=b_mask).logits, b_ids, b_mask)
+            total[at:at + len(ll)] += sign * ll.double()
+            at += len(ll)
+        del model
+    return float(total.mean())

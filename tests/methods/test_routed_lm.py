@@ -161,6 +161,50 @@ def test_route_picks_each_calibration_domain_alone_or_batched(lms, method, route
     assert lm.route(*_right(rows), router) == got  # the mask, not the padding side, decides
 
 
+def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dirs):
+    """The merge records each expert's gain: its first 16 calibration rows' mean token
+    log-likelihood under the expert minus under the base (transformers' models, cross-entropy,
+    one row at a time). The likelihood router routes as its rule says from the likelihoods of
+    peft models holding one adapter each, with every task made eligible."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from esm_ray.spec import CalibrationSpec
+    from esm_ray.stats.data import load_calibration_rows
+
+    out = lm_dirs["esm_pp"]
+    man = json.loads((out / "router" / "manifest.json").read_text())
+    assert man["routers"] == ["prototype", "likelihood"]
+    fam = out.parent / "family"
+
+    def mean_ll(model, rows: list[list[int]]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([-torch.nn.functional.cross_entropy(
+                model(input_ids=torch.tensor([r])).logits[0, :-1], torch.tensor(r[1:])) for r in rows])
+
+    base = AutoModelForCausalLM.from_pretrained(str(fam / "base")).eval()
+    for t, task in enumerate(TASKS):
+        rows = [r["input_ids"] for r in load_calibration_rows(str(out.parent / f"{task}.jsonl"), 16,
+                                                              CalibrationSpec().seed)]
+        expert = AutoModelForCausalLM.from_pretrained(str(fam / f"expert_{t}")).eval()
+        want = float((mean_ll(expert, rows) - mean_ll(base, rows)).mean())
+        assert abs(man["likelihood_gains"][task] - want) < 1e-4, task
+
+    lm = load_routed_lm(out)
+    lm.gains = torch.ones(3)  # every task eligible: the likelihoods decide every row
+    rows, _ = _held_out()
+    ids, mask = _left(rows)
+    ll = torch.stack([mean_ll(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(out)),
+                                                        str(out / "adapters" / task)).eval(), rows)
+                      for task in TASKS], 1)
+    assert lm.route(ids, mask, "likelihood") == [TASKS[i] for i in ll.argmax(1).tolist()]
+    lm.gains = torch.tensor([1.0, 1.0, -1.0])  # gamma not eligible: its prototype rows stay gamma
+    proto = lm.route(ids, mask, "prototype")
+    got = lm.route(ids, mask, "likelihood")
+    best = [TASKS[i] for i in ll[:, :2].argmax(1).tolist()]
+    assert got == [p if p == "gamma" else b for p, b in zip(proto, best)]
+
+
 def test_generate_holds_the_routed_adapter_for_every_token(lms):
     """Greedy generate equals a step-by-step argmax over forced-task logits of the growing sequence."""
     lm = lms["esm_pp"]

@@ -249,3 +249,32 @@ def test_cosine_scores_are_cosines():
     f = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     p = torch.tensor([[3.0, 0.0], [0.0, -1.0]])
     torch.testing.assert_close(cosine_scores(f, p), torch.tensor([[1.0, 0.0], [0.0, -1.0], [2 ** -0.5, -(2 ** -0.5)]]))
+
+
+def test_mean_token_loglik_equals_cross_entropy_on_real_tokens():
+    from esm_ray.core.routing import mean_token_loglik
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g)
+    ids = torch.randint(0, 11, (3, 6), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])  # left and right padding
+    got = mean_token_loglik(logits, ids, mask)
+    for i in range(3):
+        real = mask[i].nonzero().flatten()
+        lo, hi = int(real[0]), int(real[-1])
+        ce = torch.nn.functional.cross_entropy(logits[i, lo:hi], ids[i, lo + 1:hi + 1])
+        assert torch.allclose(got[i], -ce, atol=1e-6), i
+    assert mean_token_loglik(logits, ids, torch.tensor([[0, 0, 0, 0, 0, 1]] * 3)).eq(0).all()
+
+
+def test_likelihood_route_keeps_ineligible_prototype_choices():
+    from esm_ray.core.routing import likelihood_route
+
+    proto = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.2, 0.9], [0.0, 0.3, 0.2]])
+    ll = torch.tensor([[-3.0, -1.0, -0.5], [-1.0, -2.0, -0.1], [-9.0, -9.0, -9.0], [-2.0, -2.5, -0.2]])
+    eligible = torch.tensor([True, True, False])
+    got = likelihood_route(proto, ll, eligible).argmax(-1).tolist()
+    # rows 0, 1 and 3: prototype top-1 eligible -> best likelihood among tasks 0 and 1;
+    # row 2: top-1 (task 2) is not eligible -> kept, whatever the likelihoods say
+    assert got == [1, 0, 2, 0]
+    assert likelihood_route(proto, ll, torch.zeros(3, dtype=torch.bool)).argmax(-1).tolist() == [0, 1, 2, 1]

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from esm_ray.errors import InputError
-from esm_ray.eval.lm_report import is_harness_zoo, row_from_items
+from esm_ray.eval.lm_report import is_harness_zoo, normalized, row_from_items
 from esm_ray.eval.report import Row
-from esm_ray.models.lm_items import choice_items, rolling_items
+from esm_ray.models.lm_items import choice_items, rolling_items, score
 from esm_ray.routed.lm_format import LM_MANIFEST_FILE
 from esm_ray.zoo.layout import Zoo, open_zoo
 from esm_ray.zoo.lm_tasks import column_kind
@@ -165,6 +165,39 @@ def evaluate_routed_lm_zoo(model_dir: str | Path, zoo: str | Path | Zoo, split: 
             "items": items, "prefix_tokens": prefix_tokens}
 
 
+def paired_comparisons(zoo: Zoo, items: dict[str, dict[str, list[dict]]], split: str) -> dict[str, dict[str, Any]]:
+    """For each routing (name -> {column: records}, all on the same items): `paired_differences`,
+    its normalised average minus every other routing's, with the 95% paired bootstrap interval
+    (`lm_report.normalized_resamples` draws the same resamples for every routing), in percent;
+    and `domains`, its normalised average over the domain (perplexity) columns only, with its
+    interval, when the zoo has label tasks too. Names as in `evaluate_routed_lm_zoo`'s routes."""
+    import numpy as np
+
+    from esm_ray.eval.lm_report import interval, normalized_resamples, units
+
+    names = list(items)
+    if not names:
+        return {}
+    cols = list(items[names[0]])
+    kinds = units(zoo, cols)
+    dom = [c for c in cols if kinds[c] == "perplexity"]
+    out: dict[str, dict[str, Any]] = {}
+    for subset, key in ((cols, "paired_differences"), (dom, "domain_paired_differences")):
+        if not subset or (key != "paired_differences" and len(subset) == len(cols)):
+            continue
+        boots = {n: normalized_resamples(zoo, {c: items[n][c] for c in subset}, split) * 100 for n in names}
+        point = {n: float(np.mean([normalized(zoo, c, score(items[n][c], kinds[c]), split) or 0.0
+                                   for c in subset])) * 100 for n in names}
+        for n in names:
+            row = out.setdefault(n, {})
+            if key != "paired_differences":
+                row["domains"] = {"columns": subset, "normalized_average": point[n],
+                                  "normalized_interval": interval(boots[n])}
+            row[key] = {o: {"difference": point[n] - point[o], "interval": interval(boots[n] - boots[o])}
+                        for o in names if o != n}
+    return out
+
+
 def routed_lm_rows(label: str, model_dir: str | Path, zoo: str | Path | Zoo, split: str = "test",
                    columns: Sequence[str] | None = None, info: dict[str, Any] | None = None,
                    routers: Sequence[str] | None = None, prefix_tokens: int | None = PREFIX_TOKENS,
@@ -175,6 +208,7 @@ def routed_lm_rows(label: str, model_dir: str | Path, zoo: str | Path | Zoo, spl
     base and expert scores)."""
     zoo = zoo if isinstance(zoo, Zoo) else open_zoo(zoo)
     res = evaluate_routed_lm_zoo(model_dir, zoo, split, columns, routers, prefix_tokens, stride=stride)
+    compared = paired_comparisons(zoo, res["items"], split)
     rows = []
     for name, got in res["routes"].items():
         router, _, n = name.partition("@")
@@ -186,6 +220,7 @@ def routed_lm_rows(label: str, model_dir: str | Path, zoo: str | Path | Zoo, spl
             routing["routes_on"] = (f"the first {n} tokens of the passage (domains) or prompt (label tasks)" if n
                                     else "the whole passage (domains) or prompt (label tasks)")
         row_info = {**(info or {}), "output": str(model_dir), "router": router, "routing": routing,
-                    "prefix_tokens": int(n) if n else None, "scorer": "esm_ray.models.lm_items"}
+                    "prefix_tokens": int(n) if n else None, "scorer": "esm_ray.models.lm_items",
+                    **compared.get(name, {})}
         rows.append(row_from_items(zoo, f"{label} [{title}]", res["items"][name], split, "routed", row_info))
     return rows

@@ -118,14 +118,15 @@ def test_routes_and_routing_accuracy_recount_from_route_alone(lm_zoo, routed_dir
     zoo = open_zoo(lm_zoo[0])
     lm = load_routed_lm(routed_dir)
     lm.tokenizer = lm.tokenizer or AutoTokenizer.from_pretrained(str(zoo.base_dir))
-    assert set(evaluated["routes"]) == {"prototype", "prototype@8", "oracle"}
+    assert set(evaluated["routes"]) == {"prototype", "prototype@8", "likelihood", "likelihood@8", "oracle"}
     for c in zoo.tasks:
         key = "prompt" if zoo.task(c).get("kind") == "label_task" else "text"
         texts = [r[key] for r in _rows(zoo, c)]
-        whole = [lm.route(*lm.encode([t]))[0] for t in texts]
-        first = [lm.route(*lm.encode([t], max_length=PREFIX))[0] for t in texts]
-        assert evaluated["routes"]["prototype"][c] == whole
-        assert evaluated["routes"]["prototype@8"][c] == first
+        for router in ("likelihood", "prototype"):
+            whole = [lm.route(*lm.encode([t]), router)[0] for t in texts]
+            first = [lm.route(*lm.encode([t], max_length=PREFIX), router)[0] for t in texts]
+            assert evaluated["routes"][router][c] == whole
+            assert evaluated["routes"][f"{router}@8"][c] == first
         assert evaluated["routes"]["oracle"][c] == [c] * len(texts)
         summary = routing_summary(evaluated["routes"]["prototype"], lm.tasks)
         assert summary["routing_accuracy"][c] == pytest.approx(sum(t == c for t in whole) / len(whole))
@@ -170,7 +171,8 @@ def test_esm_ray_eval_writes_routed_prefix_and_oracle_rows(lm_zoo, routed_dir, e
     assert rep["metric"] == "lm"
     rows = {r["name"]: r for r in rep["rows"]}
     assert set(rows) == {"pretrained", "experts (own column)", "routed [prototype router]",
-                         "routed [prototype router, first 8 tokens]", "routed [oracle routing]"}
+                         "routed [prototype router, first 8 tokens]", "routed [likelihood router]",
+                         "routed [likelihood router, first 8 tokens]", "routed [oracle routing]"}
     for name, key in (("routed [prototype router]", "prototype"), ("routed [oracle routing]", "oracle"),
                       ("routed [prototype router, first 8 tokens]", "prototype@8")):
         r = rows[name]
@@ -185,6 +187,17 @@ def test_esm_ray_eval_writes_routed_prefix_and_oracle_rows(lm_zoo, routed_dir, e
     assert routing["routing_accuracy"] == {c: sum(t == c for t in evaluated["routes"]["prototype"][c]) /
                                            len(evaluated["routes"]["prototype"][c]) for c in zoo.tasks}
     assert rows["routed [oracle routing]"]["info"]["routing"] is None
+    proto, oracle = rows["routed [prototype router]"], rows["routed [oracle routing]"]
+    diff = proto["info"]["paired_differences"]["oracle"]
+    assert diff["difference"] == pytest.approx(100 * (proto["normalized_average"] - oracle["normalized_average"]))
+    assert diff["interval"][0] <= diff["difference"] <= diff["interval"][1]
+    assert oracle["info"]["paired_differences"]["prototype"]["difference"] == pytest.approx(-diff["difference"])
+    domains = [c for c in zoo.tasks if zoo.task(c).get("kind") != "label_task"]
+    if len(domains) < len(zoo.tasks):  # label tasks too: the domain columns' own average
+        dom = proto["info"]["domains"]
+        assert dom["columns"] == domains
+        assert dom["normalized_average"] == pytest.approx(100 * sum(proto["normalized"][c] for c in domains)
+                                                          / len(domains))
     md = (out / "report.md").read_text()
     assert "routing accuracy" in md and "routed [prototype router, first 8 tokens]" in md
     assert (out / "confusion_routed_prototype_router.png").is_file() or any(out.glob("confusion_*.png"))

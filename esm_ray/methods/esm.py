@@ -22,7 +22,8 @@ from esm_ray.core.esd import ESD, esd_from_gram, oas_shrinkage, shrink_gram
 from esm_ray.core.esm import PRESETS, ESMRecipe, esm_factors, esm_fuse, inter_layer_scales, mean_fuse
 from esm_ray.core.layerstats import LayerStats
 from esm_ray.core.lora import LoraFactors, LowRank, esd_from_factors, lora_svd
-from esm_ray.core.tsvm import tsv_rank, tsv_truncate, tsvm_factors, tsvm_fuse
+from esm_ray.core.arithmetic import is_zero
+from esm_ray.core.tsvm import drop_null_triplets, tsv_rank, tsv_truncate, tsvm_factors, tsvm_fuse
 from esm_ray.errors import InputError
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -90,6 +91,19 @@ class TSVPart:
     u: Tensor
     s: Tensor
     vh: Tensor
+
+
+def _tsv_part(u: Tensor, s: Tensor, vh: Tensor) -> TSVPart:
+    """The triplets without the numerically null ones, as TSV-M keeps them: their singular vectors
+    are arbitrary and would enter the polar factors of the other experts' triplets (a LoRA
+    adapter's untouched embedding, merged with a full expert's, is a zero task vector)."""
+    u, s, vh = drop_null_triplets(u, s, vh, rtol=max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float32).eps)
+    return TSVPart(u.float().contiguous(), s.float(), vh.float().contiguous())
+
+
+def _tsv_kept(parts: list[Any]) -> list[TSVPart]:
+    """The TSV parts that hold a triplet (a zero task vector holds none)."""
+    return [x for x in parts if x.s.numel() > 0]
 
 
 def oriented(info: TensorInfo, stats: LayerStats) -> bool:
@@ -170,8 +184,9 @@ class ESM(MergeMethod[ESMParams]):
             esd = esd_from_gram(d, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
             return ESDPart(esd.to(torch.float32), float(delta.norm()), t)
         if delta.ndim == 2:
-            u, s, vh = tsv_truncate(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts))
-            return TSVPart(u.float(), s.float(), vh.float())
+            if is_zero(delta):  # no triplet, without a large SVD
+                return _tsv_part(delta.new_zeros(delta.shape[0], 0), delta.new_zeros(0), delta.new_zeros(0, delta.shape[1]))
+            return _tsv_part(*tsv_truncate(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts)))
         return delta.float()
 
     def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
@@ -186,8 +201,7 @@ class ESM(MergeMethod[ESMParams]):
             gram, n = self._gram(info, ctx.stats, f.shape[0])
             esd = esd_from_factors(f, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
             return ESDPart(esd.to(torch.float32), lora.lowrank().norm(), t)
-        u, s, vh = lora_svd(lora, tsv_rank(lora.shape, self.n_experts))
-        return TSVPart(u.float(), s.float(), vh.float())
+        return _tsv_part(*lora_svd(lora, tsv_rank(lora.shape, self.n_experts)))
 
     # coordinator -----------------------------------------------------------------------------
     def fuse_lowrank(self, info: TensorInfo, base: Tensor, parts: list[Any],
@@ -209,8 +223,13 @@ class ESM(MergeMethod[ESMParams]):
             self._record(info, "esd", scope)
             return LowRank(b * p.alpha, a)
         if parts and all(isinstance(x, TSVPart) for x in parts):
-            b, a = tsvm_factors([x.u.double() for x in parts], [x.s.double() for x in parts],
-                                [x.vh.double() for x in parts])
+            kept = _tsv_kept(parts)
+            if kept:
+                b, a = tsvm_factors([x.u.double() for x in kept], [x.s.double() for x in kept],
+                                    [x.vh.double() for x in kept])
+            else:
+                b = torch.zeros(base.shape[0], 0, dtype=torch.float64)
+                a = torch.zeros(0, base.shape[1], dtype=torch.float64)
             self._record(info, "tsv", scope)
             return LowRank(b * (p.alpha if scope == "all" else 1.0), a)
         return None
@@ -240,8 +259,9 @@ class ESM(MergeMethod[ESMParams]):
             self._ranks[info.name] = [x.esd.rank for x in parts]
             self._presets[recipe.name] = self._presets.get(recipe.name, 0) + 1
         elif isinstance(first, TSVPart):
-            dw = tsvm_fuse([x.u.double() for x in parts], [x.s.double() for x in parts],
-                           [x.vh.double() for x in parts])
+            kept = _tsv_kept(parts)
+            dw = (tsvm_fuse([x.u.double() for x in kept], [x.s.double() for x in kept], [x.vh.double() for x in kept])
+                  if kept else torch.zeros(base.shape, dtype=torch.float64))
             branch = "tsv"
         else:
             dw = mean_fuse(parts)

@@ -329,6 +329,25 @@ def test_ray_equals_local_bytes_for_an_adapter_output(lora_family, ray_driver, t
     assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
 
 
+def test_esm_embedding_beside_an_adapter_is_the_full_experts_tsv(lora_family, tmp_path):
+    """A LoRA adapter leaves the embedding untouched (a zero task vector, no statistics: ESM's
+    TSV branch). Its arbitrary singular vectors must not enter the polar factors: ESM (α 1)
+    gives the embedding TSV-M gives, whose null triplets are dropped."""
+    from tests.builders import TEST_CALIBRATION
+
+    experts = [lora_family["full_0"], lora_family["lora_0"]]
+    esm = _spec(lora_family["base"], experts, tmp_path / "esm", "esm", params={"alpha": 1.0},
+                calibration=TEST_CALIBRATION | {"cache_dir": str(tmp_path / "cache")})
+    for e, d in zip(esm["experts"], calibration_files(tmp_path / "data", 2, vocab=80)):
+        e["data"] = str(d)
+    _merge(esm)
+    _merge(_spec(lora_family["base"], experts, tmp_path / "tsvm", "tsvm"))
+    k = "model.embed_tokens.weight"
+    base, got, want = (_weights(d)[k] for d in (lora_family["base"], tmp_path / "esm", tmp_path / "tsvm"))
+    assert not torch.equal(got, base)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 # ---- routed models from adapters ------------------------------------------------------------------
 
 ROUTED = [f"model.layers.{i}.{m}" for i in range(2) for m in (

@@ -16,7 +16,8 @@ multi-LoRA engines batch):
 - "likelihood": the prototype pass decides whether the prompt belongs to an *eligible* task, one
   whose adapter models its own task's rows better than the base (a positive gain, measured at
   merge time); if so, the eligible adapter that gives the prompt the highest mean token
-  log-likelihood wins (`core.routing.likelihood_route`). Cost: the prototype pass plus, for such
+  log-likelihood (its first token included, after the tokenizer's BOS or EOS) wins
+  (`core.routing.likelihood_route`). Cost: the prototype pass plus, for such
   prompts, one prefill of the prompt with each eligible adapter (logits included).
 
 Generation runs every sequence with its own adapter in one batch (peft's mixed-adapter batch,
@@ -54,6 +55,19 @@ def _positions(mask: Tensor) -> Tensor:
     """Position ids from an attention mask, as `generate` makes them: 0.. over each prompt's own
     tokens, whatever its left padding."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _prefixed(input_ids: Tensor, mask: Tensor, token: int) -> tuple[Tensor, Tensor]:
+    """Each sequence with `token` just before its first real token (one column longer): the
+    first token is then scored too, as lm-eval's rolling log-likelihood scores it after its
+    prefix token. Left or right padding alike."""
+    ids = torch.cat([input_ids[:, :1], input_ids], 1)  # a padding row keeps its pad id there
+    m = torch.nn.functional.pad(mask, (1, 0), value=0)
+    before = m.argmax(1) - 1  # the column before the first real token
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    ids[rows, before] = token
+    m[rows, before] = 1
+    return ids, m
 
 
 class RoutedLM:
@@ -166,13 +180,24 @@ class RoutedLM:
         ll = torch.zeros_like(proto)
         rows = eligible[proto.argmax(-1)].nonzero().flatten()
         if rows.numel():
-            ids, m = input_ids[rows], mask[rows]
+            ids, m = _prefixed(input_ids[rows], mask[rows], self._prefix_token())
             for t in eligible.nonzero().flatten().tolist():
                 names = [self.adapter_names[self.tasks[t]]] * len(rows)
                 logits = self.model(input_ids=ids, attention_mask=m, position_ids=_positions(m),
                                     adapter_names=names, use_cache=False).logits
                 ll[rows, t] = mean_token_loglik(logits, ids, m).to(ll.device)
         return likelihood_route(proto, ll, eligible)
+
+    def _prefix_token(self) -> int:
+        """The token a prompt's likelihood is conditioned on (as the zoo's scorer conditions a
+        passage): the tokenizer's BOS, else its EOS; without a tokenizer the config's."""
+        src = self.tokenizer if self.tokenizer is not None else self.model.get_base_model().config
+        for name in ("bos_token_id", "eos_token_id"):
+            tok = getattr(src, name, None)
+            tok = tok[0] if isinstance(tok, list) and tok else tok
+            if isinstance(tok, int) and tok >= 0:
+                return tok
+        return 0
 
     @contextmanager
     def _base_only(self) -> Iterator[None]:

@@ -194,9 +194,11 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
     lm.gains = torch.ones(3)  # every task eligible: the likelihoods decide every row
     rows, _ = _held_out()
     ids, mask = _left(rows)
+    cfg = json.loads((out / "config.json").read_text())
+    pre = cfg.get("bos_token_id") if cfg.get("bos_token_id") is not None else cfg["eos_token_id"]
     ll = torch.stack([mean_ll(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(out)),
-                                                        str(out / "adapters" / task)).eval(), rows)
-                      for task in TASKS], 1)
+                                                        str(out / "adapters" / task)).eval(), [[pre] + r for r in rows])
+                      for task in TASKS], 1)  # each prompt's first token scored after the BOS
     assert lm.route(ids, mask, "likelihood") == [TASKS[i] for i in ll.argmax(1).tolist()]
     lm.gains = torch.tensor([1.0, 1.0, -1.0])  # gamma not eligible: its prototype rows stay gamma
     proto = lm.route(ids, mask, "prototype")

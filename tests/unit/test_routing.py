@@ -278,3 +278,13 @@ def test_likelihood_route_keeps_ineligible_prototype_choices():
     # row 2: top-1 (task 2) is not eligible -> kept, whatever the likelihoods say
     assert got == [1, 0, 2, 0]
     assert likelihood_route(proto, ll, torch.zeros(3, dtype=torch.bool)).argmax(-1).tolist() == [0, 1, 2, 1]
+
+
+def test_prefixed_puts_the_token_just_before_each_first_real_token():
+    from esm_ray.routed.lm import _prefixed
+
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 4], [3, 2, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])  # left, none, right padding
+    got, m = _prefixed(ids, mask, 99)
+    assert got.tolist() == [[0, 0, 99, 5, 6], [99, 7, 8, 9, 4], [99, 3, 2, 0, 0]]
+    assert m.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]

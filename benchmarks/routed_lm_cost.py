@@ -5,7 +5,7 @@ precedes: a routed LM directory (`esm-ray merge` with esm_pp / sim on a causal L
 For batch sizes 1 and 8, prompts of `--prompt` tokens (the first tokens of the zoo's test
 items, taken round-robin over its columns) are routed by every router the directory has, then
 generated greedily for `--new` tokens with the routed adapters; each timing is the median of
-`--repeat` runs in this process (one torch thread by default). The table gives each router's
+`--repeat` runs after one warm-up, in this process (one torch thread by default). The table gives each router's
 time per batch and as a share of the generation.
 
     .venv/bin/python benchmarks/routed_lm_cost.py DIR --zoo ZOO
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,15 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import print_table  # noqa: E402
-
-
-def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from routed_lm_routing import timed  # noqa: E402
 
 
 def main() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from esm_ray.core.arithmetic import is_zero
 from esm_ray.core.linalg import polar, truncated_svd
 
 
@@ -24,6 +25,19 @@ def tsv_truncate(delta: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     delta: (d_out, d_in) -> U (d_out, k), S (k,), Vh (k, d_in)
     """
     return truncated_svd(delta, k)
+
+
+def task_triplets(delta: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One task vector's top-k triplets without the numerically null ones, computed in float64.
+
+    delta comes from float32 weights, so directions below float32 resolution are noise and are
+    dropped (`drop_null_triplets`); a zero matrix (a tensor a LoRA adapter leaves untouched)
+    gives none, without an SVD.
+    delta: (d_out, d_in) -> U (d_out, k'), S (k',), Vh (k', d_in), k' <= k, delta's dtype or float64
+    """
+    if is_zero(delta):
+        return delta.new_zeros(delta.shape[0], 0), delta.new_zeros(0), delta.new_zeros(0, delta.shape[1])
+    return drop_null_triplets(*tsv_truncate(delta.double(), k), resolution=torch.float32)
 
 
 def tsvm_fuse(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor]) -> Tensor:
@@ -45,17 +59,19 @@ def tsvm_factors(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor]) -> tuple
     return pu * s_cat, pv.T
 
 
-def drop_null_triplets(u: Tensor, s: Tensor, vh: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def drop_null_triplets(u: Tensor, s: Tensor, vh: Tensor, rtol: float | None = None,
+                       resolution: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Drop the triplets whose singular value is numerically zero (s_i <= rtol · s_max).
 
     Their singular vectors are arbitrary, and inside tsvm_fuse they would still take part in
-    the polar factors of the other tasks. rtol defaults to max(d_out, d_in) · eps(dtype), the
-    matrix-rank tolerance. A zero matrix keeps no triplet.
+    the polar factors of the other tasks. rtol defaults to max(d_out, d_in) · eps(resolution),
+    the matrix-rank tolerance, with resolution the dtype the matrix was known to (default s's).
+    A zero matrix keeps no triplet.
     u (d_out, k), s (k,), vh (k, d_in) -> the same with k' <= k columns / rows
     """
     if s.numel() == 0:
         return u, s, vh
     if rtol is None:
-        rtol = max(u.shape[0], vh.shape[1]) * torch.finfo(s.dtype).eps
+        rtol = max(u.shape[0], vh.shape[1]) * torch.finfo(resolution or s.dtype).eps
     keep = int((s > rtol * s.max()).sum()) if float(s.max()) > 0 else 0
     return u[:, :keep], s[:keep], vh[:keep, :]

@@ -22,8 +22,7 @@ from esm_ray.core.esd import ESD, esd_from_gram, oas_shrinkage, shrink_gram
 from esm_ray.core.esm import PRESETS, ESMRecipe, esm_factors, esm_fuse, inter_layer_scales, mean_fuse
 from esm_ray.core.layerstats import LayerStats
 from esm_ray.core.lora import LoraFactors, LowRank, esd_from_factors, lora_svd
-from esm_ray.core.arithmetic import is_zero
-from esm_ray.core.tsvm import drop_null_triplets, tsv_rank, tsv_truncate, tsvm_factors, tsvm_fuse
+from esm_ray.core.tsvm import drop_null_triplets, task_triplets, tsv_rank, tsvm_factors, tsvm_fuse
 from esm_ray.errors import InputError
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -94,10 +93,10 @@ class TSVPart:
 
 
 def _tsv_part(u: Tensor, s: Tensor, vh: Tensor) -> TSVPart:
-    """The triplets without the numerically null ones, as TSV-M keeps them: their singular vectors
-    are arbitrary and would enter the polar factors of the other experts' triplets (a LoRA
-    adapter's untouched embedding, merged with a full expert's, is a zero task vector)."""
-    u, s, vh = drop_null_triplets(u, s, vh, rtol=max(u.shape[0], vh.shape[1]) * torch.finfo(torch.float32).eps)
+    """Triplets without the numerically null ones (as TSV-M keeps them: their singular vectors
+    are arbitrary and would enter the polar factors of the other experts' triplets; a LoRA
+    adapter's untouched embedding, merged with a full expert's, is a zero task vector), shipped
+    as float32."""
     return TSVPart(u.float().contiguous(), s.float(), vh.float().contiguous())
 
 
@@ -184,9 +183,7 @@ class ESM(MergeMethod[ESMParams]):
             esd = esd_from_gram(d, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
             return ESDPart(esd.to(torch.float32), float(delta.norm()), t)
         if delta.ndim == 2:
-            if is_zero(delta):  # no triplet, without a large SVD
-                return _tsv_part(delta.new_zeros(delta.shape[0], 0), delta.new_zeros(0), delta.new_zeros(0, delta.shape[1]))
-            return _tsv_part(*tsv_truncate(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts)))
+            return _tsv_part(*task_triplets(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts)))
         return delta.float()
 
     def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
@@ -201,7 +198,8 @@ class ESM(MergeMethod[ESMParams]):
             gram, n = self._gram(info, ctx.stats, f.shape[0])
             esd = esd_from_factors(f, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
             return ESDPart(esd.to(torch.float32), lora.lowrank().norm(), t)
-        return _tsv_part(*lora_svd(lora, tsv_rank(lora.shape, self.n_experts)))
+        return _tsv_part(*drop_null_triplets(*lora_svd(lora, tsv_rank(lora.shape, self.n_experts)),
+                                             resolution=torch.float32))
 
     # coordinator -----------------------------------------------------------------------------
     def fuse_lowrank(self, info: TensorInfo, base: Tensor, parts: list[Any],

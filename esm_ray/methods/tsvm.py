@@ -9,9 +9,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.arithmetic import is_zero
 from esm_ray.core.lora import LoraFactors, LowRank, lora_svd
-from esm_ray.core.tsvm import drop_null_triplets, tsv_rank, tsv_truncate, tsvm_factors, tsvm_fuse
+from esm_ray.core.tsvm import drop_null_triplets, task_triplets, tsv_rank, tsvm_factors, tsvm_fuse
 from esm_ray.methods._common import in_expert_order, lambda_field, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -54,21 +53,15 @@ class Tsvm(MergeMethod[TsvmParams]):
         tv = expert.float() - base.float()
         if tv.ndim != 2:
             return tv
-        if is_zero(tv):  # an untouched tensor (e.g. a LoRA adapter's non-targets): no
-            # triplet, as drop_null_triplets keeps none of a zero matrix, without a large SVD
-            return LowRankPart(tv.new_zeros(tv.shape[0], 0), tv.new_zeros(0), tv.new_zeros(0, tv.shape[1]))
         # SVD in float64 for accuracy (and less sensitivity to the BLAS); factors ship as float32.
-        # τ comes from float32 weights, so directions below float32 resolution are noise: drop them.
-        u, s, vh = drop_null_triplets(*tsv_truncate(tv.double(), self.rank((tv.shape[0], tv.shape[1]))),
-                                      rtol=max(tv.shape) * torch.finfo(torch.float32).eps)
+        u, s, vh = task_triplets(tv, self.rank((tv.shape[0], tv.shape[1])))
         return LowRankPart(u.float().contiguous(), s.float(), vh.float().contiguous())
 
     def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
         """A LoRA expert's top-k triplets of s·BA from thin QRs of its factors and the SVD of the
         (r, r) core (core.lora.lora_svd): the same part as `prepare` on the densified tensor,
         in O((d_out + d_in) r²)."""
-        u, s, vh = drop_null_triplets(*lora_svd(lora, self.rank(lora.shape)),
-                                      rtol=max(lora.shape) * torch.finfo(torch.float32).eps)
+        u, s, vh = drop_null_triplets(*lora_svd(lora, self.rank(lora.shape)), resolution=torch.float32)
         return LowRankPart(u.float().contiguous(), s.float(), vh.float().contiguous())
 
     def fuse_lowrank(self, info: TensorInfo, base: Tensor, parts: list[Any],

@@ -105,7 +105,9 @@ def test_tsvm_skips_the_svd_of_an_untouched_tensor(monkeypatch):
 
     def no_svd(*a, **k):
         raise AssertionError("SVD of a zero task vector")
-    monkeypatch.setattr(tsvm_mod, "tsv_truncate", no_svd)
+    import esm_ray.core.tsvm as core_tsvm
+
+    monkeypatch.setattr(core_tsvm, "tsv_truncate", no_svd)  # where methods.tsvm's task_triplets calls it
     part = m.prepare(info, base, base.clone(), ctxs[0])
     assert part.u.shape == (12, 0) and part.s.shape == (0,) and part.vh.shape == (0, 6)
     monkeypatch.undo()

@@ -86,7 +86,7 @@ class ExpertPart:
 
 
 def _widen(b: Tensor, a: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Factors B (..., d_out, r_b) and A (..., r_b, d_in) with zero factors appended up to rank r:
+    """Factors B (d_out, r_b) and A (r_b, d_in) with zero factors appended up to rank r:
     the same update, at the one rank the routed experts are stacked and written at (an adapter
     routed as itself keeps its own rank, a full expert gets `rank`)."""
     pad = torch.nn.functional.pad
@@ -149,7 +149,7 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
             self._pattern = re.compile(p.layers or DEFAULT_ROUTED_LAYERS)
         except re.error as err:
             raise SpecError(f"field `method.params.layers`: not a regular expression: {err}") from None
-        self._experts: dict[str, tuple[Tensor, Tensor]] = {}
+        self._experts: dict[str, list[tuple[Tensor, Tensor]]] = {}  # module -> each task's (B, A)
         self._protos: dict[str, Tensor] = {}
         self._kept: dict[str, list[int]] = {}
         self._tasks: list[str] = []
@@ -218,10 +218,14 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         return (info.module is not None and info.ndim == 2 and info.name == f"{info.module}.weight"
                 and self._pattern.search(info.module) is not None)
 
-    def post_prepare(self, info: TensorInfo, merged: Tensor, expert: Tensor, ctx: ExpertContext) -> ExpertPart:
+    def _stats(self, info: TensorInfo, ctx: ExpertContext) -> Any:
+        """This expert's statistics of the routed layer (its prototype needs them)."""
         if ctx.stats is None:
             raise RuntimeError(f"{self.name}: no calibration statistics for layer {info.module!r} of {ctx.name!r}")
-        st = ctx.stats
+        return ctx.stats
+
+    def post_prepare(self, info: TensorInfo, merged: Tensor, expert: Tensor, ctx: ExpertContext) -> ExpertPart:
+        st = self._stats(info, ctx)
         e = residual_expert(expert, merged, st.gram, st.n, self.params.rank)
         kept = int((e.A.abs().sum(1) > 0).sum())
         dt = _DTYPES[self.params.expert_dtype]
@@ -234,13 +238,12 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         to `expert_dtype`). Otherwise None: the residual against the merge is computed densely."""
         if not self._on_base:
             return None
-        if ctx.stats is None:
-            raise RuntimeError(f"{self.name}: no calibration statistics for layer {info.module!r} of {ctx.name!r}")
+        st = self._stats(info, ctx)
         if (lora.b.shape[0], lora.a.shape[1]) != tuple(merged.shape):  # e.g. a Conv1D target (d_in, d_out)
             return None
         dt = _DTYPES[self.params.expert_dtype]
         b = (lora.b.to(torch.float32) * lora.scale).to(dt).contiguous()
-        return ExpertPart(b, lora.a.to(dt).contiguous(), ctx.stats.mean().to(torch.float32), int(lora.a.shape[0]))
+        return ExpertPart(b, lora.a.to(dt).contiguous(), st.mean().to(torch.float32), int(lora.a.shape[0]))
 
     def post_fuse(self, info: TensorInfo, merged: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> None:
         parts, ctxs = in_expert_order(parts, ctxs)
@@ -248,9 +251,7 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
             self._tasks = [c.name for c in ctxs]
         module = info.module
         assert module is not None
-        r = max(p.B.shape[1] for p in parts)
-        factors = [_widen(p.B, p.A, r) for p in parts]
-        self._experts[module] = (torch.stack([b for b, _ in factors]), torch.stack([a for _, a in factors]))
+        self._experts[module] = [(p.B, p.A) for p in parts]
         self._protos[module] = torch.stack([p.prototype for p in parts])
         self._kept[module] = [p.kept for p in parts]
 
@@ -259,10 +260,15 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         return ["prototype"]
 
     def _stacked(self) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
-        """The routed experts at one rank R for every layer (zero factors appended where a layer's
-        are narrower: adapters of other ranks, or layers no adapter targets), and R."""
-        r = max(int(b.shape[2]) for b, _ in self._experts.values())
-        return {m: _widen(b, a, r) for m, (b, a) in self._experts.items()}, r
+        """The routed experts stacked per layer, {module: (B (T, d_out, R), A (T, R, d_in))}, at
+        one rank R for every task and layer (zero factors appended to narrower ones: adapters of
+        other ranks, full experts at `rank`), and R."""
+        r = max(int(b.shape[1]) for parts in self._experts.values() for b, _ in parts)
+        stacked = {}
+        for m, parts in self._experts.items():
+            wide = [_widen(b, a, r) for b, a in parts]
+            stacked[m] = (torch.stack([b for b, _ in wide]), torch.stack([a for _, a in wide]))
+        return stacked, r
 
     def sim_state(self) -> tuple[Tensor | None, Tensor | None, dict[str, Any] | None, dict[str, BaseWeights]]:
         """(means, bases, manifest entry, extra files) of the SiM router; none for ESM++."""

@@ -169,8 +169,9 @@ def paired_comparisons(zoo: Zoo, items: dict[str, dict[str, list[dict]]], split:
     """For each routing (name -> {column: records}, all on the same items): `paired_differences`,
     its normalised average minus every other routing's, with the 95% paired bootstrap interval
     (`lm_report.normalized_resamples` draws the same resamples for every routing), in percent;
-    and `domains`, its normalised average over the domain (perplexity) columns only, with its
-    interval, when the zoo has label tasks too. Names as in `evaluate_routed_lm_zoo`'s routes."""
+    and, when the zoo has label tasks too, `domains` (its normalised average over the domain
+    (perplexity) columns only, with its interval) and `domain_paired_differences`. Names as in
+    `evaluate_routed_lm_zoo`'s routes."""
     import numpy as np
 
     from esm_ray.eval.lm_report import interval, normalized_resamples, units
@@ -180,21 +181,26 @@ def paired_comparisons(zoo: Zoo, items: dict[str, dict[str, list[dict]]], split:
         return {}
     cols = list(items[names[0]])
     kinds = units(zoo, cols)
-    dom = [c for c in cols if kinds[c] == "perplexity"]
-    out: dict[str, dict[str, Any]] = {}
-    for subset, key in ((cols, "paired_differences"), (dom, "domain_paired_differences")):
-        if not subset or (key != "paired_differences" and len(subset) == len(cols)):
-            continue
-        boots = {n: normalized_resamples(zoo, {c: items[n][c] for c in subset}, split) * 100 for n in names}
+
+    def averages(subset: list[str]) -> tuple[dict[str, float], dict[str, Any]]:
+        """Each routing's normalised average over `subset` (percent) and its bootstrap resamples."""
         point = {n: float(np.mean([normalized(zoo, c, score(items[n][c], kinds[c]), split) or 0.0
                                    for c in subset])) * 100 for n in names}
+        return point, {n: normalized_resamples(zoo, {c: items[n][c] for c in subset}, split) * 100 for n in names}
+
+    def differences(n: str, point: dict[str, float], boots: dict[str, Any]) -> dict[str, Any]:
+        return {o: {"difference": point[n] - point[o], "interval": interval(boots[n] - boots[o])}
+                for o in names if o != n}
+
+    point, boots = averages(cols)
+    out = {n: {"paired_differences": differences(n, point, boots)} for n in names}
+    dom = [c for c in cols if kinds[c] == "perplexity"]
+    if dom and len(dom) < len(cols):
+        point, boots = averages(dom)
         for n in names:
-            row = out.setdefault(n, {})
-            if key != "paired_differences":
-                row["domains"] = {"columns": subset, "normalized_average": point[n],
-                                  "normalized_interval": interval(boots[n])}
-            row[key] = {o: {"difference": point[n] - point[o], "interval": interval(boots[n] - boots[o])}
-                        for o in names if o != n}
+            out[n]["domains"] = {"columns": dom, "normalized_average": point[n],
+                                 "normalized_interval": interval(boots[n])}
+            out[n]["domain_paired_differences"] = differences(n, point, boots)
     return out
 
 

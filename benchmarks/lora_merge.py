@@ -43,6 +43,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.builders import calibration_files  # noqa: E402
 from tests.fixtures import mergekit as _mergekit  # noqa: E402
 from _util import (  # noqa: E402
     LlamaShape,
@@ -58,6 +59,7 @@ from simple_merge import ONE_B, TINY, smol_shape  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CASES = {"smol": None, "1b": ONE_B, "tiny": TINY}
+CALIB_LENGTH = 64  # token ids per calibration row
 
 
 def log(msg: str) -> None:
@@ -143,20 +145,6 @@ model.save_pretrained(out, selected_adapters=["merged"])
 """
 
 
-def calib_files(root: Path, t: int, vocab: int, rows: int, length: int = 64) -> list[Path]:
-    """One JSONL of `rows` rows of random token ids per expert (seeded by the expert's index)."""
-    root.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(t):
-        g = torch.Generator().manual_seed(2000 + i)
-        p = root / f"e{i}-{rows}x{length}.jsonl"
-        if not p.is_file():
-            ids = torch.randint(0, vocab, (rows, length), generator=g)
-            p.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids.tolist()))
-        out.append(p)
-    return out
-
-
 def esm_spec(base: Path, experts: list[Path], method: str, out: Path, fmt: str, rank: int | None,
              data: list[Path] | None = None) -> dict:
     params = {"lambda": 1.0, "normalize": False} if method == "task_arithmetic" else {}
@@ -168,7 +156,8 @@ def esm_spec(base: Path, experts: list[Path], method: str, out: Path, fmt: str, 
     if data:
         for e, d in zip(spec["experts"], data):
             e["data"] = str(d)
-        spec["calibration"] |= {"samples": sum(1 for _ in open(data[0])), "max_length": 64, "batch_size": 8}
+        rows = len(data[0].read_text().splitlines())
+        spec["calibration"] |= {"samples": rows, "max_length": CALIB_LENGTH, "batch_size": 8}
     if fmt == "peft":
         spec["output_format"] = "peft"
         if rank:
@@ -215,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     py, env = args.python, clean_env()
     runs: list[tuple[str, str, str, list[str], Path]] = []  # (tool, method, output, cmd, out dir)
 
-    calib = calib_files(lroot / "calib", args.t, shape.vocab, args.calib_rows)
+    calib = calibration_files(lroot / "calib", args.t, shape.vocab, rows=args.calib_rows, length=CALIB_LENGTH)
 
     def esm(method: str, fmt: str, experts: list[Path], tool: str, rank: int | None = None) -> None:
         tag = f"{tool}-{method}-{fmt}{rank or ''}".replace(" ", "-")

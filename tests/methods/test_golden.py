@@ -10,9 +10,12 @@ Re-record after an intended change of output (and say why in the commit):
 
     ESM_RAY_RECORD_GOLDEN=1 python -m pytest -q tests/methods/test_golden.py -m ''
 
-Float64 eigen/SVD results can differ in the last bits between CPU instruction sets, so the
-hashes are compared where torch reports the CPU capability they were recorded with; elsewhere
-the test skips, saying so.
+Float64 eigen/SVD results differ in the last bits between CPU instruction sets and between CPU
+vendors (the BLAS takes other kernels on AMD than on Intel at the same AVX-512 level), so the
+file holds one set of hashes per CPU (torch's capability and the vendor), and the test compares
+with the set of this machine's CPU; where none was recorded it skips, saying so. Recording
+writes this CPU's set and keeps the others: after an intended change of output, re-record on
+every CPU the file holds (or drop the sets that cannot be re-recorded, and say so).
 """
 
 from __future__ import annotations
@@ -43,8 +46,17 @@ ARCHS = {"llama": 80, "bert": 96}  # vocabulary sizes of the tiny families
 RAY_DEFAULT = {("llama", "esm")}  # Ray runs cost 10-30 s each; the rest are slow
 
 
-def _capability() -> str:
-    return torch.backends.cpu.get_cpu_capability()
+def _cpu() -> dict[str, str]:
+    """What the hashes depend on: torch's CPU capability and the CPU vendor."""
+    vendor = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "vendor": vendor}
 
 
 def tensor_hashes(out: Path) -> dict[str, str]:
@@ -63,21 +75,25 @@ def tensor_hashes(out: Path) -> dict[str, str]:
     return hashes
 
 
-def _golden() -> dict:
-    return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"cpu_capability": _capability(), "cases": {}}
+def _sets() -> list[dict]:
+    """[{"cpu": {...}, "cases": {case: {tensor: sha256}}}, ...], one set per CPU recorded."""
+    return json.loads(GOLDEN.read_text())["sets"] if GOLDEN.is_file() else []
 
 
 @pytest.fixture(scope="module")
 def golden():
-    g = _golden()
-    if not RECORD and g.get("cpu_capability") != _capability():
-        pytest.skip(f"golden hashes were recorded with CPU capability {g.get('cpu_capability')!r}, "
-                    f"this machine has {_capability()!r}")
-    yield g
+    sets, cpu = _sets(), _cpu()
+    mine = next((s for s in sets if s["cpu"] == cpu), None)
+    if mine is None:
+        if not RECORD:
+            pytest.skip(f"no golden hashes were recorded on this CPU ({cpu}); the file holds "
+                        f"{[s['cpu'] for s in sets]}")
+        mine = {"cpu": cpu, "cases": {}}
+        sets.append(mine)
+    yield mine
     if RECORD:
-        g["cpu_capability"] = _capability()
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(g, indent=1, sort_keys=True) + "\n")
+        GOLDEN.write_text(json.dumps({"sets": sets}, indent=1, sort_keys=True) + "\n")
 
 
 def _bert_with_heads(root: Path) -> dict[str, Path]:

@@ -137,19 +137,27 @@ def _select_rank(eig: Tensor, d_out: int, d_in: int, n: int, k: int | None, n_ta
     return min(target, cap)
 
 
-def gram_factor(gram: Tensor) -> Tensor:
-    """L with L Lᵀ = G (float64): Cholesky when G is positive definite, else Q diag(√max(g, 0))."""
+def gram_factor(gram: Tensor, thin: bool = False) -> Tensor:
+    """L with L Lᵀ = G (float64): Cholesky when G is positive definite, else Q diag(√max(g, 0)),
+    (d, d); with `thin`, only the r columns whose eigenvalue is above d · eps · g_max, (d, r).
+
+    A Gram of n < d rows has rank at most n: its thin factor has at most n columns, and the
+    columns it leaves out carry round-off, so ΔW L shrinks from d_out × d to d_out × r (on a
+    2048-wide input with 1024 rows, half the SVD that follows; fewer rows, less still)."""
     g = gram.to(torch.float64)
     g = 0.5 * (g + g.T)
     chol, info = torch.linalg.cholesky_ex(g)
     if int(info) == 0:
         return chol
     w, q = torch.linalg.eigh(g)
-    return q * w.clamp_min(0).sqrt()
+    if not thin:
+        return q * w.clamp_min(0).sqrt()
+    keep = w > (float(w.max()) * g.shape[0] * torch.finfo(torch.float64).eps if w.numel() else 0.0)
+    return q[:, keep] * w[keep].sqrt()
 
 
-def _eigenpairs(d: Tensor, gram: Tensor, route: str) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending) and eigenvectors of ΔW G ΔWᵀ, by the chosen route."""
+def _eigenpairs(d: Tensor, gram: Tensor, route: str, n: int) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending) and eigenvectors of ΔW G ΔWᵀ, by the chosen route (G from n rows)."""
     if route == "auto":
         route = "factor" if d.shape[0] > d.shape[1] else "gram"
     if route == "gram":
@@ -159,7 +167,7 @@ def _eigenpairs(d: Tensor, gram: Tensor, route: str) -> tuple[Tensor, Tensor]:
         eig, vec = torch.linalg.eigh(m)
         return eig.flip(0), vec.flip(1)
     if route == "factor":
-        u, s, _ = torch.linalg.svd(d @ gram_factor(gram), full_matrices=False)
+        u, s, _ = torch.linalg.svd(d @ gram_factor(gram, thin=n < gram.shape[0]), full_matrices=False)
         return s.square(), u
     raise ValueError(f"route must be 'auto', 'gram' or 'factor', got {route!r}")
 
@@ -186,7 +194,7 @@ def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_t
     if delta.ndim != 2 or gram.shape != (delta.shape[1], delta.shape[1]):
         raise ValueError(f"shapes do not match: ΔW {tuple(delta.shape)}, G {tuple(gram.shape)}")
     d = delta.to(torch.float64)
-    eig, vec = _eigenpairs(d, gram, route)
+    eig, vec = _eigenpairs(d, gram, route, n)
     r = _select_rank(eig, d.shape[0], d.shape[1], n, k, n_tasks, energy, rtol)
     basis = vec[:, :r].contiguous()
     lam = eig[:r].clamp_min(0) / max(n - 1, 1)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from esm_ray.core.esd import ESD, esd_from_gram, esd_from_rows, esd_rank
+from esm_ray.core.esd import ESD, esd_from_gram, esd_from_rows, esd_rank, gram_factor
 from esm_ray.core.esm import PRESETS, eigen_scales, esm_fuse, inter_layer_scales
 from esm_ray.core.layerstats import LayerStats
 from esm_ray.core.linalg import polar, polar_gram
@@ -71,6 +71,17 @@ def test_gram_and_factor_routes_agree(shape, n):
         torch.testing.assert_close(e.eigenvalues, ref.eigenvalues, rtol=1e-9, atol=1e-12 * float(ref.eigenvalues[0]))
         torch.testing.assert_close(e.basis.T @ e.basis, torch.eye(e.rank, dtype=F64), atol=1e-12, rtol=0)
         torch.testing.assert_close(e.basis @ e.basis.T, ref.basis @ ref.basis.T, atol=1e-8, rtol=0)
+
+
+def test_thin_factor_of_a_gram_of_fewer_rows_than_inputs():
+    x = _rows(7, 20, _gen(16))
+    gram = x.T @ x
+    full, thin = gram_factor(gram), gram_factor(gram, thin=True)
+    assert full.shape == (20, 20) and thin.shape == (20, 7)  # rank 7: the other 13 columns are round-off
+    for f in (full, thin):
+        torch.testing.assert_close(f @ f.T, gram, atol=1e-10 * float(gram.abs().max()), rtol=0)
+    spd = gram + torch.eye(20, dtype=F64)  # positive definite: Cholesky, thin or not
+    torch.testing.assert_close(gram_factor(spd, thin=True), torch.linalg.cholesky(spd))
 
 
 def test_energy_kept_and_residual_are_the_singular_value_tails():  # oracle 2

@@ -156,10 +156,23 @@ def gram_factor(gram: Tensor, thin: bool = False) -> Tensor:
     return q[:, keep] * w[keep].sqrt()
 
 
-def _eigenpairs(d: Tensor, gram: Tensor, route: str, n: int) -> tuple[Tensor, Tensor]:
+THIN_MIN_WIDTH = 256  # below this width both routes take microseconds; the gram route is kept
+
+
+def auto_route(d_out: int, d_in: int, n: int) -> str:
+    """The cheaper exact route for a (d_out, d_in) ΔW and a Gram of n rows: 'factor' when
+    d_out > d_in (the SVD of the d_out × d_in ΔW L, O(d_out d_in²), against an eigh of size
+    d_out), or when a square layer at least THIN_MIN_WIDTH wide has fewer rows than inputs
+    (the thin factor has at most n columns, and layers reading the same input share it: one
+    eigh of G for q, k and v instead of three of ΔW G ΔWᵀ); else 'gram'."""
+    return "factor" if d_out > d_in or (d_out == d_in >= THIN_MIN_WIDTH and n < d_in) else "gram"
+
+
+def _eigenpairs(d: Tensor, gram: Tensor, route: str, n: int,
+                factor: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending) and eigenvectors of ΔW G ΔWᵀ, by the chosen route (G from n rows)."""
     if route == "auto":
-        route = "factor" if d.shape[0] > d.shape[1] else "gram"
+        route = auto_route(d.shape[0], d.shape[1], n)
     if route == "gram":
         g = gram.to(torch.float64)
         m = d @ g @ d.T
@@ -167,14 +180,16 @@ def _eigenpairs(d: Tensor, gram: Tensor, route: str, n: int) -> tuple[Tensor, Te
         eig, vec = torch.linalg.eigh(m)
         return eig.flip(0), vec.flip(1)
     if route == "factor":
-        u, s, _ = torch.linalg.svd(d @ gram_factor(gram, thin=n < gram.shape[0]), full_matrices=False)
+        if factor is None:
+            factor = gram_factor(gram, thin=n < gram.shape[0])
+        u, s, _ = torch.linalg.svd(d @ factor, full_matrices=False)
         return s.square(), u
     raise ValueError(f"route must be 'auto', 'gram' or 'factor', got {route!r}")
 
 
 def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_tasks: int = 1,
                   energy: float | None = None, rtol: float | None = None,
-                  route: Literal["auto", "gram", "factor"] = "auto") -> ESD:
+                  route: Literal["auto", "gram", "factor"] = "auto", factor: Tensor | None = None) -> ESD:
     """ESD of ΔW from the uncentred Gram matrix of the layer's fine-tuned inputs.
 
     Args:
@@ -186,15 +201,16 @@ def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_t
         energy:  optional energy threshold; k is further capped at the smallest rank whose
                  eigenvalues hold this fraction of the total
         rtol:    relative tolerance of the numerical-rank cap (default d · eps)
-        route:   'gram' (eigh of ΔW G ΔWᵀ), 'factor' (SVD of ΔW L), or 'auto' = factor when
-                 d_out > d_in
+        route:   'gram' (eigh of ΔW G ΔWᵀ), 'factor' (SVD of ΔW L), or 'auto' (`auto_route`)
+        factor:  L = gram_factor(gram, thin=n < d_in) when the caller has it (layers reading
+                 the same input share it); used by the factor route
     Returns:
         ESD in float64 with k ≤ numerical rank of ΔO (k = 0 when ΔO vanishes).
     """
     if delta.ndim != 2 or gram.shape != (delta.shape[1], delta.shape[1]):
         raise ValueError(f"shapes do not match: ΔW {tuple(delta.shape)}, G {tuple(gram.shape)}")
     d = delta.to(torch.float64)
-    eig, vec = _eigenpairs(d, gram, route, n)
+    eig, vec = _eigenpairs(d, gram, route, n, factor)
     r = _select_rank(eig, d.shape[0], d.shape[1], n, k, n_tasks, energy, rtol)
     basis = vec[:, :r].contiguous()
     lam = eig[:r].clamp_min(0) / max(n - 1, 1)

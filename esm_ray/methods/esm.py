@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.esd import ESD, esd_from_gram, oas_shrinkage, shrink_gram
+from esm_ray.core.esd import ESD, auto_route, esd_from_gram, gram_factor, oas_shrinkage, shrink_gram
 from esm_ray.core.esm import PRESETS, ESMRecipe, esm_factors, esm_fuse, inter_layer_scales, mean_fuse
 from esm_ray.core.layerstats import LayerStats
 from esm_ray.core.lora import LoraFactors, LowRank, esd_from_factors, lora_svd
@@ -135,6 +135,7 @@ class ESM(MergeMethod[ESMParams]):
         self._presets: dict[str, int] = {}
         self._scopes: set[str] = set()
         self._shrink: dict[str, float] = {}
+        self._last_factor: tuple[Tensor, Tensor] | None = None  # (Gram, its factor), expert side
 
     # recipe ----------------------------------------------------------------------------------
     def preset_of(self, info: TensorInfo) -> str:
@@ -173,6 +174,15 @@ class ESM(MergeMethod[ESMParams]):
             return stats.gram, stats.n
         return shrink_gram(stats.gram, beta), max(stats.n, d_out)
 
+    def _factor(self, gram: Tensor, n: int) -> Tensor:
+        """gram_factor of this Gram, kept for the next tensor that reads the same input (q, k
+        and v; gate and up): the statistics store hands them the same Gram object."""
+        if self._last_factor is not None and self._last_factor[0] is gram:
+            return self._last_factor[1]
+        factor = gram_factor(gram, thin=n < gram.shape[0])
+        self._last_factor = (gram, factor)
+        return factor
+
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         p = self.params
         delta = expert.to(torch.float64) - base.to(torch.float64)
@@ -180,7 +190,9 @@ class ESM(MergeMethod[ESMParams]):
             t = oriented(info, ctx.stats)
             d = delta.T if t else delta
             gram, n = self._gram(info, ctx.stats, d.shape[0])
-            esd = esd_from_gram(d, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
+            route = auto_route(d.shape[0], d.shape[1], n)
+            esd = esd_from_gram(d, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy, route=route,
+                                factor=self._factor(gram, n) if route == "factor" else None)
             return ESDPart(esd.to(torch.float32), float(delta.norm()), t)
         if delta.ndim == 2:
             return _tsv_part(*task_triplets(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts)))

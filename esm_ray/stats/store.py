@@ -79,6 +79,9 @@ class StatsStore:
                              f"expected {FORMAT_VERSION}")
         self.manifest = manifest
         self.cache_hit = cache_hit
+        # The last input read: modules that share it (q, k, v) get the same tensors, so what a
+        # method derives from a Gram can be kept for the next module (methods.esm's factor).
+        self._last: tuple[str, Tensor, Tensor] | None = None
 
     @property
     def key(self) -> str:
@@ -97,9 +100,11 @@ class StatsStore:
         if entry is None:
             return None
         src = entry["stored_as"]
-        with safe_open(str(self.path), framework="pt") as f:
-            gram = f.get_tensor(f"{src}.gram")
-            s1 = f.get_tensor(f"{src}.s1")
+        if self._last is None or self._last[0] != src:
+            self._last = None  # one input's statistics held at a time
+            with safe_open(str(self.path), framework="pt") as f:
+                self._last = (src, f.get_tensor(f"{src}.s1"), f.get_tensor(f"{src}.gram"))
+        _, s1, gram = self._last
         return ModuleStats(int(entry["n"]), s1, gram, transposed=bool(entry.get("transposed", False)))
 
     def __repr__(self) -> str:

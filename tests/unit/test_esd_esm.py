@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from esm_ray.core.esd import ESD, esd_from_gram, esd_from_rows, esd_rank, gram_factor
+from esm_ray.core.esd import ESD, auto_route, esd_from_gram, esd_from_rows, esd_rank, gram_factor
 from esm_ray.core.esm import PRESETS, eigen_scales, esm_fuse, inter_layer_scales
 from esm_ray.core.layerstats import LayerStats
 from esm_ray.core.linalg import polar, polar_gram
@@ -58,7 +58,7 @@ def test_gram_route_equals_svd_route_and_eigenvalue_definition():  # oracle 1
     torch.testing.assert_close(a.basis.T @ a.basis, torch.eye(d_out, dtype=F64), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("shape,n", [((12, 20), 50), ((20, 12), 50), ((20, 12), 6), ((9, 9), 4)])
+@pytest.mark.parametrize("shape,n", [((12, 20), 50), ((20, 12), 50), ((20, 12), 6), ((9, 9), 4), ((256, 256), 40)])
 def test_gram_and_factor_routes_agree(shape, n):
     g = _gen(15)
     delta = torch.randn(*shape, generator=g, dtype=F64)
@@ -82,6 +82,26 @@ def test_thin_factor_of_a_gram_of_fewer_rows_than_inputs():
         torch.testing.assert_close(f @ f.T, gram, atol=1e-10 * float(gram.abs().max()), rtol=0)
     spd = gram + torch.eye(20, dtype=F64)  # positive definite: Cholesky, thin or not
     torch.testing.assert_close(gram_factor(spd, thin=True), torch.linalg.cholesky(spd))
+
+
+def test_square_layers_with_fewer_rows_than_inputs_take_the_thin_factor_shared_by_q_k_v():
+    assert [auto_route(*a) for a in [(256, 256, 40), (256, 256, 300), (32, 32, 12), (512, 256, 900),
+                                     (256, 512, 40)]] == ["factor", "gram", "gram", "factor", "gram"]
+    g = _gen(17)
+    d, n = 256, 40
+    base = torch.randn(d, d, generator=g)
+    stats = LayerStats.from_rows(_rows(n, d, g).float())  # one input, read by three modules
+    m = ESM(ESMParams(), n_experts=2)
+    for name in ("q", "k", "v"):
+        info = TensorInfo.of(f"layers.0.attn.{name}.weight", (d, d), module=f"layers.0.attn.{name}")
+        delta = 0.01 * torch.randn(d, d, generator=g, dtype=F64)
+        part = m.prepare(info, base, (base.double() + delta).float(), ExpertContext(0, "a", stats=stats))
+        assert m._last_factor[0] is stats.gram and m._last_factor[1].shape == (d, n)
+        ref = esd_from_gram((base.double() + delta).float().double() - base.double(), stats.gram, n,
+                            n_tasks=2, route="gram")
+        assert part.esd.rank == ref.rank == n
+        torch.testing.assert_close(part.esd.basis.double() @ part.esd.basis.double().T, ref.basis @ ref.basis.T,
+                                   atol=1e-5, rtol=0)
 
 
 def test_energy_kept_and_residual_are_the_singular_value_tails():  # oracle 2

@@ -133,6 +133,11 @@ def test_qkv_share_one_gram_and_store_it_once(bert, tmp_path):
     assert store.shared()["encoder.layer.1.attention.self.value"] == "encoder.layer.1.attention.self.query"
     torch.testing.assert_close(store.get("encoder.layer.0.attention.self.key").gram,
                                stats["encoder.layer.0.attention.self.query"].gram)
+    # read back, modules sharing an input get the same tensors (what a method derives from
+    # them can be kept for the next one); another input replaces them
+    q = store.get("encoder.layer.1.attention.self.query")
+    assert store.get("encoder.layer.1.attention.self.value").gram is q.gram
+    assert store.get("encoder.layer.1.attention.output.dense").gram is not q.gram
 
 
 def test_llama_qkv_and_gate_up_share_inputs(tiny_llama):

@@ -40,21 +40,29 @@ def task_triplets(delta: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return drop_null_triplets(*tsv_truncate(delta.double(), k), resolution=torch.float32)
 
 
-def tsvm_fuse(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor]) -> Tensor:
-    """Merge per-task triplets: polar(U_cat) diag(S_cat) polar(V_cat)^T.
+def tsvm_fuse(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """Merge per-task triplets: polar(U_cat) diag(S_cat) polar(V_cat)^T, in `dtype` (default: the inputs').
 
     us[t]: (d_out, k_t), ss[t]: (k_t,), vhs[t]: (k_t, d_in) -> (d_out, d_in)
     """
-    b, a = tsvm_factors(us, ss, vhs)
+    b, a = tsvm_factors(us, ss, vhs, dtype)
     return b @ a
 
 
-def tsvm_factors(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """tsvm_fuse kept factored: (polar(U_cat) diag(S_cat) (d_out, Σk), polar(V_cat)ᵀ (Σk, d_in))."""
+def tsvm_factors(us: list[Tensor], ss: list[Tensor], vhs: list[Tensor],
+                 dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """tsvm_fuse kept factored: (polar(U_cat) diag(S_cat) (d_out, Σk), polar(V_cat)ᵀ (Σk, d_in)).
+
+    The stacked factors are cast to `dtype` once stacked (the same values as casting each
+    part first, without holding the cast parts beside the stack: on a 32000-row vocabulary
+    matrix with Σk = 2048 that is 524 MB less in float64)."""
     u_cat = torch.cat(us, dim=1)
     s_cat = torch.cat(ss)
     v_cat = torch.cat([vh.T for vh in vhs], dim=1)
+    if dtype is not None:
+        u_cat, s_cat, v_cat = u_cat.to(dtype), s_cat.to(dtype), v_cat.to(dtype)
     pu, _ = polar(u_cat)
+    del u_cat
     pv, _ = polar(v_cat)
     return pu * s_cat, pv.T
 

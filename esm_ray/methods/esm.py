@@ -185,7 +185,8 @@ class ESM(MergeMethod[ESMParams]):
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         p = self.params
-        delta = expert.to(torch.float64) - base.to(torch.float64)
+        delta = expert.to(torch.float64, copy=True)
+        delta -= base  # in float64 (exact), without a float64 copy of the base beside it
         if delta.ndim == 2 and ctx.stats is not None and ctx.stats.n > 0:
             t = oriented(info, ctx.stats)
             d = delta.T if t else delta
@@ -235,8 +236,7 @@ class ESM(MergeMethod[ESMParams]):
         if parts and all(isinstance(x, TSVPart) for x in parts):
             kept = _tsv_kept(parts)
             if kept:
-                b, a = tsvm_factors([x.u.double() for x in kept], [x.s.double() for x in kept],
-                                    [x.vh.double() for x in kept])
+                b, a = tsvm_factors([x.u for x in kept], [x.s for x in kept], [x.vh for x in kept], torch.float64)
             else:
                 b = torch.zeros(base.shape[0], 0, dtype=torch.float64)
                 a = torch.zeros(0, base.shape[1], dtype=torch.float64)
@@ -270,7 +270,7 @@ class ESM(MergeMethod[ESMParams]):
             self._presets[recipe.name] = self._presets.get(recipe.name, 0) + 1
         elif isinstance(first, TSVPart):
             kept = _tsv_kept(parts)
-            dw = (tsvm_fuse([x.u.double() for x in kept], [x.s.double() for x in kept], [x.vh.double() for x in kept])
+            dw = (tsvm_fuse([x.u for x in kept], [x.s for x in kept], [x.vh for x in kept], torch.float64)
                   if kept else torch.zeros(base.shape, dtype=torch.float64))
             branch = "tsv"
         else:

@@ -15,7 +15,10 @@ on `--threads` threads, with the same data:
            reads the same input, as methods.esm keeps it
 
 Prints the seconds per layer and per block, and the largest difference of the kept subspaces
-(spectral norm of the projector difference) against 'gram'.
+(spectral norm of the projector difference) against 'gram'. With `--fuse`, it then computes
+the ESD of T - 1 more tasks per layer ('now') and times the coordinator's fusion of the T
+parts per layer (`core.esm.esm_fuse`, RoBERTa recipe, polar factors by the Gram route), as an
+ESM merge of T experts does for every block.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from _util import print_table  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     from esm_ray.core.esd import auto_route, esd_from_gram, gram_factor
+    from esm_ray.core.esm import PRESETS, esm_fuse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -42,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fuse", action="store_true", help="also time the fusion of T tasks' parts per layer")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     h, i, n = args.hidden, args.intermediate, args.rows
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
               + 2e-4 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
               for name, _, d_out, d_in in layers}
 
-    def run(way: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    def run(way: str, deltas=deltas, keep: dict | None = None) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         times, bases, last = {}, {}, None
         for name, src, d_out, d_in in layers:
             t0 = time.perf_counter()
@@ -78,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                 e = esd_from_gram(deltas[name], grams[src], n, n_tasks=args.tasks, route=route, factor=f)
             times[name] = time.perf_counter() - t0
             bases[name] = e.basis
+            if keep is not None:
+                keep.setdefault(name, []).append(e)
         return times, bases
 
-    results = {way: run(way) for way in ("gram", "before", "now")}
+    parts: dict[str, list] = {}
+    results = {way: run(way, keep=parts if way == "now" else None) for way in ("gram", "before", "now")}
     rows = []
     for way, (times, bases) in results.items():
         row = {"way": way, **{f"{name} s": times[name] for name, *_ in layers}, "block s": sum(times.values())}
@@ -92,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, [(k, k) for k in rows[0]])
     before, now = rows[1]["block s"], rows[2]["block s"]
     print(f"\nnow / before: {now / before:.2f}")
+    if args.fuse:
+        for t in range(1, args.tasks):
+            more = {name: dw + 2e-3 * torch.randn(dw.shape[0], 16, generator=g, dtype=torch.float64)
+                    @ torch.randn(16, dw.shape[1], generator=g, dtype=torch.float64) / 4 for name, dw in deltas.items()}
+            run("now", more, keep=parts)
+        fuse = {}
+        for name, *_ in layers:
+            t0 = time.perf_counter()
+            esm_fuse(parts[name], PRESETS["roberta"])
+            fuse[name] = time.perf_counter() - t0
+        print(f"\nfusion of {args.tasks} parts per layer (ranks {[p.rank for p in parts['q']]} for q):")
+        print_table([{**{f"{k} s": v for k, v in fuse.items()}, "block s": sum(fuse.values())}],
+                    [(f"{k} s", f"{k} s") for k in fuse] + [("block s", "block s")])
     return 0
 
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 f = None
                 if route == "factor":
                     if last is None or last[0] != src:
-                        last = (src, gram_factor(grams[src], thin=n < d_in))
+                        last = (src, gram_factor(grams[src], n))
                     f = last[1]
                 e = esd_from_gram(deltas[name], grams[src], n, n_tasks=args.tasks, route=route, factor=f)
             times[name] = time.perf_counter() - t0

@@ -178,13 +178,6 @@ class Watcher(threading.Thread):
                 self.peaks[role] = max(self.peaks.get(role, 0), _anon_rss(p.pid))
             self.stop.wait(0.2)
 
-    def oom_kills(self) -> int:
-        return sum(g.oom_kills() for g in self.groups)
-
-    def close(self) -> None:
-        for g in self.groups:
-            g.close()
-
 
 # ---- one merge ----------------------------------------------------------------------------------
 

@@ -137,9 +137,10 @@ def _select_rank(eig: Tensor, d_out: int, d_in: int, n: int, k: int | None, n_ta
     return min(target, cap)
 
 
-def gram_factor(gram: Tensor, thin: bool = False) -> Tensor:
+def gram_factor(gram: Tensor, rows: int | None = None) -> Tensor:
     """L with L Lᵀ = G (float64): Cholesky when G is positive definite, else Q diag(√max(g, 0)),
-    (d, d); with `thin`, only the r columns whose eigenvalue is above d · eps · g_max, (d, r).
+    (d, d); when G comes from `rows` < d rows, only the r columns whose eigenvalue is above
+    d · eps · g_max, (d, r).
 
     A Gram of n < d rows has rank at most n: its thin factor has at most n columns, and the
     columns it leaves out carry round-off, so ΔW L shrinks from d_out × d to d_out × r (on a
@@ -150,7 +151,7 @@ def gram_factor(gram: Tensor, thin: bool = False) -> Tensor:
     if int(info) == 0:
         return chol
     w, q = torch.linalg.eigh(g)
-    if not thin:
+    if rows is None or rows >= g.shape[0]:
         return q * w.clamp_min(0).sqrt()
     keep = w > (float(w.max()) * g.shape[0] * torch.finfo(torch.float64).eps if w.numel() else 0.0)
     return q[:, keep] * w[keep].sqrt()
@@ -181,7 +182,7 @@ def _eigenpairs(d: Tensor, gram: Tensor, route: str, n: int,
         return eig.flip(0), vec.flip(1)
     if route == "factor":
         if factor is None:
-            factor = gram_factor(gram, thin=n < gram.shape[0])
+            factor = gram_factor(gram, n)
         u, s, _ = torch.linalg.svd(d @ factor, full_matrices=False)
         return s.square(), u
     raise ValueError(f"route must be 'auto', 'gram' or 'factor', got {route!r}")
@@ -202,7 +203,7 @@ def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_t
                  eigenvalues hold this fraction of the total
         rtol:    relative tolerance of the numerical-rank cap (default d · eps)
         route:   'gram' (eigh of ΔW G ΔWᵀ), 'factor' (SVD of ΔW L), or 'auto' (`auto_route`)
-        factor:  L = gram_factor(gram, thin=n < d_in) when the caller has it (layers reading
+        factor:  L = gram_factor(gram, n) when the caller has it (layers reading
                  the same input share it); used by the factor route
     Returns:
         ESD in float64 with k ≤ numerical rank of ΔO (k = 0 when ΔO vanishes).

@@ -177,11 +177,11 @@ class ESM(MergeMethod[ESMParams]):
     def _factor(self, gram: Tensor, n: int) -> Tensor:
         """gram_factor of this Gram, kept for the next tensor that reads the same input (q, k
         and v; gate and up): the statistics store hands them the same Gram object."""
-        if self._last_factor is not None and self._last_factor[0] is gram:
-            return self._last_factor[1]
-        factor = gram_factor(gram, thin=n < gram.shape[0])
-        self._last_factor = (gram, factor)
-        return factor
+        last = self._last_factor  # read once: another thread may replace it meanwhile
+        if last is None or last[0] is not gram:
+            last = (gram, gram_factor(gram, n))
+            self._last_factor = last
+        return last[1]
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         p = self.params

@@ -100,11 +100,13 @@ class StatsStore:
         if entry is None:
             return None
         src = entry["stored_as"]
-        if self._last is None or self._last[0] != src:
-            self._last = None  # one input's statistics held at a time
+        last = self._last  # read once: another thread may replace it meanwhile
+        if last is None or last[0] != src:
+            self._last = last = None  # one input's statistics held at a time (this thread's reference too)
             with safe_open(str(self.path), framework="pt") as f:
-                self._last = (src, f.get_tensor(f"{src}.s1"), f.get_tensor(f"{src}.gram"))
-        _, s1, gram = self._last
+                last = (src, f.get_tensor(f"{src}.s1"), f.get_tensor(f"{src}.gram"))
+            self._last = last
+        _, s1, gram = last
         return ModuleStats(int(entry["n"]), s1, gram, transposed=bool(entry.get("transposed", False)))
 
     def __repr__(self) -> str:

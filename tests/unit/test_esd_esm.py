@@ -76,12 +76,12 @@ def test_gram_and_factor_routes_agree(shape, n):
 def test_thin_factor_of_a_gram_of_fewer_rows_than_inputs():
     x = _rows(7, 20, _gen(16))
     gram = x.T @ x
-    full, thin = gram_factor(gram), gram_factor(gram, thin=True)
+    full, thin = gram_factor(gram), gram_factor(gram, 7)
     assert full.shape == (20, 20) and thin.shape == (20, 7)  # rank 7: the other 13 columns are round-off
     for f in (full, thin):
         torch.testing.assert_close(f @ f.T, gram, atol=1e-10 * float(gram.abs().max()), rtol=0)
     spd = gram + torch.eye(20, dtype=F64)  # positive definite: Cholesky, thin or not
-    torch.testing.assert_close(gram_factor(spd, thin=True), torch.linalg.cholesky(spd))
+    torch.testing.assert_close(gram_factor(spd, 7), torch.linalg.cholesky(spd))
 
 
 def test_square_layers_with_fewer_rows_than_inputs_take_the_thin_factor_shared_by_q_k_v():

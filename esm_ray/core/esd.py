@@ -139,12 +139,15 @@ def _select_rank(eig: Tensor, d_out: int, d_in: int, n: int, k: int | None, n_ta
 
 def gram_factor(gram: Tensor, rows: int | None = None) -> Tensor:
     """L with L Lᵀ = G (float64): Cholesky when G is positive definite, else Q diag(√max(g, 0)),
-    (d, d); when G comes from `rows` < d rows, only the r columns whose eigenvalue is above
-    d · eps · g_max, (d, r).
+    (d, d); when G comes from `rows` < d rows, only the r ≤ rows columns of the top eigenvalues
+    that are above d · eps · g_max, (d, r).
 
     A Gram of n < d rows has rank at most n: its thin factor has at most n columns, and the
     columns it leaves out carry round-off, so ΔW L shrinks from d_out × d to d_out × r (on a
-    2048-wide input with 1024 rows, half the SVD that follows; fewer rows, less still)."""
+    2048-wide input with 1024 rows, half the SVD that follows; fewer rows, less still). The cap
+    at n matters for Grams summed from float32 products (`gram_precision: mixed`): their
+    round-off puts about half of the other d − n eigenvalues above the threshold (1149 columns
+    instead of 256 on a 2048-wide input calibrated on 256 tokens)."""
     g = gram.to(torch.float64)
     g = 0.5 * (g + g.T)
     chol, info = torch.linalg.cholesky_ex(g)
@@ -154,6 +157,7 @@ def gram_factor(gram: Tensor, rows: int | None = None) -> Tensor:
     if rows is None or rows >= g.shape[0]:
         return q * w.clamp_min(0).sqrt()
     keep = w > (float(w.max()) * g.shape[0] * torch.finfo(torch.float64).eps if w.numel() else 0.0)
+    keep[: g.shape[0] - rows] = False  # eigh sorts ascending: at most the top `rows` survive
     return q[:, keep] * w[keep].sqrt()
 
 

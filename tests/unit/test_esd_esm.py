@@ -82,6 +82,14 @@ def test_thin_factor_of_a_gram_of_fewer_rows_than_inputs():
         torch.testing.assert_close(f @ f.T, gram, atol=1e-10 * float(gram.abs().max()), rtol=0)
     spd = gram + torch.eye(20, dtype=F64)  # positive definite: Cholesky, thin or not
     torch.testing.assert_close(gram_factor(spd, 7), torch.linalg.cholesky(spd))
+    # float32 round-off (a "mixed" Gram) lifts about half of the 13 null eigenvalues above the
+    # float64 threshold: the factor still keeps only the top 7
+    noise = 1e-7 * float(gram.abs().max()) * _rows(20, 20, _gen(17))
+    noisy = gram + noise + noise.T
+    assert int((torch.linalg.eigvalsh(noisy) > 20 * 2.3e-16 * float(gram.abs().max())).sum()) > 7
+    thin = gram_factor(noisy, 7)
+    assert thin.shape == (20, 7)
+    torch.testing.assert_close(thin @ thin.T, gram, atol=1e-5 * float(gram.abs().max()), rtol=0)
 
 
 def test_square_layers_with_fewer_rows_than_inputs_take_the_thin_factor_shared_by_q_k_v():

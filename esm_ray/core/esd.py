@@ -26,6 +26,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from esm_ray.core.rowblocks import TaskRows
+
 
 @dataclass(frozen=True)
 class ESD:
@@ -220,6 +222,29 @@ def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_t
     basis = vec[:, :r].contiguous()
     lam = eig[:r].clamp_min(0) / max(n - 1, 1)
     return ESD(basis, basis.T @ d, lam)
+
+
+def esd_from_task_rows(tv: TaskRows, gram: Tensor, n: int, k: int | None = None, n_tasks: int = 1,
+                       energy: float | None = None, rtol: float | None = None,
+                       factor: Tensor | None = None) -> ESD:
+    """`esd_from_gram` by the factor route on a task vector read in row blocks (core.rowblocks),
+    never whole in float64: B = ΔW L and C_k = E_kᵀ ΔW are summed or stacked block by block,
+    E_k and λ come from the thin SVD of B (d_out, r). The same ESD up to round-off.
+
+    tv: ΔW (d_out, d_in) by rows; gram (d_in, d_in) from n rows; factor: gram_factor(gram, n)
+    when the caller has it. -> ESD in float64
+    """
+    d_out, d_in = tv.shape
+    if gram.shape != (d_in, d_in):
+        raise ValueError(f"shapes do not match: ΔW {tv.shape}, G {tuple(gram.shape)}")
+    if factor is None:
+        factor = gram_factor(gram, n)
+    u, s, _ = torch.linalg.svd(tv.matmul(factor), full_matrices=False)
+    eig = s.square()
+    r = _select_rank(eig, d_out, d_in, n, k, n_tasks, energy, rtol)
+    basis = u[:, :r].contiguous()
+    del u
+    return ESD(basis, tv.rmatmul_t(basis), eig[:r].clamp_min(0) / max(n - 1, 1))
 
 
 def esd_from_rows(delta: Tensor, x: Tensor, k: int | None = None, n_tasks: int = 1,

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from esm_ray.core.esd import ESD
-from esm_ray.core.linalg import polar, polar_gram
+from esm_ray.core.linalg import polar, polar_core, polar_gram
+from esm_ray.core.rowblocks import StackedRows
 
 
 @dataclass(frozen=True)
@@ -68,28 +69,37 @@ def stack_factors(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None
 
     norms: ||ΔW_t||_F per task for the inter-task scaling; when None, ||C_t||_F is used.
     """
+    scales = _eigen_scales_of(parts, recipe, dtype)
+    u_cat = torch.cat([p.basis.to(dtype) * s for p, s in zip(parts, scales)], dim=1)
+    return u_cat, _stack_coords(parts, recipe, norms, scales, dtype)
+
+
+def _eigen_scales_of(parts: list[ESD], recipe: ESMRecipe, dtype: torch.dtype) -> list[Tensor]:
+    """Step 1's s per task, (k_t,) in `dtype`."""
     if not parts:
         raise ValueError("ESM needs at least one task")
+    return [eigen_scales(p.eigenvalues, recipe.eigen_exponent).to(dtype) for p in parts]
+
+
+def _stack_coords(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None, scales: list[Tensor],
+                  dtype: torch.dtype) -> Tensor:
+    """V = [S_1 C_1; …; S_T C_T] with steps 2 and 4. (Σk_t, d_in)"""
     if recipe.inter_task_power:
         ns = [float(p.coords.to(torch.float64).norm()) for p in parts] if norms is None else [float(x) for x in norms]
         mean_n = sum(ns) / len(ns)
-    us, vs = [], []
-    for t, p in enumerate(parts):
-        s = eigen_scales(p.eigenvalues, recipe.eigen_exponent).to(dtype)
-        u = p.basis.to(dtype) * s
+    vs = []
+    for t, (p, s) in enumerate(zip(parts, scales)):
         v = p.coords.to(dtype) * s[:, None]
         if recipe.inter_task_power and mean_n > 0:
             v = v * (ns[t] / mean_n) ** recipe.inter_task_power
-        us.append(u)
         vs.append(v)
-    u_cat = torch.cat(us, dim=1)
     v_cat = torch.cat(vs, dim=0)
     if recipe.inter_column_power and v_cat.shape[0]:
         c = v_cat.norm(dim=0)
         mc = c.mean()
         if mc > 0:
             v_cat = v_cat * (c / mc).pow(recipe.inter_column_power)
-    return u_cat, v_cat
+    return v_cat
 
 
 def esm_fuse(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None = None,
@@ -104,7 +114,10 @@ def esm_fuse(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None = No
     c, pu, pv = esm_factors(parts, recipe, norms, dtype, route)
     if pu.shape[1] == 0:
         return torch.zeros(pu.shape[0], pv.shape[1], dtype=dtype, device=pu.device)
-    return c * (pu @ pv)
+    dw = pu @ pv
+    del pu
+    dw *= c  # in place: the values of c · (pu pv) without a second (d_out, d_in) matrix
+    return dw
 
 
 def esm_factors(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None = None,
@@ -128,12 +141,43 @@ def energy_magnitude(parts: list[ESD], pu: Tensor, pv: Tensor) -> Tensor:
     """c with ||c · polar(U) polar(V)||_F = sqrt(Σ_t ||E_t C_t||_F²): the flat update carries the
     energy of the tasks' essential parts, as an orthogonal sum of them would (and as TSV-M's
     merge carries its truncations' energy). pu (d_out, m), pv (m, d_in). A 0-d tensor."""
-    target = torch.stack([p.coords.to(torch.float64).square().sum() for p in parts]).sum().sqrt()
     # ||pu pv||_F² = tr((puᵀ pu)(pv pvᵀ)), without forming the (d_out, d_in) product
-    size = ((pu.T.to(torch.float64) @ pu.to(torch.float64)) * (pv.to(torch.float64) @ pv.T.to(torch.float64))).sum()
+    return _energy_c(parts, pu.T.to(torch.float64) @ pu.to(torch.float64), pv).to(pu.dtype)
+
+
+def _energy_c(parts: list[ESD], pu_gram: Tensor, pv: Tensor) -> Tensor:
+    """energy_magnitude's c from puᵀ pu (m, m) float64, in float64."""
+    target = torch.stack([p.coords.to(torch.float64).square().sum() for p in parts]).sum().sqrt()
+    size = (pu_gram * (pv.to(torch.float64) @ pv.T.to(torch.float64))).sum()
     if float(size) <= 0:
-        return torch.zeros((), dtype=pu.dtype, device=pu.device)
-    return (target / size.sqrt()).to(pu.dtype)
+        return torch.zeros((), dtype=torch.float64, device=pv.device)
+    return target / size.sqrt()
+
+
+def esm_fuse_rows(parts: list[ESD], recipe: ESMRecipe, norms: list[float] | None = None, scale: float = 1.0,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """scale · `esm_fuse` (float64, route 'gram') of a tall layer (d_out ≥ Σk, e.g. an LM head)
+    by row blocks, without its (d_out, Σk) stacked U or a (d_out, d_in) matrix in float64.
+
+    polar(U) = U · K from the eigh of UᵀU summed over row blocks (`linalg.polar_core`: the
+    route-'gram' factor), so ΔW = c · U (K polar(V)), a row block at a time, stored in `dtype`.
+    A wide U (d_out < Σk) goes through `esm_fuse`. -> (d_out, d_in) in `dtype`
+    """
+    scales = _eigen_scales_of(parts, recipe, torch.float64)
+    u = StackedRows.of([p.basis for p in parts], scales)
+    d_out, width = u.shape
+    if width == 0 or width > d_out:
+        out = esm_fuse(parts, recipe, norms, torch.float64, "gram")
+        out *= scale
+        return out.to(dtype)
+    gram = u.gram()
+    core, msu = polar_core(gram, d_out)
+    pv, msv = polar_gram(_stack_coords(parts, recipe, norms, scales, torch.float64))
+    if recipe.magnitude == "energy":
+        c = _energy_c(parts, core @ gram @ core, pv)
+    else:
+        c = recipe.multiplier * msu * msv
+    return u.times(core @ pv, c * scale, dtype)
 
 
 def mean_fuse(deltas: list[Tensor]) -> Tensor:

@@ -79,11 +79,21 @@ def polar_gram(m: Tensor) -> tuple[Tensor, Tensor]:
     """
     p, q = m.shape
     left = q > p
-    g = m @ m.T if left else m.T @ m
+    core, mean = polar_core(m @ m.T if left else m.T @ m, max(p, q))
+    return (core @ m if left else m @ core), mean
+
+
+def polar_core(g: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """From the Gram g of a factor's smaller side, the matrix that makes its polar factor, and
+    the factor's mean singular value: for g = MᵀM = W diag(s²) Wᵀ, polar(M) = M · W diag(1/s) Wᵀ
+    (`polar_gram`; for g = M Mᵀ the core multiplies from the left). Directions with s² below
+    10 · size · eps · s_max² are dropped; size is the factor's longer side.
+
+    g: (r, r) -> (core (r, r), scalar tensor)
+    """
     w, v = torch.linalg.eigh(0.5 * (g + g.T))
     s = w.clamp_min(0).sqrt()
     top = w.max() if w.numel() else w.new_zeros(())
-    keep = w > top * 10 * max(p, q) * torch.finfo(m.dtype).eps
+    keep = w > top * 10 * size * torch.finfo(g.dtype).eps
     vk = v[:, keep] / s[keep]
-    core = vk @ v[:, keep].T
-    return (core @ m if left else m @ core), s.mean()
+    return vk @ v[:, keep].T, s.mean()

@@ -10,6 +10,7 @@ mean; `layer_scales` rescales each linear-layer type across depth. α multiplies
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -18,11 +19,14 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.esd import ESD, auto_route, esd_from_gram, gram_factor, oas_shrinkage, shrink_gram
-from esm_ray.core.esm import PRESETS, ESMRecipe, esm_factors, esm_fuse, inter_layer_scales, mean_fuse
+from esm_ray.core.esd import (ESD, auto_route, esd_from_gram, esd_from_task_rows, gram_factor, oas_shrinkage,
+                              shrink_gram)
+from esm_ray.core.esm import PRESETS, ESMRecipe, esm_factors, esm_fuse, esm_fuse_rows, inter_layer_scales, mean_fuse
 from esm_ray.core.layerstats import LayerStats
 from esm_ray.core.lora import LoraFactors, LowRank, esd_from_factors, lora_svd
-from esm_ray.core.tsvm import drop_null_triplets, task_triplets, tsv_rank, tsvm_factors, tsvm_fuse
+from esm_ray.core.rowblocks import TaskRows, in_row_blocks
+from esm_ray.core.tsvm import (drop_null_triplets, task_triplets, task_triplets_rows, tsv_rank, tsvm_factors,
+                               tsvm_fuse, tsvm_fuse_rows)
 from esm_ray.errors import InputError
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -105,6 +109,13 @@ def _tsv_kept(parts: list[Any]) -> list[TSVPart]:
     return [x for x in parts if x.s.numel() > 0]
 
 
+def _task_vector(expert: Tensor, base: Tensor) -> Tensor:
+    """expert − base in float64 (exact), without a float64 copy of the base beside it."""
+    delta = expert.to(torch.float64, copy=True)
+    delta -= base
+    return delta
+
+
 def oriented(info: TensorInfo, stats: LayerStats) -> bool:
     """Whether the weight is stored (d_in, d_out) (GPT-2 Conv1D); checks the widths agree."""
     if getattr(stats, "transposed", False):
@@ -184,20 +195,33 @@ class ESM(MergeMethod[ESMParams]):
         return last[1]
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        """The part of one tensor. A matrix whose float64 task vector is over
+        core.rowblocks.ROWS_MIN_BYTES (a vocabulary matrix, a 7B's MLP) is decomposed from row
+        blocks of the task vector where the route allows (the TSV triplets of a tall matrix; the
+        ESD by the factor route), so the worker never holds it whole in float64."""
         p = self.params
-        delta = expert.to(torch.float64, copy=True)
-        delta -= base  # in float64 (exact), without a float64 copy of the base beside it
-        if delta.ndim == 2 and ctx.stats is not None and ctx.stats.n > 0:
+        rows = in_row_blocks(expert)
+        if expert.ndim == 2 and ctx.stats is not None and ctx.stats.n > 0:
             t = oriented(info, ctx.stats)
-            d = delta.T if t else delta
-            gram, n = self._gram(info, ctx.stats, d.shape[0])
-            route = auto_route(d.shape[0], d.shape[1], n)
-            esd = esd_from_gram(d, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy, route=route,
-                                factor=self._factor(gram, n) if route == "factor" else None)
+            d_out, d_in = (expert.shape[1], expert.shape[0]) if t else (expert.shape[0], expert.shape[1])
+            gram, n = self._gram(info, ctx.stats, d_out)
+            route = auto_route(d_out, d_in, n)
+            factor = self._factor(gram, n) if route == "factor" else None
+            if rows and route == "factor" and not t:
+                tv = TaskRows.of(expert, base)
+                esd = esd_from_task_rows(tv, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy,
+                                         factor=factor)
+                return ESDPart(esd.to(torch.float32), math.sqrt(tv.sq_norm()), t)
+            delta = _task_vector(expert, base)
+            esd = esd_from_gram(delta.T if t else delta, gram, n, k=p.k, n_tasks=self.n_experts,
+                                energy=p.energy, route=route, factor=factor)
             return ESDPart(esd.to(torch.float32), float(delta.norm()), t)
-        if delta.ndim == 2:
-            return _tsv_part(*task_triplets(delta, tsv_rank((delta.shape[0], delta.shape[1]), self.n_experts)))
-        return delta.float()
+        if expert.ndim == 2:
+            k = tsv_rank((expert.shape[0], expert.shape[1]), self.n_experts)
+            if rows:
+                return _tsv_part(*task_triplets_rows(TaskRows.of(expert, base), k))
+            return _tsv_part(*task_triplets(_task_vector(expert, base), k))
+        return _task_vector(expert, base).float()
 
     def prepare_lora(self, info: TensorInfo, lora: LoraFactors, ctx: ExpertContext) -> Any:
         """A LoRA expert's part from its factors: the ESD through the (r, r) core
@@ -259,28 +283,39 @@ class ESM(MergeMethod[ESMParams]):
                              f"calibration statistics must exist for all experts or for none")
         first = parts[0]
         scope = self.alpha_scope_of(info)
-        if isinstance(first, ESDPart):
+        branch = "esd" if isinstance(first, ESDPart) else "tsv" if isinstance(first, TSVPart) else "mean"
+        alpha = p.alpha if scope == "all" or branch == "esd" else 1.0
+        # a large tall matrix (an LM head, a vocabulary matrix) is fused by row blocks, never
+        # whole in float64 (the route-'gram' polar factors in float64, as by default)
+        rows = (branch != "mean" and in_row_blocks(base) and not getattr(first, "transposed", False)
+                and p.fuse_route == "gram" and p.fuse_dtype == "float64")
+        if branch == "esd":
             recipe = self.recipe(info)
-            dw = esm_fuse([x.esd for x in parts], recipe, [x.norm for x in parts], getattr(torch, p.fuse_dtype),
-                          p.fuse_route)
+            if rows:
+                dw = esm_fuse_rows([x.esd for x in parts], recipe, [x.norm for x in parts], alpha)
+            else:
+                dw = esm_fuse([x.esd for x in parts], recipe, [x.norm for x in parts], getattr(torch, p.fuse_dtype),
+                              p.fuse_route)
             if first.transposed:
                 dw = dw.T
-            branch = "esd"
             self._ranks[info.name] = [x.esd.rank for x in parts]
             self._presets[recipe.name] = self._presets.get(recipe.name, 0) + 1
-        elif isinstance(first, TSVPart):
+        elif branch == "tsv":
             kept = _tsv_kept(parts)
-            dw = (tsvm_fuse([x.u for x in kept], [x.s for x in kept], [x.vh for x in kept], torch.float64)
-                  if kept else torch.zeros(base.shape, dtype=torch.float64))
-            branch = "tsv"
+            if not kept:
+                dw = torch.zeros(base.shape, dtype=torch.float64)
+            elif rows:
+                dw = tsvm_fuse_rows([x.u for x in kept], [x.s for x in kept], [x.vh for x in kept], alpha)
+            else:
+                dw = tsvm_fuse([x.u for x in kept], [x.s for x in kept], [x.vh for x in kept], torch.float64)
         else:
             dw = mean_fuse(parts)
-            branch = "mean"
         self._branch[info.name] = branch
         self._scopes.add(scope)
         if scope == "all" or branch == "esd":
             self._alpha_keys.add(info.name)
-            dw = dw * p.alpha
+            if not rows:
+                dw *= alpha  # in place: the same values as dw * α, without a second float64 matrix
         return dw.reshape(base.shape).to(torch.float32)
 
     def layer_scales(self, infos: dict[str, TensorInfo], norms: dict[str, float]) -> dict[str, float]:

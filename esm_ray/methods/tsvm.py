@@ -10,7 +10,9 @@ from pydantic import Field
 from torch import Tensor
 
 from esm_ray.core.lora import LoraFactors, LowRank, lora_svd
-from esm_ray.core.tsvm import drop_null_triplets, task_triplets, tsv_rank, tsvm_factors, tsvm_fuse
+from esm_ray.core.rowblocks import TaskRows, in_row_blocks
+from esm_ray.core.tsvm import (drop_null_triplets, task_triplets, task_triplets_rows, tsv_rank, tsvm_factors, tsvm_fuse,
+                               tsvm_fuse_rows)
 from esm_ray.methods._common import in_expert_order, lambda_field, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
@@ -50,6 +52,9 @@ class Tsvm(MergeMethod[TsvmParams]):
         return min(k, min(shape)) if k is not None else tsv_rank(shape, self.n_experts)
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
+        if in_row_blocks(expert):  # a large matrix: never whole in float64 (core.rowblocks)
+            u, s, vh = task_triplets_rows(TaskRows.of(expert, base), self.rank((expert.shape[0], expert.shape[1])))
+            return LowRankPart(u.float().contiguous(), s.float(), vh.float().contiguous())
         tv = expert.float() - base.float()
         if tv.ndim != 2:
             return tv
@@ -95,6 +100,10 @@ class Tsvm(MergeMethod[TsvmParams]):
         keep = [(p, w) for p, w in zip(parts, weights) if w != 0.0 and p.s.numel() > 0]
         if not keep:
             return torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+        if in_row_blocks(base) and base.shape[0] >= sum(int(p.s.numel()) for p, _ in keep):
+            # a tall large matrix (a vocabulary matrix): by row blocks, never whole in float64
+            return tsvm_fuse_rows([p.u for p, _ in keep], [p.s.double() * w for p, w in keep],
+                                  [p.vh for p, _ in keep], lam)
         us = [p.u.double() for p, _ in keep]
         ss = [p.s.double() * w for p, w in keep]
         vhs = [p.vh.double() for p, _ in keep]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
@@ -39,7 +39,7 @@ from esm_ray.methods.base import BaseWeights
 from esm_ray.runtime.memory import read_to_float32, reuse_freed_memory, scratch
 from esm_ray.runtime.threads import math_threads, torch_threads
 from esm_ray.runtime.layout import Group, OutTensor, layer_groups, plan_groups, tensor_infos, write_order
-from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan
+from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan, row_blocks
 from esm_ray.runtime.pool import ExpertPool, GroupParts
 from esm_ray.runtime.resume import ResumeStore
 from esm_ray.runtime.sinks import OutputSink, PostStage, SpillSink
@@ -120,7 +120,11 @@ class MergeJob:
             layout = [o.entry for o in write_order(groups, spilled)]
             with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3,
                                plan=layout) as writer:
-                out = OutputSink(writer, PostStage(plan.method, self.pool, self.ctxs), self._store)
+                # Spilled updates are staged for resume by the SpillSink; the layer-scaled tensors
+                # written from them are not (a resumed job scales them again), so that pass writes
+                # without the store, which would otherwise keep every written tensor.
+                out = OutputSink(writer, PostStage(plan.method, self.pool, self.ctxs),
+                                 None if spilled else self._store)
                 if spilled:
                     with self._spill_dir() as root:
                         spill = SpillSink(root, self._store)
@@ -225,17 +229,25 @@ class MergeJob:
             by_name = {o.info.name: o.info for g in groups for o in g.tensors}
             scales = self.plan.method.layer_scales(by_name, spill.norms)
             where = spill.spilled()
-            cache: dict[str, torch.Tensor] = {}
-            current: Path | None = None
             for o in write_order(groups, spilled=True):
-                if o.info.name not in where:
-                    out.copy(o, self._base.get(o.info.name))
+                name = o.info.name
+                if name not in where:
+                    out.copy(o, self._base.get(name))
                     continue
-                if where[o.info.name] != current:
-                    current = where[o.info.name]
-                    cache = load_file(str(current))
-                delta = cache.pop(o.info.name) * scales.get(o.info.name, 1.0)
-                out.add(o, self._base.get(o.info.name).to(torch.float32) + delta)
+                scale = scales.get(name, 1.0)
+                # one update read at a time; a large one (an LM head) a row block at a time, so
+                # the stage holds about one block beside the writer (no post stage reads it)
+                rows = row_blocks(o.info.shape, BLOCK_BYTES)
+                if out.post.active and self.plan.method.post_applies(o.info):
+                    rows = None
+                with safe_open(str(where[name]), framework="pt") as f:
+                    if rows is None:
+                        delta = f.get_tensor(name) * scale
+                        out.add(o, self._base.get(name).to(torch.float32) + delta)
+                    else:
+                        stored = f.get_slice(name)
+                        out.add_blocks(o, (self._base.get(name, rows=(r0, r1)).to(torch.float32)
+                                           + stored[r0:r1] * scale for r0, r1 in rows))
                 if len(out.post) >= 8:
                     out.post.flush()
             out.post.flush()

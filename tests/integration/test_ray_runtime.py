@@ -282,6 +282,33 @@ def test_resume_after_failure_gives_same_bytes(case, tiny_llama, data, tmp_path)
     assert not list(tmp_path.glob(".out.esm-ray-resume-*")), "staging is removed once the output is committed"
 
 
+def test_layer_scaling_writes_rows_and_keeps_nothing_it_wrote(tiny_llama, data, tmp_path, monkeypatch):
+    """ESM's layer-scaling pass writes a large tensor a row block at a time (the same bytes as
+    whole), and with resume on it holds none of the tensors it wrote (they are not staged: a
+    resumed job scales the staged updates again)."""
+    from esm_ray.runtime import job as job_mod
+    from esm_ray.runtime import sinks
+
+    _run(_spec(tiny_llama, data, tmp_path / "whole", "esm", tmp_path / "cache"), resume=False)
+    monkeypatch.setattr(job_mod, "BLOCK_BYTES", 256)  # every tiny matrix counts as large
+    held, by_rows = [], []
+    add_final, add_blocks = sinks.OutputSink.add_final, sinks.OutputSink.add_blocks
+
+    def spy_final(self, out, value):
+        add_final(self, out, value)
+        held.append(len(self._group))
+
+    def spy_blocks(self, out, blocks):
+        by_rows.append(out.info.name)
+        add_blocks(self, out, blocks)
+
+    monkeypatch.setattr(sinks.OutputSink, "add_final", spy_final)
+    monkeypatch.setattr(sinks.OutputSink, "add_blocks", spy_blocks)
+    _run(_spec(tiny_llama, data, tmp_path / "rows", "esm", tmp_path / "cache"), resume=True)
+    assert by_rows and held and max(held) == 0
+    assert output_files(tmp_path / "rows") == output_files(tmp_path / "whole")
+
+
 def test_resume_ignores_groups_of_another_job(tiny_llama, data, tmp_path):
     """A changed spec gets a different job key: nothing is reused."""
     out = tmp_path / "out"

@@ -30,6 +30,9 @@ def _unshared(buf: Tensor) -> bool:
         return False
 
 
+SCRATCH_MAX_BYTES = 64 << 20  # larger tensors are not kept in a slot (see `scratch`)
+
+
 def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
     """An uninitialised tensor backed by this thread's buffer for `slot`.
 
@@ -37,11 +40,16 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
     more than the elementwise work of a simple merge; so the local executor's per-tensor buffers
     are reused from tensor to tensor. Reuse is safe whatever the caller does with the result: a
     buffer that anything still references (a part, a method's state, the writer) is left to its
-    holders and the slot gets a new one.
+    holders and the slot gets a new one. A tensor over SCRATCH_MAX_BYTES (a vocabulary matrix,
+    read whole by a decomposing method) gets a fresh tensor, not kept: its page faults are
+    small beside its decomposition, and keeping it would hold that size per slot and thread
+    for the rest of the merge (about 0.65 GB at 1B for the base, expert and read slots).
     """
     n = torch.empty(0, dtype=dtype).element_size()
     for d in shape:
         n *= int(d)
+    if n > SCRATCH_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype)
     bufs = _scratch.__dict__.setdefault("bufs", {})
     buf = bufs.get(slot)
     if buf is None or buf.numel() < n or not _unshared(buf):

@@ -1,7 +1,7 @@
-"""A 1B-class ESM merge with every expert worker's memory capped below one float32 expert.
+"""A 1B-class ESM merge with every process that computes capped below one expert's bf16 size.
 
-    python benchmarks/scale_run.py [--experts 4] [--cap-mb 2600] [--local-cap-mb 3500]
-        [--runtimes local,ray] [--samples 8] [--max-length 32] [--layers N]
+    python benchmarks/scale_run.py [--experts 4] [--cap-mb 1700] [--coordinator-cap-mb 1700]
+        [--local-cap-mb 1700] [--runtimes local,ray] [--samples 8] [--max-length 32] [--layers N]
 
 The base is benchmarks/simple_merge.py's `1b` case (LLaMA-shaped, 953M parameters, bf16 on
 disk: 1.9 GB per model, 3.8 GB in float32), with T experts (base + a random rank-16 update +
@@ -12,21 +12,19 @@ cores), each with an empty statistics cache, 1 math thread, bf16 output. `--laye
 the 1B widths with N blocks (a quick run).
 
 The memory caps are Linux memory cgroups (v1 `memory.limit_in_bytes`, or v2 `memory.max`):
-- Ray: every ExpertWorker actor process is moved into a cgroup of its own, of `--cap-mb`
-  (default below one expert in float32; at 1700 MiB, below its bf16 size, ESM's float64
-  decomposition of the 32000-row embedding does not fit yet), as soon as it appears. On
-  cgroup v1 without charge moving, what it allocated before (the Ray worker and its imports)
-  stays charged outside; its peak below counts everything. The coordinator and Ray's daemons are not capped; their
-  peaks are printed.
-- local: the whole merge process is in one cgroup of `--local-cap-mb` (default below one
-  expert in float32): it holds the coordinator, the writer and every expert side, and its
-  second thread prepares the next tensors' parts while the first fuses (with ESM the 32000-row
-  embedding and LM head are merged whole, in float64, on the coordinator).
+- Ray: every ExpertWorker actor process is moved into a cgroup of its own of `--cap-mb`, and
+  the Coordinator actor into one of `--coordinator-cap-mb` (both 1700 MiB by default: below
+  one expert's 1818 MiB in bf16), as soon as it appears. On cgroup v1 without charge moving,
+  what it allocated before (the Ray worker and its imports) stays charged outside; its peak
+  below counts everything. The driver and Ray's daemons are not capped; their peaks are printed.
+- local: the whole merge process is in one cgroup of `--local-cap-mb` (1700 MiB by default): it
+  holds the coordinator, the writer and every expert side.
 A cgroup counts file pages too (reading the models through mmap); the kernel drops those
 under the cap, and kills the process (an "OOM kill", counted) only when its own memory does
 not fit. Where no cgroup can be created (not root, no controller) the run goes on uncapped
 and says so; the peak resident set (anonymous memory, which excludes mapped model files) is
-measured either way, every 0.2 s.
+measured either way, every 0.2 s, and written each second to `rss-<runtime>.csv` in the working
+directory (to place the peaks against the merge log's times).
 
 Prints per run the stage times from merge_report.json, the wall time and the peaks, then
 whether the local and Ray outputs are the same bytes.
@@ -142,13 +140,17 @@ class Watcher(threading.Thread):
     """Polls the process tree of one merge: caps each new ExpertWorker (Ray) and records every
     role's peak anonymous RSS (max over its processes)."""
 
-    def __init__(self, proc: subprocess.Popen, cap: int, cap_workers: bool, name: str) -> None:
+    def __init__(self, proc: subprocess.Popen, cap: int, cap_workers: bool, name: str,
+                 coordinator_cap: int | None = None) -> None:
         super().__init__(daemon=True)
         self.proc, self.cap, self.cap_workers, self.name = proc, cap, cap_workers, name
+        self.caps = {"ExpertWorker": cap if cap_workers else None,
+                     "Coordinator": coordinator_cap if cap_workers else None}
         self.peaks: dict[str, int] = {}
         self.pids: dict[str, set[int]] = {}
         self.groups: list[MemCgroup] = []
         self.uncapped: list[int] = []
+        self.timeline: list[tuple[float, str, int, float]] = []  # (s since start, role, pid, MiB), each second
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -156,7 +158,12 @@ class Watcher(threading.Thread):
             root = psutil.Process(self.proc.pid)
         except psutil.NoSuchProcess:
             return
+        t0, last = time.perf_counter(), -1.0
         while not self.stop.is_set() and self.proc.poll() is None:
+            now = time.perf_counter() - t0
+            sample = now - last >= 1.0
+            if sample:
+                last = now
             try:
                 procs = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
@@ -167,21 +174,26 @@ class Watcher(threading.Thread):
                     continue
                 if p.pid not in self.pids.setdefault(role, set()):
                     self.pids[role].add(p.pid)
-                    if role == "ExpertWorker" and self.cap_workers:
-                        g = MemCgroup.make(f"{self.name}-w{p.pid}", self.cap)
+                    limit = self.caps.get(role)
+                    if limit is not None:
+                        g = MemCgroup.make(f"{self.name}-{role[0].lower()}{p.pid}", limit)
                         if g is None:
                             self.uncapped.append(p.pid)
                         else:
                             g.add(p.pid)
                             self.groups.append(g)
-                            log(f"ExpertWorker pid {p.pid} capped at {self.cap / MB:.0f} MiB ({g.path})")
-                self.peaks[role] = max(self.peaks.get(role, 0), _anon_rss(p.pid))
+                            log(f"{role} pid {p.pid} capped at {limit / MB:.0f} MiB ({g.path})")
+                rss = _anon_rss(p.pid)
+                self.peaks[role] = max(self.peaks.get(role, 0), rss)
+                if sample:
+                    self.timeline.append((round(now, 1), role, p.pid, round(rss / MB, 1)))
             self.stop.wait(0.2)
 
 
 # ---- one merge ----------------------------------------------------------------------------------
 
-def run_merge(spec: dict, work: Path, runtime: str, cap: int, local_cap: int) -> dict:
+def run_merge(spec: dict, work: Path, runtime: str, cap: int, local_cap: int,
+              coordinator_cap: int | None = None) -> dict:
     spec_path = work / f"spec-{runtime}.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     log_path = work / f"merge-{runtime}.log"
@@ -195,12 +207,15 @@ def run_merge(spec: dict, work: Path, runtime: str, cap: int, local_cap: int) ->
                                 stdout=fo, stderr=subprocess.STDOUT, env=env)
         if own is not None:
             own.add(proc.pid)  # before it has imported anything
-        watch = Watcher(proc, cap, runtime == "ray", name)
+        watch = Watcher(proc, cap, runtime == "ray", name, coordinator_cap)
         watch.start()
         rc = proc.wait()
         watch.stop.set()
         watch.join()
     wall = time.perf_counter() - t0
+    with open(work / f"rss-{runtime}.csv", "w") as f:  # where the peaks fall, against the merge log
+        f.write("seconds,role,pid,anon_rss_mib\n")
+        f.writelines(f"{t},{role},{pid},{mib}\n" for t, role, pid, mib in watch.timeline)
     groups = ([own] if own else []) + watch.groups
     res = {"runtime": runtime, "rc": rc, "wall_s": wall, "log": str(log_path),
            "capped": (own is not None) if runtime == "local" else (bool(watch.groups) and not watch.uncapped),
@@ -232,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--layers", type=int, default=None, help="blocks (default: the 1b case's 16)")
-    ap.add_argument("--cap-mb", type=int, default=2600, help="memory cap of each Ray expert worker, MiB")
-    ap.add_argument("--local-cap-mb", type=int, default=3500, help="memory cap of the local merge process, MiB")
+    ap.add_argument("--cap-mb", type=int, default=1700, help="memory cap of each Ray expert worker, MiB")
+    ap.add_argument("--coordinator-cap-mb", type=int, default=1700,
+                    help="memory cap of the Ray coordinator actor, MiB (0: not capped)")
+    ap.add_argument("--local-cap-mb", type=int, default=1700, help="memory cap of the local merge process, MiB")
     ap.add_argument("--runtimes", default="local,ray")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=32)
@@ -248,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     cap = args.cap_mb * MB
     log(f"{shape.name}: {shape.n_params / 1e6:.0f}M parameters, one expert {expert_bf16 / MB:.0f} MiB in bf16 "
         f"({4 * shape.n_params / MB:.0f} MiB float32); caps: {args.cap_mb} MiB per Ray worker, "
-        f"{args.local_cap_mb} MiB for the local process")
+        f"{args.coordinator_cap_mb or 'none'} MiB for the Ray coordinator, {args.local_cap_mb} MiB for the local process")
     work = Path(args.work or tempfile.mkdtemp(prefix="esm-ray-scale-", dir=cache_root()))
     work.mkdir(parents=True, exist_ok=True)
     data = write_data(work / "data", args.experts, shape.vocab, args.samples, args.max_length)
@@ -266,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                     "runtime": {"name": runtime, "num_cpus_per_worker": 1},
                     "output": str(out), "dtype": "bfloat16", "overwrite": True}
             log(f"{runtime}: merging ({disk_free(work) / 1e9:.0f} GB free)")
-            res = run_merge(spec, work, runtime, cap, args.local_cap_mb * MB)
+            res = run_merge(spec, work, runtime, cap, args.local_cap_mb * MB,
+                            args.coordinator_cap_mb * MB if args.coordinator_cap_mb else None)
             log(f"{runtime}: exit {res['rc']} in {res['wall_s']:.0f}s, peaks {res['peaks_mb']}, "
                 f"OOM kills {res['oom_kills']}")
             if res["rc"] != 0:
@@ -293,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{shape.name} ({shape.n_params / 1e6:.0f}M parameters, {shape.layers} blocks), T = {args.experts}, "
           f"ESM (defaults), layer-wise calibration on {args.samples} x {args.max_length} tokens per expert, "
           f"1 math thread; one expert = {expert_bf16 / MB:.0f} MiB in bf16, {4 * shape.n_params / MB:.0f} MiB in "
-          f"float32; caps: {args.cap_mb} MiB per Ray worker, {args.local_cap_mb} MiB for the local process; "
+          f"float32; caps: {args.cap_mb} MiB per Ray worker, "
+          f"{f'{args.coordinator_cap_mb} MiB' if args.coordinator_cap_mb else 'none'} for the Ray coordinator, "
+          f"{args.local_cap_mb} MiB for the local process; "
           "peaks are anonymous RSS (max over a role's processes)\n")
     cols = [(k, k) for k in rows[0]] if rows else []
     print_table(rows, cols)

@@ -239,7 +239,7 @@ def esd_from_task_rows(tv: TaskRows, gram: Tensor, n: int, k: int | None = None,
         raise ValueError(f"shapes do not match: ΔW {tv.shape}, G {tuple(gram.shape)}")
     if factor is None:
         factor = gram_factor(gram, n)
-    u, s, _ = torch.linalg.svd(tv.matmul(factor), full_matrices=False)
+    u, s, _ = torch.linalg.svd(tv.times(factor), full_matrices=False)
     eig = s.square()
     r = _select_rank(eig, d_out, d_in, n, k, n_tasks, energy, rtol)
     basis = u[:, :r].contiguous()

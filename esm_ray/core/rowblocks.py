@@ -27,8 +27,43 @@ def in_row_blocks(t: Tensor) -> bool:
     return t.ndim == 2 and 8 * t.numel() > ROWS_MIN_BYTES
 
 
+class _RowBlocks:
+    """Products of a (p, q) matrix M that subclasses hand out as float64 row blocks."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def blocks(self) -> Iterator[tuple[int, Tensor]]:
+        """(first row, M[first row : first row + rows]) in float64, in order."""
+        raise NotImplementedError
+
+    def gram(self) -> Tensor:
+        """Mᵀ M = Σ_b M_bᵀ M_b. (q, q) float64"""
+        q = self.shape[1]
+        out = torch.zeros(q, q, dtype=torch.float64, device=self.device)
+        for _, block in self.blocks():
+            out.addmm_(block.T, block)
+        return out
+
+    def times(self, w: Tensor, scale: float | Tensor = 1.0, dtype: torch.dtype = torch.float64) -> Tensor:
+        """scale · M W, formed a row block at a time in float64 and stored in `dtype`.
+        w: (q, r) -> (p, r)"""
+        w = w.to(torch.float64)
+        out = torch.empty(self.shape[0], w.shape[1], dtype=dtype, device=self.device)
+        for i, block in self.blocks():
+            prod = block @ w
+            prod *= scale  # exact when scale is 1
+            out[i:i + block.shape[0]] = prod
+        return out
+
+
 @dataclass(frozen=True)
-class TaskRows:
+class TaskRows(_RowBlocks):
     """τ = expert − base, (p, q), in float64 row blocks of `rows` rows.
 
     expert, base: (p, q) tensors of any floating dtype (not copied); rows ≥ 1.
@@ -53,28 +88,16 @@ class TaskRows:
     def shape(self) -> tuple[int, int]:
         return int(self.expert.shape[0]), int(self.expert.shape[1])
 
+    @property
+    def device(self) -> torch.device:
+        return self.expert.device
+
     def blocks(self) -> Iterator[tuple[int, Tensor]]:
         """(first row, τ[first row : first row + rows]) in float64, in order."""
         for i in range(0, self.shape[0], self.rows):
             block = self.expert[i:i + self.rows].to(torch.float64, copy=True)
             block -= self.base[i:i + self.rows]
             yield i, block
-
-    def gram(self) -> Tensor:
-        """τᵀ τ = Σ_b τ_bᵀ τ_b. (q, q) float64"""
-        q = self.shape[1]
-        out = torch.zeros(q, q, dtype=torch.float64, device=self.expert.device)
-        for _, block in self.blocks():
-            out.addmm_(block.T, block)
-        return out
-
-    def matmul(self, w: Tensor) -> Tensor:
-        """τ W, stacked block by block. w: (q, r) -> (p, r) float64"""
-        w = w.to(torch.float64)
-        out = torch.empty(self.shape[0], w.shape[1], dtype=torch.float64, device=self.expert.device)
-        for i, block in self.blocks():
-            torch.mm(block, w, out=out[i:i + block.shape[0]])
-        return out
 
     def rmatmul_t(self, e: Tensor) -> Tensor:
         """Eᵀ τ = Σ_b E_bᵀ τ_b. e: (p, r) -> (r, q) float64"""
@@ -96,7 +119,7 @@ class TaskRows:
 
 
 @dataclass(frozen=True)
-class StackedRows:
+class StackedRows(_RowBlocks):
     """U = [U_1 diag(c_1) … U_T diag(c_T)] (p, Σk) kept as its parts and read in float64 row
     blocks: the stacked factor of a tall fusion is never whole.
 
@@ -118,6 +141,10 @@ class StackedRows:
     def shape(self) -> tuple[int, int]:
         return int(self.parts[0].shape[0]), sum(int(u.shape[1]) for u in self.parts)
 
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
     def blocks(self) -> Iterator[tuple[int, Tensor]]:
         """(first row, U[first row : first row + rows]) in float64, in order."""
         for i in range(0, self.shape[0], self.rows):
@@ -125,22 +152,3 @@ class StackedRows:
             if self.scales is not None:
                 cols = [c * s.to(torch.float64) for c, s in zip(cols, self.scales)]
             yield i, torch.cat(cols, dim=1)
-
-    def gram(self) -> Tensor:
-        """Uᵀ U summed over the row blocks. (Σk, Σk) float64"""
-        r = self.shape[1]
-        out = torch.zeros(r, r, dtype=torch.float64, device=self.parts[0].device)
-        for _, block in self.blocks():
-            out.addmm_(block.T, block)
-        return out
-
-    def times(self, m: Tensor, scale: float | Tensor = 1.0, dtype: torch.dtype = torch.float32) -> Tensor:
-        """scale · U m, formed a row block at a time in float64 and stored in `dtype`.
-        m: (Σk, q) -> (p, q)"""
-        m = m.to(torch.float64)
-        out = torch.empty(self.shape[0], m.shape[1], dtype=dtype, device=m.device)
-        for i, block in self.blocks():
-            prod = block @ m
-            prod *= scale
-            out[i:i + block.shape[0]] = prod
-        return out

@@ -59,7 +59,7 @@ def task_triplets_rows(tv: TaskRows, k: int) -> tuple[Tensor, Tensor, Tensor]:
     s = evals.flip(0)[:k].clamp_min(0).sqrt()
     keep = null_cut(s, max(p, q), torch.float32)
     s, w = s[:keep], evecs.flip(1)[:, :keep]
-    u = tv.matmul(w)
+    u = tv.times(w)
     u /= s
     return u, s, w.T.contiguous()
 

@@ -100,8 +100,7 @@ class Tsvm(MergeMethod[TsvmParams]):
         keep = [(p, w) for p, w in zip(parts, weights) if w != 0.0 and p.s.numel() > 0]
         if not keep:
             return torch.zeros(base.shape, dtype=torch.float32, device=base.device)
-        if in_row_blocks(base) and base.shape[0] >= sum(int(p.s.numel()) for p, _ in keep):
-            # a tall large matrix (a vocabulary matrix): by row blocks, never whole in float64
+        if in_row_blocks(base):  # a large matrix: by row blocks where tall (tsvm_fuse_rows)
             return tsvm_fuse_rows([p.u for p, _ in keep], [p.s.double() * w for p, w in keep],
                                   [p.vh for p, _ in keep], lam)
         us = [p.u.double() for p, _ in keep]

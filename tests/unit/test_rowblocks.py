@@ -32,7 +32,7 @@ def test_products_equal_the_dense_ones_for_a_ragged_last_block():
     assert [i for i, _ in tv.blocks()] == [0, 8, 16, 24, 32]
     assert torch.equal(tv.dense(), d)  # the float64 subtraction of float32 rows is exact
     assert torch.allclose(tv.gram(), d.T @ d, rtol=1e-13, atol=1e-12)
-    assert torch.allclose(tv.matmul(w), d @ w, rtol=1e-13, atol=1e-12)
+    assert torch.allclose(tv.times(w), d @ w, rtol=1e-13, atol=1e-12)
     assert torch.allclose(tv.rmatmul_t(e), e.T @ d, rtol=1e-13, atol=1e-12)
     assert tv.sq_norm() == pytest.approx(float(d.square().sum()), rel=1e-13)
     assert TaskRows.of(expert, base, block_bytes=8 * 11 * 3).rows == 3

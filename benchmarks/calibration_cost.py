@@ -7,9 +7,11 @@ calibration rows, batches and threads: a plain forward pass (inference mode), an
 `esm_ray.stats.calibrate` (the same forward with the hooks that accumulate n, Σx and the
 Gram XᵀX of every linear layer's input, padding excluded), once with each
 `calibration.gram_precision` (float64, and mixed: float32 products of the Gram's lower
-block-triangle summed into float64), and with `--before` also the mixed accumulation of the
-previous release (the full float32 XᵀX of each call added into float64; kept here, not in the
-package, for the side-by-side ratio). The variants run interleaved, `--repeats` rounds; per
+block-triangle summed into float64; both keep the rows instead of a Gram for inputs at least
+256 wide that see fewer rows than their width), `grams` (mixed, every input held as a Gram, as
+before rows were kept: `stats.hooks.ROWS_MIN_WIDTH` raised for the call), and with `--before`
+also an older mixed accumulation (the full float32 XᵀX of each call added into float64; kept
+here, not in the package, for the side-by-side ratio). The variants run interleaved, `--repeats` rounds; per
 expert it prints the median wall time and the median CPU time of this process (steadier on a
 loaded machine, exact for `--threads 1`) of each, their ratios to the plain forward, and the
 size of the statistics. No cache is involved (the function is called directly).
@@ -46,6 +48,7 @@ def _before_add(self, x) -> None:
     from esm_ray.stats.hooks import BLOCK_ROWS
 
     self.n += int(x.shape[0])
+    self.rows = None  # the previous release kept no rows
     if getattr(self, "gram", None) is None:
         self.gram = torch.zeros(self.d, self.d, dtype=torch.float64, device=x.device)
     x32 = x.to(torch.float32)
@@ -56,7 +59,7 @@ def _before_add(self, x) -> None:
 
 
 def _before_result(self):
-    return self.n, self.s1, self.gram
+    return self.n, self.s1, self.gram, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {prec: CalibrationSpec(samples=args.samples, max_length=max_length, batch_size=args.batch_size,
                                       gram_precision=prec) for prec in ("float64", "mixed")}
     causal = zoo.kind == "causal_lm"
-    variants = ["plain", "float64", "mixed"] + (["logits"] if causal else []) + (["before"] if args.before else [])
+    variants = (["plain", "float64", "mixed", "grams"] + (["logits"] if causal else [])
+                + (["before"] if args.before else []))
     rows_out = []
     for task in args.tasks or zoo.tasks:
         d = zoo.expert_dir(task)
@@ -120,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 hooks._Acc.add, hooks._Acc.result = add, result
 
+        def grams() -> None:
+            width = hooks.ROWS_MIN_WIDTH
+            hooks.ROWS_MIN_WIDTH = 1 << 62
+            try:
+                stats_pass("mixed")
+            finally:
+                hooks.ROWS_MIN_WIDTH = width
+
         def logits() -> None:
             head = calibrate_module.output_head
             calibrate_module.output_head = lambda m: None
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 calibrate_module.output_head = head
 
         run = {"plain": plain, "float64": lambda: stats_pass("float64"), "mixed": lambda: stats_pass("mixed"),
-               "before": before, "logits": logits}
+               "grams": grams, "before": before, "logits": logits}
         plain()  # warm-up
         times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         for _ in range(args.repeats):
@@ -137,22 +149,25 @@ def main(argv: list[str] | None = None) -> int:
                 times[v].append(_timed(run[v]))
         med = {v: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
                for v, ts in times.items()}
+        stats_pass("mixed")  # the size column is the default's
         unique = {id(s): s for s in stats.values()}.values()
-        size = sum(s.gram.numel() * s.gram.element_size() + s.s1.numel() * s.s1.element_size() for s in unique)
-        rows_out.append((task, len(rows), tokens, med, len(stats), len(unique), size))
+        held = [s.rows if s.rows is not None else s.gram for s in unique]  # no Gram formed from rows here
+        size = sum(h.numel() * h.element_size() + s.s1.numel() * s.s1.element_size() for h, s in zip(held, unique))
+        n_rows = sum(s.rows is not None for s in unique)
+        rows_out.append((task, len(rows), tokens, med, len(stats), len(unique), n_rows, size))
         print(f"{task}: " + ", ".join(f"{v} {w:.3f} s wall / {c:.3f} s CPU" for v, (w, c) in med.items()),
               file=sys.stderr)
 
     print(f"\nzoo {zoo.root.name}, {args.threads} threads, batch {args.batch_size}, max length {max_length}, "
           f"median of {args.repeats} interleaved rounds; ratios to the plain forward, wall (CPU)\n")
     print("| expert | rows | tokens | plain forward s wall (CPU) | " +
-          " | ".join(f"{v} stats s | ratio" for v in variants[1:]) + " | layers (distinct inputs) | stats MB |")
+          " | ".join(f"{v} stats s | ratio" for v in variants[1:]) + " | layers (distinct inputs, of which rows) | stats MB |")
     print("|---|---:|---:|---:|" + "---:|---:|" * (len(variants) - 1) + "---|---:|")
-    for task, n, tokens, med, n_layers, n_unique, size in rows_out:
+    for task, n, tokens, med, n_layers, n_unique, n_rows, size in rows_out:
         pw, pc = med["plain"]
         cells = " | ".join(f"{med[v][0]:.3f} ({med[v][1]:.3f}) | {med[v][0] / pw:.2f} ({med[v][1] / pc:.2f})"
                            for v in variants[1:])
-        print(f"| {task} | {n} | {tokens} | {pw:.3f} ({pc:.3f}) | {cells} | {n_layers} ({n_unique}) | "
+        print(f"| {task} | {n} | {tokens} | {pw:.3f} ({pc:.3f}) | {cells} | {n_layers} ({n_unique}, {n_rows}) | "
               f"{size / 1e6:.1f} |")
     tot = {v: (sum(r[3][v][0] for r in rows_out), sum(r[3][v][1] for r in rows_out)) for v in variants}
     print("\ntotal: " + ", ".join(f"{v} {w:.2f} s ({c:.2f} s CPU), ratio {w / tot['plain'][0]:.2f} "

@@ -15,7 +15,8 @@ Two exact routes to the same eigenpairs (float64):
 - `factor`: with G = L Lᵀ, M = B Bᵀ for B = ΔW L (d_out × d_in), so E and λ come from the thin
   SVD of B. For wide-output layers (d_out > d_in, e.g. up/gate projections) this avoids an
   eigendecomposition of size d_out: O(d_out d_in²) instead of O(d_out³). L is the Cholesky factor
-  of G, or Q diag(√g) from eigh(G) when G is singular (fewer rows than d_in).
+  of G, or Q diag(√g) from eigh(G) when G is singular (fewer rows than d_in), or Xᵀ itself when
+  the statistics hold the rows (`LayerStats.rows`): then B = ΔW Xᵀ is the output shift.
 """
 
 from __future__ import annotations
@@ -166,20 +167,30 @@ def gram_factor(gram: Tensor, rows: int | None = None) -> Tensor:
 THIN_MIN_WIDTH = 256  # below this width both routes take microseconds; the gram route is kept
 
 
-def auto_route(d_out: int, d_in: int, n: int) -> str:
+def auto_route(d_out: int, d_in: int, n: int, rows: bool = False) -> str:
     """The cheaper exact route for a (d_out, d_in) ΔW and a Gram of n rows: 'factor' when
-    d_out > d_in (the SVD of the d_out × d_in ΔW L, O(d_out d_in²), against an eigh of size
-    d_out), or when a square layer at least THIN_MIN_WIDTH wide has fewer rows than inputs
-    (the thin factor has at most n columns, and layers reading the same input share it: one
-    eigh of G for q, k and v instead of three of ΔW G ΔWᵀ); else 'gram'."""
+    the rows themselves are at hand (`rows`: L = Xᵀ, so B = ΔW Xᵀ is the output shift itself,
+    d_out × n with n < d_in, and no G or eigh of it is formed), when d_out > d_in (the SVD of
+    the d_out × d_in ΔW L, O(d_out d_in²), against an eigh of size d_out), or when a square
+    layer at least THIN_MIN_WIDTH wide has fewer rows than inputs (the thin factor has at most
+    n columns, and layers reading the same input share it: one eigh of G for q, k and v
+    instead of three of ΔW G ΔWᵀ); else 'gram'."""
+    if rows:
+        return "factor"
     return "factor" if d_out > d_in or (d_out == d_in >= THIN_MIN_WIDTH and n < d_in) else "gram"
 
 
-def _eigenpairs(d: Tensor, gram: Tensor, route: str, n: int,
+def _eigenpairs(d: Tensor, gram: Tensor | None, route: str, n: int,
                 factor: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending) and eigenvectors of ΔW G ΔWᵀ, by the chosen route (G from n rows)."""
+    """Eigenvalues (descending) and eigenvectors of ΔW G ΔWᵀ, by the chosen route (G from n
+    rows; with gram None, G = L Lᵀ for the given factor L)."""
     if route == "auto":
-        route = auto_route(d.shape[0], d.shape[1], n)
+        route = auto_route(d.shape[0], d.shape[1], n, rows=gram is None)
+    if gram is None:
+        if factor is None:
+            raise ValueError("ESD needs the Gram or a factor of it")
+        if route == "gram":
+            gram = factor @ factor.T
     if route == "gram":
         g = gram.to(torch.float64)
         m = d @ g @ d.T
@@ -194,14 +205,15 @@ def _eigenpairs(d: Tensor, gram: Tensor, route: str, n: int,
     raise ValueError(f"route must be 'auto', 'gram' or 'factor', got {route!r}")
 
 
-def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_tasks: int = 1,
+def esd_from_gram(delta: Tensor, gram: Tensor | None, n: int, k: int | None = None, n_tasks: int = 1,
                   energy: float | None = None, rtol: float | None = None,
                   route: Literal["auto", "gram", "factor"] = "auto", factor: Tensor | None = None) -> ESD:
     """ESD of ΔW from the uncentred Gram matrix of the layer's fine-tuned inputs.
 
     Args:
         delta:   (d_out, d_in) task update ΔW = W_t − W_0
-        gram:    (d_in, d_in) G = Σ x xᵀ over the n calibration rows
+        gram:    (d_in, d_in) G = Σ x xᵀ over the n calibration rows; None when `factor` is
+                 given and G is not at hand (e.g. L = Xᵀ, the rows themselves)
         n:       number of rows behind `gram`
         k:       rank to keep; None = max(1, floor(d_out / n_tasks))
         n_tasks: T, used by the default rank
@@ -209,13 +221,14 @@ def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_t
                  eigenvalues hold this fraction of the total
         rtol:    relative tolerance of the numerical-rank cap (default d · eps)
         route:   'gram' (eigh of ΔW G ΔWᵀ), 'factor' (SVD of ΔW L), or 'auto' (`auto_route`)
-        factor:  L = gram_factor(gram, n) when the caller has it (layers reading
-                 the same input share it); used by the factor route
+        factor:  L (d_in, r) with L Lᵀ = G: gram_factor(gram, n) when the caller has it (layers
+                 reading the same input share it), or Xᵀ; used by the factor route
     Returns:
         ESD in float64 with k ≤ numerical rank of ΔO (k = 0 when ΔO vanishes).
     """
-    if delta.ndim != 2 or gram.shape != (delta.shape[1], delta.shape[1]):
-        raise ValueError(f"shapes do not match: ΔW {tuple(delta.shape)}, G {tuple(gram.shape)}")
+    g_shape = tuple(gram.shape) if gram is not None else (None if factor is None else (factor.shape[0],) * 2)
+    if delta.ndim != 2 or g_shape != (delta.shape[1], delta.shape[1]):
+        raise ValueError(f"shapes do not match: ΔW {tuple(delta.shape)}, G {g_shape}")
     d = delta.to(torch.float64)
     eig, vec = _eigenpairs(d, gram, route, n, factor)
     r = _select_rank(eig, d.shape[0], d.shape[1], n, k, n_tasks, energy, rtol)
@@ -224,19 +237,21 @@ def esd_from_gram(delta: Tensor, gram: Tensor, n: int, k: int | None = None, n_t
     return ESD(basis, basis.T @ d, lam)
 
 
-def esd_from_task_rows(tv: TaskRows, gram: Tensor, n: int, k: int | None = None, n_tasks: int = 1,
+def esd_from_task_rows(tv: TaskRows, gram: Tensor | None, n: int, k: int | None = None, n_tasks: int = 1,
                        energy: float | None = None, rtol: float | None = None,
                        factor: Tensor | None = None) -> ESD:
     """`esd_from_gram` by the factor route on a task vector read in row blocks (core.rowblocks),
     never whole in float64: B = ΔW L and C_k = E_kᵀ ΔW are summed or stacked block by block,
     E_k and λ come from the thin SVD of B (d_out, r). The same ESD up to round-off.
 
-    tv: ΔW (d_out, d_in) by rows; gram (d_in, d_in) from n rows; factor: gram_factor(gram, n)
-    when the caller has it. -> ESD in float64
+    tv: ΔW (d_out, d_in) by rows; gram (d_in, d_in) from n rows, or None with a factor;
+    factor: L with L Lᵀ = G (gram_factor(gram, n), or Xᵀ) when the caller has it.
+    -> ESD in float64
     """
     d_out, d_in = tv.shape
-    if gram.shape != (d_in, d_in):
-        raise ValueError(f"shapes do not match: ΔW {tv.shape}, G {tuple(gram.shape)}")
+    g_shape = tuple(gram.shape) if gram is not None else (None if factor is None else (factor.shape[0],) * 2)
+    if g_shape != (d_in, d_in):
+        raise ValueError(f"shapes do not match: ΔW {tv.shape}, G {g_shape}")
     if factor is None:
         factor = gram_factor(gram, n)
     u, s, _ = torch.linalg.svd(tv.times(factor), full_matrices=False)

@@ -175,24 +175,31 @@ class ESM(MergeMethod[ESMParams]):
         return "esd" if self.preset_of(info) == "vit" else "all"
 
     # expert side -----------------------------------------------------------------------------
-    def _gram(self, info: TensorInfo, stats: LayerStats, d_out: int) -> tuple[Tensor, int]:
-        """The layer's Gram after `shrinkage`, and the row count ESD's rank cap should see (a
-        shrunk Gram is full rank: the span of the n rows no longer caps the rank)."""
+    def _input(self, info: TensorInfo, stats: LayerStats, d_out: int) -> LayerStats:
+        """The layer's statistics after `shrinkage` (a shrunk Gram is full rank, so its row
+        count is at least d_out: the span of the n rows no longer caps ESD's rank)."""
         p = self.params
         beta = oas_shrinkage(stats.gram, stats.n) if p.shrinkage == "oas" else float(p.shrinkage)
         self._shrink[info.name] = beta
         if beta == 0.0:
-            return stats.gram, stats.n
-        return shrink_gram(stats.gram, beta), max(stats.n, d_out)
+            return stats
+        return LayerStats(max(stats.n, d_out), stats.s1, shrink_gram(stats.gram, beta))
 
-    def _factor(self, gram: Tensor, n: int) -> Tensor:
-        """gram_factor of this Gram, kept for the next tensor that reads the same input (q, k
-        and v; gate and up): the statistics store hands them the same Gram object."""
+    def _factor(self, stats: LayerStats) -> Tensor:
+        """A factor L of the Gram (L Lᵀ = G): the rows' Xᵀ where they are held, else
+        gram_factor; kept for the next tensor that reads the same input (q, k and v; gate and
+        up): the statistics store hands them the same object."""
         last = self._last_factor  # read once: another thread may replace it meanwhile
-        if last is None or last[0] is not gram:
-            last = (gram, gram_factor(gram, n))
+        if last is None or last[0] is not stats:
+            f = stats.factor()
+            last = (stats, f if f is not None else gram_factor(stats.gram, stats.n))
             self._last_factor = last
         return last[1]
+
+    @staticmethod
+    def _held_gram(stats: LayerStats) -> Tensor | None:
+        """The Gram when it is held; None when only the rows are (ESD then goes by Xᵀ)."""
+        return None if stats.rows is not None else stats.gram
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         """The part of one tensor. A matrix whose float64 task vector is over
@@ -204,9 +211,10 @@ class ESM(MergeMethod[ESMParams]):
         if expert.ndim == 2 and ctx.stats is not None and ctx.stats.n > 0:
             t = oriented(info, ctx.stats)
             d_out, d_in = (expert.shape[1], expert.shape[0]) if t else (expert.shape[0], expert.shape[1])
-            gram, n = self._gram(info, ctx.stats, d_out)
-            route = auto_route(d_out, d_in, n)
-            factor = self._factor(gram, n) if route == "factor" else None
+            st = self._input(info, ctx.stats, d_out)
+            n, gram = st.n, self._held_gram(st)
+            route = auto_route(d_out, d_in, n, rows=gram is None)
+            factor = self._factor(st) if route == "factor" else None
             if rows and route == "factor" and not t:
                 tv = TaskRows.of(expert, base)
                 esd = esd_from_task_rows(tv, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy,
@@ -232,8 +240,8 @@ class ESM(MergeMethod[ESMParams]):
         if ctx.stats is not None and ctx.stats.n > 0:
             t = oriented(info, ctx.stats)
             f = LoraFactors(lora.a.T, lora.b.T, lora.scale) if t else lora
-            gram, n = self._gram(info, ctx.stats, f.shape[0])
-            esd = esd_from_factors(f, gram, n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
+            st = self._input(info, ctx.stats, f.shape[0])
+            esd = esd_from_factors(f, st.gram, st.n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
             return ESDPart(esd.to(torch.float32), lora.lowrank().norm(), t)
         return _tsv_part(*drop_null_triplets(*lora_svd(lora, tsv_rank(lora.shape, self.n_experts)),
                                              resolution=torch.float32))

@@ -10,6 +10,13 @@ many rows; the Gram is mirrored from its lower triangle at the end (exactly symm
 gate/up) share one accumulation: it is stored once under the first such layer and the others
 map to it, which divides the memory of attention and MLP inputs by 3 and 2.
 
+Few rows on a wide input: an input at least `ROWS_MIN_WIDTH` (256) wide keeps its rows
+themselves (float32) while it has seen fewer than 2 · d_in of them; its statistics are then
+(n, s1, X) instead of (n, s1, G) (`LayerStats.rows`). X then takes fewer bytes than the
+float64 G, is exact, and costs no multiply-adds: on MiniLM calibrated on 32-64 samples
+(700-1600 tokens) the six 1536-wide inputs are 80% of the Gram flops. The batch that would
+reach 2 · d_in rows turns the kept rows into a Gram, and accumulation goes on as above.
+
 Memory: one distinct input of width d_in costs about d_in² · 8 bytes (`stats_bytes`) for as
 long as the pass runs, e.g. 4.7 MB for d_in = 768, 134 MB for d_in = 4096 and 970 MB for d_in = 11008
 (LLaMA-7B down_proj). When all layers do not fit, `plan_passes` packs the shared-input groups
@@ -21,7 +28,6 @@ from __future__ import annotations
 import sys
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -39,11 +45,15 @@ def _conv1d() -> type | None:
 ModuleFilter = Iterable[str] | Callable[[str], bool] | None
 
 
-@dataclass(frozen=True)
 class ModuleStats(LayerStats):
     """LayerStats of one module, plus whether its weight is stored transposed (d_in, d_out)."""
 
-    transposed: bool = False
+    __slots__ = ("transposed",)
+
+    def __init__(self, n: int, s1: Tensor, gram: Tensor | None = None, rows: Tensor | None = None,
+                 transposed: bool = False) -> None:
+        super().__init__(n, s1, gram, rows)
+        self.transposed = bool(transposed)
 
 
 def is_hookable(module: nn.Module) -> bool:
@@ -61,10 +71,12 @@ def stats_bytes(d_in: int) -> int:
     """Bytes held for one distinct input of width d_in while a pass runs, in either precision:
     "float64" holds G (d_in²) and s1 (d_in) in float64; "mixed" holds the lower block-triangle
     of G (`tri_blocks`) and s1 in float64 and again in float32 (more than float64 for
-    d_in < 384, less above)."""
+    d_in < 384, less above); an input at least ROWS_MIN_WIDTH wide adds its kept rows
+    (fewer than 2 · d_in, float32), held while they are turned into the Gram."""
     full = 8 * d_in * (d_in + 1)
     tri = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tri_blocks(d_in))
-    return max(full, 12 * (tri + d_in))
+    kept = 8 * d_in * d_in if d_in >= ROWS_MIN_WIDTH else 0  # rows kept, while they become a Gram
+    return max(full, 12 * (tri + d_in)) + kept
 
 
 def linear_modules(model: nn.Module, modules: ModuleFilter = None) -> dict[str, nn.Module]:
@@ -81,6 +93,7 @@ def linear_modules(model: nn.Module, modules: ModuleFilter = None) -> dict[str, 
 
 GramPrecision = Literal["mixed", "float64"]
 BLOCK_ROWS = 1024  # token rows summed in float32 before they are added in float64 ("mixed")
+ROWS_MIN_WIDTH = 256  # inputs this wide keep their rows, not a Gram, while fewer than twice their width
 TRI_BASE = 192  # "mixed": Gram blocks on the diagonal are at most this wide (see tri_blocks)
 
 
@@ -111,6 +124,11 @@ def tri_blocks(d: int, base: int = TRI_BASE) -> list[tuple[int, int, int, int]]:
 class _Acc:
     """n, Σx and XᵀX of one input.
 
+    An input at least ROWS_MIN_WIDTH wide first keeps its rows themselves (float32 copies):
+    while it has seen fewer than 2 · d_in rows, X takes fewer bytes than the float64 G and
+    costs no multiply-adds (`LayerStats.rows`). The batch that would reach 2 · d_in turns it
+    into a Gram: the kept rows are accumulated, one batch at a time, and the accumulation goes
+    on as below.
     "float64": every row upcast, XᵀX by one float64 GEMM per call.
     "mixed": only the Gram's lower block-triangle (`tri_blocks`) is computed: each block is a
     float32 GEMM added (addmm) into a float32 buffer, and the buffer is added into a float64
@@ -119,10 +137,10 @@ class _Acc:
     buffers, mirrors the off-diagonal blocks and averages each diagonal block with its
     transpose, so the Gram is exactly symmetric. Memory per input:
     (1 + 192/d)/2 · d² · (8 + 4) bytes: 6.75 · d² at d = 1536 (a full float64 Gram: 8 · d²), 9 · d²
-    at 384 (see `stats_bytes`).
+    at 384, plus up to 8 · d² of kept rows while they are turned into the Gram (see `stats_bytes`).
     """
 
-    __slots__ = ("n", "d", "s1", "gram", "precision", "blocks", "buf", "acc", "s1_buf", "rows_buf")
+    __slots__ = ("n", "d", "s1", "gram", "precision", "blocks", "buf", "acc", "s1_buf", "rows_buf", "rows")
 
     def __init__(self, d_in: int, device: torch.device, precision: GramPrecision = "mixed") -> None:
         if precision not in ("mixed", "float64"):
@@ -131,7 +149,13 @@ class _Acc:
         self.d = d_in
         self.precision = precision
         self.s1 = torch.zeros(d_in, dtype=torch.float64, device=device)
-        if precision == "float64":
+        self.rows: list[Tensor] | None = [] if d_in >= ROWS_MIN_WIDTH else None
+        if self.rows is None:
+            self._start_gram()
+
+    def _start_gram(self) -> None:
+        d_in, device = self.d, self.s1.device
+        if self.precision == "float64":
             self.gram = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
             return
         self.blocks = tri_blocks(d_in)
@@ -142,7 +166,20 @@ class _Acc:
         self.rows_buf = 0
 
     def add(self, x: Tensor) -> None:
-        self.n += int(x.shape[0])
+        m = int(x.shape[0])
+        if self.rows is not None:
+            if self.n + m < 2 * self.d:  # float32 X smaller than float64 G
+                self.rows.append(x.to(torch.float32, copy=True))
+                self.n += m
+                return
+            kept, self.rows = self.rows, None  # the width is reached: from now on a Gram
+            self._start_gram()
+            while kept:
+                self._accumulate(kept.pop(0))  # each batch freed once counted
+        self.n += m
+        self._accumulate(x)
+
+    def _accumulate(self, x: Tensor) -> None:
         if self.precision == "float64":
             x64 = x.to(torch.float64)
             self.s1 += x64.sum(0)
@@ -172,18 +209,23 @@ class _Acc:
         self.s1_buf.zero_()
         self.rows_buf = 0
 
-    def result(self) -> tuple[int, Tensor, Tensor]:
-        """(n, Σx, XᵀX) in float64, on the accumulators' device; "mixed" Grams are symmetric.
-        Call once, after the last `add`: "mixed" frees its blocks as it assembles the Gram."""
+    def result(self) -> tuple[int, Tensor, Tensor | None, Tensor | None]:
+        """(n, Σx, XᵀX, None) in float64, on the accumulators' device ("mixed" Grams are
+        symmetric), or (n, Σx, None, X) while the rows are kept (X float32, Σx summed in
+        float64). Call once, after the last `add`: the blocks or rows are handed over."""
+        if self.rows is not None:
+            kept, self.rows = self.rows, []
+            x = torch.cat(kept) if kept else torch.zeros(0, self.d, dtype=torch.float32, device=self.s1.device)
+            return self.n, x.to(torch.float64).sum(0), None, x
         if self.precision == "float64":
-            return self.n, self.s1, self.gram
+            return self.n, self.s1, self.gram, None
         # accumulators made in inference mode can only be updated in it (results() may run after)
         with torch.inference_mode(self.s1.is_inference()):
             if self.acc is None:  # never flushed: the float32 buffers hold every row
                 self.s1 += self.s1_buf
-                return self._assemble(self.buf)
+                return (*self._assemble(self.buf), None)
             self._flush()
-            return self._assemble(self.acc)
+            return (*self._assemble(self.acc), None)
 
     def _assemble(self, acc: list[Tensor]) -> tuple[int, Tensor, Tensor]:
         """The Gram's lower block-triangle `acc` (float32 or float64 blocks) as one symmetric
@@ -335,8 +377,8 @@ class StatsCollector:
         """{module name: ModuleStats} on CPU; modules that share an input share one object."""
         by_canon = {}
         for canon, acc in self._acc.items():
-            n, s1, g = acc.result()
-            by_canon[canon] = (n, s1.cpu(), g.cpu())
+            n, s1, g, x = acc.result()
+            by_canon[canon] = (n, s1.cpu(), None if g is None else g.cpu(), None if x is None else x.cpu())
         out: dict[str, ModuleStats] = {}
         cache: dict[tuple[str, bool], ModuleStats] = {}
         for name, canon in self.shared.items():
@@ -344,8 +386,8 @@ class StatsCollector:
                 continue
             t = name in self.transposed
             if (canon, t) not in cache:
-                n, s1, g = by_canon[canon]
-                cache[(canon, t)] = ModuleStats(n, s1, g, transposed=t)
+                n, s1, g, x = by_canon[canon]
+                cache[(canon, t)] = ModuleStats(n, s1, g, x, transposed=t)
             out[name] = cache[(canon, t)]
         return out
 

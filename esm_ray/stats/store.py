@@ -1,9 +1,11 @@
 """The saved calibration statistics of one expert: one safetensors file and a JSON manifest.
 
 Layout of `<key>.safetensors`: for every distinct input (stored under the first module that
-reads it) the tensors `<module>.gram` (d_in, d_in) and `<module>.s1` (d_in,), float64.
-`<key>.json` lists every module, the module its statistics are stored under, n, d_in and
-whether its weight is stored transposed (GPT-2 Conv1D), plus the settings, the model
+reads it) `<module>.s1` (d_in,) float64 and either `<module>.gram` (d_in, d_in) float64 or,
+where calibration kept the rows (a wide input with fewer rows than its width, see
+`stats.hooks`), `<module>.rows` (n, d_in) float32. `<key>.json` lists every module, the module
+its statistics are stored under, n, d_in, which of the two is stored ("held": "gram" or
+"rows") and whether its weight is stored transposed (GPT-2 Conv1D), plus the settings, the model
 fingerprint, the data hash and the time taken. The manifest is written last: a directory
 holding it holds a complete result. Both files are written to a temporary name and renamed.
 """
@@ -23,7 +25,8 @@ from torch import Tensor
 from esm_ray.errors import InputError
 from esm_ray.stats.hooks import ModuleStats
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a distinct input holds its Gram or its rows (1: always the Gram)
+READABLE_FORMATS = (1, 2)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -37,11 +40,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def shared_of(stats: dict[str, ModuleStats]) -> dict[str, str]:
-    """{module: module its statistics are stored under}, from object identity (first wins)."""
+    """{module: module its statistics are stored under}, from object identity (first wins):
+    modules reading one input share its s1."""
     first: dict[int, str] = {}
     out = {}
     for name, st in stats.items():
-        key = id(st.gram)
+        key = id(st.s1)
         first.setdefault(key, name)
         out[name] = first[key]
     return out
@@ -55,10 +59,11 @@ def encode_stats(stats: dict[str, ModuleStats]) -> tuple[dict[str, Tensor], dict
     modules: dict[str, dict[str, Any]] = {}
     for name, st in stats.items():
         src = shared[name]
+        held = "rows" if st.rows is not None else "gram"
         if src == name:
-            tensors[f"{name}.gram"] = st.gram.contiguous()
+            tensors[f"{name}.{held}"] = (st.rows if st.rows is not None else st.gram).contiguous()
             tensors[f"{name}.s1"] = st.s1.contiguous()
-        modules[name] = {"stored_as": src, "n": int(st.n), "d_in": st.d_in,
+        modules[name] = {"stored_as": src, "n": int(st.n), "d_in": st.d_in, "held": held,
                          "transposed": bool(getattr(st, "transposed", False))}
     return tensors, modules
 
@@ -74,14 +79,14 @@ class StatsStore:
                 manifest = json.loads(self.manifest_path.read_text())
             except (OSError, json.JSONDecodeError) as err:
                 raise InputError(f"{self.manifest_path}: cannot read statistics manifest ({err})") from None
-        if manifest.get("format") != FORMAT_VERSION:
+        if manifest.get("format") not in READABLE_FORMATS:
             raise InputError(f"{self.manifest_path}: statistics format {manifest.get('format')!r}, "
-                             f"expected {FORMAT_VERSION}")
+                             f"expected one of {list(READABLE_FORMATS)}")
         self.manifest = manifest
         self.cache_hit = cache_hit
-        # The last input read: modules that share it (q, k, v) get the same tensors, so what a
-        # method derives from a Gram can be kept for the next module (methods.esm's factor).
-        self._last: tuple[str, Tensor, Tensor] | None = None
+        # The last input read: modules that share it (q, k, v) get the same object, so what is
+        # derived from it (a Gram formed from rows, methods.esm's factor) serves the next module.
+        self._last: tuple[tuple[str, bool], ModuleStats] | None = None
 
     @property
     def key(self) -> str:
@@ -99,15 +104,17 @@ class StatsStore:
         entry = self.manifest["modules"].get(module)
         if entry is None:
             return None
-        src = entry["stored_as"]
+        key = (entry["stored_as"], bool(entry.get("transposed", False)))
         last = self._last  # read once: another thread may replace it meanwhile
-        if last is None or last[0] != src:
+        if last is None or last[0] != key:
             self._last = last = None  # one input's statistics held at a time (this thread's reference too)
+            src, held = key[0], entry.get("held", "gram")
             with safe_open(str(self.path), framework="pt") as f:
-                last = (src, f.get_tensor(f"{src}.s1"), f.get_tensor(f"{src}.gram"))
-            self._last = last
-        _, s1, gram = last
-        return ModuleStats(int(entry["n"]), s1, gram, transposed=bool(entry.get("transposed", False)))
+                s1, t = f.get_tensor(f"{src}.s1"), f.get_tensor(f"{src}.{held}")
+            stats = ModuleStats(int(entry["n"]), s1, *((None, t) if held == "rows" else (t, None)),
+                                transposed=key[1])
+            self._last = last = (key, stats)
+        return last[1]
 
     def __repr__(self) -> str:
         return f"StatsStore({self.path}, {len(self.manifest['modules'])} modules)"

@@ -92,24 +92,58 @@ def test_thin_factor_of_a_gram_of_fewer_rows_than_inputs():
     torch.testing.assert_close(thin @ thin.T, gram, atol=1e-5 * float(gram.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_esd_from_the_rows_themselves_equals_the_output_shift_svd(shape):
+    """Statistics that hold X (no Gram): ESD by L = Xᵀ, whatever the layer's shape (auto picks
+    the factor route), equals the SVD of the output shift X ΔWᵀ; the gram route forms G from
+    the factor and agrees; the row-block route takes the same factor."""
+    from esm_ray.core.esd import esd_from_task_rows
+    from esm_ray.core.rowblocks import TaskRows
+
+    g = _gen(23)
+    d_out, d_in = shape
+    n = 30
+    delta = torch.randn(d_out, d_in, generator=g, dtype=F64)
+    x = _rows(n, d_in, g)
+    assert auto_route(d_out, d_in, n, rows=True) == "factor"
+    ref = esd_from_rows(delta, x)
+    for route in ("auto", "gram"):
+        e = esd_from_gram(delta, None, n, route=route, factor=x.T)
+        assert e.rank == ref.rank
+        torch.testing.assert_close(e.eigenvalues, ref.eigenvalues, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(e.reconstruct(), ref.reconstruct(), rtol=0, atol=1e-10)
+    base = torch.randn(d_out, d_in, generator=g)
+    tv = TaskRows.of((base.double() + delta).float(), base)
+    e = esd_from_task_rows(tv, None, n, factor=x.T)
+    ref = esd_from_rows(tv.dense(), x)
+    torch.testing.assert_close(e.reconstruct(), ref.reconstruct(), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        esd_from_gram(delta, None, n, factor=x.T[:-1])
+
+
 def test_square_layers_with_fewer_rows_than_inputs_take_the_thin_factor_shared_by_q_k_v():
     assert [auto_route(*a) for a in [(256, 256, 40), (256, 256, 300), (32, 32, 12), (512, 256, 900),
                                      (256, 512, 40)]] == ["factor", "gram", "gram", "factor", "gram"]
     g = _gen(17)
     d, n = 256, 40
     base = torch.randn(d, d, generator=g)
-    stats = LayerStats.from_rows(_rows(n, d, g).float())  # one input, read by three modules
-    m = ESM(ESMParams(), n_experts=2)
-    for name in ("q", "k", "v"):
-        info = TensorInfo.of(f"layers.0.attn.{name}.weight", (d, d), module=f"layers.0.attn.{name}")
-        delta = 0.01 * torch.randn(d, d, generator=g, dtype=F64)
-        part = m.prepare(info, base, (base.double() + delta).float(), ExpertContext(0, "a", stats=stats))
-        assert m._last_factor[0] is stats.gram and m._last_factor[1].shape == (d, n)
-        ref = esd_from_gram((base.double() + delta).float().double() - base.double(), stats.gram, n,
-                            n_tasks=2, route="gram")
-        assert part.esd.rank == ref.rank == n
-        torch.testing.assert_close(part.esd.basis.double() @ part.esd.basis.double().T, ref.basis @ ref.basis.T,
-                                   atol=1e-5, rtol=0)
+    x = _rows(n, d, g).float()
+    gram_held = LayerStats.from_rows(x)  # one input, read by three modules
+    rows_held = LayerStats(n, x.double().sum(0), rows=x)  # the same input, as calibration keeps it
+    for stats in (gram_held, rows_held):
+        m = ESM(ESMParams(), n_experts=2)
+        for name in ("q", "k", "v"):
+            info = TensorInfo.of(f"layers.0.attn.{name}.weight", (d, d), module=f"layers.0.attn.{name}")
+            delta = 0.01 * torch.randn(d, d, generator=g, dtype=F64)
+            part = m.prepare(info, base, (base.double() + delta).float(), ExpertContext(0, "a", stats=stats))
+            assert m._last_factor[0] is stats and m._last_factor[1].shape == (d, n)
+            ref = esd_from_gram((base.double() + delta).float().double() - base.double(), gram_held.gram, n,
+                                n_tasks=2, route="gram")
+            assert part.esd.rank == ref.rank == n
+            torch.testing.assert_close(part.esd.basis.double() @ part.esd.basis.double().T,
+                                       ref.basis @ ref.basis.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m._last_factor[1], x.double().T, atol=0, rtol=0)  # Xᵀ itself
+    assert rows_held._gram is None  # and G was never formed
 
 
 def test_energy_kept_and_residual_are_the_singular_value_tails():  # oracle 2

@@ -353,14 +353,16 @@ def test_mixed_gram_blocks_cover_the_lower_triangle_once(d):
 
 
 @pytest.mark.parametrize("d", [384, 500, 1536])
-def test_wide_mixed_gram_is_symmetric_and_within_tolerance_of_float64(d):
+def test_wide_mixed_gram_is_symmetric_and_within_tolerance_of_float64(d, monkeypatch):
     """Real-shaped inputs (MiniLM's 384 and 1536, an odd 500), non-centred, in calls of uneven
     size that cross the float32 flush (BLOCK_ROWS) within and between calls: the block-triangle
     Gram is exactly symmetric and within 2e-7 of the float64 Gram (1.1e-7 measured, as for the
     previous full-XᵀX accumulation); s1 and n agree. d = 500 has blocks that are not multiples
     of the mirror's strip width."""
+    from esm_ray.stats import hooks
     from esm_ray.stats.hooks import BLOCK_ROWS
 
+    monkeypatch.setattr(hooks, "ROWS_MIN_WIDTH", 1 << 30)  # a Gram from the first row (rows: below)
     g = torch.Generator().manual_seed(d)
     offset = 2.0 * torch.randn(d, generator=g)
     sizes = [300, 700, 5, BLOCK_ROWS + 333, 1]
@@ -374,3 +376,91 @@ def test_wide_mixed_gram_is_symmetric_and_within_tolerance_of_float64(d):
     # every entry, not only the norm: the mirrored upper triangle and the diagonal blocks
     scale = float(ref.gram.abs().max())
     torch.testing.assert_close(mixed.gram, ref.gram, rtol=0, atol=1e-6 * scale)
+
+
+# ---- rows instead of a Gram -----------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["mixed", "float64"])
+def test_a_wide_input_with_fewer_rows_than_twice_its_width_keeps_the_rows(precision):
+    """A 300-wide input that sees 599 rows (padding removed) holds X itself, exactly (float32),
+    with s1 in float64; its Gram, formed on first use, is the float64 XᵀX, and no Gram was
+    accumulated. A 32-wide input (below ROWS_MIN_WIDTH) gets a Gram as before."""
+    from esm_ray.stats.hooks import ROWS_MIN_WIDTH
+
+    assert ROWS_MIN_WIDTH == 256
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(300, 32), nn.Linear(32, 8))
+    xs = [torch.randn(4, 50, 300, generator=g) for _ in range(3)]
+    masks = [torch.ones(4, 50, dtype=torch.long) for _ in range(3)]
+    masks[1][2, 49:] = 0  # one padding token: 3 · 200 − 1 = 599 rows
+    with torch.inference_mode(), StatsCollector(model, precision=precision) as col:
+        for x, m in zip(xs, masks):
+            col.begin_batch(m)
+            model(x)
+        acc = col._acc["0"]
+        assert not hasattr(acc, "gram") and not hasattr(acc, "buf")  # no Gram accumulated
+        st = col.results()
+    wide, narrow = st["0"], st["1"]
+    x = torch.cat([xi[mi.bool()] for xi, mi in zip(xs, masks)])
+    assert wide.n == 599 and wide.rows is not None and wide.rows.dtype == torch.float32
+    assert torch.equal(wide.rows, x)
+    torch.testing.assert_close(wide.s1, x.double().sum(0), rtol=1e-12, atol=1e-9)
+    assert wide._gram is None
+    torch.testing.assert_close(wide.gram, x.double().T @ x.double(), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(wide.factor(), x.double().T, rtol=0, atol=0)
+    assert narrow.rows is None and narrow.n == 599 and narrow.gram.shape == (32, 32)
+
+
+@pytest.mark.parametrize("precision", ["mixed", "float64"])
+def test_the_batch_that_reaches_twice_the_width_turns_the_kept_rows_into_the_gram(precision):
+    """Rows kept for the first 500 rows of a 256-wide input, then a batch that reaches 512: the
+    result is a Gram of every row (the kept ones included), within the precision's tolerance of
+    the float64 XᵀX, and s1 over every row; 511 rows stay rows."""
+    g = torch.Generator().manual_seed(6)
+    offset = 2.0 * torch.randn(256, generator=g)
+    batches = [torch.randn(k, 256, generator=g) + offset for k in (200, 300, 12, 40)]
+    st = _collect(batches, precision)
+    x64 = torch.cat(batches).double()
+    assert st.n == 552 and st.rows is None
+    ref = x64.T @ x64
+    err = float((st.gram - ref).norm() / ref.norm())
+    assert err < (1e-7 if precision == "mixed" else 1e-13), err
+    assert float((st.s1 - x64.sum(0)).norm() / x64.sum(0).norm()) < 1e-7
+    one_less = _collect(batches[:2] + [batches[2][:11]], precision)
+    assert one_less.rows is not None and one_less.n == 511
+
+
+def test_rows_are_stored_read_back_and_shared_by_the_modules_reading_them(tmp_path):
+    """A cache entry holds `<module>.rows` where calibration kept rows (manifest: held = rows)
+    and `.gram` elsewhere; the store hands modules sharing an input one object, so a Gram formed
+    from its rows is formed once; an entry of the previous format still reads; an unknown
+    format is refused naming the manifest."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from esm_ray.stats.hooks import ModuleStats
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 300, generator=g)
+    rows = ModuleStats(40, x.double().sum(0), rows=x)
+    x32 = x[:, :32].double()
+    gram = ModuleStats(40, x32.sum(0), x32.T @ x32)
+    store = StatsStore.save({"a.q": rows, "a.k": rows, "a.o": gram}, tmp_path / "s.safetensors", {"key": "x"})
+    with safe_open(str(store.path), framework="pt") as f:
+        assert sorted(f.keys()) == ["a.o.gram", "a.o.s1", "a.q.rows", "a.q.s1"]
+    assert store.manifest["modules"]["a.q"]["held"] == "rows" and store.manifest["format"] == 2
+    q = store.get("a.q")
+    assert store.get("a.k") is q and torch.equal(q.rows, x) and q._gram is None
+    torch.testing.assert_close(q.gram, x.double().T @ x.double())
+    assert store.get("a.k").gram is q.gram  # formed once
+    o = store.get("a.o")
+    assert torch.equal(o.gram, gram.gram) and o.rows is None
+    # format 1: every input a Gram, no "held" field
+    old = tmp_path / "old.safetensors"
+    save_file({"a.o.gram": gram.gram, "a.o.s1": gram.s1}, str(old))
+    old.with_suffix(".json").write_text(json.dumps(
+        {"format": 1, "modules": {"a.o": {"stored_as": "a.o", "n": 40, "d_in": 32, "transposed": False}}}))
+    assert torch.equal(StatsStore(old).get("a.o").gram, gram.gram)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": 9, "modules": {}}))
+    with pytest.raises(InputError, match="bad.json: statistics format 9"):
+        StatsStore(tmp_path / "bad.safetensors")

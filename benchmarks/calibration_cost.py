@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo", help="a built encoder or LM zoo (default: the reduced encoder zoo)")
     ap.add_argument("--tasks", nargs="+", help="experts to measure (default: all)")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--split", default="calib", help="rows from this split of each task (calib, train, ...): "
+                    "the calibration file may hold fewer rows than --samples")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are reported)")
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         d = zoo.expert_dir(task)
         model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(str(d), dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(str(d))
-        rows = read_jsonl(zoo.calib_path(task))[: args.samples]
+        src = zoo.calib_path(task) if args.split == "calib" else zoo.data_path(task, args.split)
+        rows = read_jsonl(src)[: args.samples]
         batches = list(make_batches(encode_rows(rows, tok, max_length), args.batch_size, _pad_id(model, tok)))
         tokens = int(sum(int(m.sum()) for _, m in batches))
 

@@ -180,6 +180,13 @@ def auto_route(d_out: int, d_in: int, n: int, rows: bool = False) -> str:
     return "factor" if d_out > d_in or (d_out == d_in >= THIN_MIN_WIDTH and n < d_in) else "gram"
 
 
+def _gram_shape(gram: Tensor | None, factor: Tensor | None) -> tuple[int, ...] | None:
+    """The shape of G, held or implied by its factor L (d_in, r); None when neither is given."""
+    if gram is not None:
+        return tuple(gram.shape)
+    return None if factor is None else (int(factor.shape[0]),) * 2
+
+
 def _eigenpairs(d: Tensor, gram: Tensor | None, route: str, n: int,
                 factor: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Eigenvalues (descending) and eigenvectors of ΔW G ΔWᵀ, by the chosen route (G from n
@@ -226,7 +233,7 @@ def esd_from_gram(delta: Tensor, gram: Tensor | None, n: int, k: int | None = No
     Returns:
         ESD in float64 with k ≤ numerical rank of ΔO (k = 0 when ΔO vanishes).
     """
-    g_shape = tuple(gram.shape) if gram is not None else (None if factor is None else (factor.shape[0],) * 2)
+    g_shape = _gram_shape(gram, factor)
     if delta.ndim != 2 or g_shape != (delta.shape[1], delta.shape[1]):
         raise ValueError(f"shapes do not match: ΔW {tuple(delta.shape)}, G {g_shape}")
     d = delta.to(torch.float64)
@@ -249,7 +256,7 @@ def esd_from_task_rows(tv: TaskRows, gram: Tensor | None, n: int, k: int | None 
     -> ESD in float64
     """
     d_out, d_in = tv.shape
-    g_shape = tuple(gram.shape) if gram is not None else (None if factor is None else (factor.shape[0],) * 2)
+    g_shape = _gram_shape(gram, factor)
     if g_shape != (d_in, d_in):
         raise ValueError(f"shapes do not match: ΔW {tv.shape}, G {g_shape}")
     if factor is None:

@@ -3,6 +3,12 @@
     task-wise    θ = θ₀ + Σ_i λ_i τ_i                 λ: [T]
     layer-wise   θ_k = θ₀_k + Σ_i λ_{i,k} τ_{i,k}       λ: [T, K], one per (task, tensor k)
     objective    L = Σ_tasks mean_batch( −Σ_c p_c log(p_c + 1e-8) ),  p = softmax(logits)
+                 or, with `objective: im` (information maximisation, Liang et al. 2020, SHOT),
+                 L = Σ_tasks [ mean_batch H(p) − H(mean_batch p) ]: confident predictions that
+                 stay diverse over the batch (entropy alone is minimised by one class for all)
+                 or, with `objective: distill`, L = Σ_tasks mean_batch KL(q_t ‖ p): the merged
+                 model's predictions against expert t's own on its unlabelled rows (q_t computed
+                 once by the expert; no labels)
 
 "Layer" means one state-dict tensor, as in the published code. The merge itself lives in
 `core.merged_model` (merge_params); this module holds the objective and the coefficient helpers.
@@ -27,6 +33,33 @@ def entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
     """
     p = torch.softmax(logits, dim=-1)
     return -(p * torch.log(p + eps)).sum(-1).mean()
+
+
+def marginal_entropy(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
+    """Entropy of the batch's mean prediction: −Σ_c p̄_c log(p̄_c + eps), p̄ = mean_batch softmax(logits).
+
+    logits: [B, C] (any leading batch shape) -> scalar. High when the batch is spread over the
+    classes, 0 when every row predicts the same class."""
+    p = torch.softmax(logits, dim=-1).reshape(-1, logits.shape[-1]).mean(0)
+    return -(p * torch.log(p + eps)).sum()
+
+
+def information_loss(logits: Tensor, eps: float = ENTROPY_EPS) -> Tensor:
+    """The information-maximisation loss of one task's batch: mean entropy − marginal entropy
+    (≥ −log C; a scalar)."""
+    return entropy(logits, eps) - marginal_entropy(logits, eps)
+
+
+def distillation_loss(logits: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    """mean_batch KL(q ‖ p) = Σ_c q_c (log q_c − log p_c), p = softmax(logits), q = exp(teacher).
+
+    logits, teacher_log_probs: [B, C] -> scalar ≥ 0 (0 where the predictions agree)."""
+    q_log = teacher_log_probs.to(logits.dtype)
+    return (q_log.exp() * (q_log - torch.log_softmax(logits, dim=-1))).sum(-1).mean()
+
+
+Objective = Literal["entropy", "im", "distill"]
+OBJECTIVES = {"entropy": entropy, "im": information_loss}  # of the logits alone; "distill" needs the teacher
 
 
 def entropy_objective(task_logits: Sequence[Tensor], eps: float = ENTROPY_EPS) -> Tensor:
@@ -80,8 +113,12 @@ __all__ = [
     "ENTROPY_EPS",
     "Granularity",
     "coefficient_table",
+    "OBJECTIVES",
+    "Objective",
     "entropy",
     "entropy_objective",
+    "information_loss",
+    "marginal_entropy",
     "init_coefficients",
     "project_",
 ]

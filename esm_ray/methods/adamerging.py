@@ -104,6 +104,11 @@ class SearchParams(MethodParams):
                                                 "times the expert's own `weight`")
     clamp: bool = Field(False, description="keep learned coefficients in [0, 1]")
     seed: int | None = Field(None, description="seed of masks and batches (default: the spec's seed)")
+    objective: Literal["entropy", "im", "distill"] = Field(
+        "entropy", description="per task batch: `entropy` (mean prediction entropy, as published), `im` "
+                               "(information maximisation: mean entropy minus the entropy of the mean "
+                               "prediction, which keeps the batch from collapsing onto one class) or "
+                               "`distill` (KL divergence from the expert's own predictions on its rows)")
 
 
 SP = TypeVar("SP", bound=SearchParams)

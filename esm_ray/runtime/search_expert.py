@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from esm_ray.core.adamerging import entropy
+from esm_ray.core.adamerging import OBJECTIVES, distillation_loss
 from esm_ray.errors import InputError, SpecError
 from esm_ray.models.task import SearchInputs, task_model_factory
 from esm_ray.runtime.device import resolve_device
@@ -56,6 +56,7 @@ class TaskSearcher:
                             f"data for expert {e.name!r}")
         self.index = index
         self.batch_size = int(params.batch_size)
+        self.objective_name = getattr(params, "objective", "entropy")
         max_length = int(getattr(params, "max_length", None) or spec.calibration.max_length)
         src = SearchInputs(base, expert, spec.base, e.model, max_length)
         self.task = task_model_factory(src.config())(src)
@@ -67,7 +68,24 @@ class TaskSearcher:
         self.device = resolve_device(spec.runtime.device, f"the process of expert {e.name!r}")
         self.task.module.to(self.device)
         self.fixed: dict[str, Tensor] = {}
-        log.info("expert %s: search ready (%d rows, %s)", e.name, len(self.rows), type(self.task).__name__)
+        self.teacher: Tensor | None = None  # the expert's own log-probabilities of every row ("distill")
+        if self.objective_name == "distill":
+            self.teacher = self._teacher(expert)
+        log.info("expert %s: search ready (%d rows, %s, objective %s)", e.name, len(self.rows),
+                 type(self.task).__name__, self.objective_name)
+
+    def _teacher(self, expert) -> Tensor:
+        """log softmax of the expert's own logits on every row, (rows, classes): one pass of the
+        expert's weights, once; the targets of the `distill` objective (no labels involved)."""
+        p = len(self.task.prefix)
+        params = {n[p:]: expert.get(n).float().to(self.device) for n in self.task.param_names()}
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(self.rows), max(self.batch_size, 1)):
+                ids, mask = self.task.collate(self.rows[i:i + self.batch_size])
+                out.append(torch.log_softmax(self.task.logits(params, ids.to(self.device),
+                                                              mask.to(self.device)).float(), -1))
+        return torch.cat(out)
 
     def layout(self) -> dict[str, list[str]]:
         return {"params": self.task.param_names(), "linear": self.task.linear_weights()}
@@ -77,13 +95,24 @@ class TaskSearcher:
         self.fixed = {n: as_tensor(t).to(self.device) for n, t in fixed.items()}
 
     def batch(self, seed: int) -> tuple[Tensor, Tensor]:
+        ids, mask, _ = self._batch(seed)
+        return ids, mask
+
+    def _batch(self, seed: int) -> tuple[Tensor, Tensor, list[int]]:
         g = torch.Generator().manual_seed(_batch_seed(seed, self.index))
         idx = torch.randperm(len(self.rows), generator=g)[: self.batch_size].tolist()
         ids, mask = self.task.collate([self.rows[i] for i in idx])
-        return ids.to(self.device), mask.to(self.device)
+        return ids.to(self.device), mask.to(self.device), idx
+
+    def _loss(self, logits: Tensor, idx: list[int]) -> Tensor:
+        if self.teacher is None:
+            return OBJECTIVES[self.objective_name](logits)
+        return distillation_loss(logits, self.teacher[idx])
 
     def entropy_grad(self, merged: dict[str, Any], seed: int) -> tuple[float, dict[str, np.ndarray]]:
-        """(H, ∂H/∂θ) for this task's batch of step `seed` at merged parameters θ.
+        """(L, ∂L/∂θ) for this task's batch of step `seed` at merged parameters θ, L the search
+        objective (`objective`: the mean prediction entropy, the information-maximisation loss, or
+        the divergence from the expert's own predictions).
 
         θ and the gradients travel as float32 numpy arrays: Ray hands numpy to an actor on the
         same node without a copy (read-only, and never written here), torch tensors it copies.
@@ -95,9 +124,9 @@ class TaskSearcher:
             leaf = as_tensor(t).to(self.device).detach().requires_grad_()
             leaves[n] = leaf
             params[n[p:]] = leaf
-        ids, mask = self.batch(seed)
+        ids, mask, idx = self._batch(seed)
         with torch.enable_grad():
-            loss = entropy(self.task.logits(params, ids, mask).float())
+            loss = self._loss(self.task.logits(params, ids, mask).float(), idx)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         out = {n: (g.detach().float().cpu() if g is not None else torch.zeros(leaves[n].shape)).numpy()
                for n, g in zip(leaves, grads)}

@@ -51,6 +51,8 @@ METHOD_TABLE: dict[str, MethodEntry] = {
     # accuracy fell 12 points for concrete_ta, 1.5 for adamerging; see the README)
     "concrete_ta": MethodEntry("concrete_ta", {**SEARCH_BUDGET, "lr": 0.005, "mask_scope": "linear"}),
     "adamerging": MethodEntry("adamerging", {**SEARCH_BUDGET, "lr": 0.002}),
+    "adamerging_im": MethodEntry("adamerging", {**SEARCH_BUDGET, "lr": 0.01, "objective": "im"}),
+    "adamerging_distill": MethodEntry("adamerging", {**SEARCH_BUDGET, "lr": 0.01, "objective": "distill"}),
     "concrete_adamerging": MethodEntry("concrete_adamerging", {
         **SEARCH_BUDGET, "steps": 30, "lr": 0.005, "mask_scope": "linear", "adamerging_steps": 30,
         "adamerging_lr": 0.002}),

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import esm_ray.methods.adamerging  # noqa: F401  (registers adamerging)
-from esm_ray.core.adamerging import coefficient_table, entropy, entropy_objective, init_coefficients, project_
+from esm_ray.core.adamerging import (coefficient_table, entropy, entropy_objective, information_loss, init_coefficients,
+                                     marginal_entropy, project_)
 from esm_ray.methods.adamerging import SearchResult
 from esm_ray.runtime import run_merge
 from tests.oracles import MergedModel, stack_task_vectors
@@ -29,6 +30,24 @@ def test_entropy_definition():
     assert entropy_objective([a, b]).item() == pytest.approx((entropy(a) + entropy(b)).item(), rel=1e-6)
     with pytest.raises(ValueError):
         entropy_objective([])
+
+
+def test_information_loss_definition():
+    """mean entropy − entropy of the mean prediction: 0 for uniform predictions and for one
+    confident class everywhere (the collapse entropy alone rewards), −log C for confident
+    predictions spread evenly over the C classes; ≤ 0 always (the entropy is concave)."""
+    assert information_loss(torch.zeros(6, 3)).item() == pytest.approx(0.0, abs=1e-6)
+    one_class = torch.tensor([[40.0, 0.0]] * 4)
+    assert abs(information_loss(one_class).item()) < 1e-6 and entropy(one_class).item() < 1e-9
+    spread = torch.tensor([[40.0, 0.0], [0.0, 40.0]] * 2)
+    assert information_loss(spread).item() == pytest.approx(-math.log(2), abs=1e-6)
+    logits = torch.randn(8, 5, dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    pbar = p.mean(0)
+    assert marginal_entropy(logits).item() == pytest.approx(float(-(pbar * torch.log(pbar + 1e-8)).sum()), rel=1e-12)
+    assert information_loss(logits).item() == pytest.approx(
+        (entropy(logits) - marginal_entropy(logits)).item(), rel=1e-12)
+    assert all(information_loss(torch.randn(7, 4) * s).item() <= 1e-7 for s in (0.1, 1.0, 10.0))
 
 
 def test_coefficients_init_projection_and_table():
@@ -175,3 +194,29 @@ def test_adamerging_task_wise_on_a_causal_lm(tmp_path):
     # first-token entropy over an 80-token vocabulary, summed over 2 tasks
     assert 0.0 < rep["search"]["objective_first"] <= 2 * math.log(80) + 1e-4
     assert len(rep["coefficients"]["*"]) == 2
+
+
+def test_each_objective_reaches_the_expert_sides(bert_fam, tmp_path):
+    """`objective` is what every expert side computes: the summed information loss is ≤ 0
+    (each task's mean entropy is at most the entropy of its mean prediction), where the
+    default entropy objective of the same search is > 0; the distillation objective is ≥ 0 and
+    falls; every search moves the coefficients."""
+    first, last = {}, {}
+    for objective in ("entropy", "im", "distill"):
+        p = {"steps": 2, "batch_size": 12, "lr": 0.05, "granularity": "task", "objective": objective}
+        res = run_merge(search_spec(bert_fam, tmp_path / objective, "adamerging", p), progress=False)
+        rep = res.report["method_report"]
+        first[objective], last[objective] = rep["search"]["objective_first"], rep["search"]["objective_last"]
+        assert any(abs(c - 0.3) > 1e-4 for c in rep["coefficients"]["*"])
+    assert first["entropy"] > 0 > first["im"]
+    assert first["distill"] > last["distill"] >= 0
+
+
+def test_distillation_loss_is_the_kl_divergence_from_the_teacher():
+    from esm_ray.core.adamerging import distillation_loss
+
+    logits, teacher = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    q, p = torch.softmax(teacher, -1), torch.softmax(logits, -1)
+    ref = float((q * (q.log() - p.log())).sum(-1).mean())
+    assert distillation_loss(logits, torch.log_softmax(teacher, -1)).item() == pytest.approx(ref, rel=1e-12)
+    assert abs(distillation_loss(teacher, torch.log_softmax(teacher, -1)).item()) < 1e-12

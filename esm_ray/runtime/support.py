@@ -12,11 +12,13 @@ from torch import Tensor
 
 from esm_ray.core.routing import mean_token_loglik
 from esm_ray.errors import InputError
+from esm_ray.models.blocks import BlockModel
 from esm_ray.models.features import pooled_features
 from esm_ray.models.hf import StoredModel
 from esm_ray.models.text import encode_rows, make_batches
 from esm_ray.spec import MergeSpec
 from esm_ray.stats.data import load_calibration_rows
+from esm_ray.stats.layerwise import calibrate_layerwise
 
 
 def _support_ids(spec: MergeSpec, index: int, samples: int, what: str) -> tuple[list[list[int]], int]:
@@ -41,10 +43,19 @@ def _support_ids(spec: MergeSpec, index: int, samples: int, what: str) -> tuple[
 
 
 def support_features(spec: MergeSpec, index: int, samples: int, batch_size: int = 16) -> Tensor:
-    """Pooled pretrained-backbone features (n, d) of expert `index`'s first `samples` rows."""
+    """Pooled pretrained-backbone features (n, d) of expert `index`'s first `samples` rows.
+    With `calibration.mode: layerwise` the base is run one block at a time, like calibration
+    (stats.layerwise), so the support stage never holds the whole model either."""
     ids, pad = _support_ids(spec, index, samples, "SiM")
+    batches = list(make_batches(ids, batch_size, pad))
+    if spec.calibration.mode == "layerwise":
+        pooled: list[Tensor] = []
+        with torch.inference_mode():
+            calibrate_layerwise(BlockModel(StoredModel(spec.base, spec.s3), torch.float32, torch.device("cpu")),
+                                batches, modules=[], pooled=pooled)
+        return torch.cat(pooled).float()
     model = StoredModel(spec.base, spec.s3).load(torch.float32, "cpu")
-    feats = [pooled_features(model, b_ids, b_mask) for b_ids, b_mask in make_batches(ids, batch_size, pad)]
+    feats = [pooled_features(model, b_ids, b_mask) for b_ids, b_mask in batches]
     return torch.cat(feats).float()
 
 

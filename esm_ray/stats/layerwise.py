@@ -31,7 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from esm_ray.errors import InputError
+from esm_ray.core.routing import token_mean
 from esm_ray.models.blocks import BlockModel
+from esm_ray.models.features import last_hidden
+from esm_ray.models.hf import base_model
 from esm_ray.models.text import forward_kwargs
 from esm_ray.stats.hooks import GramPrecision, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
 
@@ -135,12 +138,19 @@ def _outside(model: nn.Module, blocks_name: str, skip: set[str]) -> list[str]:
 
 def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], modules: list[str] | None = None,
                         max_bytes: int | None = None, precision: GramPrecision = "mixed",
-                        emit: Callable[[dict[str, ModuleStats]], None] | None = None) -> dict[str, ModuleStats]:
+                        emit: Callable[[dict[str, ModuleStats]], None] | None = None,
+                        pooled: list[Tensor] | None = None) -> dict[str, ModuleStats]:
     """Input statistics of the linear layers of `bm`'s model over `batches` ((ids, mask) pairs),
     loading one block at a time (module docstring). modules: restrict to these module names;
     max_bytes: budget for the statistics accumulated at once within a block (hooks.plan_passes).
     emit: called with each part's statistics as soon as it is complete (the layers before the
     blocks, each block, the tail), which are then not kept (see stats.spill).
+    pooled: when given, the tail also runs for the features and each batch's mean last hidden
+    state over its non-padding tokens ((B, hidden) float32, `models.features.pooled_features`
+    of the whole model) is appended to it; with `modules=[]` that is all it computes (SiM's
+    support features layer-wise). The output head is then not loaded unless its statistics are
+    wanted: the base model runs the tail (`models.hf.base_model`), whose last hidden state is
+    the whole model's.
     Returns {module name: ModuleStats} like `calibrate.calibrate` ({} when `emit` is given)."""
     model, device = bm.model, bm.device
     wanted = linear_modules(model, modules)
@@ -228,15 +238,19 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
 
     # 3. the tail: the output embedding and whatever runs after the blocks
     tail = [n for n in outside if n not in order]
-    if tail:
-        if emb_out is not None:
+    if tail or pooled is not None:
+        if tail and emb_out is not None:
             bm.load(emb_out)
+        runner = model if tail else (base_model(model) or model)
+        extra = {**forward_kwargs(runner), **({"output_hidden_states": True} if pooled is not None else {})}
         run.mode = "tail"
         with StatsCollector(model, tail, precision=precision) as col:
             for j, (ids, mask) in enumerate(batches):
                 run.final, run.entered = h[j], 0
                 col.begin_batch(mask.to(device))
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                y = runner(input_ids=ids.to(device), attention_mask=mask.to(device), **extra)
+                if pooled is not None:
+                    pooled.append(token_mean(last_hidden(y), mask.to(device)).float())
         done(col.results())
         run.final = None
     return out

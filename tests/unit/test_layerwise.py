@@ -305,3 +305,32 @@ def test_a_head_behind_a_transform_runs_in_the_whole_forward(tiny_bert, tmp_path
         handle.remove()
     assert len(calls) == 1 + 3  # the check, then every batch through the whole model
     assert got["cls.predictions.decoder"].n == got["bert.encoder.layer.0.attention.self.query"].n
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "qwen2", "gpt2", "opt"])
+def test_support_features_layerwise_equal_the_whole_models(more_models, tiny_llama, tiny_bert, tmp_path, arch):
+    """SiM's support features (mean last hidden state over each row's tokens) computed one
+    block at a time equal those of the whole model, on padded batches; the tail runs the base
+    model only, so a causal LM's head is never loaded (its weight stays on the meta device)."""
+    import json
+
+    from esm_ray.models.features import pooled_features
+    from esm_ray.models.text import make_batches
+    from esm_ray.stats.layerwise import calibrate_layerwise
+
+    model = {"llama": tiny_llama["base"], "bert": tiny_bert["base"]}.get(arch) or more_models[arch]
+    rows = [json.loads(r)["input_ids"] for r in _data(tmp_path / "d.jsonl").read_text().splitlines()]
+    batches = list(make_batches(rows, 3, 0))
+    src = StoredModel(str(model), None)
+    whole = src.load(torch.float32, "cpu")
+    want = torch.cat([pooled_features(whole, ids, mask) for ids, mask in batches])
+    bm = BlockModel(src, torch.float32, torch.device("cpu"))
+    pooled: list[torch.Tensor] = []
+    with torch.inference_mode():
+        assert calibrate_layerwise(bm, batches, modules=[], pooled=pooled) == {}
+    got = torch.cat(pooled)
+    assert got.shape == want.shape == (7, want.shape[1])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    head = bm.model.get_output_embeddings() if hasattr(bm.model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear) and arch != "qwen2":  # qwen2's head is the tied embedding
+        assert head.weight.is_meta

@@ -172,7 +172,7 @@ class _Acc:
                 self.rows.append(x.to(torch.float32, copy=True))
                 self.n += m
                 return
-            kept, self.rows = self.rows, None  # the width is reached: from now on a Gram
+            kept, self.rows = self.rows, None  # 2 · d_in reached: from now on a Gram
             self._start_gram()
             while kept:
                 self._accumulate(kept.pop(0))  # each batch freed once counted

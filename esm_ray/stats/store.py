@@ -2,7 +2,7 @@
 
 Layout of `<key>.safetensors`: for every distinct input (stored under the first module that
 reads it) `<module>.s1` (d_in,) float64 and either `<module>.gram` (d_in, d_in) float64 or,
-where calibration kept the rows (a wide input with fewer rows than its width, see
+where calibration kept the rows (a wide input with fewer rows than twice its width, see
 `stats.hooks`), `<module>.rows` (n, d_in) float32. `<key>.json` lists every module, the module
 its statistics are stored under, n, d_in, which of the two is stored ("held": "gram" or
 "rows") and whether its weight is stored transposed (GPT-2 Conv1D), plus the settings, the model

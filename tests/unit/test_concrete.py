@@ -407,8 +407,9 @@ def _package_registers_search_methods() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _package_registers_search_methods(),
                     reason="esm_ray.methods does not import the concrete / adamerging modules yet")
-def test_local_and_ray_give_the_same_mask_and_tensors(fam, tmp_path, ray_driver):
-    p = {"steps": 2, "adamerging_steps": 1, "batch_size": 4, "granularity": "layer"}
+@pytest.mark.parametrize("objective", ["entropy", "distill"])
+def test_local_and_ray_give_the_same_mask_and_tensors(fam, tmp_path, ray_driver, objective):
+    p = {"steps": 2, "adamerging_steps": 1, "batch_size": 4, "granularity": "layer", "objective": objective}
     local = run_merge(search_spec(fam, tmp_path / "local", "concrete_adamerging", p), progress=False)
     ray_res = run_merge(search_spec(fam, tmp_path / "ray", "concrete_adamerging", p,
                                     runtime={"name": "ray", "address": ray_driver.gcs_address}), progress=False)

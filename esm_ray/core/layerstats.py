@@ -52,6 +52,20 @@ class LayerStats:
         """Xᵀ, (d_in, n) float64, when the rows are held (G = Xᵀ X); else None."""
         return None if self.rows is None else self.rows.to(torch.float64).T
 
+    def to(self, device: torch.device | str) -> "LayerStats":
+        """The same statistics (same class, every slot) with their tensors on `device`; self
+        when they are all there already."""
+        slots = [n for c in type(self).__mro__ for n in getattr(c, "__slots__", ())]
+        values = {n: getattr(self, n) for n in slots}
+        moved = {n: v.to(device) if isinstance(v, Tensor) and v.device != torch.device(device) else v
+                 for n, v in values.items()}
+        if all(moved[n] is values[n] for n in slots):
+            return self
+        out = object.__new__(type(self))
+        for n, v in moved.items():
+            setattr(out, n, v)
+        return out
+
     def mean(self) -> Tensor:
         """First moment s1 / n, the ESM++ prototype. (d_in,) float64."""
         return self.s1 / max(self.n, 1)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from esm_ray.core.layerstats import LayerStats
 from esm_ray.errors import SpecError
 
 CPU = torch.device("cpu")
@@ -46,12 +47,15 @@ def resolve_device(requested: str, where: str = "this process") -> torch.device:
 def to_device(obj: Any, device: torch.device) -> Any:
     """`obj` with every tensor inside it on `device`.
 
-    Walks tensors, dataclasses (rebuilt with `dataclasses.replace`), lists, tuples (named ones
-    too) and dicts; anything else is returned as is. Objects already on `device` come back
+    Walks tensors, calibration statistics (`LayerStats.to`), dataclasses (rebuilt with
+    `dataclasses.replace`), lists, tuples (named ones too) and dicts; anything else is returned
+    as is. Objects already on `device` come back
     unchanged, so on a CPU-only run this is the identity.
     """
     if isinstance(obj, Tensor):
         return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, LayerStats):  # calibration statistics (Gram or rows): a class of its own
+        return obj.to(device)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {}
         for f in dataclasses.fields(obj):

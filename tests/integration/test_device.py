@@ -71,6 +71,28 @@ def test_to_device_walks_parts_and_keeps_what_is_already_there():
     assert to_device(None, CPU) is None and to_device(3.0, CPU) == 3.0
 
 
+@pytest.mark.parametrize("held", ["gram", "rows"])
+def test_to_device_moves_calibration_statistics_whichever_they_hold(held):
+    """ModuleStats is no dataclass: to_device moves its tensors (the Gram or the kept rows, s1,
+    a Gram already formed from rows) and keeps its class, n and orientation; on their own
+    device it hands back the same object (the ESM factor memo keys on it)."""
+    from esm_ray.stats.hooks import ModuleStats
+
+    x = torch.randn(5, 300)
+    st = (ModuleStats(5, x.double().sum(0), x.double().T @ x.double(), transposed=True) if held == "gram"
+          else ModuleStats(5, x.double().sum(0), rows=x, transposed=True))
+    if held == "rows":
+        st.gram  # formed on the CPU: it travels too
+    assert to_device(st, CPU) is st
+    moved = to_device({"stats": st}, torch.device("meta"))["stats"]
+    assert type(moved) is ModuleStats and moved.n == 5 and moved.transposed
+    assert moved.s1.device.type == "meta" and moved.gram.device.type == "meta"
+    assert (moved.rows is None) == (held == "gram")
+    if held == "rows":
+        assert moved.rows.device.type == "meta" and moved.factor().device.type == "meta"
+    assert st.s1.device == CPU, "the input was changed in place"
+
+
 def test_only_decompositions_are_declared_for_the_device():
     """Elementwise methods stay on the CPU; the subspace methods run their math on the device."""
     on_device = {n for n, m in METHODS.items() if m.decomposes}

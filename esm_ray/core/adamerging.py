@@ -113,6 +113,7 @@ __all__ = [
     "ENTROPY_EPS",
     "Granularity",
     "coefficient_table",
+    "distillation_loss",
     "OBJECTIVES",
     "Objective",
     "entropy",

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.adamerging import coefficient_table
+from esm_ray.core.adamerging import Objective, coefficient_table
 from esm_ray.core.arithmetic import weighted_sum
 from esm_ray.core.concrete import normalize_mask
 from esm_ray.methods._common import dense, in_expert_order
@@ -104,7 +104,7 @@ class SearchParams(MethodParams):
                                                 "times the expert's own `weight`")
     clamp: bool = Field(False, description="keep learned coefficients in [0, 1]")
     seed: int | None = Field(None, description="seed of masks and batches (default: the spec's seed)")
-    objective: Literal["entropy", "im", "distill"] = Field(
+    objective: Objective = Field(
         "entropy", description="per task batch: `entropy` (mean prediction entropy, as published), `im` "
                                "(information maximisation: mean entropy minus the entropy of the mean "
                                "prediction, which keeps the batch from collapsing onto one class) or "

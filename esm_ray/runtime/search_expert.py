@@ -81,7 +81,7 @@ class TaskSearcher:
         params = {n[p:]: expert.get(n).float().to(self.device) for n in self.task.param_names()}
         out = []
         with torch.no_grad():
-            for i in range(0, len(self.rows), max(self.batch_size, 1)):
+            for i in range(0, len(self.rows), self.batch_size):
                 ids, mask = self.task.collate(self.rows[i:i + self.batch_size])
                 out.append(torch.log_softmax(self.task.logits(params, ids.to(self.device),
                                                               mask.to(self.device)).float(), -1))
@@ -94,11 +94,8 @@ class TaskSearcher:
         """Tensors that stay constant during the search, already merged (by checkpoint name)."""
         self.fixed = {n: as_tensor(t).to(self.device) for n, t in fixed.items()}
 
-    def batch(self, seed: int) -> tuple[Tensor, Tensor]:
-        ids, mask, _ = self._batch(seed)
-        return ids, mask
-
-    def _batch(self, seed: int) -> tuple[Tensor, Tensor, list[int]]:
+    def batch(self, seed: int) -> tuple[Tensor, Tensor, list[int]]:
+        """The ids, mask and row indices of this task's batch of step `seed`."""
         g = torch.Generator().manual_seed(_batch_seed(seed, self.index))
         idx = torch.randperm(len(self.rows), generator=g)[: self.batch_size].tolist()
         ids, mask = self.task.collate([self.rows[i] for i in idx])
@@ -124,7 +121,7 @@ class TaskSearcher:
             leaf = as_tensor(t).to(self.device).detach().requires_grad_()
             leaves[n] = leaf
             params[n[p:]] = leaf
-        ids, mask, idx = self._batch(seed)
+        ids, mask, idx = self.batch(seed)
         with torch.enable_grad():
             loss = self._loss(self.task.logits(params, ids, mask).float(), idx)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)

@@ -160,6 +160,27 @@ def test_ties_matches_elementwise_reference(density, weights, normalize, method)
     assert torch.equal(out, ties(tvs, weights, density, lam=0.9, normalize=normalize, method=method))
 
 
+@pytest.mark.parametrize("n_tvs", [1, 3, 7])
+@pytest.mark.parametrize("weights_kind,normalize,method", [
+    ("unit", True, "sum"), ("mixed", True, "sum"), ("mixed", False, "sum"), ("unit", True, "count"),
+])
+def test_ties_is_the_same_whatever_its_slices_and_groups(monkeypatch, n_tvs, weights_kind, normalize, method):
+    """The coordinator's slices and groups of vectors (CONSENSUS_*) change no bit: tiny ones
+    (several slices, a last short one, several groups with whole-tensor sums) against the
+    paper's composition."""
+    import esm_ray.core.ties as core_ties
+    tvs = _tvs((37, 29), n_tvs, seed=11, quantize=True, zeros=0.1)
+    weights = [1.0] * n_tvs if weights_kind == "unit" else [0.5 + 0.75 * i for i in range(n_tvs)]
+    expect = ties(tvs, weights, 0.4, lam=0.7, normalize=normalize, method=method)
+    for group, group_bytes, slice_ in ((2, 1 << 30, 100), (8, 37 * 29 * 4 * 3, 1000), (8, 1 << 30, 1 << 18)):
+        monkeypatch.setattr(core_ties, "CONSENSUS_GROUP", group)
+        monkeypatch.setattr(core_ties, "CONSENSUS_GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(core_ties, "CONSENSUS_SLICE", slice_)
+        trimmed = (magnitude_trim(t, 0.4) for t in tvs)  # a lazy stream, as the executor hands them over
+        out = sign_consensus_merge(trimmed, weights, 0.7, normalize, method)
+        assert torch.equal(out, expect), (group, group_bytes, slice_)
+
+
 def test_rescale_l1_restores_the_norm():
     (t,) = _tvs((20, 10), 1, seed=7)
     trimmed = magnitude_trim(t, 0.2)

@@ -175,30 +175,41 @@ class StackedBlocks:
         return None if kept is None else kept[1]
 
 
-def kept_task_vector(blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
-                     numel: int) -> Callable[[], Iterator[Tensor]]:
+class KeptTaskVector:
     """An expert's task vector τ = W − W_0 of one tensor, block after block, for a block_state
     that reads it more than once (TIES's two threshold passes): `blocks()` as block_state gets
     it. When τ takes at most half of PASS_CACHE_BYTES in float32 (two experts' states are made
-    at once) the first pass keeps it and later passes replay it without reading."""
-    kept: list[Tensor] | None = [] if numel * 4 <= PASS_CACHE_BYTES // 2 else None
-    complete = False
+    at once) the first pass keeps it and later passes replay it without reading; `blocks_kept()`
+    then gives the kept blocks by first flat index (None otherwise)."""
 
-    def tvs() -> Iterator[Tensor]:
-        nonlocal complete
-        if complete:
-            yield from kept
+    def __init__(self, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]], numel: int) -> None:
+        self._blocks = blocks
+        self._kept: list[Tensor] | None = [] if numel * 4 <= PASS_CACHE_BYTES // 2 else None
+        self._complete = False
+
+    def __call__(self) -> Iterator[Tensor]:
+        if self._complete:
+            assert self._kept is not None
+            yield from self._kept
             return
-        if kept is not None:
-            kept.clear()  # a pass left unfinished is read again whole
-        for b, e in blocks():
+        if self._kept is not None:
+            self._kept.clear()  # a pass left unfinished is read again whole
+        for b, e in self._blocks():
             tv = e - b
-            if kept is not None:
-                kept.append(tv)
+            if self._kept is not None:
+                self._kept.append(tv)
             yield tv
-        complete = kept is not None
+        self._complete = self._kept is not None
 
-    return tvs
+    def blocks_kept(self) -> dict[int, Tensor] | None:
+        """The kept blocks of τ by their first flat index, after a complete pass, else None."""
+        if not self._complete or self._kept is None:
+            return None
+        out, start = {}, 0
+        for tv in self._kept:
+            out[start] = tv
+            start += tv.numel()
+        return out
 
 
 def exactly(n_experts: int, n: int | tuple[int, None], method: str) -> None:

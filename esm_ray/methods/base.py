@@ -354,6 +354,13 @@ class MergeMethod(Parametrised[P]):
         more than once (each call reads them again). Default: nothing."""
         return None
 
+    def state_block(self, state: Any, start: int) -> Any:
+        """Expert side, before a row block is read: the block's part from `block_state`'s
+        state alone, when the state kept what the block needs (TIES keeps a small tensor's task
+        vector from its threshold passes), else None: the block is then read and
+        `prepare_block` makes the part. A kept block is given once. Default: None."""
+        return None
+
     def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
                       state: Any, start: int) -> Any:
         """`prepare` of rows of a tensor: `info.shape` is the block's, `start` the block's first

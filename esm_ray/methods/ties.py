@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from pydantic import Field
@@ -9,13 +10,14 @@ from torch import Tensor
 
 from esm_ray.core.ties import TrimThreshold, kept_count, magnitude_trim, rescale_l1, sign_consensus_merge, trim_threshold
 from esm_ray.core.ties import Consensus
+from esm_ray.methods import _common
 from esm_ray.methods._common import (
     compact,
     consensus_field,
     dense_in_order,
     density_field,
     expert_density,
-    kept_task_vector,
+    KeptTaskVector,
     lambda_field,
     normalize_field,
     weights_of,
@@ -57,19 +59,37 @@ class Ties(MergeMethod[TiesParams]):
         return not self.params_for(info).rescale
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
-                    ctx: ExpertContext) -> TrimThreshold | None:
+                    ctx: ExpertContext) -> "TrimState | None":
         k = kept_count(info.numel, expert_density(ctx, self.params_for(info, ctx)))
         if k >= info.numel:
             return None
-        return trim_threshold(kept_task_vector(blocks, info.numel), k)
+        tv = KeptTaskVector(blocks, info.numel)
+        threshold = trim_threshold(tv, k)
+        # τ kept for the passes is kept on for the blocks when every expert's would fit
+        # PASS_CACHE_BYTES together (with the base): the blocks are then not read again
+        kept = tv.blocks_kept() if (self.n_experts + 1) * info.numel * 4 <= _common.PASS_CACHE_BYTES else None
+        return TrimState(threshold, kept or {})
+
+    def state_block(self, state: "TrimState | None", start: int) -> Tensor | None:
+        tv = state.kept.pop(start, None) if state is not None else None
+        return None if tv is None else state.threshold.apply(tv, start)
 
     def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
-                      state: TrimThreshold | None, start: int) -> Tensor:
+                      state: "TrimState | None", start: int) -> Tensor:
         tv = expert - base
-        return tv if state is None else state.apply(tv, start)
+        return tv if state is None else state.threshold.apply(tv, start)
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
         p = self.params_for(info)
         return sign_consensus_merge(tvs, weights_of(ctxs), lam=p.lambda_, normalize=p.normalize,
                                     method=p.consensus).float()
+
+
+@dataclass
+class TrimState:
+    """An expert's state for TIES in row blocks: the trim threshold of the whole τ, and the
+    blocks of τ kept from its passes (by first flat index; each given up once)."""
+
+    threshold: TrimThreshold
+    kept: dict[int, Tensor]

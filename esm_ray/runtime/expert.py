@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -185,17 +185,25 @@ class ExpertSide:
             lora = self._lora(info)
             if lora is not None:
                 return self._lora_part(info, lora)
+        if rows is not None:
+            start = rows[0] * (info.numel // info.shape[0] if info.shape[0] else 0)
+            kept = self.method.state_block(state, start)  # kept by block_state: nothing to read
+            if kept is not None:
+                return kept
         w = read_to_float32(self.model, info.name, self.expert.model, slot="expert", rows=rows)
         if rows is None:
             return self._part(info, base, w)
-        start = rows[0] * (info.numel // info.shape[0] if info.shape[0] else 0)
         return self.method.prepare_block(info, base, w, self._ctx(info), state, start)
 
-    def block_state(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> Any:
-        """The method's whole-tensor state for merging `info` in these row blocks."""
+    def block_state(self, info: TensorInfo, blocks: list[tuple[int, int]],
+                    base_rows: Callable[[int], Tensor] | None = None) -> Any:
+        """The method's whole-tensor state for merging `info` in these row blocks.
+        `base_rows(j)`: the base's float32 rows of block j, read and checked by the caller (the
+        local pool reads them once for all sides); by default this side reads them."""
         def read() -> Iterator[tuple[Tensor, Tensor]]:
-            for rows in blocks:
-                b = read_to_float32(self.base, info.name, self.spec.base, slot="state-base", rows=rows)
+            for j, rows in enumerate(blocks):
+                b = (base_rows(j) if base_rows is not None
+                     else read_to_float32(self.base, info.name, self.spec.base, slot="state-base", rows=rows))
                 w = read_to_float32(self.model, info.name, self.expert.model, slot="state-expert", rows=rows)
                 yield b, w
                 b = w = None
@@ -233,6 +241,9 @@ class ExpertSide:
         return part
 
     def _rows_part(self, info: TensorInfo, rows: tuple[int, int], state: Any) -> Any:
+        kept = self.method.state_block(state, rows[0] * (info.numel // info.shape[0] if info.shape[0] else 0))
+        if kept is not None:  # kept by block_state: neither the base rows nor the expert's are read
+            return kept
         sub = dataclasses.replace(info, shape=(rows[1] - rows[0], *info.shape[1:]))
         base = read_to_float32(self.base, info.name, self.spec.base, slot="base", rows=rows)
         return self.prepare_with_base(sub, base, rows, state)

@@ -8,6 +8,7 @@ the workers at once and a large tensor's row blocks one after another (runtime/r
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from esm_ray.methods import Parts, TensorInfo
 from esm_ray.runtime.expert import ExpertSide
+from esm_ray.runtime.memory import read_to_float32
 from esm_ray.runtime.plan import BLOCK_BYTES
 from esm_ray.spec import MergeSpec
 
@@ -90,6 +92,39 @@ def on_threads(n: int, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
+# The local pool's block_states share the base's float32 rows among the sides when the tensor
+# takes at most this many bytes in float32 (then it is read once instead of once per side, and
+# kept until every side's state is made: a 1B model's 32000 x 2048 embedding is 262 MB); a
+# larger one is read by each side, so memory stays bounded whatever the largest tensor.
+SHARED_BASE_BYTES = 512 << 20
+
+# A tensor's states are started early (LocalPool.expect_blocks) only when it takes at most this
+# many bytes in float32, so that what they hold (the shared base, an expert's task vector kept
+# between the threshold passes) stays small beside the tensor being merged; larger ones (an
+# embedding, an LM head) are made when reached, on two threads.
+EARLY_STATE_BYTES = 128 << 20
+
+
+class _SharedRows:
+    """The base's float32 row blocks of one tensor, read (and checked) on first use, then kept
+    for the other sides: calling it with j gives block j. Safe from the two threads of
+    `block_states`."""
+
+    def __init__(self, side: ExpertSide, info: TensorInfo, blocks: list[tuple[int, int]]) -> None:
+        self._side, self._info, self._blocks = side, info, blocks
+        self._rows: dict[int, Tensor] = {}
+        self._locks = [threading.Lock() for _ in blocks]  # one per block: the threads read different ones at once
+
+    def __call__(self, j: int) -> Tensor:
+        with self._locks[j]:
+            got = self._rows.get(j)
+            if got is None:
+                side = self._side
+                got = self._rows[j] = read_to_float32(side.base, self._info.name, side.spec.base,
+                                                      rows=self._blocks[j])
+            return got
+
+
 class LocalPool:
     """All expert sides in this process, called one after another (`parts` overlaps one side's
     work with the coordinator's on a second thread)."""
@@ -101,6 +136,10 @@ class LocalPool:
         self.sides = [ExpertSide(spec, i) for i in range(len(spec.experts))]
         self.n = len(self.sides)
         self._ahead: ThreadPoolExecutor | None = None
+        self._early: ThreadPoolExecutor | None = None  # the next blocked tensor's states (expect_blocks)
+        self._next: dict[str, TensorInfo | None] = {}
+        self._started: dict[str, tuple[list[tuple[int, int]], list[Future]]] = {}
+        self._blocks: dict[str, list[tuple[int, int]]] = {}
 
     def group_parts(self, infos: list[TensorInfo]) -> GroupParts:
         return _LazyGroup(self)
@@ -124,13 +163,36 @@ class LocalPool:
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
         return self._ahead
 
+    def expect_blocks(self, order: list[tuple[TensorInfo, list[tuple[int, int]]]]) -> None:
+        """The tensors the job will merge in row blocks, in its order: from then on each
+        `block_states` call starts the next one's states (up to EARLY_STATE_BYTES) on two more
+        threads, which work while this tensor's blocks are merged (the part thread is about
+        half idle then, the coordinator's fuse being the slower side)."""
+        self._next = {info.name: nxt for (info, _), nxt in zip(order, [i for i, _ in order[1:]] + [None])}
+        self._blocks = {info.name: list(b) for info, b in order}
+
     def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
-        """Every side's `block_state` of one tensor (e.g. TIES's trim thresholds), two sides at
-        a time: the odd ones on the `parts` thread while this thread does the even ones."""
+        """Every side's `block_state` of one tensor (e.g. TIES's trim thresholds): started early
+        (`expect_blocks`) and collected here, or made now two sides at a time (the odd ones on
+        the `parts` thread while this thread does the even ones). The base's rows are read
+        once for all sides, when a side first asks for them, and kept until the states are
+        done, for tensors up to SHARED_BASE_BYTES in float32."""
+        early = self._started.pop(info.name, None)
+        nxt = self._next.get(info.name)
+        if nxt is not None and nxt.name not in self._started and self.n > 1 and nxt.numel * 4 <= EARLY_STATE_BYTES:
+            if self._early is None:
+                self._early = ThreadPoolExecutor(2, thread_name_prefix="esm-ray-state")
+            nxt_blocks, threads = self._blocks[nxt.name], torch.get_num_threads()
+            shared = self._shared_base(nxt, nxt_blocks)
+            self._started[nxt.name] = nxt_blocks, [
+                self._early.submit(on_threads, threads, s.block_state, nxt, nxt_blocks, shared) for s in self.sides]
+        if early is not None and early[0] == list(blocks):
+            return [f.result() for f in early[1]]
         ahead, threads = self._thread(), torch.get_num_threads()
+        base_rows = self._shared_base(info, blocks)
 
         def state(i: int) -> Any:
-            return on_threads(threads, self.sides[i].block_state, info, blocks)
+            return on_threads(threads, self.sides[i].block_state, info, blocks, base_rows)
 
         odd = {i: ahead.submit(state, i) for i in range(1, self.n, 2)} if ahead else {}
         try:
@@ -140,7 +202,17 @@ class LocalPool:
             for f in odd.values():
                 f.cancel()
 
+    def _shared_base(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> _SharedRows | None:
+        return _SharedRows(self.sides[0], info, blocks) if self.n > 1 and info.numel * 4 <= SHARED_BASE_BYTES else None
+
     def close(self) -> None:
+        for _, futures in self._started.values():
+            for f in futures:
+                f.cancel()
+        self._started.clear()
+        if self._early is not None:
+            self._early.shutdown(wait=True)
+            self._early = None
         if self._ahead is not None:
             self._ahead.shutdown(wait=True)
             self._ahead = None

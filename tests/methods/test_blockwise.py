@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from esm_ray.errors import OutputError
 from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
-from esm_ray.core.ties import magnitude_trim, trim_threshold
+from esm_ray.core.ties import magnitude_trim, sparse_nonzero, trim_threshold
 from esm_ray.methods import METHODS, TensorInfo, build_method
 from tests.builders import method_experts, method_params
 from esm_ray.runtime.job import MergeJob
@@ -123,9 +123,17 @@ def test_which_methods_are_merged_in_blocks():
     assert not build_method("dare_ties", {"rescale_mode": "l1"}, n_experts=2).blockwise(info)
 
 
+@pytest.mark.parametrize("trim_slice,keep", [(None, None), (64, None), (64, 0)])
 @pytest.mark.parametrize("seed", range(4))
-def test_streamed_trim_threshold_equals_the_whole_one(seed):
-    """Blocks of any sizes give the whole vector's threshold and tie set (many ties: few values)."""
+def test_streamed_trim_threshold_equals_the_whole_one(seed, trim_slice, keep, monkeypatch):
+    """Blocks of any sizes give the whole vector's threshold and tie set (many ties: few values),
+    whatever the second pass's slices (64: many per block, and short ones at block ends) and
+    whether it keeps the first pass's high bits or computes them again (keep 0)."""
+    import esm_ray.core.ties as core_ties
+    if trim_slice is not None:
+        monkeypatch.setattr(core_ties, "TRIM_SLICE", trim_slice)
+    if keep is not None:
+        monkeypatch.setattr(core_ties, "TRIM_KEEP_BYTES", keep)
     g = torch.Generator().manual_seed(seed)
     tv = (torch.randint(-6, 7, (5003,), generator=g) / 4).float()
     k = int(torch.randint(1, 5000, (1,), generator=g))
@@ -364,3 +372,30 @@ def test_blocks_of_whole_tensor_statistics_give_the_bytes_of_whole_tensors(metho
     assert sorted(seen) == ["cube.weight", "embed.weight", "odd.weight"] + ([] if one_row else ["vec.bias"])
     a, b = output_files(whole), output_files(blocks)
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 64, 1001])
+@pytest.mark.parametrize("share", [0.0, 0.002, 0.3, 1.0])
+def test_sparse_nonzero_is_torch_nonzero(n, share):
+    g = torch.Generator().manual_seed(n)
+    mask = torch.rand(n + 3, generator=g) < share
+    for m in (mask[:n], mask[3:]):  # a view at an offset that is not a multiple of 8 too
+        assert torch.equal(sparse_nonzero(m), torch.nonzero(m).squeeze(1))
+
+
+def test_local_states_read_the_base_once_for_all_experts(tmp_path, monkeypatch):
+    """The local pool's block_states (TIES's thresholds) read each row block of the base once,
+    not once per expert, and give the bytes of whole tensors (test above)."""
+    from esm_ray.runtime import expert as expert_mod, pool as pool_mod
+
+    reads: list[tuple[str, str | None]] = []
+    for mod in (expert_mod, pool_mod):
+        real = mod.read_to_float32
+        monkeypatch.setattr(mod, "read_to_float32", lambda reader, name, source, slot=None, rows=None, _r=real:
+                            (reads.append((source, slot, name, rows)), _r(reader, name, source, slot=slot, rows=rows))[1])
+    fam = _odd_family(tmp_path / "fam", torch.bfloat16)
+    _run(fam, tmp_path / "blocks", "ties", {"density": 0.3}, block_bytes=200)
+    base_reads = [(n, r) for src, slot, n, r in reads if src == str(fam["base"]) and slot is None and r is not None]
+    assert ("embed.weight" in {n for n, _ in base_reads}
+            and len(base_reads) == len(set(base_reads)))  # each block of the base once
+    assert not [r for r in reads if r[1] == "state-base"]  # no side read the base itself

@@ -399,3 +399,28 @@ def test_local_states_read_the_base_once_for_all_experts(tmp_path, monkeypatch):
     assert ("embed.weight" in {n for n, _ in base_reads}
             and len(base_reads) == len(set(base_reads)))  # each block of the base once
     assert not [r for r in reads if r[1] == "state-base"]  # no side read the base itself
+
+
+def test_a_bad_tensor_found_by_early_states_fails_the_job_by_name(tmp_path, monkeypatch):
+    """A NaN in a tensor whose TIES thresholds are found early (while an earlier tensor is
+    merged, LocalPool.expect_blocks) fails the job with the input error naming that tensor,
+    and leaves no output."""
+    import threading
+
+    from esm_ray.errors import InputError
+    from esm_ray.runtime.expert import ExpertSide
+
+    fam = _odd_family(tmp_path / "fam", torch.float32)
+    r = open_model(str(fam["expert_1"]))
+    sd = {k: r.get(k).clone() for k in r.keys()}
+    sd["vec.bias"][500] = float("nan")  # the last tensor merged in blocks
+    save_file(sd, str(fam["expert_1"] / "model.safetensors"))
+    threads = []
+    real = ExpertSide.block_state
+    monkeypatch.setattr(ExpertSide, "block_state", lambda self, info, *a: (
+        threads.append((info.name, threading.current_thread().name)), real(self, info, *a))[1])
+    with pytest.raises(InputError, match=r"vec\.bias.*1 NaN"):
+        _run(fam, tmp_path / "out", "ties", {"density": 0.3}, block_bytes=200)
+    assert {n for name, n in threads if name == "vec.bias"} and all(
+        n.startswith("esm-ray-state") for name, n in threads if name == "vec.bias")  # found early
+    assert not list(tmp_path.glob("out/*.safetensors"))

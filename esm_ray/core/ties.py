@@ -128,14 +128,16 @@ def trim_threshold(blocks: Callable[[], Iterable[Tensor]], k: int | Callable[[],
 
     counts = None
     kept: list[Tensor] | None = []
+    kept_bytes = 0
     for block in blocks():
         h = high_bits(block.reshape(-1))
         c = torch.bincount(h, minlength=1 << 15)
         counts = c if counts is None else counts.add_(c)
-        if kept is not None:
+        kept_bytes += 2 * h.numel()
+        if kept_bytes > TRIM_KEEP_BYTES:
+            kept = None  # a vector this large computes them again
+        elif kept is not None:
             kept.append(h)
-            if sum(x.numel() for x in kept) * 2 > TRIM_KEEP_BYTES:
-                kept = None  # a vector this large computes them again
     if counts is None:
         raise ValueError("no entries to trim")
     k = k() if callable(k) else k

@@ -28,6 +28,12 @@ from esm_ray.spec import MergeSpec
 log = logging.getLogger("esm_ray.expert")
 
 
+def _row_start(info: TensorInfo, rows: tuple[int, int]) -> int:
+    """The first flat index of row block `rows` of a tensor (`info` the tensor's or the block's:
+    rows have the same length)."""
+    return rows[0] * (info.numel // info.shape[0] if info.shape[0] else 0)
+
+
 class ExpertSide:
     # Calls that change the side's state; an executor replays them on a restarted side.
     STATE_CALLS: ClassVar[tuple[str, ...]] = ("bind_experts", "calibrate", "set_plan", "search_begin",
@@ -185,14 +191,14 @@ class ExpertSide:
             lora = self._lora(info)
             if lora is not None:
                 return self._lora_part(info, lora)
-        if rows is not None:
-            start = rows[0] * (info.numel // info.shape[0] if info.shape[0] else 0)
-            kept = self.method.state_block(state, start)  # kept by block_state: nothing to read
-            if kept is not None:
-                return kept
+            return self._part(info, base, read_to_float32(self.model, info.name, self.expert.model, slot="expert"))
+        start = _row_start(info, rows)
+        kept = self.method.state_block(state, start)  # kept by block_state: nothing to read
+        return kept if kept is not None else self._block_part(info, base, rows, state, start)
+
+    def _block_part(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], state: Any, start: int) -> Any:
+        """The method's `prepare_block` of these rows (`info.shape` the block's), read here."""
         w = read_to_float32(self.model, info.name, self.expert.model, slot="expert", rows=rows)
-        if rows is None:
-            return self._part(info, base, w)
         return self.method.prepare_block(info, base, w, self._ctx(info), state, start)
 
     def block_state(self, info: TensorInfo, blocks: list[tuple[int, int]],
@@ -241,12 +247,13 @@ class ExpertSide:
         return part
 
     def _rows_part(self, info: TensorInfo, rows: tuple[int, int], state: Any) -> Any:
-        kept = self.method.state_block(state, rows[0] * (info.numel // info.shape[0] if info.shape[0] else 0))
+        start = _row_start(info, rows)
+        kept = self.method.state_block(state, start)
         if kept is not None:  # kept by block_state: neither the base rows nor the expert's are read
             return kept
         sub = dataclasses.replace(info, shape=(rows[1] - rows[0], *info.shape[1:]))
         base = read_to_float32(self.base, info.name, self.spec.base, slot="base", rows=rows)
-        return self.prepare_with_base(sub, base, rows, state)
+        return self._block_part(sub, base, rows, state, start)
 
     def _part(self, info: TensorInfo, b: Tensor, w: Tensor) -> Any:
         ctx = self._ctx(info)

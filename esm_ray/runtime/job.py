@@ -200,9 +200,8 @@ class MergeJob:
         """Merge group after group into `sink`: parts from the pool, fused here."""
         total = sum(len(g.tensors) for g in groups)
         bar = tqdm(total=total, desc=f"merge {self.plan.method.name}", unit="tensor", disable=not self.progress)
-        if hasattr(self.pool, "expect_blocks"):  # the local pool starts the next tensor's block states early
-            self.pool.expect_blocks([(o.info, list(o.blocks)) for g in groups if not g.restored
-                                     for o in g.merged if o.how == "blocks"])
+        self.pool.expect_blocks([(o.info, list(o.blocks)) for g in groups if not g.restored
+                                 for o in g.merged if o.how == "blocks"])
         with self._stage("fuse"):
             for g in groups:
                 t0 = time.perf_counter()

@@ -57,6 +57,9 @@ class ExpertPool(Protocol):
     def group_parts(self, infos: list[TensorInfo]) -> GroupParts:
         """The parts of a group of tensors (floating tensors the method merges)."""
 
+    def expect_blocks(self, order: list[tuple[TensorInfo, list[tuple[int, int]]]]) -> None:
+        """The tensors the job will merge in row blocks, in its order (before the first)."""
+
     def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
         """Every side's `block_state` of one tensor, before its row blocks (blockwise pools)."""
 
@@ -137,9 +140,8 @@ class LocalPool:
         self.n = len(self.sides)
         self._ahead: ThreadPoolExecutor | None = None
         self._early: ThreadPoolExecutor | None = None  # the next blocked tensor's states (expect_blocks)
-        self._next: dict[str, TensorInfo | None] = {}
+        self._next: dict[str, tuple[TensorInfo, list[tuple[int, int]]]] = {}  # name -> the next blocked tensor
         self._started: dict[str, tuple[list[tuple[int, int]], list[Future]]] = {}
-        self._blocks: dict[str, list[tuple[int, int]]] = {}
 
     def group_parts(self, infos: list[TensorInfo]) -> GroupParts:
         return _LazyGroup(self)
@@ -168,8 +170,7 @@ class LocalPool:
         `block_states` call starts the next one's states (up to EARLY_STATE_BYTES) on two more
         threads, which work while this tensor's blocks are merged (the part thread is about
         half idle then, the coordinator's fuse being the slower side)."""
-        self._next = {info.name: nxt for (info, _), nxt in zip(order, [i for i, _ in order[1:]] + [None])}
-        self._blocks = {info.name: list(b) for info, b in order}
+        self._next = {info.name: (nxt, list(b)) for (info, _), (nxt, b) in zip(order, order[1:])}
 
     def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
         """Every side's `block_state` of one tensor (e.g. TIES's trim thresholds): started early
@@ -178,11 +179,11 @@ class LocalPool:
         once for all sides, when a side first asks for them, and kept until the states are
         done, for tensors up to SHARED_BASE_BYTES in float32."""
         early = self._started.pop(info.name, None)
-        nxt = self._next.get(info.name)
+        nxt, nxt_blocks = self._next.get(info.name, (None, []))
         if nxt is not None and nxt.name not in self._started and self.n > 1 and nxt.numel * 4 <= EARLY_STATE_BYTES:
             if self._early is None:
                 self._early = ThreadPoolExecutor(2, thread_name_prefix="esm-ray-state")
-            nxt_blocks, threads = self._blocks[nxt.name], torch.get_num_threads()
+            threads = torch.get_num_threads()
             shared = self._shared_base(nxt, nxt_blocks)
             self._started[nxt.name] = nxt_blocks, [
                 self._early.submit(on_threads, threads, s.block_state, nxt, nxt_blocks, shared) for s in self.sides]

@@ -266,6 +266,9 @@ class RayPool:
         once; the group's blocked tensors come through `block_states`' feeds."""
         return RayGroupParts(self.call("prepare", infos) if infos else [[] for _ in range(self.n)], self._feeds)
 
+    def expect_blocks(self, order: list[tuple[TensorInfo, list[tuple[int, int]]]]) -> None:
+        """Nothing to start early: each worker makes its block state when `block_states` asks."""
+
     def block_states(self, info: TensorInfo, blocks: list[tuple[int, int]]) -> list[Any]:
         """Every worker computes and keeps its block state of `info`; its blocks then come
         through a feed (the states stay on the workers: None here)."""

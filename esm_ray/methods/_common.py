@@ -88,8 +88,10 @@ def in_expert_order(parts: list[Any], ctxs: list[ExpertContext]) -> tuple[list[A
     return [parts[i] for i in order], [ctxs[i] for i in order]
 
 
-def dense_in_order(parts: Sequence[Any], ctxs: list[ExpertContext]) -> tuple[Iterator[Tensor], list[ExpertContext]]:
-    """The parts as dense float32 tensors, one at a time in expert order, and the sorted contexts.
+def dense_in_order(parts: Sequence[Any], ctxs: list[ExpertContext],
+                   float32: bool = True) -> tuple[Iterator[Tensor], list[ExpertContext]]:
+    """The parts as dense float32 tensors (in their own dtype with `float32=False`), one at a
+    time in expert order, and the sorted contexts.
 
     For methods that fuse in one pass: the parts are streamed (`Parts.stream`), so with the
     local executor each part is computed as it is reached and dropped after use, and the
@@ -98,7 +100,8 @@ def dense_in_order(parts: Sequence[Any], ctxs: list[ExpertContext]) -> tuple[Ite
     if len(parts) != len(ctxs):
         raise ValueError(f"got {len(parts)} parts for {len(ctxs)} experts")
     order = sorted(range(len(ctxs)), key=lambda i: ctxs[i].index)
-    return (dense(p).float() for p in Parts.of(parts).stream(order)), [ctxs[i] for i in order]
+    stream = (dense(p) for p in Parts.of(parts).stream(order))
+    return ((p.float() for p in stream) if float32 else stream), [ctxs[i] for i in order]
 
 
 class HasDensity(Protocol):
@@ -118,10 +121,12 @@ def weights_of(ctxs: list[ExpertContext]) -> list[float]:
     return [float(c.weight) for c in ctxs]
 
 
-def dense_list(parts: Sequence[Any], ctxs: list[ExpertContext]) -> tuple[list[Tensor], list[ExpertContext]]:
-    """All parts at once as dense float32 tensors in expert order, with the sorted contexts
-    (for methods that need every expert's tensor together: a norm, a variance, an angle)."""
-    tvs, ctxs = dense_in_order(parts, ctxs)
+def dense_list(parts: Sequence[Any], ctxs: list[ExpertContext],
+               float32: bool = True) -> tuple[list[Tensor], list[ExpertContext]]:
+    """All parts at once as dense float32 tensors (in their own dtype with `float32=False`) in
+    expert order, with the sorted contexts (for methods that need every expert's tensor
+    together: a norm, a variance, an angle)."""
+    tvs, ctxs = dense_in_order(parts, ctxs, float32)
     return list(tvs), ctxs
 
 
@@ -135,7 +140,8 @@ PASS_CACHE_BYTES = 256 << 20
 class StackedBlocks:
     """The experts' parts of one tensor's row blocks, stacked (T, rows...) in expert order, for
     a blockwise method's passes: calling it yields (first flat index, base rows, stacked parts)
-    block after block.
+    block after block (with `stack=False`, the list of the T dense parts in their own dtype,
+    as they were made, without the copy: a `stored_dtype_blocks` method's bfloat16 rows).
 
     The first call reads the blocks (`passes`, as MergeMethod.fuse_state gets it). When the
     tensor is small enough (PASS_CACHE_BYTES) it keeps them: later calls replay them without
@@ -144,20 +150,21 @@ class StackedBlocks:
     `take` gives None."""
 
     def __init__(self, passes: Callable[[], Iterator[tuple[Tensor, Parts]]], ctxs: list[ExpertContext],
-                 numel: int) -> None:
-        self._passes, self._ctxs = passes, ctxs
+                 numel: int, stack: bool = True) -> None:
+        self._passes, self._ctxs, self._stack = passes, ctxs, stack
         self.keeps = (len(ctxs) + 1) * numel * 4 <= PASS_CACHE_BYTES
-        self._kept: dict[int, tuple[Tensor, Tensor]] = {}
+        self._kept: dict[int, tuple[Tensor, Any]] = {}
         self._complete = False
 
-    def __call__(self) -> Iterator[tuple[int, Tensor, Tensor]]:
+    def __call__(self) -> Iterator[tuple[int, Tensor, Any]]:
         if self._complete:
             for start, (base, block) in self._kept.items():
                 yield start, base, block
             return
         start = 0
         for base, parts in self._passes():
-            block = torch.stack(dense_list(parts, self._ctxs)[0])
+            block = (torch.stack(dense_list(parts, self._ctxs)[0]) if self._stack
+                     else dense_list(parts, self._ctxs, float32=False)[0])
             if self.keeps:
                 self._kept[start] = base, block
             yield start, base, block
@@ -169,7 +176,7 @@ class StackedBlocks:
         assert self.keeps and start in self._kept
         self._kept[start] = self._kept[start][0], block
 
-    def take(self, start: int) -> Tensor | None:
+    def take(self, start: int) -> Any:
         """The kept parts at `start`, given up (the last pass, fuse_block), or None."""
         kept = self._kept.pop(start, None)
         return None if kept is None else kept[1]

@@ -317,6 +317,16 @@ class MergeMethod(Parametrised[P]):
     # over a tensor, no per-tensor randomness): the local executor may then merge a large
     # tensor in row blocks and never hold it whole in float32.
     elementwise: ClassVar[bool] = False
+    # prepare_block gets the expert's rows in their stored dtype when that is float32, bfloat16
+    # or float16 (every value exact in float32) instead of a float32 copy, and returns them as
+    # its part: the method computes in float32 from them (model_stock keeps a tensor's blocks
+    # between its two passes: half the bytes to make, keep and read for bfloat16 experts).
+    stored_dtype_blocks: ClassVar[bool] = False
+    # fuse_state holds a few numbers per tensor besides the blocks it keeps (at most
+    # PASS_CACHE_BYTES): the local executor may then make it ahead for a tensor of any size
+    # (runtime.early); otherwise only for tensors up to EARLY_STATE_BYTES (SCE's state of an
+    # embedding holds its variance and Select's indices).
+    small_fuse_state: ClassVar[bool] = False
     # LoRA experts (io.adapter): a `factored` method makes its part of a LoRA target from the
     # factors (`prepare_lora`, never densifying ΔW = s·BA), and `fuse_lowrank` may return the
     # merged update factored (for `output_format: peft`). Other methods get the densified

@@ -7,8 +7,7 @@ from typing import Any, Callable, Iterator
 from pydantic import Field
 from torch import Tensor
 
-from esm_ray.core.chunks import regroup
-from esm_ray.core.model_stock import model_stock, stock_apply, stock_factor, stock_stats
+from esm_ray.core.model_stock import StockStats, model_stock, stock_apply, stock_factor
 from esm_ray.methods._common import StackedBlocks, dense_list, exactly
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, Parts, TensorInfo
 from esm_ray.methods.registry import register
@@ -29,6 +28,8 @@ class ModelStock(MergeMethod[ModelStockParams]):
 
     name = "model_stock"
     summary = "Model Stock: interpolate base and expert average by the task vectors' angle"
+    stored_dtype_blocks = True  # a block's part is the expert's rows as stored (kept between the passes)
+    small_fuse_state = True  # t, and the kept blocks
 
     def __init__(self, params: ModelStockParams, n_experts: int, seed: int = 0) -> None:
         exactly(n_experts, (2, None), self.name)
@@ -49,9 +50,11 @@ class ModelStock(MergeMethod[ModelStockParams]):
                    ctxs: list[ExpertContext]) -> tuple[Tensor, StackedBlocks] | None:
         if self.params_for(info).filter_wise:
             return None
-        blocks = StackedBlocks(passes, ctxs, info.numel)  # kept for fuse_block when small
-        tvs = (list(ws - b) for _, b, ws in blocks())
-        return stock_factor(stock_stats(regroup(tvs))), blocks
+        blocks = StackedBlocks(passes, ctxs, info.numel, stack=False)  # kept for fuse_block when small
+        stats = StockStats(len(ctxs), info.numel)  # float32, whatever the parts' dtype
+        for _, b, ws in blocks():
+            stats.add(b, ws)
+        return stock_factor(stats.result()), blocks
 
     def fuse_block(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext],
                    state: tuple[Tensor, StackedBlocks] | None, start: int) -> Tensor:
@@ -61,4 +64,4 @@ class ModelStock(MergeMethod[ModelStockParams]):
         kept = blocks.take(start)
         ws = list(kept) if kept is not None else dense_list(parts, ctxs)[0]
         b = base.reshape(-1)
-        return (stock_apply(t, b, [w.reshape(-1) for w in ws]) - b).reshape(base.shape).float()
+        return stock_apply(t, b, [w.reshape(-1) for w in ws], minus_base=True).reshape(base.shape).float()

@@ -21,7 +21,7 @@ from esm_ray.io.reader import check_finite
 from esm_ray.methods import ExpertContext, TensorInfo, build_purifier
 from esm_ray.methods.base import SupportInputs
 from esm_ray.runtime.device import CPU, resolve_device, to_device
-from esm_ray.runtime.memory import read_to_float32
+from esm_ray.runtime.memory import read_stored, read_to_float32
 from esm_ray.runtime.threads import math_threads, torch_threads
 from esm_ray.spec import MergeSpec
 
@@ -198,7 +198,8 @@ class ExpertSide:
 
     def _block_part(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], state: Any, start: int) -> Any:
         """The method's `prepare_block` of these rows (`info.shape` the block's), read here."""
-        w = read_to_float32(self.model, info.name, self.expert.model, slot="expert", rows=rows)
+        w = (read_stored(self.model, info.name, self.expert.model, rows=rows) if self.method.stored_dtype_blocks
+             else read_to_float32(self.model, info.name, self.expert.model, slot="expert", rows=rows))
         return self.method.prepare_block(info, base, w, self._ctx(info), state, start)
 
     def block_state(self, info: TensorInfo, blocks: list[tuple[int, int]],

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from esm_ray.io.reader import check_finite
 
-__all__ = ["read_to_float32", "reuse_freed_memory", "scratch"]
+__all__ = ["read_stored", "read_to_float32", "reuse_freed_memory", "scratch"]
 
 _scratch = threading.local()
 
@@ -57,7 +57,7 @@ def scratch(slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
     return buf[:n].view(dtype).view(shape)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 _GLIBC_DEFAULT = 128 * 1024
 
 
@@ -69,21 +69,30 @@ def _glibc() -> bool:
 
 
 @contextmanager
-def reuse_freed_memory(threshold: int = 32 << 20) -> Iterator[None]:
+def reuse_freed_memory(threshold: int = 32 << 20, keep: int = 1 << 30) -> Iterator[None]:
     """glibc only: while the block runs, blocks up to `threshold` bytes come from the heap and
-    freed memory stays there, instead of being mapped and unmapped for each tensor.
+    freed memory stays there (up to `keep` bytes free at the heap's top), instead of being
+    mapped and unmapped for each tensor.
 
     A merge allocates and frees same-sized tensors over and over. By default glibc gives every
     block above an adaptive threshold its own mapping and unmaps it on free, so each reuse pays
     a page fault per 4 KiB, which on a VM costs about as much as the arithmetic. 32 MiB is the
-    largest threshold glibc accepts; peak RSS is unchanged. The defaults are restored (and the
-    kept memory returned) afterwards.
+    largest threshold glibc accepts. The same holds for the heap's top: a method that keeps a
+    tensor's row blocks between its passes (model_stock, SCE: up to PASS_CACHE_BYTES) frees
+    them tensor after tensor, and a top returned to the system at each free faults every page
+    again for the next tensor (about 4 million faults, a third of model_stock's time at 1B).
+    Threads started meanwhile (the local pool's part and state threads) share the main heap
+    instead of getting heaps of their own: a part made on one of them and kept by the
+    coordinator is freed into its thread's 64 MiB heaps, which glibc unmaps whenever one
+    empties, whatever the threshold.
+    Peak RSS is unchanged. The defaults are restored (and the kept memory returned) afterwards.
     """
     libc = None
     if _glibc():
         try:
             libc = ctypes.CDLL(None)
-            ok = libc.mallopt(_M_MMAP_THRESHOLD, threshold) and libc.mallopt(_M_TRIM_THRESHOLD, 4 * threshold)
+            ok = (libc.mallopt(_M_MMAP_THRESHOLD, threshold) and libc.mallopt(_M_TRIM_THRESHOLD, keep)
+                  and libc.mallopt(_M_ARENA_MAX, 1))
         except (OSError, AttributeError):
             ok = False
         if not ok:
@@ -94,7 +103,21 @@ def reuse_freed_memory(threshold: int = 32 << 20) -> Iterator[None]:
         if libc is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
             libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+            libc.mallopt(_M_ARENA_MAX, 0)  # 0: glibc's own limit (8 per core)
             libc.malloc_trim(0)
+
+
+EXACT_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def read_stored(reader, name: str, source: str, rows: tuple[int, int] | None = None) -> Tensor:
+    """Tensor `name` (or only its `rows`) checked for NaN/Inf, as a fresh tensor in its stored
+    dtype when that is exact in float32 (float32, bfloat16, float16), else as float32."""
+    if hasattr(reader, "get_float32") or reader.info(name).dtype not in EXACT_IN_FLOAT32:
+        return read_to_float32(reader, name, source, rows=rows)
+    raw = reader.get(name, rows=rows)
+    check_finite(name, raw, source)
+    return raw
 
 
 def read_to_float32(reader, name: str, source: str, slot: str | None = None,

@@ -8,7 +8,7 @@ import torch
 
 from esm_ray.core import chunks
 from esm_ray.core.chunks import chunks_of, regroup
-from esm_ray.core.model_stock import model_stock
+from esm_ray.core.model_stock import StockStats, model_stock, stock_apply, stock_stats
 from esm_ray.core.sce import sce_merge, sce_variance
 from esm_ray.core.sparsify import della_keep_probability, magnitude_order, pack_bits, unpack_bits
 
@@ -27,6 +27,29 @@ def test_regroup_gives_the_grid_of_the_whole_whatever_the_blocks(seed):
     assert [c[0].numel() for c in whole] == [64] * 15 + [43]
     assert len(whole) == len(streamed)
     assert all(torch.equal(x, y) for cw, cs in zip(whole, streamed) for x, y in zip(cw, cs))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_stock_stats_streamed_have_the_bits_of_the_plain_task_vectors(seed, n, monkeypatch):
+    """model_stock's norms and dots fed as pieces of any cutting (τ formed chunk by chunk in
+    one reused buffer) are those of the plain expression over the chunks of W_i − W_0, bit for
+    bit; its update in place is stock_apply minus the base."""
+    monkeypatch.setattr(chunks, "CHUNK", 64)
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1003, generator=g).bfloat16().float()
+    ws = [(base + 0.01 * torch.randn(1003, generator=g)).bfloat16().float() for _ in range(n)]
+    base[5], ws[0][5] = -0.0, 0.0
+    want = stock_stats(chunks_of([w - base for w in ws]))
+    acc = StockStats(n, 1003)
+    for s, e in _cuts(1003, g):
+        acc.add(base[s:e], [w[s:e] for w in ws])
+    got = acc.result()
+    assert len(got[0]) == n and len(got[1]) == n * (n - 1) // 2
+    assert all(torch.equal(x, y) for x, y in zip(got[0] + got[1], want[0] + want[1]))
+    t = torch.tensor([0.37])
+    plain = stock_apply(t, base, ws) - base
+    assert torch.equal(stock_apply(t, base, ws, minus_base=True).view(torch.int32), plain.view(torch.int32))
 
 
 def test_sce_variance_has_the_bits_of_torch_var():

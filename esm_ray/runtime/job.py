@@ -36,11 +36,12 @@ from esm_ray.io.reader import open_model
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, TensorInfo
 from esm_ray.methods.base import BaseWeights
+from esm_ray.runtime.early import EarlyStates, early_state_applies
 from esm_ray.runtime.memory import read_to_float32, reuse_freed_memory, scratch
 from esm_ray.runtime.threads import math_threads, torch_threads
 from esm_ray.runtime.layout import Group, OutTensor, layer_groups, plan_groups, tensor_infos, write_order
 from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan, row_blocks
-from esm_ray.runtime.pool import ExpertPool, GroupParts
+from esm_ray.runtime.pool import EARLY_STATE_BYTES, ExpertPool, GroupParts, on_threads
 from esm_ray.runtime.resume import ResumeStore
 from esm_ray.runtime.sinks import OutputSink, PostStage, SpillSink
 
@@ -67,6 +68,13 @@ def _versions() -> dict[str, str]:
             "safetensors": installed("safetensors"), "python": platform.python_version()}
 
 
+# The base's float32 rows of a blocked tensor that its fuse_state pass read are kept for the
+# merge pass when the tensor takes at most this many bytes in float32 (a method that keeps the
+# experts' blocks between its passes, model_stock or SCE, holds the same row tensors already:
+# methods._common.PASS_CACHE_BYTES); a larger tensor's base is read again.
+STATE_BASE_BYTES = 64 << 20
+
+
 class MergeJob:
     """Runs one validated plan against an expert pool."""
 
@@ -90,6 +98,8 @@ class MergeJob:
         self._base: Any = None
         self._report_data: dict[str, Any] = {}
         self._row_blocks: dict[str, int] | None = None
+        self._early: EarlyStates | None = None  # the next blocked tensor's fuse_state (runtime.early)
+        self._next_blocked: dict[str, OutTensor] = {}
 
     def run(self) -> MergeResult:
         with torch_threads(math_threads(self.plan.spec)), reuse_freed_memory():  # same bits in every executor
@@ -200,8 +210,20 @@ class MergeJob:
         """Merge group after group into `sink`: parts from the pool, fused here."""
         total = sum(len(g.tensors) for g in groups)
         bar = tqdm(total=total, desc=f"merge {self.plan.method.name}", unit="tensor", disable=not self.progress)
-        self.pool.expect_blocks([(o.info, list(o.blocks)) for g in groups if not g.restored
-                                 for o in g.merged if o.how == "blocks"])
+        blocked = [o for g in groups if not g.restored for o in g.merged if o.how == "blocks"]
+        self.pool.expect_blocks([(o.info, list(o.blocks)) for o in blocked])
+        if self.pool.early_states and early_state_applies(self.plan.method):
+            self._early = EarlyStates()
+            self._next_blocked = {o.info.name: nxt for o, nxt in zip(blocked, blocked[1:])}
+        try:
+            self._fuse_groups(groups, sink, bar, total)
+        finally:
+            if self._early is not None:
+                self._early.close()
+                self._early = None
+        bar.close()
+
+    def _fuse_groups(self, groups: list[Group], sink: OutputSink | SpillSink, bar: Any, total: int) -> None:
         with self._stage("fuse"):
             for g in groups:
                 t0 = time.perf_counter()
@@ -222,7 +244,6 @@ class MergeJob:
                 log.debug("group %s (%d tensors) fused in %.3fs", g.tensors[0].info.name, len(g.tensors),
                           time.perf_counter() - t0)
                 self._advance(bar, len(g.tensors), total)
-        bar.close()
 
     def layer_scales(self, groups: list[Group], spill: SpillSink, out: OutputSink) -> None:
         """The method's global per-tensor factors from every update's norm; then every tensor is
@@ -285,36 +306,71 @@ class MergeJob:
     def _merged_blocks(self, o: OutTensor, parts: GroupParts) -> Iterator[torch.Tensor]:
         """Merge one tensor a row block at a time (a blockwise method): the same bytes as the
         whole-tensor path, with memory bounded by the block."""
-        spec, method, info = self.plan.spec, self.plan.method, o.info
+        method, info = self.plan.method, o.info
         ctxs = [method.context_for(c, info) for c in self.ctxs]
-        row = info.numel // info.shape[0] if info.shape[0] else 0
-
-        def blocks() -> Iterator[tuple[TensorInfo, torch.Tensor, Any, int]]:
-            """(block info, base rows, parts, first flat index), block after block: one pass."""
-            states = self.pool.block_states(info, list(o.blocks))  # e.g. TIES: each expert's trim threshold
-
-            def block(k: int) -> tuple[TensorInfo, torch.Tensor, Any, int]:
-                r0, r1 = o.blocks[k]
-                sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
-                b = read_to_float32(self._base, info.name, spec.base, slot=f"base{k % 2}", rows=(r0, r1))
-                return sub, b, parts.rows(sub, b, (r0, r1), states), r0 * row
-
-            # One block ahead: the next block's parts exist before this one is fused, so the
-            # pool may start them while this thread fuses, adds and writes (LocalPool).
-            cur = block(0) if o.blocks else None
-            for k in range(1, len(o.blocks) + 1):
-                nxt = block(k) if k < len(o.blocks) else None
-                assert cur is not None
-                yield cur
-                cur = nxt
-
-        # e.g. model_stock: the experts' cosines over the whole tensor, from a first pass
-        state = method.fuse_state(info, lambda: ((b, p) for _, b, p, _ in blocks()), ctxs)
-        for sub, b, block_parts, start in blocks():
+        # e.g. model_stock: the experts' cosines over the whole tensor, from a first pass, made
+        # early (runtime.early) or now
+        early = self._early.take(info.name) if self._early is not None else None
+        state, base_rows = early.result() if early is not None else self._fuse_state(o, parts, ctxs, None)
+        nxt = self._next_blocked.get(info.name)
+        if nxt is not None and self._early is not None and (method.small_fuse_state
+                                                            or nxt.info.numel * 4 <= EARLY_STATE_BYTES):
+            threads, group = torch.get_num_threads(), self.pool.group_parts([])
+            nxt_ctxs = [method.context_for(c, nxt.info) for c in self.ctxs]
+            self._early.start(nxt.info.name, lambda: on_threads(threads, self._fuse_state, nxt, group, nxt_ctxs,
+                                                                "early-base"))
+        for sub, b, block_parts, start in self._blocks(o, parts, base_rows=base_rows):
             delta = method.fuse_block(sub, b, block_parts, ctxs, state, start)
             _check_shape(method.name, sub, delta)
             yield torch.add(b, delta, out=scratch("merged", sub.shape))
             del b, delta, block_parts
+
+    def _fuse_state(self, o: OutTensor, parts: GroupParts, ctxs: list[ExpertContext],
+                    slot: str | None) -> tuple[Any, dict[int, torch.Tensor] | None]:
+        """The method's fuse_state of one blocked tensor, and the base's float32 rows its first
+        pass read (by first flat index) when the tensor takes at most STATE_BASE_BYTES in
+        float32, for the merge pass to use instead of reading them again (None otherwise, or
+        when the method read nothing). `slot`: None on the merging thread; a base slot name on
+        the early thread, whose parts need no sides' block states."""
+        keep = o.info.numel * 4 <= STATE_BASE_BYTES
+        kept: dict[int, torch.Tensor] = {}
+
+        def passes() -> Iterator[tuple[torch.Tensor, Any]]:
+            blocks = (self._blocks(o, parts) if slot is None
+                      else self._blocks(o, parts, [None] * len(self.ctxs), slot))
+            for _, b, p, start in blocks:
+                if keep:
+                    kept.setdefault(start, b)
+                yield b, p
+
+        state = self.plan.method.fuse_state(o.info, passes, ctxs)
+        return state, (kept if len(kept) == len(o.blocks) else None)
+
+    def _blocks(self, o: OutTensor, parts: GroupParts, states: list[Any] | None = None, slot: str = "base",
+                base_rows: dict[int, torch.Tensor] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor, Any, int]]:
+        """(block info, base rows, parts, first flat index), block after block: one pass.
+        `states`: the sides' block states, asked of the pool when None; `base_rows`: the base's
+        rows by first flat index, read here when None."""
+        spec, info = self.plan.spec, o.info
+        row = info.numel // info.shape[0] if info.shape[0] else 0
+        if states is None:
+            states = self.pool.block_states(info, list(o.blocks))  # e.g. TIES: each expert's trim threshold
+
+        def block(k: int) -> tuple[TensorInfo, torch.Tensor, Any, int]:
+            r0, r1 = o.blocks[k]
+            sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
+            b = (base_rows[r0 * row] if base_rows is not None
+                 else read_to_float32(self._base, info.name, spec.base, slot=f"{slot}{k % 2}", rows=(r0, r1)))
+            return sub, b, parts.rows(sub, b, (r0, r1), states), r0 * row
+
+        # One block ahead: the next block's parts exist before this one is fused, so the
+        # pool may start them while this thread fuses, adds and writes (LocalPool).
+        cur = block(0) if o.blocks else None
+        for k in range(1, len(o.blocks) + 1):
+            nxt = block(k) if k < len(o.blocks) else None
+            assert cur is not None
+            yield cur
+            cur = nxt
 
     def _restore(self, g: Group, sink: OutputSink | SpillSink) -> None:
         """A group finished by an earlier run of this job, from the resume store."""

@@ -43,6 +43,7 @@ class GroupParts(Protocol):
 class ExpertPool(Protocol):
     n: int
     blockwise: bool  # may merge large tensors in row blocks
+    early_states: bool  # the next blocked tensor's fuse_state may be made on another thread (runtime.early)
 
     @property
     def block_parts(self) -> int:
@@ -133,6 +134,7 @@ class LocalPool:
     work with the coordinator's on a second thread)."""
 
     blockwise = True
+    early_states = True
     block_parts = 1  # LazyParts.stream makes the parts in order and holds at most AHEAD_BLOCK + 1 of a block, whatever T
 
     def __init__(self, spec: MergeSpec) -> None:

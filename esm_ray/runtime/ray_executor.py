@@ -254,6 +254,7 @@ class RayPool:
         return self._run(method, [ray.put(tuple(a)) for a in args])
 
     blockwise = True  # large tensors come from the workers row block by row block (ray_blocks)
+    early_states = False  # a worker answers one tensor's block requests at a time, in order
 
     @property
     def block_parts(self) -> int:

@@ -424,3 +424,55 @@ def test_a_bad_tensor_found_by_early_states_fails_the_job_by_name(tmp_path, monk
     assert {n for name, n in threads if name == "vec.bias"} and all(
         n.startswith("esm-ray-state") for name, n in threads if name == "vec.bias")  # found early
     assert not list(tmp_path.glob("out/*.safetensors"))
+
+
+def _fuse_state_threads(monkeypatch, method: str) -> list[tuple[str, str]]:
+    """(tensor, thread name) of every fuse_state of `method`, as they are made."""
+    import threading
+
+    kind = type(build_method(method, {}, n_experts=3))
+    seen: list[tuple[str, str]] = []
+    real = kind.fuse_state
+    monkeypatch.setattr(kind, "fuse_state", lambda self, info, *a: (
+        seen.append((info.name, threading.current_thread().name)), real(self, info, *a))[1])
+    return seen
+
+
+@pytest.mark.parametrize("method", ["model_stock", "sce"])
+def test_the_next_tensors_fuse_state_is_made_early_with_the_same_bytes(method, tmp_path, monkeypatch):
+    """The local executor makes the next blocked tensor's fuse_state (model_stock's cosines,
+    SCE's variance) on a thread of its own while this tensor's blocks are merged
+    (runtime.early): every blocked tensor but the first gets it there, and the output is byte
+    for byte the one made with every state made in place (and the whole tensors'; test above)."""
+    fam = _odd_family(tmp_path / "fam", torch.bfloat16)
+    monkeypatch.setattr(LocalPool, "early_states", False)
+    in_place = _run(fam, tmp_path / "in_place", method, {}, block_bytes=200, weights=(1.0, 1.0, 1.0))
+    monkeypatch.setattr(LocalPool, "early_states", True)
+    seen = _fuse_state_threads(monkeypatch, method)
+    early = _run(fam, tmp_path / "early", method, {}, block_bytes=200, weights=(1.0, 1.0, 1.0))
+    assert sorted(n for n, _ in seen) == ["cube.weight", "embed.weight", "odd.weight", "vec.bias"]  # once each
+    assert seen[0][1] == "MainThread" and all(t.startswith("esm-ray-fuse-state") for _, t in seen[1:])
+    a, b = output_files(in_place), output_files(early)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+def test_a_bad_tensor_found_by_an_early_fuse_state_fails_the_job_by_name(tmp_path, monkeypatch):
+    """A NaN in the last blocked tensor, whose model_stock cosines are computed early while an
+    earlier tensor is merged, fails the job with the input error naming it and leaves no
+    output; the early thread is finished when the job returns."""
+    import threading
+
+    from esm_ray.errors import InputError
+
+    fam = _odd_family(tmp_path / "fam", torch.float32)
+    r = open_model(str(fam["expert_2"]))
+    sd = {k: r.get(k).clone() for k in r.keys()}
+    sd["vec.bias"][500] = float("nan")  # the last tensor merged in blocks
+    save_file(sd, str(fam["expert_2"] / "model.safetensors"))
+    seen = _fuse_state_threads(monkeypatch, "model_stock")
+    with pytest.raises(InputError, match=r"vec\.bias.*1 NaN"):
+        _run(fam, tmp_path / "out", "model_stock", {}, block_bytes=200, weights=(1.0, 1.0, 1.0))
+    assert ("vec.bias" in {n for n, _ in seen}
+            and all(t.startswith("esm-ray-fuse-state") for n, t in seen if n == "vec.bias"))
+    assert not list(tmp_path.glob("out/*.safetensors"))
+    assert not [t for t in threading.enumerate() if t.name.startswith("esm-ray-fuse-state")]

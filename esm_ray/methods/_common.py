@@ -219,6 +219,12 @@ class KeptTaskVector:
         return out
 
 
+ADAPTER_SCALE_NOTE = (
+    "on LoRA adapters each task's whole update fits in the directions kept (an adapter's rank is at most "
+    "floor(d / T)), so every adapter is added at full strength, like task arithmetic at lambda 1; on the LoRA LM "
+    "zoo (README) this default scored far below the base and a scale near 1/sqrt(T) did well")
+
+
 def exactly(n_experts: int, n: int | tuple[int, None], method: str) -> None:
     """SpecError naming `experts` unless there are exactly n experts (or at least n[0])."""
     from esm_ray.errors import SpecError

@@ -317,6 +317,12 @@ class MergeMethod(Parametrised[P]):
     # over a tensor, no per-tensor randomness): the local executor may then merge a large
     # tensor in row blocks and never hold it whole in float32.
     elementwise: ClassVar[bool] = False
+    # ΔW == 0 (entry by entry) whenever every expert's task vector of the tensor is zero: a
+    # tensor that no expert changes (every expert a LoRA adapter that neither targets nor saves
+    # it) is then written as the base's, without being read into float32 and merged
+    # (MergePlan.copies_base). Not for methods on the weights themselves (linear without
+    # normalisation scales them) or that may change such a tensor (passthrough's scale).
+    zero_for_zero_tasks: ClassVar[bool] = False
     # prepare_block gets the expert's rows in their stored dtype when that is float32, bfloat16
     # or float16 (every value exact in float32) instead of a float32 copy, and returns them as
     # its part: the method computes in float32 from them (model_stock keeps a tensor's blocks
@@ -479,6 +485,11 @@ class MergeMethod(Parametrised[P]):
 
     def memory_note(self, shapes: dict[str, tuple[int, ...]]) -> str | None:
         """One line for the dry run about memory beyond the tensor workspace (default: none)."""
+        return None
+
+    def adapters_note(self) -> str | None:
+        """One line for the plan when every expert is a LoRA adapter and these parameters are
+        known to suit adapters badly (default: none)."""
         return None
 
     def report(self) -> dict[str, Any] | None:

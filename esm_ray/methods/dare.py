@@ -81,6 +81,7 @@ class DareLinear(_Dare[DareParams]):
 
     name = "dare_linear"
     summary = "DARE random drop and rescale, then task arithmetic"
+    zero_for_zero_tasks = True
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)
@@ -95,6 +96,7 @@ class DareTies(_Dare[DareTiesParams]):
 
     name = "dare_ties"
     summary = "DARE random drop and rescale, then TIES sign consensus"
+    zero_for_zero_tasks = True
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         tvs, ctxs = dense_in_order(parts, ctxs)

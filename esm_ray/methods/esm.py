@@ -28,6 +28,7 @@ from esm_ray.core.rowblocks import TaskRows, in_row_blocks
 from esm_ray.core.tsvm import (drop_null_triplets, task_triplets, task_triplets_rows, tsv_rank, tsvm_factors,
                                tsvm_fuse, tsvm_fuse_rows)
 from esm_ray.errors import InputError
+from esm_ray.methods._common import ADAPTER_SCALE_NOTE
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
@@ -149,6 +150,12 @@ class ESM(MergeMethod[ESMParams]):
         self._last_factor: tuple[Tensor, Tensor] | None = None  # (Gram, its factor), expert side
 
     # recipe ----------------------------------------------------------------------------------
+    def adapters_note(self) -> str | None:
+        if self.params.alpha != 1.0 or self.params.k is not None:
+            return None
+        return (f"`alpha` 1 (the default): {ADAPTER_SCALE_NOTE} (ESM's default recipe doubles it); consider a "
+                "smaller alpha, or task arithmetic or TSV-M with lambda chosen on validation")
+
     def preset_of(self, info: TensorInfo) -> str:
         p = self.params
         if p.preset != "auto":

@@ -24,6 +24,7 @@ class TaskArithmetic(MergeMethod[TaskArithmeticParams]):
 
     name = "task_arithmetic"
     summary = "weighted sum of task vectors, scaled by lambda"
+    zero_for_zero_tasks = True
     elementwise = True
     factored = True
 

@@ -43,6 +43,7 @@ class Ties(MergeMethod[TiesParams]):
 
     name = "ties"
     summary = "TIES-Merging: magnitude trim, sign election, disjoint mean"
+    zero_for_zero_tasks = True
 
     def prepare(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext) -> Any:
         tv = expert.float() - base.float()

@@ -119,10 +119,16 @@ def plan_groups(plan: MergePlan, groups: list[list[TensorInfo]], restored: list[
     position = {n: i for i, n in enumerate(plan.names)}
     for gi, infos in enumerate(groups):
         tensors = []
-        for info in sorted(infos, key=lambda i: not plan.dtypes[i.name].is_floating_point):
+        def copied(info: TensorInfo) -> bool:
+            return not plan.dtypes[info.name].is_floating_point or plan.copies_base(info.name)
+
+        for info in sorted(infos, key=copied):  # the merged tensors first, then the copies
             pos = position[info.name]
             if not plan.dtypes[info.name].is_floating_point:
                 tensors.append(OutTensor(info, plan.dtypes[info.name], gi, pos, "copy"))
+                continue
+            if plan.copies_base(info.name):  # no expert changes it: the base's value, in the output dtype
+                tensors.append(OutTensor(info, plan.out_dtype, gi, pos, "copy"))
                 continue
             blocks = plan.in_blocks(info, block_bytes, block_parts) if blockwise else None
             how: How = "restored" if restored[gi] else ("blocks" if blocks else "whole")

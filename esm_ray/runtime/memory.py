@@ -84,7 +84,9 @@ def reuse_freed_memory(threshold: int = 32 << 20, keep: int = 1 << 30) -> Iterat
     Threads started meanwhile (the local pool's part and state threads) share the main heap
     instead of getting heaps of their own: a part made on one of them and kept by the
     coordinator is freed into its thread's 64 MiB heaps, which glibc unmaps whenever one
-    empties, whatever the threshold.
+    empties, whatever the threshold. (glibc fixes its limit on heaps the first time it needs
+    one, so in a process that starts threads later the limit of one may outlast the merge:
+    those threads share the existing heaps, which costs some locking, no memory.)
     Peak RSS is unchanged. The defaults are restored (and the kept memory returned) afterwards.
     """
     libc = None

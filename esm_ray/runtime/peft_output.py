@@ -100,7 +100,7 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
         for info in infos:
             name = info.name  # every tensor: a method may change one no expert changed (passthrough's scale)
             if name not in layout.targets and name not in layout.saved:
-                if not _comes_out_as_base(job, info):
+                if not plan.copies_base(name) and not _comes_out_as_base(job, info):
                     raise SpecError(f"field `output_format`: tensor {name!r} changes in the merge but is no LoRA "
                                     "target and no saved module of any adapter, so an adapter cannot hold it; "
                                     "merge to a dense model (output_format: dense)")

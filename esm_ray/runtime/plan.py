@@ -72,6 +72,14 @@ class MergePlan:
     blocks: str | None = None  # the block list's name when calibration runs layer-wise
     # expert name -> its LoRA adapter's facts (targets, ranks, saved tensors, factored) for the report
     adapters: dict[str, dict] = field(default_factory=dict)
+    # tensors no expert changes: every expert is a LoRA adapter that neither targets nor saves them
+    untouched: frozenset[str] = frozenset()
+
+    def copies_base(self, name: str) -> bool:
+        """Whether tensor `name` comes out as the base's own value without being merged: no
+        expert changes it (`untouched`), the method's update is zero when every task vector
+        is (`MergeMethod.zero_for_zero_tasks`), and no purifier runs."""
+        return name in self.untouched and self.method.zero_for_zero_tasks and self.purifier is None
 
     @property
     def needs(self) -> Needs:
@@ -285,6 +293,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     fps = []
     adapters: list[str] = []
     facts: dict[str, dict] = {}
+    untouched = set(names)  # less every adapter's targets and saved tensors; empty with a full expert
     total = sum(base.info(n).nbytes for n in names)
     for i, e in enumerate(spec.experts):
         r = open_expert(spec, i)
@@ -324,6 +333,9 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
                             f"{'/'.join(map(str, ranks)) or '-'}, {len(r.saved())} saved tensors)")
             facts[e.name] = {"targets": len(r.targets()), "ranks": ranks, "saved": sorted(r.saved()),
                              "factored": method.factored}
+            untouched -= set(r.targets()) | set(r.saved())
+        else:
+            untouched.clear()
         r.close()
     method.bind_experts([e.name in facts for e in spec.experts])
     check_needs(spec, needs, what, base.config, aux_names)
@@ -343,10 +355,14 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     base_dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else torch.float32
     out_dtype = _DTYPES[spec.dtype] if spec.dtype else base_dtype
     plan = MergePlan(spec, method, purifier, names, shapes, dtypes, out_dtype, base.fingerprint(), fps, total,
-                     blocks=blocks, adapters=facts)
+                     blocks=blocks, adapters=facts, untouched=frozenset(untouched))
     for line in adapters:
         how = "from its factors" if method.factored else "densified one tensor at a time"
         plan.notes.append(f"{line}: {method.name!r} merges its targets {how}")
+    scale_note = method.adapters_note() if adapters and len(adapters) == len(spec.experts) else None
+    if scale_note:
+        plan.notes.append(f"method {method.name!r}, every expert an adapter: {scale_note}")
+        log.warning("method %r, every expert a LoRA adapter: %s", method.name, scale_note)
     if spec.output_format == "peft":
         plan.notes.append("output_format peft: the output is one LoRA adapter on the base "
                           f"(rank {spec.peft.rank or 'exact'}{f', energy {spec.peft.energy}' if spec.peft.energy else ''})")

@@ -234,10 +234,14 @@ def test_peft_output_checks_the_other_tensors_in_row_blocks(lora_family, tmp_pat
         finally:
             pool.close()
 
+    from esm_ray.methods.ties import Ties
+
     blocked = []
     real = MergeJob._merged_blocks
     monkeypatch.setattr(MergeJob, "_merged_blocks", lambda self, o, *a: (blocked.append(o.info.name),
                                                                          real(self, o, *a))[1])
+    # the check itself: TIES would otherwise write the untouched tensors as the base's unmerged
+    monkeypatch.setattr(Ties, "zero_for_zero_tasks", False)
     adapters = [lora_family["lora_0"], lora_family["lora_1"]]
     for name, block_bytes in (("whole", 1 << 30), ("blocks", 256)):
         merge(_spec(lora_family["base"], adapters, tmp_path / name, "ties", params={"density": 0.5},
@@ -500,3 +504,64 @@ def test_methods_say_which_are_factored_for_adapters(capsys):
     assert table["esm_pp"]["lora"] == table["sim"]["lora"] == "routed as themselves (residual_of: base)"
     assert main(["methods"]) == 0
     assert "tsvm  [method, LoRA factored]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("output_format", ["dense", "peft"])
+def test_tensors_no_adapter_changes_are_the_base_unmerged(output_format, lora_family, tmp_path, monkeypatch):
+    """With adapters only, a tensor that no adapter targets or saves (the embedding, the norms)
+    is written as the base's own value, never read into float32 and merged, for a method whose
+    update is zero when every task vector is (TSV-M): equal to the output of merging it, and in
+    the dense output equal to the base itself."""
+    from esm_ray.methods.tsvm import Tsvm
+    from esm_ray.runtime.job import MergeJob
+
+    adapters = [lora_family[f"lora_{i}"] for i in range(3)]
+    fused: list[str] = []
+    real = MergeJob._fuse_tensor
+    monkeypatch.setattr(MergeJob, "_fuse_tensor", lambda self, o, *a: (fused.append(o.info.name),
+                                                                       real(self, o, *a))[1])
+    plan = build_plan(spec_from_dict(_spec(lora_family["base"], adapters, tmp_path / "p", "tsvm")))
+    assert "model.embed_tokens.weight" in plan.untouched and not set(TARGET_KEYS) & plan.untouched
+    copied = _merge(_spec(lora_family["base"], adapters, tmp_path / "copied", "tsvm", output_format=output_format))
+    assert copied.report["method"] == "tsvm"
+    if output_format == "dense":
+        assert sorted(fused) == sorted(TARGET_KEYS)  # the only tensors merged
+    monkeypatch.setattr(Tsvm, "zero_for_zero_tasks", False)
+    merged = _merge(_spec(lora_family["base"], adapters, tmp_path / "merged", "tsvm", output_format=output_format))
+    assert merged.report["method"] == "tsvm"
+    if output_format == "dense":
+        base, a, b = _weights(lora_family["base"]), _weights(tmp_path / "copied"), _weights(tmp_path / "merged")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for k in plan.untouched:
+            assert torch.equal(a[k], base[k]), k
+    else:
+        a = load_file(str(tmp_path / "copied" / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "merged" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_expert_leaves_no_tensor_untouched(lora_family, tmp_path):
+    """Beside a full expert every tensor may change: none is copied unmerged."""
+    plan = build_plan(spec_from_dict(_spec(lora_family["base"], [lora_family["full_0"], lora_family["lora_0"]],
+                                           tmp_path / "o", "tsvm")))
+    assert not plan.untouched and not plan.copies_base("model.embed_tokens.weight")
+
+
+def test_the_plan_warns_of_the_default_scale_on_adapters_only(lora_family, tmp_path, caplog):
+    """TSV-M and ESM at their default scale on adapters only: a plan note (and a warning) with
+    the 1/sqrt(T) scale to try; none with a scale set, nor beside a full expert."""
+    import logging
+
+    ads = [lora_family[f"lora_{i}"] for i in range(3)]
+    with caplog.at_level(logging.WARNING, logger="esm_ray.plan"):
+        plan = build_plan(spec_from_dict(_spec(lora_family["base"], ads, tmp_path / "o", "tsvm")))
+    note = [n for n in plan.notes if "every expert an adapter" in n]
+    assert len(note) == 1 and "lambda 0.58" in note[0] and "lambda 0.58" in caplog.text
+    assert not [n for n in build_plan(spec_from_dict(_spec(lora_family["base"], ads, tmp_path / "o", "tsvm",
+                                                           params={"lambda": 0.5}))).notes
+                if "every expert an adapter" in n]
+    mixed = [lora_family["full_0"], lora_family["lora_0"]]
+    assert not [n for n in build_plan(spec_from_dict(_spec(lora_family["base"], mixed, tmp_path / "o", "tsvm"))).notes
+                if "every expert an adapter" in n]
+    assert not [n for n in build_plan(spec_from_dict(_spec(lora_family["base"], ads, tmp_path / "o"))).notes
+                if "every expert an adapter" in n]  # task arithmetic: no such note

@@ -147,8 +147,12 @@ def family_key(shape: LlamaShape, rank: int, scale: float, noise: float) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:12]
 
 
+def _log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def make_llama_family(shape: LlamaShape, n_experts: int, root: Path | None = None, rank: int = 16,
-                      scale: float = 2e-3, noise: float = 2e-4, log=print) -> Family:
+                      scale: float = 2e-3, noise: float = 2e-4, log=print, in_child: bool = True) -> Family:
     """Generate (or reuse) a base and `n_experts` experts of this shape, at benchmark sizes.
 
     Streamed to disk tensor by tensor in bfloat16 and cached by shape, so a 1B family needs no
@@ -158,7 +162,13 @@ def make_llama_family(shape: LlamaShape, n_experts: int, root: Path | None = Non
     base: N(0, 0.02) matrices, norms around 1. expert i: base + a random rank-`rank` update
     with entries of std about `scale`, + N(0, noise) everywhere. All stored in bfloat16.
     Expert i is the same whatever T, so T = 4 and T = 8 share their first four experts.
+
+    What is missing is generated in a child process (`in_child`): generating reads the base
+    through a memory map, whose pages count in this process's peak RSS, and a timed child
+    inherits its parent's peak in ru_maxrss through exec, so every later measurement would
+    report at least that.
     """
+    parent = root
     root = (root or cache_root() / "models") / f"{shape.name}-{family_key(shape, rank, scale, noise)}"
     fam = Family(shape, root, n_experts)
     items = shape.tensors()
@@ -178,6 +188,17 @@ def make_llama_family(shape: LlamaShape, n_experts: int, root: Path | None = Non
         need = len(todo) * shape.nbytes
         if disk_free(root) < need + (2 << 30):
             raise SystemExit(f"not enough disk for {len(todo)} models of {shape.nbytes / 1e9:.2f} GB under {root}")
+    if todo and in_child:
+        import multiprocessing
+
+        child = multiprocessing.get_context("spawn").Process(
+            target=make_llama_family, args=(shape, n_experts, parent, rank, scale, noise),
+            kwargs={"log": _log_stderr, "in_child": False})
+        child.start()
+        child.join()
+        if child.exitcode:
+            raise SystemExit(f"generating the models under {root} failed (exit {child.exitcode})")
+        return fam
     threads = torch.get_num_threads()
     for d in todo:
         t0 = time.perf_counter()

@@ -225,6 +225,42 @@ ADAPTER_SCALE_NOTE = (
     "zoo (README) this default scored far below the base and a scale near 1/sqrt(T) did well")
 
 
+class KeptPairs:
+    """The (base, expert) float32 row blocks of one tensor, for a block_state that reads them
+    more than once (slerp: the norms, then the dot): `__call__()` as block_state gets it. When
+    the two take at most half of PASS_CACHE_BYTES (two experts' states are made at once) the
+    first pass keeps them and later passes replay them without reading; `kept()` then gives
+    them by first flat index, for state_block to make the blocks' parts without a read."""
+
+    def __init__(self, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]], numel: int) -> None:
+        self._blocks = blocks
+        self._kept: list[tuple[Tensor, Tensor]] | None = [] if numel * 8 <= PASS_CACHE_BYTES // 2 else None
+        self._complete = False
+
+    def __call__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self._complete:
+            assert self._kept is not None
+            yield from self._kept
+            return
+        if self._kept is not None:
+            self._kept.clear()  # a pass left unfinished is read again whole
+        for b, e in self._blocks():
+            if self._kept is not None:
+                self._kept.append((b, e))
+            yield b, e
+        self._complete = self._kept is not None
+
+    def kept(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """The kept pairs by their first flat index after a complete pass (empty otherwise)."""
+        if not self._complete or self._kept is None:
+            return {}
+        out, start = {}, 0
+        for b, e in self._kept:
+            out[start] = b, e
+            start += b.numel()
+        return out
+
+
 def exactly(n_experts: int, n: int | tuple[int, None], method: str) -> None:
     """SpecError naming `experts` unless there are exactly n experts (or at least n[0])."""
     from esm_ray.errors import SpecError

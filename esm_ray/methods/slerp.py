@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from pydantic import Field
@@ -10,7 +11,7 @@ from torch import Tensor
 from esm_ray.core.chunks import regroup
 import esm_ray.core.slerp as core_slerp
 from esm_ray.core.slerp import multislerp, nuslerp, nuslerp_fraction, slerp, slerp_coefficients
-from esm_ray.methods._common import dense_list, exactly, weights_of
+from esm_ray.methods._common import KeptPairs, dense_list, exactly, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
@@ -46,25 +47,45 @@ class Slerp(_Weights[SlerpParams]):
         return (slerp(self.params_for(info).t, base.float(), w1) - base).float()
 
     # Row blocks: the expert side finds the two coefficients from the whole tensors' chunk norms
-    # and dots (two streamed passes, mergekit's 2^20-element chunks), then interpolates each
-    # block; the coordinator only subtracts the base.
+    # and dots (two passes, mergekit's 2^20-element chunks; the blocks are kept between them and
+    # for the merge when small, methods._common.KeptPairs), then interpolates each block; the
+    # coordinator only subtracts the base.
     def blockwise(self, info: TensorInfo) -> bool:
         return True
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
-                    ctx: ExpertContext) -> tuple[Tensor, Tensor]:
-        return slerp_coefficients(self.params_for(info).t,
-                                  lambda: ((c[0], c[1]) for c in regroup(blocks(), core_slerp._SLERP_CHUNK)))
+                    ctx: ExpertContext) -> "SlerpState":
+        pairs = KeptPairs(blocks, info.numel)
+        c0, c1 = slerp_coefficients(self.params_for(info).t,
+                                    lambda: ((c[0], c[1]) for c in regroup(pairs(), core_slerp._SLERP_CHUNK)))
+        return SlerpState(c0, c1, pairs.kept())
+
+    def state_block(self, state: "SlerpState", start: int) -> Tensor | None:
+        pair = state.kept.pop(start, None)
+        return None if pair is None else self._interpolate(state, *pair)
 
     def prepare_block(self, info: TensorInfo, base: Tensor, expert: Tensor, ctx: ExpertContext,
-                      state: tuple[Tensor, Tensor], start: int) -> Tensor:
-        c0, c1 = state
-        return (c0 * base.reshape(1, -1) + c1 * expert.reshape(1, -1)).reshape(base.shape)
+                      state: "SlerpState", start: int) -> Tensor:
+        return self._interpolate(state, base, expert)
+
+    @staticmethod
+    def _interpolate(state: "SlerpState", base: Tensor, expert: Tensor) -> Tensor:
+        return (state.c0 * base.reshape(1, -1) + state.c1 * expert.reshape(1, -1)).reshape(base.shape)
 
     def fuse_block(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext],
                    state: Any, start: int) -> Tensor:
         (w,), _ = dense_list(parts, ctxs)  # the slerped rows
         return (w - base).float()
+
+
+@dataclass
+class SlerpState:
+    """slerp's state of one tensor in row blocks: the coefficients, and the (base, expert)
+    blocks kept from their passes (by first flat index; each given up once)."""
+
+    c0: Tensor
+    c1: Tensor
+    kept: dict[int, tuple[Tensor, Tensor]]
 
 
 class NuSlerpParams(MethodParams):

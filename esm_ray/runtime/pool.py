@@ -162,8 +162,9 @@ class LocalPool:
         return LazyParts(self.sides, info, base, self._thread(), rows, states)
 
     def _thread(self) -> ThreadPoolExecutor | None:
-        """The one thread that does expert-side work beside this one (None for one expert)."""
-        if self._ahead is None and self.n > 1:
+        """The one thread that does expert-side work beside this one (slerp's one expert too:
+        its side interpolates the blocks while this thread adds and writes)."""
+        if self._ahead is None and self.n >= 1:
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
         return self._ahead
 
@@ -182,7 +183,7 @@ class LocalPool:
         done, for tensors up to SHARED_BASE_BYTES in float32."""
         early = self._started.pop(info.name, None)
         nxt, nxt_blocks = self._next.get(info.name, (None, []))
-        if nxt is not None and nxt.name not in self._started and self.n > 1 and nxt.numel * 4 <= EARLY_STATE_BYTES:
+        if nxt is not None and nxt.name not in self._started and nxt.numel * 4 <= EARLY_STATE_BYTES:
             if self._early is None:
                 self._early = ThreadPoolExecutor(2, thread_name_prefix="esm-ray-state")
             threads = torch.get_num_threads()

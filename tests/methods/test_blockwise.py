@@ -335,6 +335,7 @@ def test_an_abandoned_block_stream_cancels_what_it_started_of_the_next_block():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method,params,weights", [
     ("slerp", {"t": 0.3}, (1.0,)),
+    ("slerp-reread", {"t": 0.3}, (1.0,)),
     ("model_stock", {}, (1.0, 1.0, 1.0)),
     ("model_stock-reread", {}, (1.0, 1.0, 1.0)),
     ("model_stock", {"filter_wise": True}, (1.0, 1.0)),
@@ -476,3 +477,19 @@ def test_a_bad_tensor_found_by_an_early_fuse_state_fails_the_job_by_name(tmp_pat
             and all(t.startswith("esm-ray-fuse-state") for n, t in seen if n == "vec.bias"))
     assert not list(tmp_path.glob("out/*.safetensors"))
     assert not [t for t in threading.enumerate() if t.name.startswith("esm-ray-fuse-state")]
+
+
+def test_slerp_reads_each_block_of_a_small_tensor_once(tmp_path, monkeypatch):
+    """slerp's expert side keeps a small tensor's (base, expert) blocks from its coefficient
+    passes (methods._common.KeptPairs) and interpolates the merge's blocks from them: each row
+    block of the expert is read once, not three times (two passes, then the merge)."""
+    from esm_ray.runtime import expert as expert_mod
+
+    reads: list[tuple[str, tuple[int, int] | None]] = []
+    real = expert_mod.read_to_float32
+    monkeypatch.setattr(expert_mod, "read_to_float32", lambda reader, name, source, slot=None, rows=None:
+                        (reads.append((source, name, rows)), real(reader, name, source, slot=slot, rows=rows))[1])
+    fam = _odd_family(tmp_path / "fam", torch.bfloat16)
+    _run(fam, tmp_path / "out", "slerp", {"t": 0.3}, block_bytes=200, weights=(1.0,))
+    mine = [(n, r) for src, n, r in reads if src == str(fam["expert_0"]) and r is not None]
+    assert ("embed.weight" in {n for n, _ in mine}) and len(mine) == len(set(mine))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Generic, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from pydantic import Field
@@ -182,83 +182,65 @@ class StackedBlocks:
         return None if kept is None else kept[1]
 
 
-class KeptTaskVector:
-    """An expert's task vector τ = W − W_0 of one tensor, block after block, for a block_state
-    that reads it more than once (TIES's two threshold passes): `blocks()` as block_state gets
-    it. When τ takes at most half of PASS_CACHE_BYTES in float32 (two experts' states are made
-    at once) the first pass keeps it and later passes replay it without reading; `blocks_kept()`
-    then gives the kept blocks by first flat index (None otherwise)."""
+K = TypeVar("K")
 
-    def __init__(self, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]], numel: int) -> None:
-        self._blocks = blocks
-        self._kept: list[Tensor] | None = [] if numel * 4 <= PASS_CACHE_BYTES // 2 else None
+
+class KeptBlocks(Generic[K]):
+    """What a block_state makes of each (base, expert) float32 row block of one tensor
+    (`make(base, expert)`), block after block, for a block_state that reads the blocks more
+    than once: `__call__()` as block_state gets it. When the kept values take at most half of
+    PASS_CACHE_BYTES (`entry_bytes` per entry of the tensor; two experts' states are made at
+    once) the first pass keeps them and later passes replay them without reading; `kept()`
+    then gives them by first flat index, for state_block to make the blocks' parts without a
+    read. `task_vector_blocks` (TIES's threshold passes) and `pair_blocks` (slerp's norms, then
+    its dot) are the two kinds in use."""
+
+    def __init__(self, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]], numel: int,
+                 make: Callable[[Tensor, Tensor], K], entry_bytes: int) -> None:
+        self._blocks, self._make = blocks, make
+        self._kept: list[tuple[int, K]] | None = [] if numel * entry_bytes <= PASS_CACHE_BYTES // 2 else None
         self._complete = False
 
-    def __call__(self) -> Iterator[Tensor]:
+    def __call__(self) -> Iterator[K]:
         if self._complete:
             assert self._kept is not None
-            yield from self._kept
+            yield from (v for _, v in self._kept)
             return
         if self._kept is not None:
             self._kept.clear()  # a pass left unfinished is read again whole
         for b, e in self._blocks():
-            tv = e - b
+            v = self._make(b, e)
             if self._kept is not None:
-                self._kept.append(tv)
-            yield tv
+                self._kept.append((b.numel(), v))
+            yield v
         self._complete = self._kept is not None
 
-    def blocks_kept(self) -> dict[int, Tensor] | None:
-        """The kept blocks of τ by their first flat index, after a complete pass, else None."""
+    def kept(self) -> dict[int, K] | None:
+        """The kept values by their block's first flat index, after a complete pass, else None."""
         if not self._complete or self._kept is None:
             return None
         out, start = {}, 0
-        for tv in self._kept:
-            out[start] = tv
-            start += tv.numel()
+        for n, v in self._kept:
+            out[start] = v
+            start += n
         return out
+
+
+def task_vector_blocks(blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]], numel: int) -> KeptBlocks[Tensor]:
+    """τ = W − W_0 block after block, kept when it takes at most half of PASS_CACHE_BYTES."""
+    return KeptBlocks(blocks, numel, lambda b, e: e - b, 4)
+
+
+def pair_blocks(blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
+                numel: int) -> KeptBlocks[tuple[Tensor, Tensor]]:
+    """(W_0, W) block after block, kept when the two take at most half of PASS_CACHE_BYTES."""
+    return KeptBlocks(blocks, numel, lambda b, e: (b, e), 8)
 
 
 ADAPTER_SCALE_NOTE = (
     "on LoRA adapters each task's whole update fits in the directions kept (an adapter's rank is at most "
     "floor(d / T)), so every adapter is added at full strength, like task arithmetic at lambda 1; on the LoRA LM "
     "zoo (README) this default scored far below the base and a scale near 1/sqrt(T) did well")
-
-
-class KeptPairs:
-    """The (base, expert) float32 row blocks of one tensor, for a block_state that reads them
-    more than once (slerp: the norms, then the dot): `__call__()` as block_state gets it. When
-    the two take at most half of PASS_CACHE_BYTES (two experts' states are made at once) the
-    first pass keeps them and later passes replay them without reading; `kept()` then gives
-    them by first flat index, for state_block to make the blocks' parts without a read."""
-
-    def __init__(self, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]], numel: int) -> None:
-        self._blocks = blocks
-        self._kept: list[tuple[Tensor, Tensor]] | None = [] if numel * 8 <= PASS_CACHE_BYTES // 2 else None
-        self._complete = False
-
-    def __call__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self._complete:
-            assert self._kept is not None
-            yield from self._kept
-            return
-        if self._kept is not None:
-            self._kept.clear()  # a pass left unfinished is read again whole
-        for b, e in self._blocks():
-            if self._kept is not None:
-                self._kept.append((b, e))
-            yield b, e
-        self._complete = self._kept is not None
-
-    def kept(self) -> dict[int, tuple[Tensor, Tensor]]:
-        """The kept pairs by their first flat index after a complete pass (empty otherwise)."""
-        if not self._complete or self._kept is None:
-            return {}
-        out, start = {}, 0
-        for b, e in self._kept:
-            out[start] = b, e
-            start += b.numel()
-        return out
 
 
 def exactly(n_experts: int, n: int | tuple[int, None], method: str) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor
 from esm_ray.core.chunks import regroup
 import esm_ray.core.slerp as core_slerp
 from esm_ray.core.slerp import multislerp, nuslerp, nuslerp_fraction, slerp, slerp_coefficients
-from esm_ray.methods._common import KeptPairs, dense_list, exactly, weights_of
+from esm_ray.methods._common import dense_list, exactly, pair_blocks, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
@@ -48,17 +48,17 @@ class Slerp(_Weights[SlerpParams]):
 
     # Row blocks: the expert side finds the two coefficients from the whole tensors' chunk norms
     # and dots (two passes, mergekit's 2^20-element chunks; the blocks are kept between them and
-    # for the merge when small, methods._common.KeptPairs), then interpolates each block; the
+    # for the merge when small, methods._common.pair_blocks), then interpolates each block; the
     # coordinator only subtracts the base.
     def blockwise(self, info: TensorInfo) -> bool:
         return True
 
     def block_state(self, info: TensorInfo, blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
                     ctx: ExpertContext) -> "SlerpState":
-        pairs = KeptPairs(blocks, info.numel)
+        pairs = pair_blocks(blocks, info.numel)
         c0, c1 = slerp_coefficients(self.params_for(info).t,
                                     lambda: ((c[0], c[1]) for c in regroup(pairs(), core_slerp._SLERP_CHUNK)))
-        return SlerpState(c0, c1, pairs.kept())
+        return SlerpState(c0, c1, pairs.kept() or {})
 
     def state_block(self, state: "SlerpState", start: int) -> Tensor | None:
         pair = state.kept.pop(start, None)

@@ -17,9 +17,9 @@ from esm_ray.methods._common import (
     dense_in_order,
     density_field,
     expert_density,
-    KeptTaskVector,
     lambda_field,
     normalize_field,
+    task_vector_blocks,
     weights_of,
 )
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
@@ -64,11 +64,11 @@ class Ties(MergeMethod[TiesParams]):
         k = kept_count(info.numel, expert_density(ctx, self.params_for(info, ctx)))
         if k >= info.numel:
             return None
-        tv = KeptTaskVector(blocks, info.numel)
+        tv = task_vector_blocks(blocks, info.numel)
         threshold = trim_threshold(tv, k)
         # τ kept for the passes is kept on for the blocks when every expert's would fit
         # PASS_CACHE_BYTES together (with the base): the blocks are then not read again
-        kept = tv.blocks_kept() if (self.n_experts + 1) * info.numel * 4 <= _common.PASS_CACHE_BYTES else None
+        kept = tv.kept() if (self.n_experts + 1) * info.numel * 4 <= _common.PASS_CACHE_BYTES else None
         return TrimState(threshold, kept or {})
 
     def state_block(self, state: "TrimState | None", start: int) -> Tensor | None:

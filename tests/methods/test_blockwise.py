@@ -481,7 +481,7 @@ def test_a_bad_tensor_found_by_an_early_fuse_state_fails_the_job_by_name(tmp_pat
 
 def test_slerp_reads_each_block_of_a_small_tensor_once(tmp_path, monkeypatch):
     """slerp's expert side keeps a small tensor's (base, expert) blocks from its coefficient
-    passes (methods._common.KeptPairs) and interpolates the merge's blocks from them: each row
+    passes (methods._common.pair_blocks) and interpolates the merge's blocks from them: each row
     block of the expert is read once, not three times (two passes, then the merge)."""
     from esm_ray.runtime import expert as expert_mod
 

@@ -134,6 +134,7 @@ def oriented(info: TensorInfo, stats: LayerStats) -> bool:
 class ESM(MergeMethod[ESMParams]):
     name = "esm"
     summary = "Essential subspace merging: ESD of each task's output shift, polar-orthogonalised fusion"
+    zero_for_zero_tasks = True
     needs_stats = True
     needs_layer_scales = True
     decomposes = True

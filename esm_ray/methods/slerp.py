@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+import torch
 from pydantic import Field
 from torch import Tensor
 
@@ -48,8 +49,9 @@ class Slerp(_Weights[SlerpParams]):
 
     # Row blocks: the expert side finds the two coefficients from the whole tensors' chunk norms
     # and dots (two passes, mergekit's 2^20-element chunks; the blocks are kept between them and
-    # for the merge when small, methods._common.pair_blocks), then interpolates each block; the
-    # coordinator only subtracts the base.
+    # for the merge when small, methods._common.pair_blocks), then interpolates each block and
+    # subtracts the base rows (the same operations as the coordinator's whole-tensor fuse), so
+    # the coordinator, which adds and writes, passes the update on as it is.
     def blockwise(self, info: TensorInfo) -> bool:
         return True
 
@@ -70,12 +72,14 @@ class Slerp(_Weights[SlerpParams]):
 
     @staticmethod
     def _interpolate(state: "SlerpState", base: Tensor, expert: Tensor) -> Tensor:
-        return (state.c0 * base.reshape(1, -1) + state.c1 * expert.reshape(1, -1)).reshape(base.shape)
+        """c0 · W_0 + c1 · W − W_0 of the rows: the slerped rows' update."""
+        b = base.reshape(1, -1)
+        return torch.mul(b, state.c0).add_(state.c1 * expert.reshape(1, -1)).sub_(b).reshape(base.shape)
 
     def fuse_block(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext],
                    state: Any, start: int) -> Tensor:
-        (w,), _ = dense_list(parts, ctxs)  # the slerped rows
-        return (w - base).float()
+        (delta,), _ = dense_list(parts, ctxs)  # the slerped rows less the base, from the expert side
+        return delta
 
 
 @dataclass

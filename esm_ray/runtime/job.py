@@ -239,7 +239,7 @@ class MergeJob:
                     if isinstance(sink, OutputSink):
                         for o in g.tensors:
                             if o.how == "copy":
-                                sink.copy(o, self._base.get(o.info.name).to(o.dtype))
+                                sink.copy(o, self._base_copy(o))
                 sink.end_group(g.index)
                 log.debug("group %s (%d tensors) fused in %.3fs", g.tensors[0].info.name, len(g.tensors),
                           time.perf_counter() - t0)
@@ -255,7 +255,7 @@ class MergeJob:
             for o in write_order(groups, spilled=True):
                 name = o.info.name
                 if name not in where:
-                    out.copy(o, self._base.get(name).to(o.dtype))
+                    out.copy(o, self._base_copy(o))
                     continue
                 scale = scales.get(name, 1.0)
                 # one update read at a time; a large one (an LM head) a row block at a time, so
@@ -381,7 +381,7 @@ class MergeJob:
             return
         for o in g.tensors:
             if o.how == "copy":
-                sink.copy(o, self._base.get(o.info.name).to(o.dtype))
+                sink.copy(o, self._base_copy(o))
             elif o.info.name in tensors:
                 sink.add_final(o, tensors[o.info.name])
             else:  # staged as row blocks: read back the same way
@@ -389,6 +389,11 @@ class MergeJob:
                 sink.add_restored_blocks(o, self._store.rows(g.index, o.info.name, blocks))
 
     # -- helpers ---------------------------------------------------------------------------
+    def _base_copy(self, o: OutTensor) -> torch.Tensor:
+        """A `copy` tensor's value: the base's, in the output dtype (a tensor not floating, or
+        one no expert changes, MergePlan.copies_base)."""
+        return self._base.get(o.info.name).to(o.dtype)
+
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()

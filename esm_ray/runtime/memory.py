@@ -120,6 +120,11 @@ def read_stored(reader, name: str, source: str, rows: tuple[int, int] | None = N
     dtype when that is exact in float32 (float32, bfloat16, float16), else as float32."""
     if hasattr(reader, "get_float32") or reader.info(name).dtype not in EXACT_IN_FLOAT32:
         return read_to_float32(reader, name, source, rows=rows)
+    return _read_checked(reader, name, source, rows)
+
+
+def _read_checked(reader, name: str, source: str, rows: tuple[int, int] | None) -> Tensor:
+    """Tensor `name` (or its `rows`) as stored, a fresh tensor, checked for NaN/Inf."""
     raw = reader.get(name, rows=rows)
     check_finite(name, raw, source)
     return raw
@@ -137,9 +142,7 @@ def read_to_float32(reader, name: str, source: str, slot: str | None = None,
     meta = reader.info(name)
     shape = meta.shape if rows is None else (rows[1] - rows[0], *meta.shape[1:])
     if meta.dtype == torch.float32 or not meta.nbytes:
-        raw = reader.get(name, rows=rows)
-        check_finite(name, raw, source)
-        return raw
+        return _read_checked(reader, name, source, rows)
     raw = reader.get(name, out=scratch("read", shape, meta.dtype), rows=rows)
     check_finite(name, raw, source)
     return scratch(slot, shape).copy_(raw) if slot else raw.to(torch.float32)

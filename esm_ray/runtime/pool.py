@@ -161,10 +161,10 @@ class LocalPool:
         of T times)."""
         return LazyParts(self.sides, info, base, self._thread(), rows, states)
 
-    def _thread(self) -> ThreadPoolExecutor | None:
+    def _thread(self) -> ThreadPoolExecutor:
         """The one thread that does expert-side work beside this one (slerp's one expert too:
         its side interpolates the blocks while this thread adds and writes)."""
-        if self._ahead is None and self.n >= 1:
+        if self._ahead is None:
             self._ahead = ThreadPoolExecutor(1, thread_name_prefix="esm-ray-part")
         return self._ahead
 
@@ -198,7 +198,7 @@ class LocalPool:
         def state(i: int) -> Any:
             return on_threads(threads, self.sides[i].block_state, info, blocks, base_rows)
 
-        odd = {i: ahead.submit(state, i) for i in range(1, self.n, 2)} if ahead else {}
+        odd = {i: ahead.submit(state, i) for i in range(1, self.n, 2)}
         try:
             even = {i: state(i) for i in range(0, self.n) if i not in odd}
             return [even[i] if i in even else odd[i].result() for i in range(self.n)]

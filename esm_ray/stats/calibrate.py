@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from esm_ray.errors import InputError
+from esm_ray.heap import reuse_freed_memory
 from esm_ray.io.uri import is_s3
 from esm_ray.spec import CalibrationSpec, S3Options
 from esm_ray.stats.cache import cache_root, cache_source, unusable
@@ -114,9 +115,10 @@ def _run_passes(model: nn.Module, batches: list[tuple[Tensor, Tensor]], modules:
         unseen = [[m] for m in targets if m not in probe.shared]
         widths = {m: in_features(mod) for m, mod in targets.items()}
         passes = plan_passes(list(grouped.values()) + unseen, widths, max_bytes)
+    tokens = sum(int(mask.sum()) for _ids, mask in batches)
     out: dict[str, ModuleStats] = {}
     for names in passes:
-        with StatsCollector(model, names, precision=precision) as col:
+        with StatsCollector(model, names, precision=precision, tokens=tokens) as col:
             for batch in batches:
                 forward(col, batch)
         out.update(col.results())
@@ -147,13 +149,14 @@ def calibrate(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any, sett
     batches = list(make_batches(ids, settings.batch_size, pad_id(model, tokenizer)))
     if blocks is not None:
         names = list(linear_modules(model, modules))
-        with torch.inference_mode():
+        with torch.inference_mode(), reuse_freed_memory():
             return calibrate_layerwise(blocks, batches, names, max_bytes, settings.gram_precision, emit)
     was_training = model.training
     model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
-        with torch.inference_mode():
+        # each batch's activations are freed and allocated again: kept by the allocator (esm_ray.heap)
+        with torch.inference_mode(), reuse_freed_memory():
             stats, n_passes = _run_passes(model, batches, modules, max_bytes, device,
                                           settings.gram_precision)
     finally:

@@ -6,9 +6,11 @@ block-triangle of G is computed (`tri_blocks`: about half the flops of XᵀX), b
 (TF32 on GPUs where torch allows it) summed into float32 buffers that are added into the
 float64 accumulators every `BLOCK_ROWS` rows, so the float32 round-off covers at most that
 many rows; the Gram is mirrored from its lower triangle at the end (exactly symmetric). With
-"float64" every row is upcast and multiplied in float64 (2x to 64x slower). Low-precision activations are upcast before anything is multiplied. Layers that are called with the very same input tensor (q/k/v projections, LLaMA's
-gate/up) share one accumulation: it is stored once under the first such layer and the others
-map to it, which divides the memory of attention and MLP inputs by 3 and 2.
+"float64" every row is upcast and multiplied in float64 (2x to 64x slower). Low-precision
+activations are upcast before anything is multiplied. Layers that are called with the very
+same input tensor (q/k/v projections, LLaMA's gate/up) share one accumulation: it is stored
+once under the first such layer and the others map to it, which divides the memory of
+attention and MLP inputs by 3 and 2.
 
 Few rows on a wide input: an input at least `ROWS_MIN_WIDTH` (256) wide keeps its rows
 themselves (float32) while it has seen fewer than 2 · d_in of them; its statistics are then
@@ -71,8 +73,9 @@ def stats_bytes(d_in: int) -> int:
     """Bytes held for one distinct input of width d_in while a pass runs, in either precision:
     "float64" holds G (d_in²) and s1 (d_in) in float64; "mixed" holds the lower block-triangle
     of G (`tri_blocks`) and s1 in float64 and again in float32 (more than float64 for
-    d_in < 384, less above); an input at least ROWS_MIN_WIDTH wide adds its kept rows
-    (fewer than 2 · d_in, float32), held while they are turned into the Gram."""
+    d_in < 384, less above), and G whole (float64) when the pass ends; an input at least
+    ROWS_MIN_WIDTH wide adds its kept rows (fewer than 2 · d_in, float32), held while they are
+    turned into the Gram."""
     full = 8 * d_in * (d_in + 1)
     tri = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in tri_blocks(d_in))
     kept = 8 * d_in * d_in if d_in >= ROWS_MIN_WIDTH else 0  # rows kept, while they become a Gram
@@ -128,28 +131,36 @@ class _Acc:
     while it has seen fewer than 2 · d_in rows, X takes fewer bytes than the float64 G and
     costs no multiply-adds (`LayerStats.rows`). The batch that would reach 2 · d_in turns it
     into a Gram: the kept rows are accumulated, one batch at a time, and the accumulation goes
-    on as below.
+    on as below. (Where the collector knows that the pass feeds at least 2 · d_in token rows,
+    the Gram starts at once: `keep_rows=False`.)
     "float64": every row upcast, XᵀX by one float64 GEMM per call.
     "mixed": only the Gram's lower block-triangle (`tri_blocks`) is computed: each block is a
     float32 GEMM added (addmm) into a float32 buffer, and the buffer is added into a float64
     accumulator of the same block, then zeroed, whenever BLOCK_ROWS more rows would be summed
-    in it; float32 round-off thus covers at most BLOCK_ROWS rows. `result()` flushes the
-    buffers, mirrors the off-diagonal blocks and averages each diagonal block with its
-    transpose, so the Gram is exactly symmetric. Memory per input:
-    (1 + 192/d)/2 · d² · (8 + 4) bytes: 6.75 · d² at d = 1536 (a full float64 Gram: 8 · d²), 9 · d²
-    at 384, plus up to 8 · d² of kept rows while they are turned into the Gram (see `stats_bytes`).
+    in it; float32 round-off thus covers at most BLOCK_ROWS rows. `result()` mirrors the lower
+    block-triangle, so the Gram is exactly symmetric. On CPU the float64 accumulators are
+    blocks of the result itself (a d x d float64 tensor whose pages above the block-triangle
+    are first written by the mirror), so no second Gram is allocated at the end; on other
+    devices, which take memory whole when it is allocated, they are blocks of their own,
+    copied into the Gram at the end. Memory per input: (1 + 192/d)/2 · d² · (8 + 4) bytes
+    while rows are added, 6.75 · d² at d = 1536 (a full float64 Gram: 8 · d²) and 9 · d² at
+    384; the Gram (8 · d²) at the end; plus up to 8 · d² of kept rows while they are turned
+    into the Gram (see `stats_bytes`).
     """
 
-    __slots__ = ("n", "d", "s1", "gram", "precision", "blocks", "buf", "acc", "s1_buf", "rows_buf", "rows")
+    __slots__ = ("n", "d", "s1", "gram", "precision", "blocks", "buf", "acc", "s1_buf", "rows_buf", "rows",
+                 "inplace")
 
-    def __init__(self, d_in: int, device: torch.device, precision: GramPrecision = "mixed") -> None:
+    def __init__(self, d_in: int, device: torch.device, precision: GramPrecision = "mixed",
+                 keep_rows: bool = True) -> None:
         if precision not in ("mixed", "float64"):
             raise ValueError(f"gram precision must be 'mixed' or 'float64', got {precision!r}")
         self.n = 0
         self.d = d_in
         self.precision = precision
+        self.inplace = torch.device(device).type == "cpu"
         self.s1 = torch.zeros(d_in, dtype=torch.float64, device=device)
-        self.rows: list[Tensor] | None = [] if d_in >= ROWS_MIN_WIDTH else None
+        self.rows: list[Tensor] | None = [] if keep_rows and d_in >= ROWS_MIN_WIDTH else None
         if self.rows is None:
             self._start_gram()
 
@@ -162,6 +173,11 @@ class _Acc:
         self.buf = [torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=device)
                     for r0, r1, c0, c1 in self.blocks]
         self.acc: list[Tensor] | None = None  # float64 blocks, made by the first flush
+        if self.inplace:  # the result's own blocks; nothing else of it is written until the mirror
+            self.gram = torch.empty(d_in, d_in, dtype=torch.float64, device=device)
+            self.acc = [self.gram[r0:r1, c0:c1] for r0, r1, c0, c1 in self.blocks]
+            for a in self.acc:
+                a.zero_()
         self.s1_buf = torch.zeros(d_in, dtype=torch.float32, device=device)
         self.rows_buf = 0
 
@@ -211,8 +227,8 @@ class _Acc:
 
     def result(self) -> tuple[int, Tensor, Tensor | None, Tensor | None]:
         """(n, Σx, XᵀX, None) in float64, on the accumulators' device ("mixed" Grams are
-        symmetric), or (n, Σx, None, X) while the rows are kept (X float32, Σx summed in
-        float64). Call once, after the last `add`: the blocks or rows are handed over."""
+        exactly symmetric), or (n, Σx, None, X) while the rows are kept (X float32, Σx summed
+        in float64). Call once, after the last `add`: the blocks or rows are handed over."""
         if self.rows is not None:
             kept, self.rows = self.rows, []
             x = torch.cat(kept) if kept else torch.zeros(0, self.d, dtype=torch.float32, device=self.s1.device)
@@ -221,6 +237,10 @@ class _Acc:
             return self.n, self.s1, self.gram, None
         # accumulators made in inference mode can only be updated in it (results() may run after)
         with torch.inference_mode(self.s1.is_inference()):
+            if self.inplace:
+                self._flush()
+                gram, self.gram, self.buf, self.acc = self.gram, None, [], None
+                return self.n, self.s1, self._mirror(gram), None
             if self.acc is None:  # never flushed: the float32 buffers hold every row
                 self.s1 += self.s1_buf
                 return (*self._assemble(self.buf), None)
@@ -230,22 +250,29 @@ class _Acc:
     def _assemble(self, acc: list[Tensor]) -> tuple[int, Tensor, Tensor]:
         """The Gram's lower block-triangle `acc` (float32 or float64 blocks) as one symmetric
         float64 Gram; the accumulators are freed."""
-        s1 = self.s1
         self.buf, self.acc = [], None
         d, dev = self.d, self.s1.device
         if not self.n:
-            return self.n, s1, torch.zeros(d, d, dtype=torch.float64, device=dev)
+            return self.n, self.s1, torch.zeros(d, d, dtype=torch.float64, device=dev)
         gram = torch.empty(d, d, dtype=torch.float64, device=dev)  # every entry is written below
         for (r0, r1, c0, c1), a in zip(self.blocks, acc):
-            if r0 == c0:  # a diagonal block, computed whole: made exactly symmetric
-                a = a.to(torch.float64)
+            gram[r0:r1, c0:c1] = a
+        del acc
+        return self.n, self.s1, self._mirror(gram)
+
+    def _mirror(self, gram: Tensor) -> Tensor:
+        """`gram` (float64) made exactly symmetric, in place, from its lower block-triangle
+        (`tri_blocks`): each diagonal block (computed whole) averaged with its transpose, each
+        block below the diagonal copied, transposed, above it."""
+        for r0, r1, c0, c1 in self.blocks:
+            if r0 == c0:
+                a = gram[r0:r1, c0:c1].clone()
                 gram[r0:r1, c0:c1] = (a + a.T) * 0.5
                 continue
-            gram[r0:r1, c0:c1] = a
-            for i in range(0, r1 - r0, TRI_BASE):  # the mirror, in row strips (cache-friendlier)
+            for i in range(0, r1 - r0, TRI_BASE):  # in row strips (cache-friendlier)
                 e = min(i + TRI_BASE, r1 - r0)
-                gram[c0:c1, r0 + i:r0 + e] = a[i:e].T
-        return self.n, s1, gram
+                gram[c0:c1, r0 + i:r0 + e] = gram[r0 + i:r0 + e, c0:c1].T
+        return gram
 
 
 class StatsCollector:
@@ -267,12 +294,16 @@ class StatsCollector:
 
     With `record_only=True` nothing is accumulated: one batch reveals the sharing groups.
     precision: how the Grams are accumulated ("mixed" or "float64", see the module docstring).
+    tokens: the token rows (padding excluded) the pass will feed, when the caller knows them:
+    an input with a token axis that will see at least 2 · d_in of them starts its Gram at once
+    instead of keeping rows it would turn into one (the same statistics, without the copies).
     """
 
     def __init__(self, model: nn.Module, modules: ModuleFilter = None, record_only: bool = False,
-                 precision: GramPrecision = "mixed") -> None:
+                 precision: GramPrecision = "mixed", tokens: int | None = None) -> None:
         self.model = model
         self.precision = precision
+        self.tokens = tokens
         self.targets = linear_modules(model, modules)
         self.record_only = record_only
         self.transposed = {n for n, m in self.targets.items() if not isinstance(m, nn.Linear)}
@@ -317,20 +348,23 @@ class StatsCollector:
         if name in self.targets:
             self._hook(name)(module, (x,))
 
-    def _rows(self, x: Tensor) -> Tensor:
-        """x's rows, (tokens, d), without padding: when x has the mask's (B, L) leading shape or
-        its B·L rows, the kept rows are gathered with the batch's token indices (made once per
-        batch and device; nothing is gathered when the mask keeps every token)."""
+    def _rows(self, x: Tensor) -> tuple[Tensor, bool]:
+        """(x's rows, (tokens, d), without padding; whether x has a token axis). When x has the
+        mask's (B, L) leading shape or its B·L rows, the kept rows are gathered with the batch's
+        token indices (made once per batch and device; nothing is gathered when the mask keeps
+        every token)."""
         m = self._mask
         rows = x.reshape(-1, x.shape[-1])
-        if m is None or x.dim() < 2 or self._keep_all:
-            return rows
-        if tuple(x.shape[:-1]) == tuple(m.shape) or (x.dim() == 2 and x.shape[0] == m.numel()):
-            idx = self._index.get(x.device)
-            if idx is None:
-                idx = self._index[x.device] = m.reshape(-1).nonzero().squeeze(1).to(x.device)
-            return rows.index_select(0, idx)
-        return rows
+        if m is None or x.dim() < 2:
+            return rows, False
+        if not (tuple(x.shape[:-1]) == tuple(m.shape) or (x.dim() == 2 and x.shape[0] == m.numel())):
+            return rows, False
+        if self._keep_all:
+            return rows, True
+        idx = self._index.get(x.device)
+        if idx is None:
+            idx = self._index[x.device] = m.reshape(-1).nonzero().squeeze(1).to(x.device)
+        return rows.index_select(0, idx), True
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -357,10 +391,12 @@ class StatsCollector:
             self._seen[id(x)] = (x, known)
             if self.record_only:
                 return
-            rows = self._rows(x.detach())
+            rows, token_axis = self._rows(x.detach())
             acc = self._acc.get(known)
             if acc is None:
-                acc = self._acc[known] = _Acc(rows.shape[-1], rows.device, self.precision)
+                d = int(rows.shape[-1])
+                gram_now = token_axis and self.tokens is not None and self.tokens >= 2 * d
+                acc = self._acc[known] = _Acc(d, rows.device, self.precision, keep_rows=not gram_now)
             acc.add(rows)
 
         return hook

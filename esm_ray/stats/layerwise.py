@@ -169,6 +169,7 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
     done = emit if emit is not None else out.update
 
     # 1. record the blocks' arguments and the embeddings; hook linear layers before the blocks
+    tokens = sum(int(mask.sum()) for _ids, mask in batches)  # every token-axis input sees these
     for name in _outside(model, bm.blocks_name, {emb_out} if emb_out else set()):
         bm.load(name)
     rows_in: list[Tensor] = []
@@ -181,7 +182,7 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
 
     hooks = [m.register_forward_pre_hook(noting(n)) for n, m in linear_modules(model, outside).items()]
     try:
-        with StatsCollector(model, outside, precision=precision) as pre:
+        with StatsCollector(model, outside, precision=precision, tokens=tokens) as pre:
             for ids, mask in batches:
                 run.calls, run.entered = [], 0
                 pre.begin_batch(mask.to(device))
@@ -225,7 +226,7 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
             passes = plan_passes(list(groups.values()) + unseen, widths, max_bytes)
         for p, names in enumerate(passes):
             last = p == len(passes) - 1
-            with StatsCollector(model, names, precision=precision) as col:
+            with StatsCollector(model, names, precision=precision, tokens=tokens) as col:
                 for j, (_ids, mask) in enumerate(batches):
                     col.begin_batch(mask.to(device))
                     rest, kw = calls[j][i]
@@ -244,7 +245,7 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
         runner = model if tail else (base_model(model) or model)
         extra = {**forward_kwargs(runner), **({"output_hidden_states": True} if pooled is not None else {})}
         run.mode = "tail"
-        with StatsCollector(model, tail, precision=precision) as col:
+        with StatsCollector(model, tail, precision=precision, tokens=tokens) as col:
             for j, (ids, mask) in enumerate(batches):
                 run.final, run.entered = h[j], 0
                 col.begin_batch(mask.to(device))

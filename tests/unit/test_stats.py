@@ -464,3 +464,86 @@ def test_rows_are_stored_read_back_and_shared_by_the_modules_reading_them(tmp_pa
     (tmp_path / "bad.json").write_text(json.dumps({"format": 9, "modules": {}}))
     with pytest.raises(InputError, match="bad.json: statistics format 9"):
         StatsStore(tmp_path / "bad.safetensors")
+
+
+# ---- a Gram started at once; the CPU accumulators in the Gram itself -------------------------
+
+def _wide_pass(tokens: int | None, inplace: bool, monkeypatch) -> tuple[dict, object]:
+    """A 300-wide and a 32-wide input over three masked batches (599 token rows), "mixed"."""
+    from esm_ray.stats import hooks
+
+    start = hooks._Acc._start_gram
+
+    def start_gram(self):
+        self.inplace = inplace
+        start(self)
+
+    monkeypatch.setattr(hooks._Acc, "_start_gram", start_gram)
+    g = torch.Generator().manual_seed(8)
+    model = nn.Sequential(nn.Linear(300, 32), nn.Linear(32, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    xs = [torch.randn(4, 100, 300, generator=g) + 3.0 for _ in range(3)]
+    masks = [torch.ones(4, 100, dtype=torch.long) for _ in range(3)]
+    masks[1][2, 99:] = 0
+    kept_after_first = []
+    with torch.inference_mode(), StatsCollector(model, tokens=tokens) as col:
+        for x, m in zip(xs, masks):
+            col.begin_batch(m)
+            model(x)
+            kept_after_first.append(col._acc["0"].rows is not None)
+        st = col.results()
+    return st, kept_after_first
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_collector_told_the_token_count_starts_the_gram_at_once_with_the_same_bytes(inplace, monkeypatch):
+    """Told that the pass feeds 1199 token rows (at least 2 · 300), the 300-wide input keeps no
+    rows from its first batch on, and its statistics are bit for bit those of the collector that
+    kept the first batches' rows and turned them into the Gram; the CPU accumulation into the
+    Gram's own blocks (`inplace`) and the separate blocks of other devices give the same bytes;
+    a count below 2 · d_in keeps the rows as before."""
+    told, kept = _wide_pass(1199, inplace, monkeypatch)
+    assert kept == [False, False, False]
+    untold, kept_untold = _wide_pass(None, inplace, monkeypatch)
+    assert kept_untold == [True, False, False]  # 400 rows kept, the second batch reaches 600
+    other, _ = _wide_pass(1199, not inplace, monkeypatch)
+    for name in ("0", "1"):
+        a, b, c = told[name], untold[name], other[name]
+        assert a.n == b.n == c.n == 1199 and a.rows is None and b.rows is None
+        assert torch.equal(a.gram, b.gram) and torch.equal(a.gram, c.gram) and torch.equal(a.s1, b.s1)
+        assert torch.equal(a.gram, a.gram.T)
+    few, kept_few = _wide_pass(599, inplace, monkeypatch)
+    assert kept_few == [True, False, False]
+
+
+def test_freed_memory_setting_nests_and_is_restored_by_the_last_to_leave(monkeypatch):
+    """reuse_freed_memory inside another (a calibration inside a merge), and on another thread:
+    the setting is made once, stays in force until the last block ends, and glibc's defaults are
+    restored then, once."""
+    import threading
+
+    from esm_ray import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "_set", lambda threshold, keep: calls.append("set") or object())
+    monkeypatch.setattr(heap, "_restore", lambda libc: calls.append("restore"))
+    inside, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with heap.reuse_freed_memory():
+            inside.set()
+            release.wait(10)
+
+    with heap.reuse_freed_memory():
+        with heap.reuse_freed_memory():
+            assert heap._depth == 2
+        assert calls == ["set"]
+        t = threading.Thread(target=other)
+        t.start()
+        assert inside.wait(10)
+    assert calls == ["set"] and heap._depth == 1  # the thread's block still runs
+    release.set()
+    t.join(10)
+    assert calls == ["set", "restore"] and heap._depth == 0 and heap._libc is None

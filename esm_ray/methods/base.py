@@ -338,6 +338,21 @@ class MergeMethod(Parametrised[P]):
     # merged update factored (for `output_format: peft`). Other methods get the densified
     # expert tensor, one tensor at a time on the expert's side.
     factored: ClassVar[bool] = False
+    # `fuse` and `fuse_block` return the merged weights W, not the update ΔW: the coordinator
+    # writes them as they are instead of adding them to the base rows. For methods on the
+    # weights themselves (slerp writes c0 · W_0 + c1 · W_1, as mergekit does; W_0 + (that − W_0)
+    # differs in the last bit, and the add is one more pass over every weight on the
+    # coordinator). `update_of` gives ΔW whichever a method returns.
+    fuse_gives_weights: ClassVar[bool] = False
+    # `fuse_block` reads the base's rows. False (slerp, whose expert side makes the merged rows
+    # whole): the coordinator reads none for the merge pass and passes None as `base`; an
+    # expert side that needs the rows for `prepare_block` reads them itself.
+    fuse_block_base: ClassVar[bool] = True
+
+    def update_of(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
+        """ΔW of one whole tensor: `fuse`, less the base where it gives the weights."""
+        out = self.fuse(info, base, parts, ctxs)
+        return out - base if self.fuse_gives_weights else out
 
     def needs(self) -> Needs:
         """Everything this method needs, from its declarations (checked once by the plan)."""

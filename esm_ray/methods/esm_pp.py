@@ -181,7 +181,7 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         if self._keeps_base(info):
             return torch.zeros_like(base)
-        return self.inner.fuse(info, base, parts, ctxs)
+        return self.inner.update_of(info, base, parts, ctxs)
 
     def layer_scales(self, infos: dict[str, TensorInfo], norms: dict[str, float]) -> dict[str, float]:
         kept = {n: i for n, i in infos.items() if not self._keeps_base(i)}

@@ -38,6 +38,8 @@ class Slerp(_Weights[SlerpParams]):
 
     name = "slerp"
     summary = "spherical interpolation from the base to one expert at fraction t"
+    fuse_gives_weights = True  # c0 · W_0 + c1 · W_1 is written as it is
+    fuse_block_base = False  # ... made on the expert side: the coordinator needs no base rows
 
     def __init__(self, params: SlerpParams, n_experts: int, seed: int = 0) -> None:
         exactly(n_experts, 1, self.name)
@@ -45,13 +47,13 @@ class Slerp(_Weights[SlerpParams]):
 
     def fuse(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext]) -> Tensor:
         (w1,), _ = dense_list(parts, ctxs)
-        return (slerp(self.params_for(info).t, base.float(), w1) - base).float()
+        return slerp(self.params_for(info).t, base.float(), w1).float()
 
     # Row blocks: the expert side finds the two coefficients from the whole tensors' chunk norms
     # and dots (two passes, mergekit's 2^20-element chunks; the blocks are kept between them and
-    # for the merge when small, methods._common.pair_blocks), then interpolates each block and
-    # subtracts the base rows (the same operations as the coordinator's whole-tensor fuse), so
-    # the coordinator, which adds and writes, passes the update on as it is.
+    # for the merge when small, methods._common.pair_blocks), then interpolates each block (the
+    # same operations as the whole-tensor fuse), so the coordinator passes the slerped rows on
+    # to the writer as they are (`fuse_gives_weights`).
     def blockwise(self, info: TensorInfo) -> bool:
         return True
 
@@ -72,14 +74,13 @@ class Slerp(_Weights[SlerpParams]):
 
     @staticmethod
     def _interpolate(state: "SlerpState", base: Tensor, expert: Tensor) -> Tensor:
-        """c0 · W_0 + c1 · W − W_0 of the rows: the slerped rows' update."""
-        b = base.reshape(1, -1)
-        return torch.mul(b, state.c0).add_(state.c1 * expert.reshape(1, -1)).sub_(b).reshape(base.shape)
+        """c0 · W_0 + c1 · W of the rows: the slerped rows."""
+        return torch.mul(base.reshape(1, -1), state.c0).add_(state.c1 * expert.reshape(1, -1)).reshape(base.shape)
 
     def fuse_block(self, info: TensorInfo, base: Tensor, parts: list[Any], ctxs: list[ExpertContext],
                    state: Any, start: int) -> Tensor:
-        (delta,), _ = dense_list(parts, ctxs)  # the slerped rows less the base, from the expert side
-        return delta
+        (rows,), _ = dense_list(parts, ctxs)  # the slerped rows, from the expert side
+        return rows
 
 
 @dataclass

@@ -181,12 +181,13 @@ class ExpertSide:
             out.append(self._part(info, b, w))
         return out
 
-    def prepare_with_base(self, info: TensorInfo, base: Tensor, rows: tuple[int, int] | None = None,
+    def prepare_with_base(self, info: TensorInfo, base: Tensor | None, rows: tuple[int, int] | None = None,
                           state: Any = None) -> Any:
         """This expert's part of one tensor against a float32 base that the caller has read and
         checked: the local executor reads and converts the base once for all T sides.
         `rows`: a row block of the tensor (`info.shape` is then the block's), prepared with the
-        method's `prepare_block` and this side's `block_state` of the tensor."""
+        method's `prepare_block` and this side's `block_state` of the tensor; `base` None (a
+        method whose fuse_block reads no base rows): the rows are read here when needed."""
         if rows is None:
             lora = self._lora(info)
             if lora is not None:
@@ -194,7 +195,11 @@ class ExpertSide:
             return self._part(info, base, read_to_float32(self.model, info.name, self.expert.model, slot="expert"))
         start = _row_start(info, rows)
         kept = self.method.state_block(state, start)  # kept by block_state: nothing to read
-        return kept if kept is not None else self._block_part(info, base, rows, state, start)
+        if kept is not None:
+            return kept
+        if base is None:
+            base = read_to_float32(self.base, info.name, self.spec.base, slot="base", rows=rows)
+        return self._block_part(info, base, rows, state, start)
 
     def _block_part(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], state: Any, start: int) -> Any:
         """The method's `prepare_block` of these rows (`info.shape` the block's), read here."""

@@ -295,7 +295,11 @@ class MergeJob:
         b = read_to_float32(self._base, info.name, spec.base, slot="base")
         delta = method.fuse(info, b, parts.of(j, info, b), [method.context_for(c, info) for c in self.ctxs])
         _check_shape(method.name, info, delta)
-        if isinstance(sink, SpillSink):
+        if method.fuse_gives_weights and isinstance(sink, SpillSink):
+            sink.add_delta(o, delta - b)
+        elif method.fuse_gives_weights:  # the merged weights themselves
+            sink.add(o, delta)
+        elif isinstance(sink, SpillSink):
             sink.add_delta(o, delta)
         elif b.dtype == delta.dtype == torch.float32:  # b + delta into a reused buffer
             sink.add(o, torch.add(b, delta, out=scratch("merged", info.shape)))
@@ -319,10 +323,11 @@ class MergeJob:
             nxt_ctxs = [method.context_for(c, nxt.info) for c in self.ctxs]
             self._early.start(nxt.info.name, lambda: on_threads(threads, self._fuse_state, nxt, group, nxt_ctxs,
                                                                 "early-base"))
-        for sub, b, block_parts, start in self._blocks(o, parts, base_rows=base_rows):
+        for sub, b, block_parts, start in self._blocks(o, parts, base_rows=base_rows,
+                                                       read_base=method.fuse_block_base):
             delta = method.fuse_block(sub, b, block_parts, ctxs, state, start)
             _check_shape(method.name, sub, delta)
-            yield torch.add(b, delta, out=scratch("merged", sub.shape))
+            yield delta if method.fuse_gives_weights else torch.add(b, delta, out=scratch("merged", sub.shape))
             del b, delta, block_parts
 
     def _fuse_state(self, o: OutTensor, parts: GroupParts, ctxs: list[ExpertContext],
@@ -347,20 +352,23 @@ class MergeJob:
         return state, (kept if len(kept) == len(o.blocks) else None)
 
     def _blocks(self, o: OutTensor, parts: GroupParts, states: list[Any] | None = None, slot: str = "base",
-                base_rows: dict[int, torch.Tensor] | None = None) -> Iterator[tuple[TensorInfo, torch.Tensor, Any, int]]:
+                base_rows: dict[int, torch.Tensor] | None = None,
+                read_base: bool = True) -> Iterator[tuple[TensorInfo, torch.Tensor | None, Any, int]]:
         """(block info, base rows, parts, first flat index), block after block: one pass.
         `states`: the sides' block states, asked of the pool when None; `base_rows`: the base's
-        rows by first flat index, read here when None."""
+        rows by first flat index, read here when None; `read_base` False: none read, the base
+        rows are None (the method's fuse_block reads none, `fuse_block_base`)."""
         spec, info = self.plan.spec, o.info
         row = info.numel // info.shape[0] if info.shape[0] else 0
         if states is None:
             states = self.pool.block_states(info, list(o.blocks))  # e.g. TIES: each expert's trim threshold
 
-        def block(k: int) -> tuple[TensorInfo, torch.Tensor, Any, int]:
+        def block(k: int) -> tuple[TensorInfo, torch.Tensor | None, Any, int]:
             r0, r1 = o.blocks[k]
             sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
             b = (base_rows[r0 * row] if base_rows is not None
-                 else read_to_float32(self._base, info.name, spec.base, slot=f"{slot}{k % 2}", rows=(r0, r1)))
+                 else read_to_float32(self._base, info.name, spec.base, slot=f"{slot}{k % 2}", rows=(r0, r1))
+                 if read_base else None)
             return sub, b, parts.rows(sub, b, (r0, r1), states), r0 * row
 
         # One block ahead: the next block's parts exist before this one is fused, so the

@@ -108,9 +108,9 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
             base, parts, ctxs = _whole(job, info)
             if name in layout.targets:
                 low = method.fuse_lowrank(info, base, parts, ctxs)
-                updates[name] = low if low is not None else lowrank_of_dense(method.fuse(info, base, parts, ctxs))
+                updates[name] = low if low is not None else lowrank_of_dense(method.update_of(info, base, parts, ctxs))
             else:
-                deltas[name] = method.fuse(info, base, parts, ctxs)
+                deltas[name] = method.update_of(info, base, parts, ctxs)
             if final:
                 if truncating and name in updates:
                     updates[name] = truncate(updates[name], spec.peft.rank, spec.peft.energy)
@@ -152,7 +152,7 @@ def _comes_out_as_base(job: "MergeJob", info: TensorInfo) -> bool:
     plan, method = job.plan, job.plan.method
     blocks = plan.in_blocks(info, job.block_bytes, job.pool.block_parts) if job.pool.blockwise else None
     if not blocks:
-        delta = method.fuse(info, *_whole(job, info))
+        delta = method.update_of(info, *_whole(job, info))
         return is_zero(delta)
     o = OutTensor(info, plan.out_dtype, 0, 0, "blocks", tuple(blocks))
     merged = job._merged_blocks(o, job.pool.group_parts([]))

@@ -493,3 +493,26 @@ def test_slerp_reads_each_block_of_a_small_tensor_once(tmp_path, monkeypatch):
     _run(fam, tmp_path / "out", "slerp", {"t": 0.3}, block_bytes=200, weights=(1.0,))
     mine = [(n, r) for src, n, r in reads if src == str(fam["expert_0"]) and r is not None]
     assert ("embed.weight" in {n for n, _ in mine}) and len(mine) == len(set(mine))
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_slerp_coordinator_reads_no_base_rows_and_writes_the_slerped_rows(tmp_path, monkeypatch, keep):
+    """slerp's merged rows come whole from the expert side (`fuse_gives_weights`,
+    `fuse_block_base` False): the coordinator reads none of the base's row blocks, and the
+    output equals the whole-tensor merge bit for bit, whether the expert side kept its blocks
+    from the coefficient passes or (PASS_CACHE_BYTES 0) reads the base rows itself."""
+    from esm_ray.methods import _common
+    from esm_ray.runtime import job as job_mod
+
+    if not keep:
+        monkeypatch.setattr(_common, "PASS_CACHE_BYTES", 0)
+    reads: list[tuple[str, tuple[int, int] | None]] = []
+    real = job_mod.read_to_float32
+    monkeypatch.setattr(job_mod, "read_to_float32", lambda reader, name, source, slot=None, rows=None:
+                        (reads.append((name, rows)), real(reader, name, source, slot=slot, rows=rows))[1])
+    fam = _odd_family(tmp_path / "fam", torch.bfloat16)
+    blocked = _run(fam, tmp_path / "blocks", "slerp", {"t": 0.3}, block_bytes=200, weights=(1.0,))
+    assert reads and not [r for r in reads if r[1] is not None]  # whole small tensors only
+    whole = _run(fam, tmp_path / "whole", "slerp", {"t": 0.3}, block_bytes=1 << 30, weights=(1.0,))
+    a, b = output_files(whole), output_files(blocked)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)

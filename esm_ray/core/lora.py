@@ -109,23 +109,37 @@ def lora_svd(f: LoraFactors, k: int, dtype: torch.dtype = torch.float64) -> tupl
     return u[:, :k], s[:k], vh[:k]
 
 
-def esd_from_factors(f: LoraFactors, gram: Tensor, n: int, k: int | None = None, n_tasks: int = 1,
-                     energy: float | None = None, rtol: float | None = None) -> ESD:
+ROWS_CHUNK = 4096  # rows of X upcast to float64 at a time by esd_from_factors
+
+
+def esd_from_factors(f: LoraFactors, gram: Tensor | None, n: int, k: int | None = None, n_tasks: int = 1,
+                     energy: float | None = None, rtol: float | None = None, rows: Tensor | None = None) -> ESD:
     """`core.esd.esd_from_gram` of ΔW = s B A, through the factors (float64).
 
-    gram: (d_in, d_in) G over n rows. With B = Q R (Q (d_out, r)), the output-shift matrix is
-    ΔW G ΔWᵀ = Q K Qᵀ with K = s² R (A G Aᵀ) Rᵀ (r, r); its eigenvectors are Q W for the
-    eigenvectors W of K, and C = Eᵀ ΔW = s Wᵀ R A. Same rank rule as esd_from_gram (the
-    spectrum beyond r is zero).
+    gram: (d_in, d_in) G over n rows; or None with rows: X (n, d_in), G = Xᵀ X never formed.
+    With B = Q R (Q (d_out, r)), the output-shift matrix is ΔW G ΔWᵀ = Q K Qᵀ with
+    K = s² R (A G Aᵀ) Rᵀ (r, r), where A G Aᵀ = (A Xᵀ)(A Xᵀ)ᵀ from rows (r · d_in · n
+    multiply-adds instead of d_in² · n, X upcast ROWS_CHUNK rows at a time); its eigenvectors
+    are Q W for the eigenvectors W of K, and C = Eᵀ ΔW = s Wᵀ R A. Same rank rule as
+    esd_from_gram (the spectrum beyond r is zero).
     """
     b = f.b.to(torch.float64)
     a = f.a.to(torch.float64)
     d_out, d_in = b.shape[0], a.shape[1]
-    if gram.shape != (d_in, d_in):
-        raise ValueError(f"shapes do not match: A {tuple(a.shape)}, G {tuple(gram.shape)}")
+    if gram is None:
+        if rows is None or rows.ndim != 2 or rows.shape[1] != d_in:
+            raise ValueError(f"shapes do not match: A {tuple(a.shape)}, "
+                             f"rows {None if rows is None else tuple(rows.shape)}")
+        ax = torch.cat([a @ rows[i:i + ROWS_CHUNK].to(torch.float64).T
+                        for i in range(0, int(rows.shape[0]), ROWS_CHUNK)], dim=1) if rows.shape[0] else \
+            torch.zeros(a.shape[0], 0, dtype=torch.float64)
+        aga = ax @ ax.T  # A G Aᵀ, (r, r)
+    else:
+        if gram.shape != (d_in, d_in):
+            raise ValueError(f"shapes do not match: A {tuple(a.shape)}, G {tuple(gram.shape)}")
+        aga = (a @ gram.to(torch.float64)) @ a.T
     q, r = torch.linalg.qr(b)
-    ag = a @ gram.to(torch.float64)
-    core = (r @ (ag @ a.T) @ r.T) * (f.scale ** 2)
+    core = (r @ aga @ r.T) * (f.scale ** 2)
     eig, vec = torch.linalg.eigh(0.5 * (core + core.T))
     eig, vec = eig.flip(0), vec.flip(1)
     keep = _select_rank(eig, d_out, d_in, n, k, n_tasks, energy, rtol)

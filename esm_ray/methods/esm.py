@@ -249,7 +249,9 @@ class ESM(MergeMethod[ESMParams]):
             t = oriented(info, ctx.stats)
             f = LoraFactors(lora.a.T, lora.b.T, lora.scale) if t else lora
             st = self._input(info, ctx.stats, f.shape[0])
-            esd = esd_from_factors(f, st.gram, st.n, k=p.k, n_tasks=self.n_experts, energy=p.energy)
+            gram = self._held_gram(st)  # None where the rows are held: A G Aᵀ from them, G never formed
+            esd = esd_from_factors(f, gram, st.n, k=p.k, n_tasks=self.n_experts, energy=p.energy,
+                                   rows=st.rows if gram is None else None)
             return ESDPart(esd.to(torch.float32), lora.lowrank().norm(), t)
         return _tsv_part(*drop_null_triplets(*lora_svd(lora, tsv_rank(lora.shape, self.n_experts)),
                                              resolution=torch.float32))

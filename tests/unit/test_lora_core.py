@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from esm_ray.core.esd import esd_from_gram
@@ -70,6 +71,30 @@ def test_factored_esd_and_esm_equal_the_dense_route():
         want = esm_fuse(dense, recipe, norms, route="svd")
         got = esm_fuse(fact, recipe, [f.lowrank().norm() for f in loras], route="svd")
         assert _rel(got, want) < 1e-8, recipe.name
+
+
+@pytest.mark.parametrize("n", [7, 40])
+def test_factored_esd_from_rows_equals_the_gram_route_without_forming_the_gram(n, monkeypatch):
+    """With the rows X held instead of G (few rows on a wide input, float32 as calibration keeps
+    them), esd_from_factors takes A G Aᵀ = (A Xᵀ)(A Xᵀ)ᵀ: the same ESD as from G = XᵀX in
+    float64 (n = 7: fewer rows than the adapters' ranks allow, a rank-capped spectrum), with X
+    upcast a few rows at a time (ROWS_CHUNK 3 here)."""
+    from esm_ray.core import lora as lora_mod
+
+    monkeypatch.setattr(lora_mod, "ROWS_CHUNK", 3)
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, D_IN, generator=g).float() + 0.5
+    gram = x.double().T @ x.double()
+    for f in _loras(n):
+        want = esd_from_factors(f, gram, n, n_tasks=3)
+        got = esd_from_factors(f, None, n, n_tasks=3, rows=x)
+        assert got.rank == want.rank
+        assert torch.allclose(got.eigenvalues, want.eigenvalues, rtol=1e-10)
+        assert _rel(got.reconstruct(), want.reconstruct()) < 1e-10
+        dense = esd_from_gram(f.dense(torch.float64), gram, n, n_tasks=3)
+        assert _rel(got.reconstruct(), dense.reconstruct()) < 1e-10
+    with pytest.raises(ValueError, match="rows"):
+        esd_from_factors(_loras()[0], None, n, rows=x[:, :5])
 
 
 def test_truncate_keeps_the_best_rank_and_energy():

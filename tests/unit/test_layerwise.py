@@ -145,7 +145,9 @@ def test_one_block_in_memory_at_a_time(more_models):
         [[f"model.layers.{i}"] for i in range(3)] + [["lm_head"]]
     assert [n for n in bm.loads if n.startswith("model.layers.")] == [f"model.layers.{i}" for i in range(3)]
     assert max(bm.loaded_blocks) == 1
-    assert "lm_head" in bm.loads and bm.loads[-1] == "lm_head"  # the head only after the last block
+    # the head's statistics (the last part) come from its input: the pass ends at the head,
+    # which is never loaded, and no logits are formed
+    assert "lm_head" not in bm.loads
     assert all(p.device.type == "meta" for b in bm.blocks for p in b.parameters())  # every block freed
     assert "model.layers.2.mlp.down_proj" in parts[2]
 

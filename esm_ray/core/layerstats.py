@@ -21,7 +21,7 @@ class LayerStats:
     L = Xᵀ), which ESD uses without ever forming G.
     """
 
-    __slots__ = ("n", "s1", "_gram", "rows")
+    __slots__ = ("n", "s1", "_gram", "rows", "__weakref__")
 
     def __init__(self, n: int, s1: Tensor, gram: Tensor | None = None, rows: Tensor | None = None) -> None:
         if gram is None and rows is None:
@@ -55,7 +55,7 @@ class LayerStats:
     def to(self, device: torch.device | str) -> "LayerStats":
         """The same statistics (same class, every slot) with their tensors on `device`; self
         when they are all there already."""
-        slots = [n for c in type(self).__mro__ for n in getattr(c, "__slots__", ())]
+        slots = [n for c in type(self).__mro__ for n in getattr(c, "__slots__", ()) if n != "__weakref__"]
         values = {n: getattr(self, n) for n in slots}
         moved = {n: v.to(device) if isinstance(v, Tensor) and v.device != torch.device(device) else v
                  for n, v in values.items()}

@@ -13,9 +13,10 @@ models larger than a device:
 2. blocks: the input embedding is freed; then for each block: load its tensors only, run every
    batch through it with the same hooks as the full pass (padding rows never enter a Gram),
    keep its outputs as the next block's inputs, free it.
-3. tail: the output embedding (a causal LM's head) and the rest are run by the model's own
-   forward once more per batch, the last stub handing over the final block's outputs; linear
-   layers after the blocks (LM head, BERT pooler) are hooked there.
+3. tail: what runs after the blocks is run by the model's own forward once more per batch, the
+   last stub handing over the final block's outputs; linear layers after the blocks (LM head,
+   BERT pooler) are hooked there. Where the output head is the only one (a causal LM's), the
+   pass ends at the head's input: the head is not loaded, and no logits are made.
 
 Peak memory: the calibration activations (samples x length x hidden, one copy) plus the larger of
 one block, the input embedding and the output embedding; independent of depth. The statistics

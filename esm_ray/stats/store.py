@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +85,12 @@ class StatsStore:
                              f"expected one of {list(READABLE_FORMATS)}")
         self.manifest = manifest
         self.cache_hit = cache_hit
-        # The last input read: modules that share it (q, k, v) get the same object, so what is
-        # derived from it (a Gram formed from rows, methods.esm's factor) serves the next module.
-        self._last: tuple[tuple[str, bool], ModuleStats] | None = None
+        # The last input read, while anything still holds it: modules that share it (q, k, v)
+        # then get the same object, so what is derived from it (a Gram formed from rows,
+        # methods.esm's factor) serves the next module. Held weakly: the store itself keeps
+        # nothing once its user lets go, so T experts' stores in one process (the local pool)
+        # do not hold T inputs' statistics between tensors; one released too early is read again.
+        self._last: tuple[tuple[str, bool], weakref.ref[ModuleStats]] | None = None
 
     @property
     def key(self) -> str:
@@ -106,15 +110,16 @@ class StatsStore:
             return None
         key = (entry["stored_as"], bool(entry.get("transposed", False)))
         last = self._last  # read once: another thread may replace it meanwhile
-        if last is None or last[0] != key:
+        stats = last[1]() if last is not None and last[0] == key else None
+        if stats is None:
             self._last = last = None  # one input's statistics held at a time (this thread's reference too)
             src, held = key[0], entry.get("held", "gram")
             with safe_open(str(self.path), framework="pt") as f:
                 s1, t = f.get_tensor(f"{src}.s1"), f.get_tensor(f"{src}.{held}")
             stats = ModuleStats(int(entry["n"]), s1, *((None, t) if held == "rows" else (t, None)),
                                 transposed=key[1])
-            self._last = last = (key, stats)
-        return last[1]
+            self._last = (key, weakref.ref(stats))
+        return stats
 
     def __repr__(self) -> str:
         return f"StatsStore({self.path}, {len(self.manifest['modules'])} modules)"

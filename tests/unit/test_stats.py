@@ -547,3 +547,26 @@ def test_freed_memory_setting_nests_and_is_restored_by_the_last_to_leave(monkeyp
     release.set()
     t.join(10)
     assert calls == ["set", "restore"] and heap._depth == 0 and heap._libc is None
+
+
+def test_a_store_keeps_no_statistics_once_its_user_lets_go(tmp_path):
+    """T experts' stores live in one process (the local pool): a store hands out one input's
+    statistics and keeps them only while its user holds them, so between tensors it holds
+    nothing; asked again, it reads equal values back; held, they are shared (q, k, v)."""
+    import gc
+    import weakref
+
+    from esm_ray.stats.hooks import ModuleStats
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 300, generator=g)
+    store = StatsStore.save({"a.q": ModuleStats(40, x.double().sum(0), rows=x)}, tmp_path / "s.safetensors",
+                            {"key": "x"})
+    first = store.get("a.q")
+    assert store.get("a.q") is first  # held: the same object
+    ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert ref() is None  # the store did not keep it
+    again = store.get("a.q")
+    assert torch.equal(again.rows, x) and again.n == 40

@@ -11,7 +11,9 @@ Then every run below is timed once in a fresh process (wall time, peak RSS):
   esm-ray   task_arithmetic and tsvm, each with a dense output (bfloat16) and with
             `output_format: peft`; task_arithmetic `peft: {rank: r}` too; esm with a dense
             output, calibrated on `--calib-rows` rows of random token ids per expert (the same
-            rows for the adapter and for its densified expert)
+            rows for the adapter and for its densified expert), with the whole-model
+            calibration, then with `calibration.mode: layerwise`, then that spec again, its
+            statistics cached (the merge alone)
   peft      load the base and the T adapters, add_weighted_adapter `cat` / `svd` (rank r),
             save the merged adapter
   mergekit  task_arithmetic over `base+adapter` references (0.1.5, own venv: it densifies each
@@ -20,7 +22,7 @@ Then every run below is timed once in a fresh process (wall time, peak RSS):
 
 "fuse s" is the merge without calibration (merge_report.json's `fuse` stage): what the factored
 and the densified runs of ESM do differently. The calibration statistics are computed afresh in
-every run (each run has its own statistics cache).
+every run (each run has its own statistics cache) but the "cached statistics" one.
 
     .venv/bin/python benchmarks/lora_merge.py                   # smol, T = 8
     .venv/bin/python benchmarks/lora_merge.py --case 1b
@@ -146,7 +148,7 @@ model.save_pretrained(out, selected_adapters=["merged"])
 
 
 def esm_spec(base: Path, experts: list[Path], method: str, out: Path, fmt: str, rank: int | None,
-             data: list[Path] | None = None) -> dict:
+             data: list[Path] | None = None, calib_mode: str = "full") -> dict:
     params = {"lambda": 1.0, "normalize": False} if method == "task_arithmetic" else {}
     spec = {"base": str(base), "experts": [{"name": f"e{i}", "model": str(p)} for i, p in enumerate(experts)],
             "method": {"name": method, "params": params}, "output": str(out), "dtype": "bfloat16",
@@ -157,7 +159,7 @@ def esm_spec(base: Path, experts: list[Path], method: str, out: Path, fmt: str, 
         for e, d in zip(spec["experts"], data):
             e["data"] = str(d)
         rows = len(data[0].read_text().splitlines())
-        spec["calibration"] |= {"samples": rows, "max_length": CALIB_LENGTH, "batch_size": 8}
+        spec["calibration"] |= {"samples": rows, "max_length": CALIB_LENGTH, "batch_size": 8, "mode": calib_mode}
     if fmt == "peft":
         spec["output_format"] = "peft"
         if rank:
@@ -206,20 +208,24 @@ def main(argv: list[str] | None = None) -> int:
 
     calib = calibration_files(lroot / "calib", args.t, shape.vocab, rows=args.calib_rows, length=CALIB_LENGTH)
 
-    def esm(method: str, fmt: str, experts: list[Path], tool: str, rank: int | None = None) -> None:
-        tag = f"{tool}-{method}-{fmt}{rank or ''}".replace(" ", "-")
+    def esm(method: str, fmt: str, experts: list[Path], tool: str, rank: int | None = None,
+            calib_mode: str = "full", again: bool = False) -> None:
+        tag = f"{tool}-{method}-{fmt}{rank or ''}{'-lw' if calib_mode != 'full' else ''}".replace(" ", "-")
         spec = work / f"{tag}.yaml"
         data = calib if method == "esm" else None
-        spec.write_text(yaml.safe_dump(esm_spec(fam.base, experts, method, work / tag, fmt, rank, data)))
-        label = fmt if not rank else f"peft r{rank}"
-        runs.append((tool, method, label, [py, "-m", "esm_ray.cli", "-q", "merge", str(spec), "--no-progress"],
-                     work / tag))
+        spec.write_text(yaml.safe_dump(esm_spec(fam.base, experts, method, work / tag, fmt, rank, data, calib_mode)))
+        label = (fmt if not rank else f"peft r{rank}") + (", layer-wise calibration" if calib_mode != "full" else "")
+        cmd = [py, "-m", "esm_ray.cli", "-q", "merge", str(spec), "--no-progress"]
+        runs.append((tool, method, label, cmd, work / tag))
+        if again:  # the same spec again: its statistics are cached now, so this is the merge alone
+            runs.append((tool, method, f"{fmt}, cached statistics", cmd, work / tag))
 
     for m in ("task_arithmetic", "tsvm"):
         esm(m, "dense", adapters, "esm-ray")
         esm(m, "peft", adapters, "esm-ray")
     esm("task_arithmetic", "peft", adapters, "esm-ray", args.rank)
     esm("esm", "dense", adapters, "esm-ray")
+    esm("esm", "dense", adapters, "esm-ray", calib_mode="layerwise", again=True)
     for how in ("cat", "svd"):
         runs.append(("peft", how, "peft" if how == "cat" else f"peft r{args.rank}",
                      [py, "-c", PEFT_CODE, str(fam.base), how, str(args.rank), str(work / f"peft-{how}"),

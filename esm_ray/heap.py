@@ -8,6 +8,7 @@ what was freed.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import threading
@@ -85,9 +86,24 @@ def _set(threshold: int, keep: int):
 
 
 def _restore(libc) -> None:
+    global _trim
     libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
     libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
     libc.mallopt(_M_ARENA_MAX, 0)  # 0: glibc's own limit (8 per core)
     # Returning the kept memory takes a while after a large merge (0.4 s at 1B); a thread does
-    # it, so the caller (the CLI, which then exits) need not wait.
-    threading.Thread(target=libc.malloc_trim, args=(0,), name="esm-ray-trim", daemon=True).start()
+    # it, so the caller (the CLI, which leaves without the interpreter's teardown) need not
+    # wait. A process that does tear down (a Ray actor when it is stopped) waits for it first:
+    # a daemon thread still inside malloc_trim while the interpreter deletes its thread states
+    # ended the coordinator actor with a segmentation fault.
+    _trim = threading.Thread(target=libc.malloc_trim, args=(0,), name="esm-ray-trim", daemon=True)
+    _trim.start()
+
+
+_trim: threading.Thread | None = None
+
+
+@atexit.register
+def _wait_for_trim() -> None:
+    t = _trim
+    if t is not None:
+        t.join(timeout=10)

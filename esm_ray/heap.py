@@ -23,6 +23,7 @@ _GLIBC_DEFAULT = 128 * 1024
 _lock = threading.Lock()
 _depth = 0  # reuse_freed_memory blocks running now, in any thread
 _libc = None  # set while the setting is in force
+_trim: threading.Thread | None = None  # the last thread returning the kept memory (joined at exit)
 
 
 def _glibc() -> bool:
@@ -97,9 +98,6 @@ def _restore(libc) -> None:
     # ended the coordinator actor with a segmentation fault.
     _trim = threading.Thread(target=libc.malloc_trim, args=(0,), name="esm-ray-trim", daemon=True)
     _trim.start()
-
-
-_trim: threading.Thread | None = None
 
 
 @atexit.register

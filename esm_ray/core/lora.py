@@ -118,10 +118,10 @@ def esd_from_factors(f: LoraFactors, gram: Tensor | None, n: int, k: int | None 
 
     gram: (d_in, d_in) G over n rows; or None with rows: X (n, d_in), G = Xᵀ X never formed.
     With B = Q R (Q (d_out, r)), the output-shift matrix is ΔW G ΔWᵀ = Q K Qᵀ with
-    K = s² R (A G Aᵀ) Rᵀ (r, r), where A G Aᵀ = (A Xᵀ)(A Xᵀ)ᵀ from rows (r · d_in · n
-    multiply-adds instead of d_in² · n, X upcast ROWS_CHUNK rows at a time); its eigenvectors
-    are Q W for the eigenvectors W of K, and C = Eᵀ ΔW = s Wᵀ R A. Same rank rule as
-    esd_from_gram (the spectrum beyond r is zero).
+    K = s² R (A G Aᵀ) Rᵀ (r, r), where A G Aᵀ = Σ_c (A X_cᵀ)(A X_cᵀ)ᵀ from rows, over chunks X_c
+    of ROWS_CHUNK rows upcast one at a time (r · d_in · n multiply-adds instead of d_in² · n);
+    its eigenvectors are Q W for the eigenvectors W of K, and C = Eᵀ ΔW = s Wᵀ R A. Same rank
+    rule as esd_from_gram (the spectrum beyond r is zero).
     """
     b = f.b.to(torch.float64)
     a = f.a.to(torch.float64)
@@ -130,10 +130,10 @@ def esd_from_factors(f: LoraFactors, gram: Tensor | None, n: int, k: int | None 
         if rows is None or rows.ndim != 2 or rows.shape[1] != d_in:
             raise ValueError(f"shapes do not match: A {tuple(a.shape)}, "
                              f"rows {None if rows is None else tuple(rows.shape)}")
-        ax = torch.cat([a @ rows[i:i + ROWS_CHUNK].to(torch.float64).T
-                        for i in range(0, int(rows.shape[0]), ROWS_CHUNK)], dim=1) if rows.shape[0] else \
-            torch.zeros(a.shape[0], 0, dtype=torch.float64)
-        aga = ax @ ax.T  # A G Aᵀ, (r, r)
+        aga = a.new_zeros(a.shape[0], a.shape[0])  # A G Aᵀ, (r, r), summed over row chunks
+        for i in range(0, int(rows.shape[0]), ROWS_CHUNK):
+            ax = a @ rows[i:i + ROWS_CHUNK].to(torch.float64).T
+            aga += ax @ ax.T
     else:
         if gram.shape != (d_in, d_in):
             raise ValueError(f"shapes do not match: A {tuple(a.shape)}, G {tuple(gram.shape)}")

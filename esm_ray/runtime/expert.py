@@ -195,14 +195,14 @@ class ExpertSide:
             return self._part(info, base, read_to_float32(self.model, info.name, self.expert.model, slot="expert"))
         start = _row_start(info, rows)
         kept = self.method.state_block(state, start)  # kept by block_state: nothing to read
-        if kept is not None:
-            return kept
+        return kept if kept is not None else self._block_part(info, base, rows, state, start)
+
+    def _block_part(self, info: TensorInfo, base: Tensor | None, rows: tuple[int, int], state: Any,
+                    start: int) -> Any:
+        """The method's `prepare_block` of these rows (`info.shape` the block's), read here, the
+        base rows too when `base` is None."""
         if base is None:
             base = read_to_float32(self.base, info.name, self.spec.base, slot="base", rows=rows)
-        return self._block_part(info, base, rows, state, start)
-
-    def _block_part(self, info: TensorInfo, base: Tensor, rows: tuple[int, int], state: Any, start: int) -> Any:
-        """The method's `prepare_block` of these rows (`info.shape` the block's), read here."""
         w = (read_stored(self.model, info.name, self.expert.model, rows=rows) if self.method.stored_dtype_blocks
              else read_to_float32(self.model, info.name, self.expert.model, slot="expert", rows=rows))
         return self.method.prepare_block(info, base, w, self._ctx(info), state, start)
@@ -258,8 +258,7 @@ class ExpertSide:
         if kept is not None:  # kept by block_state: neither the base rows nor the expert's are read
             return kept
         sub = dataclasses.replace(info, shape=(rows[1] - rows[0], *info.shape[1:]))
-        base = read_to_float32(self.base, info.name, self.spec.base, slot="base", rows=rows)
-        return self._block_part(sub, base, rows, state, start)
+        return self._block_part(sub, None, rows, state, start)
 
     def _part(self, info: TensorInfo, b: Tensor, w: Tensor) -> Any:
         ctx = self._ctx(info)

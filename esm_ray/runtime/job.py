@@ -295,10 +295,11 @@ class MergeJob:
         b = read_to_float32(self._base, info.name, spec.base, slot="base")
         delta = method.fuse(info, b, parts.of(j, info, b), [method.context_for(c, info) for c in self.ctxs])
         _check_shape(method.name, info, delta)
-        if method.fuse_gives_weights and isinstance(sink, SpillSink):
-            sink.add_delta(o, delta - b)
-        elif method.fuse_gives_weights:  # the merged weights themselves
-            sink.add(o, delta)
+        if method.fuse_gives_weights:  # the merged weights themselves; a spill keeps updates
+            if isinstance(sink, SpillSink):
+                sink.add_delta(o, delta - b)
+            else:
+                sink.add(o, delta)
         elif isinstance(sink, SpillSink):
             sink.add_delta(o, delta)
         elif b.dtype == delta.dtype == torch.float32:  # b + delta into a reused buffer
@@ -366,9 +367,12 @@ class MergeJob:
         def block(k: int) -> tuple[TensorInfo, torch.Tensor | None, Any, int]:
             r0, r1 = o.blocks[k]
             sub = replace(info, shape=(r1 - r0, *info.shape[1:]))
-            b = (base_rows[r0 * row] if base_rows is not None
-                 else read_to_float32(self._base, info.name, spec.base, slot=f"{slot}{k % 2}", rows=(r0, r1))
-                 if read_base else None)
+            if base_rows is not None:
+                b = base_rows[r0 * row]
+            elif read_base:
+                b = read_to_float32(self._base, info.name, spec.base, slot=f"{slot}{k % 2}", rows=(r0, r1))
+            else:
+                b = None
             return sub, b, parts.rows(sub, b, (r0, r1), states), r0 * row
 
         # One block ahead: the next block's parts exist before this one is fused, so the

@@ -11,6 +11,7 @@ tensors. Layer-wise calibration (`esm_ray.stats.layerwise`) loads one block at a
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -34,9 +35,13 @@ def find_blocks(model: nn.Module, depth: int | None, arch: str, uri: str) -> tup
         for name, mod in model.named_modules():
             if isinstance(mod, nn.ModuleList) and len(mod) == depth and any(True for _ in mod.parameters()):
                 return name, mod
-    raise InputError(f"{uri}: layer-wise calibration does not support architecture {arch}: its blocks are "
-                     f"not one nn.ModuleList of num_hidden_layers ({depth}) layers; use "
-                     "`calibration.mode: full`")
+    raise _unsupported(arch, depth, uri)
+
+
+def _unsupported(arch: str, depth: int | None, uri: str) -> InputError:
+    return InputError(f"{uri}: layer-wise calibration does not support architecture {arch}: its blocks are "
+                      f"not one nn.ModuleList of num_hidden_layers ({depth}) layers; use "
+                      "`calibration.mode: full`")
 
 
 def skeleton(config: dict[str, Any], uri: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -52,13 +57,54 @@ def skeleton(config: dict[str, Any], uri: str, dtype: torch.dtype = torch.float3
         return cls(cfg).to(dtype).eval()
 
 
-def check_blocks(config: dict[str, Any] | None, uri: str) -> str:
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # how configs name the depth
+
+
+def stored_blocks(names: list[str], depth: int) -> str | None:
+    """The checkpoint prefix P whose tensors are named P.0. ... P.(depth-1). and no other index
+    (a block list as stored), the first in the checkpoint's order; None when there is none."""
+    found: dict[str, set[int]] = {}
+    for n in names:
+        for m in re.finditer(r"\.(\d+)\.", "." + n):
+            found.setdefault(n[:m.start() - 1] if m.start() else "", set()).add(int(m.group(1)))
+    want = set(range(depth))
+    return next((p for p, idx in found.items() if p and idx == want), None)
+
+
+def check_blocks(config: dict[str, Any] | None, uri: str, names: list[str] | None = None) -> str:
     """The block list's name of the model a config describes (what a plan checks before a
-    layer-wise calibration); InputError naming the architecture when it has none."""
+    layer-wise calibration); InputError naming the architecture when it has none.
+
+    With the checkpoint's tensor `names` and a depth in the config, the stored names answer
+    (e.g. 'model.layers', a checkpoint prefix), without building the model class: importing a
+    model's code costs a process about 150 MB, which a merge from cached statistics never needs.
+    The calibration itself builds the model and checks its block list again (`BlockModel`)."""
     if not config:
         raise InputError(f"{uri}: no config.json; layer-wise calibration needs the model's architecture")
+    depth = next((config[k] for k in _DEPTH_KEYS if isinstance(config.get(k), int)), None)
+    if names is not None and depth is not None and depth > 0:
+        found = stored_blocks(names, depth)
+        if found is None:
+            raise _unsupported(architecture(config), depth, uri)
+        return found
     model = skeleton(config, uri)
     return find_blocks(model, getattr(model.config, "num_hidden_layers", None), architecture(config), uri)[0]
+
+
+READ_BYTES = 4 << 20  # a tensor larger than this (in float32) is read into its parameter in row blocks
+
+
+def _read_into(t: torch.Tensor, reader: Any, key: str) -> None:
+    """t.copy_(stored tensor `key`), converting its dtype; a large one (an embedding) a row block
+    at a time, so that it is never held a second time, in float32, beside the parameter."""
+    rows = t.shape[0] if t.dim() >= 2 else 0
+    if rows < 2 or t.numel() * 4 <= READ_BYTES or tuple(reader.info(key).shape) != tuple(t.shape):
+        t.copy_(reader.get(key))
+        return
+    step = max(1, READ_BYTES // (4 * (t.numel() // rows)))
+    for r in range(0, rows, step):
+        stop = min(r + step, rows)
+        t[r:stop].copy_(reader.get(key, rows=(r, stop)))
 
 
 class BlockModel:
@@ -123,7 +169,7 @@ class BlockModel:
             for n, t in list(real.named_parameters()) + [(n, b) for n, b in real.named_buffers() if n in persistent]:
                 key = self.checkpoint_key(f"{name}.{n}")
                 if key is not None:
-                    t.copy_(self.src.reader.get(key))  # converts the stored dtype without a second copy
+                    _read_into(t, self.src.reader, key)
                 elif isinstance(t, nn.Parameter):
                     raise InputError(f"{self.uri}: tensor {name + '.' + n!r} is missing (layer-wise calibration "
                                      f"loads it for {name})")

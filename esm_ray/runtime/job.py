@@ -401,10 +401,17 @@ class MergeJob:
                 sink.add_restored_blocks(o, self._store.rows(g.index, o.info.name, blocks))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _base_copy(self, o: OutTensor) -> torch.Tensor:
+    def _base_copy(self, o: OutTensor) -> Iterator[torch.Tensor]:
         """A `copy` tensor's value: the base's, in the output dtype (a tensor not floating, or
-        one no expert changes, MergePlan.copies_base)."""
-        return self._base.get(o.info.name).to(o.dtype)
+        one no expert changes, MergePlan.copies_base), as row blocks of about `block_bytes`
+        (in float32) read one at a time: a large one (an embedding) is never held whole."""
+        name = o.info.name
+        blocks = row_blocks(o.info.shape, self.block_bytes)
+        if blocks is None:
+            yield self._base.get(name).to(o.dtype)
+            return
+        for rows in blocks:
+            yield self._base.get(name, rows=rows).to(o.dtype)
 
     @contextmanager
     def _stage(self, name: str) -> Iterator[None]:

@@ -344,7 +344,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         from esm_ray.models.blocks import check_blocks
 
         try:
-            blocks = check_blocks(base.config, spec.base)  # the experts share the base's architecture (checked above)
+            blocks = check_blocks(base.config, spec.base, names)  # the experts share the base's architecture (checked above)
         except InputError as err:
             raise InputError(f"field `calibration.mode`: {err}") from None
     if (needs.stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):

@@ -102,8 +102,9 @@ class OutputSink:
         """Row blocks of a tensor restored from the resume store, already in the output dtype."""
         self.writer.add_blocks(out.info.name, out.dtype, out.info.shape, blocks)
 
-    def copy(self, out: OutTensor, value: Tensor) -> None:
-        self.writer.add(out.info.name, value)
+    def copy(self, out: OutTensor, blocks: Iterator[Tensor]) -> None:
+        """A tensor taken from the base as it is (in the output dtype), as consecutive row blocks."""
+        self.writer.add_blocks(out.info.name, out.dtype, out.info.shape, blocks)
 
     def end_group(self, index: int) -> None:
         """A group is finished: stage it for resume, run the post stage on it."""

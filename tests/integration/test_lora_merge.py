@@ -565,3 +565,30 @@ def test_the_plan_warns_of_the_default_scale_on_adapters_only(lora_family, tmp_p
                 if "every expert an adapter" in n]
     assert not [n for n in build_plan(spec_from_dict(_spec(lora_family["base"], ads, tmp_path / "o"))).notes
                 if "every expert an adapter" in n]  # task arithmetic: no such note
+
+
+def test_untouched_tensors_are_copied_a_row_block_at_a_time(lora_family, tmp_path, monkeypatch):
+    """A tensor copied from the base (no adapter targets it) is read and written in row blocks,
+    so an LLM's embedding is never held whole: the same file as a whole copy, and the embedding
+    read from the base only by rows."""
+    from esm_ray.io.reader import ModelReader
+    from esm_ray.runtime.job import MergeJob
+    from esm_ray.runtime.pool import LocalPool
+
+    reads: list[tuple[str, tuple[int, int] | None]] = []
+    real = ModelReader.get
+    monkeypatch.setattr(ModelReader, "get", lambda self, name, out=None, rows=None: (
+        reads.append((name, rows)), real(self, name, out=out, rows=rows))[1])
+    adapters = [lora_family["lora_0"], lora_family["lora_1"]]
+    for name, block_bytes in (("whole", 1 << 30), ("blocks", 256)):
+        reads.clear()
+        s = spec_from_dict(_spec(lora_family["base"], adapters, tmp_path / name, "tsvm"))
+        pool = LocalPool(s)
+        try:
+            MergeJob(build_plan(s), pool, progress=False, block_bytes=block_bytes).run()
+        finally:
+            pool.close()
+        emb = [rows for n, rows in reads if n == "model.embed_tokens.weight"]
+        assert emb and (all(r is not None for r in emb) if name == "blocks" else None in emb)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "blocks")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)

@@ -336,3 +336,49 @@ def test_support_features_layerwise_equal_the_whole_models(more_models, tiny_lla
     head = bm.model.get_output_embeddings() if hasattr(bm.model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Linear) and arch != "qwen2":  # qwen2's head is the tied embedding
         assert head.weight.is_meta
+
+
+def test_plan_finds_the_blocks_in_the_stored_names(tiny_llama, tmp_path, monkeypatch):
+    """The plan's check reads the block list from the checkpoint's names and the config's depth,
+    without building the model class (whose code costs a process about 150 MB to import)."""
+    from esm_ray.models import blocks
+    from esm_ray.runtime import build_plan
+    from esm_ray.spec import load_spec
+    from tests.builders import import_methods, write_spec
+
+    import_methods()
+    monkeypatch.setattr(blocks, "skeleton", lambda *a, **k: pytest.fail("the plan built the model class"))
+    data = [_data(tmp_path / f"d{i}.jsonl", seed=i) for i in range(2)]
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="esm", n_experts=2, data=data,
+                      calibration={"mode": "layerwise", "cache_dir": str(tmp_path / "cache")})
+    assert build_plan(load_spec(spec)).blocks == "model.layers"
+    names = ["bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.output.dense.weight",
+             "bert.encoder.layer.1.output.dense.weight", "cls.predictions.bias"]
+    assert blocks.stored_blocks(names, 2) == "bert.encoder.layer"
+    assert blocks.stored_blocks(["h.0.attn.c_attn.weight", "h.1.mlp.c_fc.weight", "wte.weight"], 2) == "h"
+    assert blocks.stored_blocks(names, 3) is None  # not num_hidden_layers blocks
+    shared = ["encoder.albert_layer_groups.0.albert_layers.0.ffn.weight"]  # ALBERT: one shared layer
+    with pytest.raises(InputError, match="does not support architecture AlbertModel"):
+        blocks.check_blocks({"architectures": ["AlbertModel"], "num_hidden_layers": 2}, "m", shared)
+
+
+def test_large_tensors_are_read_into_their_parameters_in_row_blocks(tiny_llama, tmp_path, monkeypatch):
+    """A stored tensor larger than READ_BYTES (an embedding) is copied into its parameter a row
+    block at a time: the same statistics as the full pass."""
+    from esm_ray.io.reader import ModelReader
+    from esm_ray.models import blocks
+
+    monkeypatch.setattr(blocks, "READ_BYTES", 256)
+    reads: list[tuple[str, tuple[int, int] | None]] = []
+    real = ModelReader.get
+    monkeypatch.setattr(ModelReader, "get", lambda self, name, out=None, rows=None: (
+        reads.append((name, rows)), real(self, name, out=out, rows=rows))[1])
+    model, data = str(tiny_llama["expert_0"]), str(_data(tmp_path / "d.jsonl"))
+    full = calibrate_expert(model, data, CalibrationSpec(samples=7, batch_size=3, max_length=16,
+                                                         cache_dir=str(tmp_path / "full")))
+    reads.clear()
+    layer = calibrate_expert(model, data, CalibrationSpec(samples=7, batch_size=3, max_length=16,
+                                                          cache_dir=str(tmp_path / "layer"), mode="layerwise"))
+    _assert_same(full, layer)
+    emb = [r for n, r in reads if n == "model.embed_tokens.weight"]
+    assert len(emb) > 1 and None not in emb

@@ -11,9 +11,10 @@ Then every run below is timed once in a fresh process (wall time, peak RSS):
   esm-ray   task_arithmetic and tsvm, each with a dense output (bfloat16) and with
             `output_format: peft`; task_arithmetic `peft: {rank: r}` too; esm with a dense
             output, calibrated on `--calib-rows` rows of random token ids per expert (the same
-            rows for the adapter and for its densified expert), with the whole-model
-            calibration, then with `calibration.mode: layerwise`, then that spec again, its
-            statistics cached (the merge alone)
+            rows for the adapter and for its densified expert), with the default calibration
+            (`calibration.mode: auto`: layer-wise for adapters, whole-model for full experts),
+            then that spec again, its statistics cached (the merge alone), then with the
+            whole-model calibration (`calibration.mode: full`)
   peft      load the base and the T adapters, add_weighted_adapter `cat` / `svd` (rank r),
             save the merged adapter
   mergekit  task_arithmetic over `base+adapter` references (0.1.5, own venv: it densifies each
@@ -148,7 +149,7 @@ model.save_pretrained(out, selected_adapters=["merged"])
 
 
 def esm_spec(base: Path, experts: list[Path], method: str, out: Path, fmt: str, rank: int | None,
-             data: list[Path] | None = None, calib_mode: str = "full") -> dict:
+             data: list[Path] | None = None, calib_mode: str = "auto") -> dict:
     params = {"lambda": 1.0, "normalize": False} if method == "task_arithmetic" else {}
     spec = {"base": str(base), "experts": [{"name": f"e{i}", "model": str(p)} for i, p in enumerate(experts)],
             "method": {"name": method, "params": params}, "output": str(out), "dtype": "bfloat16",
@@ -209,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     calib = calibration_files(lroot / "calib", args.t, shape.vocab, rows=args.calib_rows, length=CALIB_LENGTH)
 
     def esm(method: str, fmt: str, experts: list[Path], tool: str, rank: int | None = None,
-            calib_mode: str = "full", again: bool = False) -> None:
-        tag = f"{tool}-{method}-{fmt}{rank or ''}{'-lw' if calib_mode != 'full' else ''}".replace(" ", "-")
+            calib_mode: str = "auto", again: bool = False) -> None:
+        tag = f"{tool}-{method}-{fmt}{rank or ''}{'' if calib_mode == 'auto' else '-' + calib_mode}".replace(" ", "-")
         spec = work / f"{tag}.yaml"
         data = calib if method == "esm" else None
         spec.write_text(yaml.safe_dump(esm_spec(fam.base, experts, method, work / tag, fmt, rank, data, calib_mode)))
-        label = (fmt if not rank else f"peft r{rank}") + (", layer-wise calibration" if calib_mode != "full" else "")
+        label = (fmt if not rank else f"peft r{rank}") + {"auto": "", "full": ", whole-model calibration",
+                                                          "layerwise": ", layer-wise calibration"}[calib_mode]
         cmd = [py, "-m", "esm_ray.cli", "-q", "merge", str(spec), "--no-progress"]
         runs.append((tool, method, label, cmd, work / tag))
         if again:  # the same spec again: its statistics are cached now, so this is the merge alone
@@ -224,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         esm(m, "dense", adapters, "esm-ray")
         esm(m, "peft", adapters, "esm-ray")
     esm("task_arithmetic", "peft", adapters, "esm-ray", args.rank)
-    esm("esm", "dense", adapters, "esm-ray")
-    esm("esm", "dense", adapters, "esm-ray", calib_mode="layerwise", again=True)
+    esm("esm", "dense", adapters, "esm-ray", again=True)  # auto: layer-wise for adapters
+    esm("esm", "dense", adapters, "esm-ray", calib_mode="full")
     for how in ("cat", "svd"):
         runs.append(("peft", how, "peft" if how == "cat" else f"peft r{args.rank}",
                      [py, "-c", PEFT_CODE, str(fam.base), how, str(args.rank), str(work / f"peft-{how}"),

@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["return_kept_memory", "reuse_freed_memory"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 _GLIBC_DEFAULT = 128 * 1024
@@ -71,6 +71,17 @@ def reuse_freed_memory(threshold: int = 32 << 20, keep: int = 1 << 30) -> Iterat
             if _depth == 0 and _libc is not None:
                 _restore(_libc)
                 _libc = None
+
+
+def return_kept_memory() -> None:
+    """Inside a `reuse_freed_memory` block: return the free memory the heap keeps to the system
+    now (glibc's malloc_trim; elsewhere nothing happens). Between two pieces of work whose
+    memory differs in kind (one expert's layer-wise calibration and the next one's embedding,
+    which is mapped on its own), what the first left free would otherwise add to the peak."""
+    with _lock:
+        libc = _libc
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _set(threshold: int, keep: int):

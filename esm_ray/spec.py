@@ -133,8 +133,10 @@ class CalibrationSpec(Frozen):
     gram_precision: Literal["mixed", "float64"] = "mixed"
     # How the expert is run: full = the whole model loaded, one forward pass per batch;
     # layerwise = one block loaded at a time from the lazy reader, every batch run through it
-    # (memory: one block plus the activations, whatever the depth; same statistics).
-    mode: Literal["full", "layerwise"] = "full"
+    # (memory: one block plus the activations, whatever the depth; same statistics);
+    # auto = layerwise for a LoRA adapter expert whose block list is found, full otherwise
+    # (models.blocks.resolved_mode).
+    mode: Literal["auto", "full", "layerwise"] = "auto"
 
 
 class RuntimeSpec(Frozen):

@@ -107,6 +107,24 @@ def _read_into(t: torch.Tensor, reader: Any, key: str) -> None:
         t[r:stop].copy_(reader.get(key, rows=(r, stop)))
 
 
+def layerwise_blocks(mode: str, adapter: bool, config: dict[str, Any] | None, names: list[str],
+                     uri: str) -> str | None:
+    """The block list's name when a calibration in `calibration.mode` runs layer-wise, None when
+    it runs the whole model. "layerwise": always (InputError naming the architecture where there
+    is no block list, `check_blocks`); "full": never; "auto" (the default): for a LoRA adapter
+    (`adapter`) whose block list is found in the stored `names`, so that a merge of adapters
+    never holds a whole model, while a full expert's statistics stay those of the whole-model
+    pass that earlier results were computed with."""
+    if mode == "full" or (mode == "auto" and not adapter):
+        return None
+    try:
+        return check_blocks(config, uri, names)
+    except InputError:
+        if mode == "auto":
+            return None
+        raise
+
+
 class BlockModel:
     """The skeleton of a stored model (meta device) with its parts loaded on demand.
 

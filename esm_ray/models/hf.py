@@ -87,6 +87,13 @@ class StoredModel:
     def keys(self) -> set[str]:
         return set(self.reader.keys())
 
+    @property
+    def is_adapter(self) -> bool:
+        """A LoRA adapter read over its base (io.adapter), not a full model."""
+        from esm_ray.io.adapter import AdapterModel
+
+        return isinstance(self.reader, AdapterModel)
+
     def fingerprint(self) -> str:
         return str(self.reader.fingerprint())
 

@@ -20,6 +20,7 @@ from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import open_model
 from esm_ray.io.uri import is_s3
 from esm_ray.io.writer import check_writable
+from esm_ray.models.blocks import layerwise_blocks
 from esm_ray.models.heads import HEAD_FILE
 from esm_ray.models.hf import is_causal_lm
 from esm_ray.methods import MergeMethod, Needs, Purifier, TensorInfo, build_method, build_purifier
@@ -339,12 +340,10 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         r.close()
     method.bind_experts([e.name in facts for e in spec.experts])
     check_needs(spec, needs, what, base.config, aux_names)
-    blocks = None
-    if needs.stats and spec.calibration.mode == "layerwise":
-        from esm_ray.models.blocks import check_blocks
-
-        try:
-            blocks = check_blocks(base.config, spec.base, names)  # the experts share the base's architecture (checked above)
+    blocks = None  # the block list when every expert calibrates layer-wise (calibration.mode)
+    if needs.stats:
+        try:  # the experts share the base's architecture (checked above)
+            blocks = layerwise_blocks(spec.calibration.mode, len(facts) == t, base.config, names, spec.base)
         except InputError as err:
             raise InputError(f"field `calibration.mode`: {err}") from None
     if (needs.stats or (spec.runtime.name == "ray" and is_s3(spec.output))) and _cache_is_here(spec):

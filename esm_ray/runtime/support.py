@@ -12,7 +12,8 @@ from torch import Tensor
 
 from esm_ray.core.routing import mean_token_loglik
 from esm_ray.errors import InputError
-from esm_ray.models.blocks import BlockModel
+from esm_ray.io.adapter import is_adapter
+from esm_ray.models.blocks import BlockModel, layerwise_blocks
 from esm_ray.models.features import pooled_features
 from esm_ray.models.hf import StoredModel
 from esm_ray.models.text import encode_rows, make_batches
@@ -44,19 +45,25 @@ def _support_ids(spec: MergeSpec, index: int, samples: int, what: str) -> tuple[
 
 def support_features(spec: MergeSpec, index: int, samples: int, batch_size: int = 16) -> Tensor:
     """Pooled pretrained-backbone features (n, d) of expert `index`'s first `samples` rows.
-    With `calibration.mode: layerwise` the base is run one block at a time, like calibration
+    Where calibration runs layer-wise (`calibration.mode: layerwise`, or `auto` with every expert
+    a LoRA adapter: models.blocks.layerwise_blocks) the base is run one block at a time too
     (stats.layerwise), so the support stage never holds the whole model either."""
     ids, pad = _support_ids(spec, index, samples, "SiM")
     batches = list(make_batches(ids, batch_size, pad))
-    if spec.calibration.mode == "layerwise":
-        pooled: list[Tensor] = []
-        with torch.inference_mode():
-            calibrate_layerwise(BlockModel(StoredModel(spec.base, spec.s3), torch.float32, torch.device("cpu")),
-                                batches, modules=[], pooled=pooled)
-        return torch.cat(pooled).float()
-    model = StoredModel(spec.base, spec.s3).load(torch.float32, "cpu")
-    feats = [pooled_features(model, b_ids, b_mask) for b_ids, b_mask in batches]
-    return torch.cat(feats).float()
+    base = StoredModel(spec.base, spec.s3)
+    adapters = all(is_adapter(e.model, spec.s3) for e in spec.experts)
+    try:
+        if layerwise_blocks(spec.calibration.mode, adapters, base.config, base.reader.keys(), spec.base):
+            pooled: list[Tensor] = []
+            with torch.inference_mode():
+                calibrate_layerwise(BlockModel(base, torch.float32, torch.device("cpu")), batches, modules=[],
+                                    pooled=pooled)
+            return torch.cat(pooled).float()
+        model = base.load(torch.float32, "cpu")
+        feats = [pooled_features(model, b_ids, b_mask) for b_ids, b_mask in batches]
+        return torch.cat(feats).float()
+    finally:
+        base.close()
 
 
 @torch.no_grad()

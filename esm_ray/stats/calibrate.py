@@ -21,12 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from esm_ray.errors import InputError
-from esm_ray.heap import reuse_freed_memory
+from esm_ray.heap import return_kept_memory, reuse_freed_memory
 from esm_ray.io.uri import is_s3
 from esm_ray.spec import CalibrationSpec, S3Options
 from esm_ray.stats.cache import cache_root, cache_source, unusable
 from esm_ray.stats.data import check_token_ids, data_hash, load_calibration_rows
-from esm_ray.models.blocks import BlockModel
+from esm_ray.models.blocks import BlockModel, layerwise_blocks
 from esm_ray.models.hf import StoredModel, base_model, copy_tokenizer
 from esm_ray.models.text import TOKENIZER_FILES, encode_rows, forward_kwargs, make_batches, pad_id
 from esm_ray.stats.hooks import GramPrecision, ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
@@ -279,7 +279,8 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
                         return store
                 except InputError as err:
                     log.warning("calibration of %s: ignoring unreadable cache entry (%s)", label, err)
-            blocks = BlockModel(src, dtype, torch.device(device)) if settings.mode == "layerwise" else None
+            layerwise = layerwise_blocks(settings.mode, src.is_adapter, src.config, src.reader.keys(), model_uri)
+            blocks = BlockModel(src, dtype, torch.device(device)) if layerwise is not None else None
             model = blocks.model if blocks is not None else src.load(dtype, device)
             rename = _checkpoint_names(model, list(linear_modules(model)), src.keys())
             selected = None
@@ -289,6 +290,7 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
             t1 = time.perf_counter()
             spill = None
             if blocks is not None:  # each block's statistics go to disk as soon as they are complete
+                return_kept_memory()  # an earlier expert's (a merge calibrates its experts in turn)
                 try:
                     spill = StatsSpill(path.parent)
                 except OSError as err:
@@ -314,7 +316,8 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
     tokens = spill.tokens if spill is not None else max((s.n for s in stats.values()), default=0)
     manifest = {"key": key, "expert": label, "model": model_uri, "model_fingerprint": model_fp,
                 "data": data_uri, "data_hash": data_fp, "rows": len(rows), "tokens": tokens,
-                "settings": settings.model_dump(mode="json"), "dtype": extra["dtype"],
+                "settings": settings.model_dump(mode="json"),
+                "mode": "layerwise" if blocks is not None else "full", "dtype": extra["dtype"],
                 "seconds": round(took, 3), "seconds_forward": round(t_fwd, 3)}
     try:
         store = spill.save(path, manifest) if spill is not None else StatsStore.save(stats, path, manifest)

@@ -151,6 +151,9 @@ def test_factored_methods_equal_the_densified_merge(method, lora_family, tmp_pat
         specs.append(s)
         _merge(s)
     assert sorted(set(calls)) == sorted(TARGET_KEYS)  # every LoRA target went the factored way
+    if method == "esm":  # calibration.mode auto: the adapters one block at a time, full experts whole
+        modes = [json.loads(p.read_text())["mode"] for p in (tmp_path / "cache" / "stats").glob("*.json")]
+        assert sorted(modes) == ["full"] * 3 + ["layerwise"] * 3
     got, want = _weights(tmp_path / "lora"), _weights(tmp_path / "dense")
     for k in want:
         assert _rel(got[k], want[k]) < 1e-5, k

@@ -382,3 +382,22 @@ def test_large_tensors_are_read_into_their_parameters_in_row_blocks(tiny_llama, 
     _assert_same(full, layer)
     emb = [r for n, r in reads if n == "model.embed_tokens.weight"]
     assert len(emb) > 1 and None not in emb
+
+
+def test_auto_mode_runs_adapters_layerwise_and_full_experts_whole():
+    """`calibration.mode: auto` (the default): layer-wise for a LoRA adapter whose block list is
+    found, a full pass for a full expert or an architecture without one; `layerwise` refuses
+    such an architecture by name."""
+    from esm_ray.models.blocks import layerwise_blocks
+
+    llama = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    assert layerwise_blocks("auto", True, llama, names, "m") == "model.layers"
+    assert layerwise_blocks("auto", False, llama, names, "m") is None
+    assert layerwise_blocks("full", True, llama, names, "m") is None
+    assert layerwise_blocks("layerwise", False, llama, names, "m") == "model.layers"
+    albert = {"architectures": ["AlbertModel"], "num_hidden_layers": 2}
+    shared = ["encoder.albert_layer_groups.0.albert_layers.0.ffn.weight"]
+    assert layerwise_blocks("auto", True, albert, shared, "m") is None
+    with pytest.raises(InputError, match="does not support architecture AlbertModel"):
+        layerwise_blocks("layerwise", True, albert, shared, "m")

@@ -549,6 +549,30 @@ def test_freed_memory_setting_nests_and_is_restored_by_the_last_to_leave(monkeyp
     assert calls == ["set", "restore"] and heap._depth == 0 and heap._libc is None
 
 
+@pytest.mark.skipif(not __import__("esm_ray.heap", fromlist=["_glibc"])._glibc(), reason="glibc only")
+def test_kept_memory_is_returned_on_request():
+    """Inside the setting freed blocks stay in the heap (that is its point); return_kept_memory
+    gives them back to the system at once (between two experts' layer-wise calibrations)."""
+    from esm_ray import heap
+
+    def rss_mb() -> float:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    heap.return_kept_memory()  # outside a block: nothing to do, no error
+    with heap.reuse_freed_memory():
+        held = [torch.ones(1 << 20) for _ in range(24)]  # 24 blocks of 4 MiB, from the heap
+        before = rss_mb()
+        del held
+        kept = rss_mb()
+        heap.return_kept_memory()
+        after = rss_mb()
+    assert kept > before - 24  # freed but kept
+    assert after < kept - 48  # returned
+
+
 def test_a_store_keeps_no_statistics_once_its_user_lets_go(tmp_path):
     """T experts' stores live in one process (the local pool): a store hands out one input's
     statistics and keeps them only while its user holds them, so between tensors it holds

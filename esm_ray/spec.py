@@ -135,7 +135,7 @@ class CalibrationSpec(Frozen):
     # layerwise = one block loaded at a time from the lazy reader, every batch run through it
     # (memory: one block plus the activations, whatever the depth; same statistics);
     # auto = layerwise for a LoRA adapter expert whose block list is found, full otherwise
-    # (models.blocks.resolved_mode).
+    # (models.blocks.layerwise_blocks).
     mode: Literal["auto", "full", "layerwise"] = "auto"
 
 

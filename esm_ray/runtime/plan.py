@@ -110,9 +110,12 @@ class MergePlan:
 
     def largest_unit_bytes(self) -> int:
         """float32 bytes of the largest piece merged at once: the largest tensor, or for a
-        method that merges in row blocks (either executor), a block (see MergeJob)."""
+        method that merges in row blocks (either executor), a block (see MergeJob). A tensor
+        copied from the base unmerged (`copies_base`) is not merged."""
         out = 0
         for n, s in self.shapes.items():
+            if self.copies_base(n):
+                continue
             blocks = self.in_blocks(TensorInfo.of(n, s))
             rows = max(r1 - r0 for r0, r1 in blocks) if blocks else (s[0] if s else 1)
             out = max(out, rows * (_numel(s[1:]) if s else 1) * 4)

@@ -525,6 +525,10 @@ def test_tensors_no_adapter_changes_are_the_base_unmerged(output_format, lora_fa
                                                                        real(self, o, *a))[1])
     plan = build_plan(spec_from_dict(_spec(lora_family["base"], adapters, tmp_path / "p", "tsvm")))
     assert "model.embed_tokens.weight" in plan.untouched and not set(TARGET_KEYS) & plan.untouched
+    # the dry run's workspace estimate counts only what is merged (the copied embedding is larger)
+    merged = [s for n, s in plan.shapes.items() if not plan.copies_base(n)]
+    assert plan.largest_unit_bytes() == max(4 * torch.Size(s).numel() for s in merged)
+    assert plan.largest_unit_bytes() < 4 * torch.Size(plan.shapes["model.embed_tokens.weight"]).numel()
     copied = _merge(_spec(lora_family["base"], adapters, tmp_path / "copied", "tsvm", output_format=output_format))
     assert copied.report["method"] == "tsvm"
     if output_format == "dense":

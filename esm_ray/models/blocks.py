@@ -38,8 +38,13 @@ def find_blocks(model: nn.Module, depth: int | None, arch: str, uri: str) -> tup
     raise _unsupported(arch, depth, uri)
 
 
-def _unsupported(arch: str, depth: int | None, uri: str) -> InputError:
-    return InputError(f"{uri}: layer-wise calibration does not support architecture {arch}: its blocks are "
+class LayerwiseUnsupported(InputError):
+    """A model that cannot be calibrated one block at a time, by its structure (no block list,
+    blocks not run one after another). With `calibration.mode: auto` the full pass runs instead."""
+
+
+def _unsupported(arch: str, depth: int | None, uri: str) -> LayerwiseUnsupported:
+    return LayerwiseUnsupported(f"{uri}: layer-wise calibration does not support architecture {arch}: its blocks are "
                       f"not one nn.ModuleList of num_hidden_layers ({depth}) layers; use "
                       "`calibration.mode: full`")
 
@@ -119,7 +124,7 @@ def layerwise_blocks(mode: str, adapter: bool, config: dict[str, Any] | None, na
         return None
     try:
         return check_blocks(config, uri, names)
-    except InputError:
+    except LayerwiseUnsupported:
         if mode == "auto":
             return None
         raise

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from esm_ray.errors import InputError
+from esm_ray.errors import InputError, SpecError
 from esm_ray.heap import return_kept_memory, reuse_freed_memory
 from esm_ray.io.uri import is_s3
 from esm_ray.spec import CalibrationSpec, S3Options
 from esm_ray.stats.cache import cache_root, cache_source, unusable
 from esm_ray.stats.data import check_token_ids, data_hash, load_calibration_rows
-from esm_ray.models.blocks import BlockModel, layerwise_blocks
+from esm_ray.models.blocks import BlockModel, LayerwiseUnsupported, layerwise_blocks
 from esm_ray.models.hf import StoredModel, base_model, copy_tokenizer
 from esm_ray.models.text import TOKENIZER_FILES, encode_rows, forward_kwargs, make_batches, pad_id
 from esm_ray.stats.hooks import GramPrecision, ModuleFilter, ModuleStats, StatsCollector, in_features, linear_modules, plan_passes
@@ -231,6 +231,65 @@ def cache_key(model_fp: str, data_fp: str, settings: CalibrationSpec, extra: dic
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+class _Pass:
+    """One calibration pass of a stored expert (`calibrate_expert`): the whole model, or one
+    block at a time with each block's statistics spilled to the cache directory as it is done.
+    After a call: `rename` (module -> checkpoint name) and `spill` (None for the whole model)."""
+
+    def __init__(self, src: StoredModel, rows: list[dict[str, Any]], tokenizer: Any, settings: CalibrationSpec,
+                 modules: list[str] | None, max_bytes: int | None, dtype: torch.dtype, device: str, path: Path,
+                 data_uri: str) -> None:
+        self.src, self.rows, self.tokenizer, self.settings = src, rows, tokenizer, settings
+        self.modules, self.max_bytes, self.dtype, self.device = modules, max_bytes, dtype, device
+        self.path, self.data_uri = path, data_uri
+        self.rename: dict[str, str] = {}
+        self.spill: StatsSpill | None = None
+
+    def _unusable(self, err: OSError) -> SpecError:
+        return unusable(cache_root(self.settings), cache_source(self.settings), err)
+
+    def __call__(self, layerwise: bool) -> dict[str, ModuleStats]:
+        src, settings = self.src, self.settings
+        blocks = BlockModel(src, self.dtype, torch.device(self.device)) if layerwise else None
+        model = blocks.model if blocks is not None else src.load(self.dtype, self.device)
+        self.rename = rename = _checkpoint_names(model, list(linear_modules(model)), src.keys())
+        selected = None
+        if self.modules is not None:
+            wanted = set(self.modules)
+            selected = [m for m, ck in rename.items() if ck in wanted]
+        spill = self.spill = None
+        emit = None
+        if blocks is not None:  # each block's statistics go to disk as soon as they are complete
+            return_kept_memory()  # an earlier expert's (a merge calibrates its experts in turn)
+            try:
+                spill = self.spill = StatsSpill(self.path.parent)
+            except OSError as err:
+                raise self._unusable(err) from None
+
+            def emit(part: dict[str, ModuleStats]) -> None:
+                try:
+                    spill.add({rename[m]: st for m, st in part.items()})
+                except OSError as err:  # e.g. the disk is full
+                    raise self._unusable(err) from None
+        try:
+            return calibrate(model, self.rows, self.tokenizer, settings, modules=selected,
+                             max_bytes=self.max_bytes, blocks=blocks, emit=emit)
+        except LayerwiseUnsupported as err:  # about the model: named by it
+            if spill is not None:
+                spill.close()
+            msg = str(err)
+            raise LayerwiseUnsupported(msg if msg.startswith(src.uri) else f"{src.uri}: {msg}") from None
+        except InputError as err:
+            if spill is not None:
+                spill.close()
+            msg = str(err)  # errors about the model (layer-wise loading) name it already
+            raise InputError(msg if msg.startswith(src.uri) else f"{self.data_uri}: {msg}") from None
+        except BaseException:
+            if spill is not None:
+                spill.close()
+            raise
+
+
 def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s3: S3Options | None = None,
                      tokenizer_uri: str | None = None, *, name: str | None = None, modules: list[str] | None = None,
                      max_bytes: int | None = None, dtype: torch.dtype = torch.float32,
@@ -279,35 +338,18 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
                         return store
                 except InputError as err:
                     log.warning("calibration of %s: ignoring unreadable cache entry (%s)", label, err)
-            layerwise = layerwise_blocks(settings.mode, src.is_adapter, src.config, src.reader.keys(), model_uri)
-            blocks = BlockModel(src, dtype, torch.device(device)) if layerwise is not None else None
-            model = blocks.model if blocks is not None else src.load(dtype, device)
-            rename = _checkpoint_names(model, list(linear_modules(model)), src.keys())
-            selected = None
-            if modules is not None:
-                wanted = set(modules)
-                selected = [m for m, ck in rename.items() if ck in wanted]
             t1 = time.perf_counter()
-            spill = None
-            if blocks is not None:  # each block's statistics go to disk as soon as they are complete
-                return_kept_memory()  # an earlier expert's (a merge calibrates its experts in turn)
-                try:
-                    spill = StatsSpill(path.parent)
-                except OSError as err:
-                    raise unusable(cache_root(settings), cache_source(settings), err) from None
+            layerwise = layerwise_blocks(settings.mode, src.is_adapter, src.config, src.reader.keys(),
+                                         model_uri) is not None
+            run = _Pass(src, rows, tokenizer, settings, modules, max_bytes, dtype, device, path, data_uri)
             try:
-                emit = (lambda part: spill.add({rename[m]: st for m, st in part.items()})) if spill else None
-                stats = calibrate(model, rows, tokenizer, settings, modules=selected, max_bytes=max_bytes,
-                                  blocks=blocks, emit=emit)
-            except InputError as err:
-                if spill is not None:
-                    spill.close()
-                msg = str(err)  # errors about the model (layer-wise loading) name it already
-                raise InputError(msg if msg.startswith(model_uri) else f"{data_uri}: {msg}") from None
-            except BaseException:
-                if spill is not None:
-                    spill.close()
-                raise
+                stats = run(layerwise)
+            except LayerwiseUnsupported as err:
+                if settings.mode != "auto":
+                    raise
+                log.warning("calibration of %s: %s; calibrating the whole model instead", label, err)
+                stats = run(False)
+            rename, spill = run.rename, run.spill
             t_fwd = time.perf_counter() - t1
     finally:
         src.close()
@@ -317,7 +359,7 @@ def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s
     manifest = {"key": key, "expert": label, "model": model_uri, "model_fingerprint": model_fp,
                 "data": data_uri, "data_hash": data_fp, "rows": len(rows), "tokens": tokens,
                 "settings": settings.model_dump(mode="json"),
-                "mode": "layerwise" if blocks is not None else "full", "dtype": extra["dtype"],
+                "mode": "layerwise" if spill is not None else "full", "dtype": extra["dtype"],
                 "seconds": round(took, 3), "seconds_forward": round(t_fwd, 3)}
     try:
         store = spill.save(path, manifest) if spill is not None else StatsStore.save(stats, path, manifest)

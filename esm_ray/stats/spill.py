@@ -17,10 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
 
 from esm_ray.stats.hooks import ModuleStats
-from esm_ray.stats.store import FORMAT_VERSION, StatsStore, _atomic_write, encode_stats
+from esm_ray.stats.store import FORMAT_VERSION, StatsStore, _atomic_write, encode_stats, write_tensors
 
 _CHUNK = 1 << 22
 
@@ -53,7 +52,7 @@ class StatsSpill:
         self.distinct += sum(1 for m, e in modules.items() if e["stored_as"] == m)
         self.tokens = max([self.tokens, *(int(st.n) for st in stats.values())])
         part = self.dir / f"part-{len(self.parts):05d}.safetensors"
-        save_file(tensors, str(part))
+        write_tensors(tensors, part)
         self.parts.append(part)
 
     def _write(self, out: Path) -> None:

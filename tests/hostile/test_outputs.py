@@ -348,3 +348,37 @@ def test_leftovers_of_a_live_writer_or_another_host_are_kept(tmp_path):
         w.add("x", torch.ones(2))
     assert alive._target.tmp.exists() and other.exists()
     alive.abort()
+
+
+@pytest.mark.parametrize("mode", ["full", "layerwise"])
+def test_a_full_disk_while_calibrating_is_named_and_leaves_no_statistics(lora_family, tmp_path, mode):
+    """The statistics cache cannot be written (here a real write error: the process may write
+    no file larger than 2 KiB, RLIMIT_FSIZE, as on a full disk): exit 2 naming the cache
+    directory and the file, no statistics entry or part left behind, no output."""
+    import resource
+
+    from tests.builders import calibration_files
+
+    data = calibration_files(tmp_path / "data", 2, vocab=80)
+    experts = [{"name": f"e{i}", "model": str(lora_family[f"lora_{i}"]), "data": str(d)} for i, d in enumerate(data)]
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": str(lora_family["base"]), "experts": experts, "method": {"name": "esm"},
+        "output": str(tmp_path / "out"),
+        "calibration": {"samples": 8, "max_length": 16, "batch_size": 4, "mode": mode,
+                        "cache_dir": str(tmp_path / "cache")}}))
+
+    def limit() -> None:  # runs in the child: file writes past 2 KiB fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "esm_ray.cli", "merge", str(spec), "--no-progress"],
+                          capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot be used as a cache directory" in proc.stderr and "File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    stats = tmp_path / "cache" / "stats"
+    assert not list(stats.glob("*.json")) and not list(stats.glob("*.safetensors"))
+    assert not list(stats.glob(".*")), list(stats.glob(".*"))  # no temporary file, no spill directory
+    assert not (tmp_path / "out").exists()

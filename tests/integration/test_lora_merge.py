@@ -328,6 +328,24 @@ def test_ray_equals_local_bytes_for_adapters(lora_family, ray_driver, tmp_path):
     assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
 
 
+def test_ray_equals_local_bytes_for_esm_with_the_default_calibration(lora_family, ray_driver, tmp_path):
+    """`calibration.mode: auto` on each side: the adapters layer-wise, the full expert whole, in
+    the Ray expert actors as in one process; the same bytes."""
+    experts = [lora_family["full_0"], lora_family["lora_0"], lora_family["lora_2"]]
+    data = calibration_files(tmp_path / "data", 3, vocab=80)
+    for name, runtime in (("local", {"name": "local"}), ("ray", {"name": "ray"})):
+        spec = _spec(lora_family["base"], experts, tmp_path / name, "esm", runtime=runtime,
+                     calibration={"samples": 8, "max_length": 16, "batch_size": 4,
+                                  "cache_dir": str(tmp_path / f"cache-{name}")})
+        for e, d in zip(spec["experts"], data):
+            e["data"] = str(d)
+        _merge(spec)
+        modes = {json.loads(p.read_text())["model"]: json.loads(p.read_text())["mode"]
+                 for p in (tmp_path / f"cache-{name}" / "stats").glob("*.json")}
+        assert modes == {str(experts[0]): "full", str(experts[1]): "layerwise", str(experts[2]): "layerwise"}
+    assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
+
+
 def test_ray_equals_local_bytes_for_an_adapter_output(lora_family, ray_driver, tmp_path):
     experts = [lora_family["lora_0"], lora_family["lora_2"]]
     for name, runtime in (("local", {"name": "local"}), ("ray", {"name": "ray"})):

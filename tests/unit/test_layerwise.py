@@ -401,3 +401,35 @@ def test_auto_mode_runs_adapters_layerwise_and_full_experts_whole():
     assert layerwise_blocks("auto", True, albert, shared, "m") is None
     with pytest.raises(InputError, match="does not support architecture AlbertModel"):
         layerwise_blocks("layerwise", True, albert, shared, "m")
+
+
+def test_auto_mode_falls_back_to_the_full_pass_where_blocks_cannot_run_alone(lora_family, tmp_path, monkeypatch,
+                                                                            caplog):
+    """An adapter whose model turns out not to run block by block (here: the record pass says
+    so) is calibrated whole under `auto`, with a warning; `layerwise` fails by name."""
+    import json
+    import logging
+
+    import importlib
+
+    from esm_ray.models.blocks import LayerwiseUnsupported
+
+    cal_mod = importlib.import_module("esm_ray.stats.calibrate")
+
+    def refuse(bm, *a, **k):
+        raise LayerwiseUnsupported(f"{bm.uri}: the forward pass of {bm.arch} called 1 of its 2 blocks")
+
+    monkeypatch.setattr(cal_mod, "calibrate_layerwise", refuse)
+    data = _data(tmp_path / "d.jsonl")
+    adapter, base = str(lora_family["lora_0"]), str(lora_family["base"])
+    settings = dict(samples=7, batch_size=3, max_length=16)
+    with caplog.at_level(logging.WARNING, logger="esm_ray"):
+        store = calibrate_expert(adapter, str(data), CalibrationSpec(**settings, cache_dir=str(tmp_path / "a")),
+                                 base_uri=base)
+    assert store.manifest["mode"] == "full" and store.modules()
+    assert "calibrating the whole model instead" in caplog.text
+    assert not list((tmp_path / "a" / "stats").glob(".esm-ray-spill-*"))
+    with pytest.raises(InputError, match="called 1 of its 2 blocks"):
+        calibrate_expert(adapter, str(data), CalibrationSpec(**settings, cache_dir=str(tmp_path / "l"),
+                                                             mode="layerwise"), base_uri=base)
+    assert json.loads(next((tmp_path / "a" / "stats").glob("*.json")).read_text())["mode"] == "full"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -136,7 +137,11 @@ class SpillSink:
         if self.store is not None:
             self.store.save(index, self._group, {k: self.norms[k] for k in self._group})
         else:
-            save_file(self._group, str(self.root / f"group-{index:05d}.safetensors"))
+            path = self.root / f"group-{index:05d}.safetensors"
+            try:
+                save_file(self._group, str(path))
+            except (SafetensorError, OSError) as err:  # e.g. a full disk
+                raise OutputError(f"{path}: cannot write the updates kept for layer scaling: {err}") from None
         self._group = {}
 
     def spilled(self) -> dict[str, Path]:

@@ -350,13 +350,42 @@ def test_leftovers_of_a_live_writer_or_another_host_are_kept(tmp_path):
     alive.abort()
 
 
+def _limited_merge(spec: Path, max_file_bytes: int) -> subprocess.CompletedProcess:
+    """`esm-ray merge spec` in a child that may write no file larger than `max_file_bytes`
+    (RLIMIT_FSIZE, SIGXFSZ ignored): a real write error where the disk would be full."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-m", "esm_ray.cli", "merge", str(spec), "--no-progress"],
+                          capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300)
+
+
+def test_a_full_disk_while_keeping_esms_updates_is_named(tiny_llama, tmp_path):
+    """ESM keeps every fused update on disk until its layer scales are known; when that write
+    fails the job ends with exit 2 naming the file, and no output appears."""
+    from tests.builders import calibration_files
+
+    data = calibration_files(tmp_path / "data", 3, vocab=80)
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "warm", method="esm", data=data,
+                      calibration={"samples": 8, "max_length": 16, "cache_dir": str(tmp_path / "cache")})
+    assert main(["merge", str(spec), "--no-progress"]) == 0  # the statistics are cached now
+    spec.write_text(spec.read_text().replace(str(tmp_path / "warm"), str(tmp_path / "out")))
+    proc = _limited_merge(spec, 1024)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot write the updates kept for layer scaling" in proc.stderr and "File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("mode", ["full", "layerwise"])
 def test_a_full_disk_while_calibrating_is_named_and_leaves_no_statistics(lora_family, tmp_path, mode):
     """The statistics cache cannot be written (here a real write error: the process may write
     no file larger than 2 KiB, RLIMIT_FSIZE, as on a full disk): exit 2 naming the cache
     directory and the file, no statistics entry or part left behind, no output."""
-    import resource
-
     from tests.builders import calibration_files
 
     data = calibration_files(tmp_path / "data", 2, vocab=80)
@@ -368,13 +397,7 @@ def test_a_full_disk_while_calibrating_is_named_and_leaves_no_statistics(lora_fa
         "calibration": {"samples": 8, "max_length": 16, "batch_size": 4, "mode": mode,
                         "cache_dir": str(tmp_path / "cache")}}))
 
-    def limit() -> None:  # runs in the child: file writes past 2 KiB fail with EFBIG
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
-
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "esm_ray.cli", "merge", str(spec), "--no-progress"],
-                          capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300)
+    proc = _limited_merge(spec, 2048)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cannot be used as a cache directory" in proc.stderr and "File too large" in proc.stderr
     assert "Traceback" not in proc.stderr

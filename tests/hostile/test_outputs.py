@@ -364,6 +364,17 @@ def _limited_merge(spec: Path, max_file_bytes: int) -> subprocess.CompletedProce
                           capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300)
 
 
+def test_a_full_disk_while_writing_the_output_is_named(tiny_llama, tmp_path):
+    """A shard that cannot be written: exit 2 naming the output and the error; nothing at the
+    output path, no temporary directory left beside it."""
+    spec = write_spec(tmp_path / "s.yaml", tiny_llama, tmp_path / "out", method="task_arithmetic")
+    proc = _limited_merge(spec, 4096)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{tmp_path / 'out'}" in proc.stderr and "File too large" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
 def test_a_full_disk_while_keeping_esms_updates_is_named(tiny_llama, tmp_path):
     """ESM keeps every fused update on disk until its layer scales are known; when that write
     fails the job ends with exit 2 naming the file, and no output appears."""

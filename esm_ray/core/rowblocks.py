@@ -9,6 +9,7 @@ float32 rows) and dropped after use.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +21,19 @@ from torch import Tensor
 # keep their bytes); each block holds about BLOCK_BYTES.
 ROWS_MIN_BYTES = 256 << 20
 BLOCK_BYTES = 16 << 20
+
+
+def row_blocks(shape: tuple[int, ...], block_bytes: int, parts: int = 1) -> list[tuple[int, int]] | None:
+    """[start, stop) row ranges covering a tensor of `shape`, or None when it is at most
+    `block_bytes` in float32 or has fewer than two rows (taken whole).
+
+    `parts`: how many such blocks (e.g. the experts' parts of one block) are held at once; the
+    `parts` blocks together are then about `block_bytes` (float32), and at least one row each."""
+    numel = math.prod(shape)
+    if not shape or shape[0] < 2 or numel * 4 <= block_bytes:
+        return None
+    step = max(1, block_bytes // (4 * max(1, parts) * max(1, numel // shape[0])))
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
 def in_row_blocks(t: Tensor) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from esm_ray.core.rowblocks import row_blocks
 from esm_ray.errors import InputError
 from esm_ray.models.hf import StoredModel, hf_config, model_class
 
@@ -102,14 +103,13 @@ READ_BYTES = 4 << 20  # a tensor larger than this (in float32) is read into its 
 def _read_into(t: torch.Tensor, reader: Any, key: str) -> None:
     """t.copy_(stored tensor `key`), converting its dtype; a large one (an embedding) a row block
     at a time, so that it is never held a second time, in float32, beside the parameter."""
-    rows = t.shape[0] if t.dim() >= 2 else 0
-    if rows < 2 or t.numel() * 4 <= READ_BYTES or tuple(reader.info(key).shape) != tuple(t.shape):
+    shape = tuple(t.shape)
+    blocks = row_blocks(shape, READ_BYTES) if tuple(reader.info(key).shape) == shape else None
+    if blocks is None:
         t.copy_(reader.get(key))
         return
-    step = max(1, READ_BYTES // (4 * (t.numel() // rows)))
-    for r in range(0, rows, step):
-        stop = min(r + step, rows)
-        t[r:stop].copy_(reader.get(key, rows=(r, stop)))
+    for r0, r1 in blocks:
+        t[r0:r1].copy_(reader.get(key, rows=(r0, r1)))
 
 
 def layerwise_blocks(mode: str, adapter: bool, config: dict[str, Any] | None, names: list[str],

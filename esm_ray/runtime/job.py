@@ -30,6 +30,7 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 import esm_ray
+from esm_ray.core.rowblocks import row_blocks
 from esm_ray.io.model_files import is_tokenizer_file, model_files
 from esm_ray.io.composite import open_base
 from esm_ray.io.reader import open_model
@@ -40,7 +41,7 @@ from esm_ray.runtime.early import EarlyStates, early_state_applies
 from esm_ray.runtime.memory import read_to_float32, reuse_freed_memory, scratch
 from esm_ray.runtime.threads import math_threads, torch_threads
 from esm_ray.runtime.layout import Group, OutTensor, layer_groups, plan_groups, tensor_infos, write_order
-from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan, row_blocks
+from esm_ray.runtime.plan import BLOCK_BYTES, MergePlan
 from esm_ray.runtime.pool import EARLY_STATE_BYTES, ExpertPool, GroupParts, on_threads
 from esm_ray.runtime.resume import ResumeStore
 from esm_ray.runtime.sinks import OutputSink, PostStage, SpillSink

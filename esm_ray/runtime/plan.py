@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from esm_ray.core.dtypes import DTYPES
+from esm_ray.core.rowblocks import row_blocks
 from esm_ray.errors import InputError, SpecError
 from esm_ray.io.overlap import check_no_overlap
 from esm_ray.io.adapter import AdapterModel, is_adapter
@@ -40,19 +41,6 @@ _VOCAB_HINTS = ("embed", "wte", "word_embeddings", "lm_head", "output.weight")
 # this size, for methods that allow it (MergeMethod.blockwise). 4 MiB measured fastest on the
 # simple-merge benchmark (1, 2, 4, 8, 32 MiB tried) and keeps peak memory near one block.
 BLOCK_BYTES = 4 << 20
-
-
-def row_blocks(shape: tuple[int, ...], block_bytes: int, parts: int = 1) -> list[tuple[int, int]] | None:
-    """[start, stop) row ranges covering a tensor of `shape`, or None when it is at most
-    `block_bytes` in float32 or has fewer than two rows (merged whole).
-
-    `parts`: how many experts' parts of one block are held at once; the `parts` parts of a
-    block together are then about `block_bytes` (float32), and at least one row each."""
-    numel = _numel(shape)
-    if not shape or shape[0] < 2 or numel * 4 <= block_bytes:
-        return None
-    step = max(1, block_bytes // (4 * max(1, parts) * max(1, numel // shape[0])))
-    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
 @dataclass

@@ -7,7 +7,7 @@ in parallel (`ExpertSide.prepare_rows`), `AHEAD` blocks in advance, so the worke
 next blocks while the coordinator fuses this one; the parts wait in the object store, and the
 coordinator fetches a block's parts as the method reads them (`RefParts.stream`). Since all T
 parts of a block are in flight at once, the Ray pool's blocks have 1/T the rows of the local
-executor's (`RayPool.block_parts`, `plan.row_blocks`): the T parts of a block together are
+executor's (`RayPool.block_parts`, `core.rowblocks.row_blocks`): the T parts of a block together are
 about `block_bytes`, and the coordinator holds about (AHEAD + 1) x `block_bytes` of parts,
 whatever T and the largest tensor (at least one row per expert and block).
 """

@@ -22,7 +22,8 @@ from esm_ray.methods import METHODS, TensorInfo, build_method  # noqa: E402
 from esm_ray.runtime.expert import ExpertSide  # noqa: E402
 from esm_ray.runtime.job import MergeJob  # noqa: E402
 from esm_ray.runtime.layout import tensor_infos  # noqa: E402
-from esm_ray.runtime.plan import build_plan, row_blocks  # noqa: E402
+from esm_ray.core.rowblocks import row_blocks  # noqa: E402
+from esm_ray.runtime.plan import build_plan  # noqa: E402
 from esm_ray.runtime.pool import LocalPool  # noqa: E402
 from esm_ray.spec import spec_from_dict  # noqa: E402
 

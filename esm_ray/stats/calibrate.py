@@ -274,20 +274,17 @@ class _Pass:
         try:
             return calibrate(model, self.rows, self.tokenizer, settings, modules=selected,
                              max_bytes=self.max_bytes, blocks=blocks, emit=emit)
-        except LayerwiseUnsupported as err:  # about the model: named by it
+        except BaseException as err:
             if spill is not None:
                 spill.close()
+            if not isinstance(err, InputError):
+                raise
+            # An error names the model where it is about it (layer-wise loading names it already;
+            # a structure the pass cannot cut is the model's), else the data.
+            kind = LayerwiseUnsupported if isinstance(err, LayerwiseUnsupported) else InputError
+            where = src.uri if kind is LayerwiseUnsupported else self.data_uri
             msg = str(err)
-            raise LayerwiseUnsupported(msg if msg.startswith(src.uri) else f"{src.uri}: {msg}") from None
-        except InputError as err:
-            if spill is not None:
-                spill.close()
-            msg = str(err)  # errors about the model (layer-wise loading) name it already
-            raise InputError(msg if msg.startswith(src.uri) else f"{self.data_uri}: {msg}") from None
-        except BaseException:
-            if spill is not None:
-                spill.close()
-            raise
+            raise kind(msg if msg.startswith(src.uri) else f"{where}: {msg}") from None
 
 
 def calibrate_expert(model_uri: str, data_uri: str, settings: CalibrationSpec, s3: S3Options | None = None,

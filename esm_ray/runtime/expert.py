@@ -54,6 +54,7 @@ class ExpertSide:
         self._model = None
         self._stats = None
         self._plan: Any = None
+        self._adapters_only = False  # every expert of the job a LoRA adapter (bind_experts)
         self._search: Any = None  # runtime.search.TaskSearcher, built on first use
         self._search_fixed: dict[str, Any] | None = None
         self._device: torch.device | None = None
@@ -115,6 +116,7 @@ class ExpertSide:
     def bind_experts(self, adapters: list[bool]) -> None:
         """The method's `bind_experts` on this side (which experts of the job are LoRA adapters)."""
         self.method.bind_experts(adapters)
+        self._adapters_only = bool(adapters) and all(adapters)
 
     def set_plan(self, plan: Any) -> None:
         self._plan = plan
@@ -289,7 +291,7 @@ class ExpertSide:
         ctx = ExpertContext(self.index, self.expert.name, self.expert.weight, self.expert.density)
         head, labels = read_expert_head(self.model)
         n = self.method.support_samples()
-        feats = support_features(self.spec, self.index, n) if n else None
+        feats = support_features(self.spec, self.index, n, adapters_only=self._adapters_only) if n else None
         g = self.method.support_gain_samples() if is_causal_lm(self.base.config) else 0
         gain = likelihood_gain(self.spec, self.index, g) if g else None
         if gain is not None:

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from esm_ray.core.routing import mean_token_loglik
 from esm_ray.errors import InputError
-from esm_ray.io.adapter import is_adapter
 from esm_ray.models.blocks import BlockModel, layerwise_blocks
 from esm_ray.models.features import pooled_features
 from esm_ray.models.hf import StoredModel
@@ -43,17 +42,17 @@ def _support_ids(spec: MergeSpec, index: int, samples: int, what: str) -> tuple[
     return ids, pad if isinstance(pad, int) and pad >= 0 else 0
 
 
-def support_features(spec: MergeSpec, index: int, samples: int, batch_size: int = 16) -> Tensor:
+def support_features(spec: MergeSpec, index: int, samples: int, batch_size: int = 16,
+                     adapters_only: bool = False) -> Tensor:
     """Pooled pretrained-backbone features (n, d) of expert `index`'s first `samples` rows.
-    Where calibration runs layer-wise (`calibration.mode: layerwise`, or `auto` with every expert
-    a LoRA adapter: models.blocks.layerwise_blocks) the base is run one block at a time too
-    (stats.layerwise), so the support stage never holds the whole model either."""
+    Where calibration runs layer-wise (`calibration.mode: layerwise`, or `auto` when every expert
+    is a LoRA adapter, `adapters_only`: models.blocks.layerwise_blocks) the base is run one block
+    at a time too (stats.layerwise), so the support stage never holds the whole model either."""
     ids, pad = _support_ids(spec, index, samples, "SiM")
     batches = list(make_batches(ids, batch_size, pad))
     base = StoredModel(spec.base, spec.s3)
-    adapters = all(is_adapter(e.model, spec.s3) for e in spec.experts)
     try:
-        if layerwise_blocks(spec.calibration.mode, adapters, base.config, base.reader.keys(), spec.base):
+        if layerwise_blocks(spec.calibration.mode, adapters_only, base.config, base.reader.keys(), spec.base):
             pooled: list[Tensor] = []
             with torch.inference_mode():
                 calibrate_layerwise(BlockModel(base, torch.float32, torch.device("cpu")), batches, modules=[],

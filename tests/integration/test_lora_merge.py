@@ -617,3 +617,22 @@ def test_untouched_tensors_are_copied_a_row_block_at_a_time(lora_family, tmp_pat
         assert emb and (all(r is not None for r in emb) if name == "blocks" else None in emb)
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "blocks")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_sim_support_features_run_the_base_one_block_at_a_time_for_adapters(lora_family, tmp_path, monkeypatch):
+    """With every expert an adapter, the default calibration (auto) runs SiM's support features
+    on the base one block at a time, like the adapters' calibration; `mode: full` runs it whole."""
+    from esm_ray.runtime import support
+
+    used: list[bool] = []
+    real = support.calibrate_layerwise
+    monkeypatch.setattr(support, "calibrate_layerwise", lambda *a, **k: (used.append(True), real(*a, **k))[1])
+    ads = [lora_family["lora_0"], lora_family["lora_1"]]
+    for mode in ("auto", "full"):
+        used.clear()
+        spec = _routed_spec(lora_family["base"], ads, tmp_path / mode, tmp_path, subspace_rank=2, support_samples=4)
+        spec["method"]["name"] = "sim"
+        spec["method"]["params"].pop("base_method")
+        spec["calibration"]["mode"] = mode
+        _merge(spec)
+        assert bool(used) == (mode == "auto"), mode

@@ -13,14 +13,16 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
+
+import torch
 
 from esm_ray.errors import OutputError
 from esm_ray.io import s3 as s3io
 from esm_ray.io import s3_commit as s3c
-from esm_ray.io.format import INDEX_NAME
+from esm_ray.io.format import INDEX_NAME, serialize
 from esm_ray.io.guard import check_replaceable
 from esm_ray.io.s3_upload import UploadResult, upload_stream
 from esm_ray.io.shards import ShardInfo, shard_name
@@ -83,6 +85,17 @@ def write_local(path: Path, header: bytes, views: list[memoryview], fsync: bool)
             f.flush()
             os.fsync(f.fileno())
     return len(header) + sum(len(v) for v in views)
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """One local safetensors file of `tensors` in order (io.format), not atomic and not synced:
+    a scratch file (statistics parts, spilled updates). A failed write (a full disk) raises an
+    OSError whose message names the file."""
+    header, views, _ = serialize(tensors.items(), metadata)
+    try:
+        return write_local(path, header, views, fsync=False)
+    except OSError as err:
+        raise OSError(err.errno, f"{path}: {err.strerror or err}") from None
 
 
 def fsync_dir(path: Path) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import Tensor
 
 from esm_ray.errors import InputError, OutputError
 from esm_ray.io.reader import check_finite
+from esm_ray.io.targets import write_tensors
 from esm_ray.io.writer import ShardedWriter
 from esm_ray.methods import ExpertContext, MergeMethod, TensorInfo
 from esm_ray.runtime.layout import OutTensor
@@ -139,9 +138,9 @@ class SpillSink:
         else:
             path = self.root / f"group-{index:05d}.safetensors"
             try:
-                save_file(self._group, str(path))
-            except (SafetensorError, OSError) as err:  # e.g. a full disk
-                raise OutputError(f"{path}: cannot write the updates kept for layer scaling: {err}") from None
+                write_tensors(path, self._group)
+            except OSError as err:  # e.g. a full disk
+                raise OutputError(f"cannot write the updates kept for layer scaling: {err.strerror or err}") from None
         self._group = {}
 
     def spilled(self) -> dict[str, Path]:

@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
+from esm_ray.io.targets import write_tensors
 from esm_ray.stats.hooks import ModuleStats
-from esm_ray.stats.store import FORMAT_VERSION, StatsStore, _atomic_write, encode_stats, write_tensors
+from esm_ray.stats.store import FORMAT_VERSION, StatsStore, _atomic_write, encode_stats
 
 _CHUNK = 1 << 22
 
@@ -52,7 +52,7 @@ class StatsSpill:
         self.distinct += sum(1 for m, e in modules.items() if e["stored_as"] == m)
         self.tokens = max([self.tokens, *(int(st.n) for st in stats.values())])
         part = self.dir / f"part-{len(self.parts):05d}.safetensors"
-        write_tensors(tensors, part)
+        write_tensors(part, tensors)
         self.parts.append(part)
 
     def _write(self, out: Path) -> None:

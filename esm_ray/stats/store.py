@@ -19,24 +19,15 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 from torch import Tensor
 
 from esm_ray.errors import InputError
+from esm_ray.io.targets import write_tensors
 from esm_ray.stats.hooks import ModuleStats
 
 FORMAT_VERSION = 2  # 2: a distinct input holds its Gram or its rows (1: always the Gram)
 READABLE_FORMATS = (1, 2)
-
-
-def write_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, whose write errors (a full disk, a file-size limit) come as its
-    own SafetensorError, raised as the OSError they are, naming the file."""
-    try:
-        save_file(tensors, str(path), metadata=metadata)
-    except SafetensorError as err:
-        raise OSError(f"{path}: {err}") from None
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -141,6 +132,6 @@ class StatsStore:
         tensors, modules = encode_stats(stats)
         full = {**manifest, "format": FORMAT_VERSION, "modules": modules,
                 "distinct_inputs": sum(1 for m, e in modules.items() if e["stored_as"] == m)}
-        _atomic_write(path, lambda p: write_tensors(tensors, p, metadata={"format": str(FORMAT_VERSION)}))
+        _atomic_write(path, lambda p: write_tensors(p, tensors, {"format": str(FORMAT_VERSION)}))
         _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(full, indent=1, sort_keys=True)))
         return StatsStore(path, full)

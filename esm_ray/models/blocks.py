@@ -45,9 +45,9 @@ class LayerwiseUnsupported(InputError):
 
 
 def _unsupported(arch: str, depth: int | None, uri: str) -> LayerwiseUnsupported:
-    return LayerwiseUnsupported(f"{uri}: layer-wise calibration does not support architecture {arch}: its blocks are "
-                      f"not one nn.ModuleList of num_hidden_layers ({depth}) layers; use "
-                      "`calibration.mode: full`")
+    return LayerwiseUnsupported(f"{uri}: layer-wise calibration does not support architecture {arch}: its "
+                                f"blocks are not one nn.ModuleList of num_hidden_layers ({depth}) layers; use "
+                                "`calibration.mode: full`")
 
 
 def skeleton(config: dict[str, Any], uri: str, dtype: torch.dtype = torch.float32) -> nn.Module:

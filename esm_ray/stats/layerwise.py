@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from esm_ray.errors import InputError
 from esm_ray.core.routing import token_mean
 from esm_ray.models.blocks import BlockModel, LayerwiseUnsupported
 from esm_ray.models.features import last_hidden
@@ -126,8 +125,8 @@ def _outside(model: nn.Module, blocks_name: str, skip: set[str]) -> list[str]:
                 continue
             if full == blocks_name or blocks_name.startswith(full + ".") or any(s.startswith(full + ".") for s in skip):
                 if any(True for _ in child.parameters(recurse=False)) or any(True for _ in child.buffers(recurse=False)):
-                    raise LayerwiseUnsupported(f"{full}: holds tensors of its own beside the blocks; layer-wise calibration "
-                                     "cannot load it in parts; use `calibration.mode: full`")
+                    raise LayerwiseUnsupported(f"{full}: holds tensors of its own beside the blocks; layer-wise "
+                                               "calibration cannot load it in parts; use `calibration.mode: full`")
                 if full != blocks_name:
                     walk(full, child)
                 continue
@@ -192,9 +191,9 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
                 except _Stop:
                     pass
                 if len(run.calls) != depth:
-                    raise LayerwiseUnsupported(f"{bm.uri}: the forward pass of {bm.arch} called {len(run.calls)} of its "
-                                     f"{depth} blocks; layer-wise calibration needs every block called once; "
-                                     "use `calibration.mode: full`")
+                    raise LayerwiseUnsupported(f"{bm.uri}: the forward pass of {bm.arch} called {len(run.calls)} "
+                                               f"of its {depth} blocks; layer-wise calibration needs every block "
+                                               "called once; use `calibration.mode: full`")
                 rows_in.append(_hidden(*run.calls[0]))
                 calls.append([_without_hidden(a, k) for a, k in run.calls])
     finally:
@@ -202,8 +201,9 @@ def calibrate_layerwise(bm: BlockModel, batches: list[tuple[Tensor, Tensor]], mo
             handle.remove()
     between = sorted(n for n, at in order.items() if at > 0)
     if between:
-        raise LayerwiseUnsupported(f"{bm.uri}: {bm.arch} runs linear layer {between[0]} between its blocks; layer-wise "
-                         "calibration supports blocks run one after another; use `calibration.mode: full`")
+        raise LayerwiseUnsupported(f"{bm.uri}: {bm.arch} runs linear layer {between[0]} between its blocks; "
+                                   "layer-wise calibration supports blocks run one after another; use "
+                                   "`calibration.mode: full`")
     done(pre.results())
     if emb_in is not None:
         weight = model.get_submodule(emb_in).get_parameter("weight")

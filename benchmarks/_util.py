@@ -266,28 +266,61 @@ def clean_env(threads: int | None = None) -> dict[str, str]:
 
 # ---- the read floor ---------------------------------------------------------------------------
 
-# Reads every input tensor exactly once (safetensors) and sums each name into float32.
+# Reads every input tensor exactly once (safetensors) and sums each name into float32. With
+# `--write DIR` it also streams the sums, cast to bfloat16, into one safetensors file in DIR as
+# they are made (the header first, from the inputs' shapes) and fsyncs it, as a merge's durable
+# output is written: the floor of a merge of these inputs into one model.
 FLOOR_CODE = r"""
-import json, sys, time
+import json, os, struct, sys, time
 t0 = time.perf_counter()
 import torch
 from safetensors import safe_open
 t1 = time.perf_counter()
-paths = sys.argv[1:]
-files = [safe_open(p + "/model.safetensors", "pt") for p in paths]
-total = 0.0
-for name in files[0].keys():
+args = sys.argv[1:]
+out = None
+if args and args[0] == "--write":
+    out, args = args[1], args[2:]
+files = [safe_open(p + "/model.safetensors", "pt") for p in args]
+names = list(files[0].keys())
+fh = None
+if out is not None:
+    header, off = {}, 0
+    for name in names:
+        shape = list(files[0].get_slice(name).get_shape())
+        n = 2
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    os.makedirs(out, exist_ok=True)
+    fh = open(os.path.join(out, "model.safetensors"), "wb")
+    fh.write(struct.pack("<Q", len(head)) + head)
+total, write_s = 0.0, 0.0
+for name in names:
     acc = files[0].get_tensor(name).float()
     for f in files[1:]:
         acc += f.get_tensor(name).float()
     total += float(acc.view(-1)[0])
+    if fh is not None:
+        tw = time.perf_counter()
+        fh.write(memoryview(acc.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()))
+        write_s += time.perf_counter() - tw
+    del acc
+if fh is not None:
+    tw = time.perf_counter()
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+    write_s += time.perf_counter() - tw
 t2 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "read_sum_s": t2 - t1, "check": total}))
+print(json.dumps({"import_s": t1 - t0, "read_sum_s": t2 - t1 - write_s, "write_s": write_s, "check": total}))
 """
 
 
-def floor_cmd(python: str, dirs: Iterable[Path]) -> list[str]:
-    return [python, "-c", FLOOR_CODE, *map(str, dirs)]
+def floor_cmd(python: str, dirs: Iterable[Path], write: Path | None = None) -> list[str]:
+    return [python, "-c", FLOOR_CODE, *(["--write", str(write)] if write is not None else []), *map(str, dirs)]
 
 
 # ---- comparing outputs -----------------------------------------------------------------------

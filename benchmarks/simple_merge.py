@@ -6,7 +6,9 @@ bfloat16) are generated once and cached. Then, in one run and interleaved, each 
 
   esm-ray    each of --methods         `python -m esm_ray.cli merge spec.yaml`
   mergekit   each of --methods         `mergekit-yaml config.yml out` (0.1.5, own venv)
-  floor      -                         read every input tensor once, sum into float32
+  floor      read+sum                  read every input tensor once, sum into float32
+             read+sum, then write      the same, writing each sum (bf16) as it is made into one
+                                       file, fsynced at the end (serial: a merge overlaps them)
 
 Methods (`--methods`, default task_arithmetic,ties): task_arithmetic, ties (density --density),
 slerp (t 0.5, the first expert only), model_stock, della (density --density, epsilon 0.1),
@@ -14,9 +16,13 @@ sce (select_topk --density) and sce_topk (the same with select_ties topk: mergek
 CPU; compared with the same mergekit run). DELLA draws random masks, so its outputs differ from
 mergekit's by design (the comparison line says how much).
 
-The table gives medians: wall time of the whole process (Python start included), the merge
-time esm-ray reports in merge_report.json, the process's peak RSS, and the ratios. The outputs
-of esm-ray and mergekit are compared tensor by tensor.
+The floors run once per set of inputs the methods read (slerp reads the base and the first
+expert: its floors read those two models). The table gives medians: wall time of the whole
+process (Python start included), the merge time esm-ray reports in merge_report.json, the
+process's peak RSS, and the ratios; "x floor" compares a merge with the read floor of its own
+inputs, and "floor x mergekit" is that floor against mergekit's time for the method: no merge
+of those inputs can take a smaller fraction of mergekit's time. The outputs of esm-ray and
+mergekit are compared tensor by tensor.
 
     .venv/bin/python benchmarks/simple_merge.py                       # smol-t4, smol-t8, 1b-t4
     .venv/bin/python benchmarks/simple_merge.py --cases smol-t4 --reps 5
@@ -172,7 +178,11 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
             cfg.write_text(yaml.safe_dump(mergekit_config(fam, mkm, args.density, args.mergekit_dtype)))
             runs.append(("mergekit", m, [str(mk), str(cfg), str(out), "--no-write-model-card",
                                          "--out-shard-size", str(args.shard_size)], out))
-    runs.append(("floor", "read+sum", floor_cmd(python, [fam.base, *fam.experts]), None))
+    for n in sorted({n_used(m, len(fam.experts)) for m in args.methods}, reverse=True):
+        inputs = [fam.base, *fam.experts[:n]]
+        runs.append(("floor", floor_name("read+sum", n, fam), floor_cmd(python, inputs), None))
+        out = work / f"floor-{n}"
+        runs.append(("floor", floor_name("read+sum, then write", n, fam), floor_cmd(python, inputs, out), out))
 
     samples: dict[tuple[str, str], list[dict]] = {(t, m): [] for t, m, _, _ in runs}
     for rep in range(args.reps):
@@ -207,17 +217,24 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
                 checks.append(c)
 
     model_bytes = fam.shape.nbytes
-    floor_wall = median([s["wall"] for s in samples[("floor", "read+sum")]])
+
+    def wall_of(tool: str, m: str) -> float:
+        return median([s["wall"] for s in samples.get((tool, m), [])]) if (tool, m) in samples else float("nan")
+
     rows = []
     for (tool, m), ss in samples.items():
         wall = median([s["wall"] for s in ss])
-        mk_wall = median([s["wall"] for s in samples.get(("mergekit", method_of(m)), [])]) if mk is not None else float("nan")
+        mk_wall = wall_of("mergekit", method_of(m)) if mk is not None else float("nan")
         rss = median([s["rss"] for s in ss])
         row = {"case": case, "tool": tool, "method": m, "wall": wall, "cpu": median([s["cpu"] for s in ss]),
                "merge": median([s["merge"] for s in ss]) if "merge" in ss[0] else None,
                "rss": rss / 1e9, "vs_mk": wall / mk_wall if tool != "floor" else None,
-               "vs_floor": wall / floor_wall, "rss_model": rss / model_bytes,
-               "walls": [round(s["wall"], 2) for s in ss]}
+               "rss_model": rss / model_bytes, "walls": [round(s["wall"], 2) for s in ss]}
+        if tool == "floor":
+            row["vs_floor"] = wall / wall_of("floor", floor_name("read+sum", len(fam.experts), fam))
+        else:  # against the floors of the inputs this method reads
+            floor = wall_of("floor", floor_name("read+sum", n_used(m, len(fam.experts)), fam))
+            row.update(vs_floor=wall / floor, floor_vs_mk=floor / mk_wall if tool == "esm-ray" else None)
         if tool.startswith("esm-ray"):
             stages = {}
             for k in ss[0]["stages"]:
@@ -229,7 +246,17 @@ def run_case(case: str, fam: Family, args, mk: Path | None, python: str) -> tupl
 
 COLUMNS = [("case", "case"), ("tool", "tool"), ("method", "method"), ("wall", "wall s"),
            ("merge", "merge s"), ("cpu", "cpu s"), ("rss", "peak RSS GB"), ("vs_mk", "x mergekit"), ("vs_floor", "x floor"),
-           ("rss_model", "RSS / model")]
+           ("floor_vs_mk", "floor x mergekit"), ("rss_model", "RSS / model")]
+
+
+def n_used(method: str, t: int) -> int:
+    """How many of the case's T experts a benchmarked method reads (slerp: the first)."""
+    return method_setup(method, 0.5)[3] or t
+
+
+def floor_name(kind: str, n: int, fam: Family) -> str:
+    """The method column of a floor run over the base and the first n experts."""
+    return kind if n == len(fam.experts) else f"{kind} ({n + 1} models)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ with 95% bootstrap intervals and paired differences against a reference row.
         --variant esm_oas=esm:preset=roberta,shrinkage=oas --ref tsvm [--samples 32]
 
 A variant is NAME=METHOD[:key=value,...] (values parsed as YAML scalars); `pave.rho=...`
-purifies with PAVE. Each variant's per-item correctness is kept in RUN_DIR/<name>.json (keyed
+purifies with PAVE; `rescale.scope=tensor` (or `global`) sets the spec's `rescale`. Each variant's per-item correctness is kept in RUN_DIR/<name>.json (keyed
 by the spec), so a rerun only merges what changed. The interval is a percentile bootstrap
 (1000 resamples of the test items, stratified by task) of the mean normalised accuracy
 (accuracy / the expert's, averaged over tasks); a difference "exceeds the interval" when the
@@ -41,18 +41,21 @@ def parse_variant(text: str) -> tuple[str, MethodEntry]:
     method, _, kv = rest.partition(":")
     params: dict = dict(METHOD_TABLE[method].params) if method in METHOD_TABLE else {}
     purify = METHOD_TABLE[method].purify if method in METHOD_TABLE else None
+    rescale = METHOD_TABLE[method].rescale if method in METHOD_TABLE else None
     real = METHOD_TABLE[method].method if method in METHOD_TABLE else method
     for item in filter(None, kv.split(",")):
         k, _, v = item.partition("=")
         val = yaml.safe_load(v)
         if k.startswith("pave."):
             purify = {**(purify or {}), k[5:]: val}
+        elif k.startswith("rescale."):  # rescale.scope=tensor: the spec's `rescale`
+            rescale = {**(rescale or {}), k[8:]: val}
         elif "." in k:
             outer, inner = k.split(".", 1)
             params[outer] = {**params.get(outer, {}), inner: val}
         else:
             params[k] = val
-    return name, MethodEntry(real, params, purify)
+    return name, MethodEntry(real, params, purify, rescale)
 
 
 def score(model_dir: Path, zoo, split: str) -> dict[str, list[int]]:

@@ -7,7 +7,7 @@ paired differences against a reference row.
         --variant tsvm=tsvm --variant esm=esm:preset=auto --variant esm_val=esm:preset=auto,select=alpha
 
 A variant is NAME=METHOD[:key=value,...] as in benchmarks/ablate.py (`pave.rho=...` purifies
-with PAVE; METHOD may name an entry of esm_ray.zoo.specs.METHOD_TABLE). `select=lambda`
+with PAVE, `rescale.scope=tensor` rescales; METHOD may name an entry of esm_ray.zoo.specs.METHOD_TABLE). `select=lambda`
 (task arithmetic) or `select=alpha` (ESM) chooses the scale on the validation splits
 (esm_ray.eval.lm_select; golden-section search, λ on [0, 1] and α on [0, 2], on a strided
 subset of `--val-items` items per column) before the one test scoring. `base` and `experts` are the rows recorded

@@ -119,6 +119,19 @@ class PurifySpec(Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class RescaleSpec(Frozen):
+    """A label-free factor on the merged update of every calibrated linear layer, after the
+    method (`core.rescale`): the least-squares c that makes c·ΔW reproduce each expert's output
+    shift τ_t X_t on its own calibration rows. `scope`: one c per tensor, or one for all of them."""
+
+    rule: Literal["output_shift", "none"] = "output_shift"  # none: no rescale (ESM's default on adapters off)
+    scope: Literal["tensor", "global"] = "tensor"
+
+    @property
+    def active(self) -> bool:
+        return self.rule != "none"
+
+
 class CalibrationSpec(Frozen):
     """How activation statistics are collected for data-aware methods."""
 
@@ -185,6 +198,9 @@ class MergeSpec(Frozen):
     experts: list[ExpertSpec] = Field(min_length=1)
     method: MethodSpec
     purify: PurifySpec | None = None
+    # rescale each calibrated linear layer's merged update by its output-shift least-squares
+    # factor (needs calibration data; RescaleSpec)
+    rescale: RescaleSpec | None = None
     output: str
     dtype: DType | None = None  # output dtype; default: the base model's
     # 'dense': a merged model; 'peft': one LoRA adapter on the base (needs LoRA experts, io.adapter)

@@ -237,6 +237,9 @@ def pair_blocks(blocks: Callable[[], Iterator[tuple[Tensor, Tensor]]],
     return KeptBlocks(blocks, numel, lambda b, e: (b, e), 8)
 
 
+# What the adapter notes propose first: the spec's label-free `rescale` (core.rescale).
+RESCALE_HINT = "`rescale: {scope: tensor}` (the scale from the calibration data, no labels)"
+
 ADAPTER_SCALE_NOTE = (
     "on LoRA adapters each task's whole update fits in the directions kept (an adapter's rank is at most "
     "floor(d / T)), so every adapter is added at full strength, like task arithmetic at lambda 1; on the LoRA LM "

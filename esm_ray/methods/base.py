@@ -507,6 +507,12 @@ class MergeMethod(Parametrised[P]):
         known to suit adapters badly (default: none)."""
         return None
 
+    def rescales_adapters(self) -> bool:
+        """Whether, when every expert is a LoRA adapter and the spec leaves `rescale` unset, the
+        merge rescales each update by its output-shift least-squares factor (core.rescale) by
+        default (default: no)."""
+        return False
+
     def report(self) -> dict[str, Any] | None:
         """What the method found, for merge_report.json's `method_report` (default: nothing)."""
         return None

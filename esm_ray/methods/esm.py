@@ -28,7 +28,7 @@ from esm_ray.core.rowblocks import TaskRows, in_row_blocks
 from esm_ray.core.tsvm import (drop_null_triplets, task_triplets, task_triplets_rows, tsv_rank, tsvm_factors,
                                tsvm_fuse, tsvm_fuse_rows)
 from esm_ray.errors import InputError
-from esm_ray.methods._common import ADAPTER_SCALE_NOTE
+from esm_ray.methods._common import ADAPTER_SCALE_NOTE, RESCALE_HINT
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
@@ -154,8 +154,14 @@ class ESM(MergeMethod[ESMParams]):
     def adapters_note(self) -> str | None:
         if self.params.alpha != 1.0 or self.params.k is not None:
             return None
-        return (f"`alpha` 1 (the default): {ADAPTER_SCALE_NOTE} (ESM's default recipe doubles it); consider a "
-                "smaller alpha, or task arithmetic or TSV-M with lambda chosen on validation")
+        return (f"`alpha` 1 (the default): {ADAPTER_SCALE_NOTE} (ESM's default recipe doubles it); consider "
+                f"{RESCALE_HINT}, a smaller alpha, or task arithmetic or TSV-M with lambda chosen on validation")
+
+    def rescales_adapters(self) -> bool:
+        """At `alpha` 1 and the default `k`, ESM rescales adapters' merges by default: their
+        whole update fits in the directions it keeps, and the recipe's scale adds every adapter
+        at twice its strength (LoRA LM zoo, README: -830 without, 46 with the rescale)."""
+        return self.params.alpha == 1.0 and self.params.k is None
 
     def preset_of(self, info: TensorInfo) -> str:
         p = self.params

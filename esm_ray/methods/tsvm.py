@@ -13,7 +13,7 @@ from esm_ray.core.lora import LoraFactors, LowRank, lora_svd
 from esm_ray.core.rowblocks import TaskRows, in_row_blocks
 from esm_ray.core.tsvm import (drop_null_triplets, task_triplets, task_triplets_rows, tsv_rank, tsvm_factors, tsvm_fuse,
                                tsvm_fuse_rows)
-from esm_ray.methods._common import ADAPTER_SCALE_NOTE, in_expert_order, lambda_field, weights_of
+from esm_ray.methods._common import ADAPTER_SCALE_NOTE, RESCALE_HINT, in_expert_order, lambda_field, weights_of
 from esm_ray.methods.base import ExpertContext, MergeMethod, MethodParams, TensorInfo
 from esm_ray.methods.registry import register
 
@@ -52,8 +52,8 @@ class Tsvm(MergeMethod[TsvmParams]):
         if self.params.lambda_ != 1.0 or self.params.k is not None:
             return None
         return (f"`lambda` 1 (the default): {ADAPTER_SCALE_NOTE} (TSV-M at lambda 0.3 with T = 10 scored level with "
-                f"task arithmetic tuned on validation); consider lambda {1 / self.n_experts ** 0.5:.2f} or choosing "
-                "it on validation")
+                f"task arithmetic tuned on validation); consider {RESCALE_HINT}, lambda "
+                f"{1 / self.n_experts ** 0.5:.2f}, or choosing it on validation")
 
     def rank(self, shape: tuple[int, int]) -> int:
         k = self.params.k

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from esm_ray.core.lora import LoraFactors
+from esm_ray.core.rescale import shift_products
 from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import check_finite
 from esm_ray.methods import ExpertContext, TensorInfo, build_purifier
@@ -279,6 +280,27 @@ class ExpertSide:
                 dev = self._device_if(self.method.post_decomposes)
                 part = self._on(dev, self.method.post_prepare, info, (m, w), self._ctx(info))
             out.append(part)
+        return out
+
+    def shift_products(self, infos: list[TensorInfo], deltas: list[Tensor]) -> list[tuple[float, float]]:
+        """For each merged update ΔW, this expert's (⟨ΔW C, τ⟩, ⟨ΔW C, ΔW⟩) from its own
+        statistics C and update τ (spec `rescale`, core.rescale): an adapter's τ from its
+        factors, a full expert's read one tensor at a time; (0, 0) without statistics."""
+        out = []
+        for info, delta in zip(infos, deltas):
+            stats = self._stats.get(info.module) if (self._stats is not None and info.module) else None
+            if stats is None:
+                out.append((0.0, 0.0))
+                continue
+            lora = self._factors(info)
+            if lora is not None:
+                tau = lora.scale * (lora.b.to(torch.float64) @ lora.a.to(torch.float64))
+            else:
+                b, w = self._tensors(info)
+                tau = w.to(torch.float64) - b.to(torch.float64)
+            if getattr(stats, "transposed", False):  # stored (d_in, d_out): GPT-2 Conv1D
+                delta, tau = delta.T, tau.T
+            out.append(shift_products(delta, tau, stats))
         return out
 
     def support_features(self) -> Any:

@@ -30,6 +30,7 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 import esm_ray
+from esm_ray.core.rescale import least_squares_factor
 from esm_ray.core.rowblocks import row_blocks
 from esm_ray.io.model_files import is_tokenizer_file, model_files
 from esm_ray.io.composite import open_base
@@ -47,6 +48,8 @@ from esm_ray.runtime.resume import ResumeStore
 from esm_ray.runtime.sinks import OutputSink, PostStage, SpillSink
 
 log = logging.getLogger("esm_ray.job")
+
+RESCALE_BATCH_BYTES = 64 << 20  # float32 updates sent to the expert sides at once for `rescale`
 
 
 @dataclass
@@ -99,6 +102,7 @@ class MergeJob:
         self._base: Any = None
         self._report_data: dict[str, Any] = {}
         self._row_blocks: dict[str, int] | None = None
+        self._rescaled: dict[str, Any] | None = None  # spec `rescale`: the factors found (report)
         self._early: EarlyStates | None = None  # the next blocked tensor's fuse_state (runtime.early)
         self._next_blocked: dict[str, OutTensor] = {}
 
@@ -127,7 +131,7 @@ class MergeJob:
                 self.timings["total"] = round(time.perf_counter() - t_all, 4)
                 return MergeResult(spec.output, self._report_data, dict(self.timings))
             groups = self.plan_tensors(infos)
-            spilled = plan.method.needs_layer_scales
+            spilled = plan.spilled
             layout = [o.entry for o in write_order(groups, spilled)]
             with ShardedWriter(spec.output, spec.shard_bytes, overwrite=spec.overwrite, s3=spec.s3,
                                plan=layout) as writer:
@@ -253,6 +257,14 @@ class MergeJob:
             by_name = {o.info.name: o.info for g in groups for o in g.tensors}
             scales = self.plan.method.layer_scales(by_name, spill.norms)
             where = spill.spilled()
+            if self.plan.rescale is not None:
+                def spilled_deltas(names: list[str]) -> Iterator[torch.Tensor]:
+                    for n in names:
+                        with safe_open(str(where[n]), framework="pt") as f:
+                            yield f.get_tensor(n) * scales.get(n, 1.0)
+
+                factors = self.rescale_factors(by_name, [n for n in by_name if n in where], spilled_deltas)
+                scales = {n: scales.get(n, 1.0) * factors.get(n, 1.0) for n in set(scales) | set(factors)}
             for o in write_order(groups, spilled=True):
                 name = o.info.name
                 if name not in where:
@@ -275,6 +287,48 @@ class MergeJob:
                 if len(out.post) >= 8:
                     out.post.flush()
             out.post.flush()
+
+    def rescale_factors(self, infos: dict[str, TensorInfo], names: list[str],
+                        deltas: Callable[[list[str]], Iterator[torch.Tensor]]) -> dict[str, float]:
+        """The output-shift least-squares factor (`MergePlan.rescale`, core.rescale) of each
+        update in `names` (the model's order) that is 2-D and has calibration statistics, taken
+        as `deltas(those names)` yields it (after the method's own layer scales): each expert
+        side returns its two products per update, a batch of updates at a time."""
+        rs = self.plan.rescale
+        # in the model's order: the modules that read one input (q, k, v) follow each other, so
+        # each side forms that input's Gram once (stats.store hands them the same object)
+        names = [n for n in names if infos[n].module is not None and len(infos[n].shape) == 2]
+        sums: dict[str, tuple[float, float]] = {}
+        batch: list[tuple[str, torch.Tensor]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            per = self.pool.call("shift_products", [infos[n] for n, _ in batch], [d for _, d in batch])
+            for j, (n, _) in enumerate(batch):
+                sums[n] = (sum(p[j][0] for p in per), sum(p[j][1] for p in per))
+            batch.clear()
+
+        t0 = time.perf_counter()
+        for n, d in zip(names, deltas(names)):
+            batch.append((n, d))
+            if sum(x.numel() for _, x in batch) * 4 >= RESCALE_BATCH_BYTES:
+                flush()
+        flush()
+        if rs.scope == "global":
+            c = least_squares_factor([sums[n] for n in names])
+            factors = {n: c for n in names}
+        else:
+            factors = {n: least_squares_factor([sums[n]]) for n in names}
+        vals = sorted(factors.values())
+        self._rescaled = {"rule": rs.rule, "scope": rs.scope, "factors": factors,
+                          "min": vals[0] if vals else None, "median": vals[len(vals) // 2] if vals else None,
+                          "max": vals[-1] if vals else None}
+        log.info("rescale (%s per %s): %d updates, factors %s to %s (median %s) in %.1fs", rs.rule, rs.scope,
+                 len(vals), *(f"{v:.4g}" if v is not None else "-" for v in
+                              (self._rescaled["min"], self._rescaled["max"], self._rescaled["median"])),
+                 time.perf_counter() - t0)
+        return factors
 
     def commit(self, writer: ShardedWriter, elapsed: float) -> None:
         """The method's files, the base's auxiliary files and the report; then the commit."""
@@ -462,6 +516,8 @@ class MergeJob:
         }
         if self._store is not None:
             rep["resume"] = {"groups": self._store.total, "restored": self._store.restored}
+        if self._rescaled is not None:
+            rep["rescale"] = self._rescaled
         if self._row_blocks is not None:  # tensors merged in row blocks (this run)
             rep["row_blocks"] = dict(self._row_blocks)
         extra = method.report()

@@ -91,7 +91,7 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
     # Without layer scales (a pass over all updates) each update is truncated (peft.rank /
     # energy) and put into its written form at once: memory holds the output adapter, not the
     # float32 factors of every target.
-    final = not method.needs_layer_scales
+    final = not plan.spilled
     truncating = spec.peft.rank is not None or spec.peft.energy is not None
     lora_out: dict[str, Tensor] = {}
     saved_out: dict[str, Tensor] = {}
@@ -121,6 +121,13 @@ def merge_to_adapter(job: "MergeJob", infos: list[TensorInfo], t_start: float) -
             scales = method.layer_scales({i.name: i for i in infos}, norms)
             updates = {n: u.scaled(scales.get(n, 1.0)) for n, u in updates.items()}
             deltas = {n: d * scales.get(n, 1.0) for n, d in deltas.items()}
+    if plan.rescale is not None:  # each update's output-shift factor, from its dense form
+        with job._stage("rescale"):
+            order = [i.name for i in infos if i.name in updates or i.name in deltas]
+            factors = job.rescale_factors({i.name: i for i in infos}, order, lambda names: (
+                updates[n].dense() if n in updates else deltas[n] for n in names))
+            updates = {n: u.scaled(factors.get(n, 1.0)) for n, u in updates.items()}
+            deltas = {n: d * factors.get(n, 1.0) for n, d in deltas.items()}
     if truncating:
         updates = {n: truncate(u, spec.peft.rank, spec.peft.energy) for n, u in updates.items()}
     _written(updates, deltas, layout, job, plan.out_dtype, lora_out, saved_out, ranks)

@@ -25,7 +25,7 @@ from esm_ray.models.blocks import layerwise_blocks
 from esm_ray.models.heads import HEAD_FILE
 from esm_ray.models.hf import is_causal_lm
 from esm_ray.methods import MergeMethod, Needs, Purifier, TensorInfo, build_method, build_purifier
-from esm_ray.spec import MergeSpec
+from esm_ray.spec import MergeSpec, RescaleSpec
 from esm_ray.stats.cache import check_cache_dir
 from esm_ray.stats.data import check_token_ids
 
@@ -63,6 +63,8 @@ class MergePlan:
     adapters: dict[str, dict] = field(default_factory=dict)
     # tensors no expert changes: every expert is a LoRA adapter that neither targets nor saves them
     untouched: frozenset[str] = frozenset()
+    # the output-shift rescale that runs: the spec's, or the method's default on adapters
+    rescale: RescaleSpec | None = None
 
     def copies_base(self, name: str) -> bool:
         """Whether tensor `name` comes out as the base's own value without being merged: no
@@ -72,8 +74,14 @@ class MergePlan:
 
     @property
     def needs(self) -> Needs:
-        """What the method and the purifier need, together."""
-        return self.method.needs() | (self.purifier.needs() if self.purifier is not None else Needs())
+        """What the method, the purifier and the rescale need, together."""
+        return plan_needs(self.spec, self.method, self.purifier)
+
+    @property
+    def spilled(self) -> bool:
+        """Whether every update is kept (spilled) until a global pass has found its factor:
+        the method's layer scales, or the output-shift rescale."""
+        return self.method.needs_layer_scales or self.rescale is not None
 
     @property
     def needs_stats(self) -> bool:
@@ -91,7 +99,7 @@ class MergePlan:
         """The row blocks in which one process merges `info`, or None to merge it whole: only a
         large tensor of a blockwise method, with no purifier, layer scaling or post stage.
         `parts`: the experts' parts of one block held at once (`row_blocks`)."""
-        if self.purifier is not None or self.method.needs_layer_scales or self.method.post_stage:
+        if self.purifier is not None or self.spilled or self.method.post_stage:
             return None
         blocks = row_blocks(info.shape, BLOCK_BYTES if block_bytes is None else block_bytes, parts)
         return blocks if blocks is not None and self.method.blockwise(info) else None
@@ -135,6 +143,7 @@ class MergePlan:
         lines = [
             f"method:   {self.method.name} {self.method.params.model_dump(by_alias=True)}",
             f"purify:   {self.purifier.name + ' ' + str(self.purifier.params.model_dump()) if self.purifier else '-'}",
+            f"rescale:  {self.rescale.rule + ' per ' + self.rescale.scope if self.rescale else '-'}",
             f"base:     {s.base}  ({len(self.names)} tensors, {self.input_bytes / (s.experts.__len__() + 1) / 1e6:.1f} MB)",
         ]
         for e, fp in zip(s.experts, self.expert_fingerprints):
@@ -152,6 +161,12 @@ class MergePlan:
             lines.append(f"memory:   {k}: {v / 1e6:.1f} MB")
         lines.extend(f"note:     {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+def plan_needs(spec: MergeSpec, method: MergeMethod, purifier: Purifier | None) -> Needs:
+    """What the method, the purifier and `rescale` (calibration statistics) need, together."""
+    needs = method.needs() | (purifier.needs() if purifier is not None else Needs())
+    return needs | Needs(stats=True) if spec.rescale is not None and spec.rescale.active else needs
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -265,8 +280,9 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         if not method.accepts_purifier:
             raise SpecError(f"field `purify`: method {method.name!r} does not take purified task vectors")
         purifier = build_purifier(spec.purify.name, spec.purify.params, n_experts=t, seed=spec.seed)
-    needs = method.needs() | (purifier.needs() if purifier is not None else Needs())
-    what = f"method {spec.method.name!r}" + (f" with {spec.purify.name}" if spec.purify else "")
+    needs = plan_needs(spec, method, purifier)
+    what = (f"method {spec.method.name!r}" + (f" with {spec.purify.name}" if spec.purify else "")
+            + (" with `rescale`" if spec.rescale is not None and spec.rescale.active else ""))
     if spec.slices and (needs.reads_data or method.search_stage or method.output_kind != "static"):
         raise SpecError(f"field `slices`: {what} reads data or builds a routed model; slices take static "
                         "methods that read the weights only")
@@ -349,7 +365,15 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
     for line in adapters:
         how = "from its factors" if method.factored else "densified one tensor at a time"
         plan.notes.append(f"{line}: {method.name!r} merges its targets {how}")
-    scale_note = method.adapters_note() if adapters and len(adapters) == len(spec.experts) else None
+    every_adapter = bool(adapters) and len(adapters) == len(spec.experts)
+    if spec.rescale is not None:
+        plan.rescale = spec.rescale if spec.rescale.active else None
+    elif every_adapter and method.rescales_adapters():
+        plan.rescale = RescaleSpec()
+        plan.notes.append(f"method {method.name!r}, every expert an adapter: each linear layer's update is "
+                          "rescaled by its output-shift least-squares factor (`rescale`, on by default here; "
+                          "`rescale: {rule: none}` turns it off)")
+    scale_note = method.adapters_note() if every_adapter and plan.rescale is None else None
     if scale_note:
         plan.notes.append(f"method {method.name!r}, every expert an adapter: {scale_note}")
         log.warning("method %r, every expert a LoRA adapter: %s", method.name, scale_note)

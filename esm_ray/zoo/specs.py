@@ -21,6 +21,7 @@ class MethodEntry:
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     purify: dict[str, Any] | None = None  # PAVE params, or None for no purification
+    rescale: dict[str, Any] | None = None  # the spec's `rescale` (RescaleSpec), or None
 
 
 SEARCH_BUDGET: dict[str, Any] = {"steps": 60, "batch_size": 16, "samples": 64}
@@ -83,6 +84,8 @@ def spec_for(zoo: Zoo, name: str, output: str | Path, tasks: Sequence[str] | Non
     }
     if entry.purify is not None:
         raw["purify"] = {"name": "pave", "params": dict(entry.purify)}
+    if entry.rescale is not None:
+        raw["rescale"] = dict(entry.rescale)
     return spec_from_dict(raw, source=f"zoo spec {name}")
 
 

@@ -136,8 +136,11 @@ def test_factored_methods_equal_the_densified_merge(method, lora_family, tmp_pat
     extra: dict = {}
     if method == "esm":
         data = calibration_files(tmp_path / "data", 3, vocab=80)
+        # the rescale ESM runs by default on adapters, asked of the densified experts too: an
+        # adapter's τ from its factors, a full expert's from its weights, the same factors
         extra = {"calibration": {"samples": 8, "max_length": 16, "batch_size": 4,
-                                 "gram_precision": "float64", "cache_dir": str(tmp_path / "cache")}}
+                                 "gram_precision": "float64", "cache_dir": str(tmp_path / "cache")},
+                 "rescale": {"scope": "tensor"}}
     calls = []
     cls = METHODS[method]
     orig = cls.prepare_lora
@@ -180,8 +183,9 @@ def test_adapters_mixed_with_a_full_expert(lora_family, tmp_path):
 
 @pytest.mark.parametrize("method", ["tsvm", "esm", "ties"])
 def test_peft_output_with_saved_modules_loads_as_the_dense_merge(method, lora_family, tmp_path):
-    """tsvm: factored update; esm: factored with statistics and layer scales; ties: from the SVD
-    of the dense update."""
+    """tsvm: factored update; esm: factored with statistics, layer scales and the rescale it
+    runs by default on adapters (each update's factor from its dense form, the same in both
+    outputs); ties: from the SVD of the dense update."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
@@ -582,6 +586,7 @@ def test_the_plan_warns_of_the_default_scale_on_adapters_only(lora_family, tmp_p
         plan = build_plan(spec_from_dict(_spec(lora_family["base"], ads, tmp_path / "o", "tsvm")))
     note = [n for n in plan.notes if "every expert an adapter" in n]
     assert len(note) == 1 and "lambda 0.58" in note[0] and "lambda 0.58" in caplog.text
+    assert "`rescale: {scope: tensor}`" in note[0]
     assert not [n for n in build_plan(spec_from_dict(_spec(lora_family["base"], ads, tmp_path / "o", "tsvm",
                                                            params={"lambda": 0.5}))).notes
                 if "every expert an adapter" in n]

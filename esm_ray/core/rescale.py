@@ -22,16 +22,16 @@ def shift_products(merged: Tensor, task: Tensor, stats: LayerStats,
                    dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """(⟨M C, τ⟩, ⟨M C, M⟩), C = XᵀX / n the layer's input second moment.
 
-    merged, task: (d_out, d_in); stats over d_in-wide rows. The products M C (or, where the
-    rows X are held and n < d_in, X Mᵀ and X τᵀ: ⟨M C, τ⟩ = ⟨X Mᵀ, X τᵀ⟩ / n) run in `dtype`
-    (float32 by default: a factor needs no more, at half the float64 time), the two sums in
-    float64.
+    merged, task: (d_out, d_in); stats over d_in-wide rows. Where the rows X are held (fewer
+    than 2 · d_in of them, `stats.hooks`), G is never formed: ⟨M C, τ⟩ = ⟨M Xᵀ, τ Xᵀ⟩ / n
+    (d_out · d_in · n multiply-adds, against n · d_in² to form G); else M G. The products run in
+    `dtype` (float32 by default: a factor needs no more), the two sums in float64.
     """
     if stats.n == 0:
         return 0.0, 0.0
     m, t = merged.to(dtype), task.to(dtype)
     x = stats.factor()  # Xᵀ (d_in, n) where the rows are held
-    if x is not None and x.shape[1] < x.shape[0]:
+    if x is not None:
         x = x.to(dtype)
         mx = m @ x  # M Xᵀ (d_out, n)
         pairs = ((mx, t @ x), (mx, mx))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from esm_ray.core.lora import LoraFactors
-from esm_ray.core.rescale import shift_products
+from esm_ray.core.rescale import Thin, shift_products
 from esm_ray.io.composite import open_base, open_expert
 from esm_ray.io.reader import check_finite
 from esm_ray.methods import ExpertContext, TensorInfo, build_purifier
@@ -282,10 +282,11 @@ class ExpertSide:
             out.append(part)
         return out
 
-    def shift_products(self, infos: list[TensorInfo], deltas: list[Tensor]) -> list[tuple[float, float]]:
-        """For each merged update ΔW, this expert's (⟨ΔW C, τ⟩, ⟨ΔW C, ΔW⟩) from its own
-        statistics C and update τ (spec `rescale`, core.rescale): an adapter's τ from its
-        factors, a full expert's read one tensor at a time; (0, 0) without statistics."""
+    def shift_products(self, infos: list[TensorInfo], deltas: list[Tensor | Thin]) -> list[tuple[float, float]]:
+        """For each merged update ΔW (dense, or `core.rescale.Thin`), this expert's
+        (⟨ΔW C, τ⟩, ⟨ΔW C, ΔW⟩) from its own statistics C and update τ (`rescale`,
+        core.rescale): an adapter's τ as its factors, a full expert's read one tensor at a time;
+        (0, 0) without statistics."""
         out = []
         for info, delta in zip(infos, deltas):
             stats = self._stats.get(info.module) if (self._stats is not None and info.module) else None
@@ -294,12 +295,13 @@ class ExpertSide:
                 continue
             lora = self._factors(info)
             if lora is not None:
-                tau = lora.scale * (lora.b.to(torch.float64) @ lora.a.to(torch.float64))
+                tau: Tensor | tuple[Tensor, Tensor] = (lora.scale * lora.b, lora.a)
             else:
                 b, w = self._tensors(info)
                 tau = w.to(torch.float64) - b.to(torch.float64)
             if getattr(stats, "transposed", False):  # stored (d_in, d_out): GPT-2 Conv1D
-                delta, tau = delta.T, tau.T
+                delta = (delta.q @ delta.p if isinstance(delta, Thin) else delta).T
+                tau = (tau[1].T, tau[0].T) if isinstance(tau, tuple) else tau.T
             out.append(shift_products(delta, tau, stats))
         return out
 

@@ -30,7 +30,7 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 import esm_ray
-from esm_ray.core.rescale import least_squares_factor
+from esm_ray.core.rescale import Thin, least_squares_factor, thin
 from esm_ray.core.rowblocks import row_blocks
 from esm_ray.io.model_files import is_tokenizer_file, model_files
 from esm_ray.io.composite import open_base
@@ -49,7 +49,7 @@ from esm_ray.runtime.sinks import OutputSink, PostStage, SpillSink
 
 log = logging.getLogger("esm_ray.job")
 
-RESCALE_BATCH_BYTES = 64 << 20  # float32 updates sent to the expert sides at once for `rescale`
+RESCALE_BATCH_BYTES = 16 << 20  # float32 updates sent to the expert sides at once for `rescale`
 
 
 @dataclass
@@ -296,10 +296,16 @@ class MergeJob:
         side returns its two products per update, a batch of updates at a time."""
         rs = self.plan.rescale
         # in the model's order: the modules that read one input (q, k, v) follow each other, so
-        # each side forms that input's Gram once (stats.store hands them the same object)
+        # each side reads that input's statistics once (stats.store hands them the same object)
         names = [n for n in names if infos[n].module is not None and len(infos[n].shape) == 2]
         sums: dict[str, tuple[float, float]] = {}
-        batch: list[tuple[str, torch.Tensor]] = []
+        batch: list[tuple[str, torch.Tensor | Thin]] = []
+
+        # every expert a LoRA adapter: the update's rank is at most the sum of theirs (for the
+        # factored methods), so it travels and multiplies in thin form (checked, core.rescale.thin)
+        adapters = self.plan.adapters
+        bound = (sum(max(adapters[e.name]["ranks"], default=0) for e in self.plan.spec.experts)
+                 if len(adapters) == len(self.plan.spec.experts) else None)
 
         def flush() -> None:
             if not batch:
@@ -311,7 +317,7 @@ class MergeJob:
 
         t0 = time.perf_counter()
         for n, d in zip(names, deltas(names)):
-            batch.append((n, d))
+            batch.append((n, d if bound is None else (thin(d, bound + 8) or d)))
             if sum(x.numel() for _, x in batch) * 4 >= RESCALE_BATCH_BYTES:
                 flush()
         flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from esm_ray.core.layerstats import LayerStats
@@ -44,3 +45,23 @@ def test_an_update_that_moves_no_output_keeps_factor_one():
     tau = torch.randn(3, 4, dtype=torch.float64)
     assert least_squares_factor([shift_products(torch.zeros(3, 4), tau, s)]) == 1.0
     assert least_squares_factor([]) == 1.0
+
+
+def test_thin_form_and_factored_task_give_the_dense_products():
+    """M of rank 6 as Q P (core.rescale.thin) and τ as LoRA factors: the products of the dense
+    M and τ, through the rows and through the Gram; a full-rank M is not thinned."""
+    from esm_ray.core.rescale import thin
+
+    g = torch.Generator().manual_seed(2)
+    d_out, d_in = 40, 30
+    m = torch.randn(d_out, 6, generator=g) @ torch.randn(6, d_in, generator=g)
+    b, a = torch.randn(d_out, 4, generator=g), torch.randn(4, d_in, generator=g)
+    tau = b @ a
+    t = thin(m, 8)
+    assert t is not None and t.q.shape == (d_out, 8)
+    assert thin(torch.randn(d_out, d_in, generator=g), 8) is None
+    x = torch.randn(25, d_in, generator=g)
+    for s in (LayerStats(25, x.double().sum(0), rows=x), LayerStats.from_rows(x.double())):
+        want = shift_products(m.double(), tau.double(), s, torch.float64)
+        for got in (shift_products(t, tau, s), shift_products(m, (b, a), s), shift_products(t, (b, a), s)):
+            assert got == pytest.approx(want, rel=1e-5)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esm_ray.core.rescale import thin as rescale_thin
 from esm_ray.errors import SpecError
 from esm_ray.io.reader import open_model
 from esm_ray.runtime import build_plan, run_merge
@@ -101,12 +102,14 @@ def test_rescale_needs_calibration_data(lora_family, tmp_path):
     assert build_plan(spec_from_dict(spec)).rescale is None
 
 
-def test_ray_equals_local_bytes_for_esm_rescaled(lora_family, ray_driver, tmp_path):
-    """ESM's own layer scales, then the rescale, on the Ray expert actors as in one process."""
-    names = ["full_0", "lora_0", "lora_2"]
+@pytest.mark.parametrize("names, rescale", [(["full_0", "lora_0", "lora_2"], {}),  # dense updates
+                                            (["lora_0", "lora_1", "lora_2"], None)])  # ESM's default: thin
+def test_ray_equals_local_bytes_for_esm_rescaled(names, rescale, lora_family, ray_driver, tmp_path):
+    """ESM's own layer scales, then the rescale, on the Ray expert actors as in one process;
+    with adapters only, the updates travel in thin form (core.rescale.Thin)."""
     data = calibration_files(tmp_path / "data", 3, vocab=80)
     for runtime in ("local", "ray"):
-        spec = _spec(lora_family, names, tmp_path / runtime, data, "esm", rescale={}, runtime={"name": runtime})
+        spec = _spec(lora_family, names, tmp_path / runtime, data, "esm", rescale=rescale, runtime={"name": runtime})
         rep = run_merge(spec_from_dict(spec), progress=False).report
         assert rep["executor"] == runtime and rep["rescale"]["factors"]
     assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
@@ -126,14 +129,19 @@ def test_no_adapter_scale_note_once_rescaled(method, lora_family, tmp_path):
                                                            rescale={}))).describe().splitlines())
 
 
-def test_esm_rescales_adapters_by_default(lora_family, tmp_path):
-    """ESM at alpha 1 on adapters only: the rescale runs unasked (plan note, report); `rule: none`
-    or a full expert among them: it does not."""
+def test_esm_rescales_adapters_by_default(lora_family, tmp_path, monkeypatch):
+    """ESM at alpha 1 on adapters only: the rescale runs unasked (plan note, report), its wide
+    updates sent in thin form; `rule: none` or a full expert among them: no rescale."""
+    import esm_ray.runtime.job as job
+
+    thinned = []
+    monkeypatch.setattr(job, "thin", lambda m, k: thinned.append(t := rescale_thin(m, k)) or t)
     data = calibration_files(tmp_path / "data", 2, vocab=80)
     adapters = _spec(lora_family, ["lora_0", "lora_2"], tmp_path / "ad", data, "esm")
     plan = build_plan(spec_from_dict(adapters))
     assert plan.rescale is not None and [n for n in plan.notes if "rescaled by its output-shift" in n]
     assert run_merge(spec_from_dict(adapters), progress=False).report["rescale"]["scope"] == "tensor"
+    assert any(t is not None for t in thinned)  # rank 2 + 3 of 48-wide up_proj outputs: thin
     off = _spec(lora_family, ["lora_0", "lora_2"], tmp_path / "off", data, "esm", rescale={"rule": "none"})
     assert "rescale" not in run_merge(spec_from_dict(off), progress=False).report
     assert any(not torch.equal(a, b) for a, b in zip(_weights(tmp_path / "ad").values(),

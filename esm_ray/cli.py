@@ -79,6 +79,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     from esm_ray.errors import SpecError
     from esm_ray.methods.base import Needs, describe_params
+    from esm_ray.spec import RescaleSpec
 
     rows = [("method", cls) for cls in METHODS.values()] + [("purifier", cls) for cls in PURIFIERS.values()]
 
@@ -97,19 +98,29 @@ def cmd_methods(args: argparse.Namespace) -> int:
             return "routed as themselves (residual_of: base)"
         return "factored" if getattr(cls, "factored", False) else "densified per tensor"
 
+    rescale = ("the spec's `rescale`, after any method: each calibrated linear layer's update times the "
+               "least-squares factor that best reproduces the experts' own output shifts (on by default "
+               "for ESM when every expert is a LoRA adapter)")
     if args.json:
-        print(json.dumps({cls.name: {"kind": kind, "summary": cls.summary, "needs": needs(cls),
-                                     "lora": lora(kind, cls),
-                                     "params": [p.__dict__ for p in describe_params(cls.Params)]}
-                          for kind, cls in rows}, indent=2, default=str))
+        doc = {cls.name: {"kind": kind, "summary": cls.summary, "needs": needs(cls), "lora": lora(kind, cls),
+                          "params": [p.__dict__ for p in describe_params(cls.Params)]} for kind, cls in rows}
+        doc["rescale"] = {"kind": "spec field", "summary": rescale, "needs": ["calibration data"], "lora": None,
+                          "params": [p.__dict__ for p in describe_params(RescaleSpec)]}
+        print(json.dumps(doc, indent=2, default=str))
         return 0
     for kind, cls in sorted(rows, key=lambda r: (r[0] != "method", r[1].name)):
         n = needs(cls)
         tags = [kind] + (["LoRA " + lora(kind, cls)] if kind == "method" else []) + (["needs " + ", ".join(n)] if n else [])
-        print(f"{cls.name}  [{', '.join(tags)}]  {cls.summary}")
-        for p in describe_params(cls.Params):
-            print(f"    {p.name:<18} {p.type:<14} default={p.default!r:<10} {p.description}")
+        _print_entry(cls.name, tags, cls.summary, describe_params(cls.Params))
+    _print_entry("rescale", ["spec field", "needs calibration data"], rescale, describe_params(RescaleSpec))
     return 0
+
+
+def _print_entry(name: str, tags: list[str], summary: str, params: list) -> None:
+    """One entry of `esm-ray methods`: its name, tags and summary, then a line per parameter."""
+    print(f"{name}  [{', '.join(tags)}]  {summary}")
+    for p in params:
+        print(f"    {p.name:<18} {p.type:<14} default={p.default!r:<10} {p.description}")
 
 
 def merge_to_output(spec) -> str:

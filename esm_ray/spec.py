@@ -124,8 +124,11 @@ class RescaleSpec(Frozen):
     method (`core.rescale`): the least-squares c that makes c·ΔW reproduce each expert's output
     shift τ_t X_t on its own calibration rows. `scope`: one c per tensor, or one for all of them."""
 
-    rule: Literal["output_shift", "none"] = "output_shift"  # none: no rescale (ESM's default on adapters off)
-    scope: Literal["tensor", "global"] = "tensor"
+    rule: Literal["output_shift", "none"] = Field(
+        "output_shift", description="output_shift: the least-squares factor; none: no rescale (turns off "
+                                    "ESM's default on adapters)")
+    scope: Literal["tensor", "global"] = Field(
+        "tensor", description="one factor per linear layer's update, or one for all of them")
 
     @property
     def active(self) -> bool:

@@ -87,3 +87,5 @@ def test_methods_listing_states_needs(capsys):
     listing = json.loads(capsys.readouterr().out)
     assert listing["concrete_ta"]["needs"] == ["unlabelled data", "task heads (encoders)"]
     assert listing["esm"]["needs"] == ["calibration data"] and listing["ties"]["needs"] == []
+    assert listing["rescale"]["kind"] == "spec field" and listing["rescale"]["needs"] == ["calibration data"]
+    assert [p["name"] for p in listing["rescale"]["params"]] == ["rule", "scope"]

@@ -62,13 +62,12 @@ def shift_products(merged: Tensor | Thin, task: Tensor | tuple[Tensor, Tensor], 
     """
     if stats.n == 0:
         return 0.0, 0.0
+    # τ = tb · ta (ta None: τ = tb)
+    tb, ta = (task[0].to(dtype), task[1].to(dtype)) if isinstance(task, tuple) else (task.to(dtype), None)
     if isinstance(merged, Thin):  # ⟨Q P C, τ⟩ = ⟨P C, Qᵀτ⟩
-        q, m = merged.q.to(dtype), merged.p.to(dtype)
-        tb, ta = (q.T @ task[0].to(dtype), task[1].to(dtype)) if isinstance(task, tuple) else (q.T @ task.to(dtype), None)
+        m, tb = merged.p.to(dtype), merged.q.to(dtype).T @ tb
     else:
         m = merged.to(dtype)
-        tb, ta = (task[0].to(dtype), task[1].to(dtype)) if isinstance(task, tuple) else (task.to(dtype), None)
-    # τ = tb · ta (ta None: τ = tb)
     if stats.rows is not None:
         x = stats.rows.to(dtype)  # (n, d_in)
         mx = m @ x.T

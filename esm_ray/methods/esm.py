@@ -151,8 +151,12 @@ class ESM(MergeMethod[ESMParams]):
         self._last_factor: tuple[Tensor, Tensor] | None = None  # (Gram, its factor), expert side
 
     # recipe ----------------------------------------------------------------------------------
+    def _default_scale(self) -> bool:
+        """`alpha` 1 and the default `k`: each rank-r adapter is kept whole (see adapters_note)."""
+        return self.params.alpha == 1.0 and self.params.k is None
+
     def adapters_note(self) -> str | None:
-        if self.params.alpha != 1.0 or self.params.k is not None:
+        if not self._default_scale():
             return None
         return (f"`alpha` 1 (the default): {ADAPTER_SCALE_NOTE} (ESM's default recipe doubles it); consider "
                 f"{RESCALE_HINT}, a smaller alpha, or task arithmetic or TSV-M with lambda chosen on validation")
@@ -161,7 +165,7 @@ class ESM(MergeMethod[ESMParams]):
         """At `alpha` 1 and the default `k`, ESM rescales adapters' merges by default: their
         whole update fits in the directions it keeps, and the recipe's scale adds every adapter
         at twice its strength (LoRA LM zoo, README: -830 without, 46 with the rescale)."""
-        return self.params.alpha == 1.0 and self.params.k is None
+        return self._default_scale()
 
     def preset_of(self, info: TensorInfo) -> str:
         p = self.params

@@ -300,6 +300,7 @@ class MergeJob:
         names = [n for n in names if infos[n].module is not None and len(infos[n].shape) == 2]
         sums: dict[str, tuple[float, float]] = {}
         batch: list[tuple[str, torch.Tensor | Thin]] = []
+        held = 0  # float32 entries in the batch
 
         # every expert a LoRA adapter: the update's rank is at most the sum of theirs (for the
         # factored methods), so it travels and multiplies in thin form (checked, core.rescale.thin)
@@ -308,17 +309,21 @@ class MergeJob:
                  if len(adapters) == len(self.plan.spec.experts) else None)
 
         def flush() -> None:
+            nonlocal held
             if not batch:
                 return
             per = self.pool.call("shift_products", [infos[n] for n, _ in batch], [d for _, d in batch])
             for j, (n, _) in enumerate(batch):
                 sums[n] = (sum(p[j][0] for p in per), sum(p[j][1] for p in per))
             batch.clear()
+            held = 0
 
         t0 = time.perf_counter()
         for n, d in zip(names, deltas(names)):
-            batch.append((n, d if bound is None else (thin(d, bound + 8) or d)))
-            if sum(x.numel() for _, x in batch) * 4 >= RESCALE_BATCH_BYTES:
+            sent = d if bound is None else (thin(d, bound + 8) or d)
+            batch.append((n, sent))
+            held += sent.numel()
+            if held * 4 >= RESCALE_BATCH_BYTES:
                 flush()
         flush()
         if rs.scope == "global":

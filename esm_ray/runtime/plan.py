@@ -163,10 +163,15 @@ class MergePlan:
         return "\n".join(lines)
 
 
+def asked_rescale(spec: MergeSpec) -> RescaleSpec | None:
+    """The rescale the spec asks for: its `rescale` unless absent or `rule: none`."""
+    return spec.rescale if spec.rescale is not None and spec.rescale.active else None
+
+
 def plan_needs(spec: MergeSpec, method: MergeMethod, purifier: Purifier | None) -> Needs:
     """What the method, the purifier and `rescale` (calibration statistics) need, together."""
     needs = method.needs() | (purifier.needs() if purifier is not None else Needs())
-    return needs | Needs(stats=True) if spec.rescale is not None and spec.rescale.active else needs
+    return needs | Needs(stats=True) if asked_rescale(spec) is not None else needs
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -282,7 +287,7 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         purifier = build_purifier(spec.purify.name, spec.purify.params, n_experts=t, seed=spec.seed)
     needs = plan_needs(spec, method, purifier)
     what = (f"method {spec.method.name!r}" + (f" with {spec.purify.name}" if spec.purify else "")
-            + (" with `rescale`" if spec.rescale is not None and spec.rescale.active else ""))
+            + (" with `rescale`" if asked_rescale(spec) is not None else ""))
     if spec.slices and (needs.reads_data or method.search_stage or method.output_kind != "static"):
         raise SpecError(f"field `slices`: {what} reads data or builds a routed model; slices take static "
                         "methods that read the weights only")
@@ -366,8 +371,8 @@ def build_plan(spec: MergeSpec, check_output: bool = True) -> MergePlan:
         how = "from its factors" if method.factored else "densified one tensor at a time"
         plan.notes.append(f"{line}: {method.name!r} merges its targets {how}")
     every_adapter = bool(adapters) and len(adapters) == len(spec.experts)
-    if spec.rescale is not None:
-        plan.rescale = spec.rescale if spec.rescale.active else None
+    if spec.rescale is not None:  # asked for, or turned off (`rule: none`)
+        plan.rescale = asked_rescale(spec)
     elif every_adapter and method.rescales_adapters():
         plan.rescale = RescaleSpec()
         plan.notes.append(f"method {method.name!r}, every expert an adapter: each linear layer's update is "

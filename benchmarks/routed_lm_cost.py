@@ -6,7 +6,8 @@ For batch sizes 1 and 8, prompts of `--prompt` tokens (the first tokens of the z
 items, taken round-robin over its columns) are routed by every router the directory has, then
 generated greedily for `--new` tokens with the routed adapters; each timing is the median of
 `--repeat` runs after one warm-up, in this process (one torch thread by default). The table gives each router's
-time per batch and as a share of the generation.
+time per batch and as a share of the generation; `--candidates 2 3 all` times the likelihood
+router with each number of candidate adapters.
 
     .venv/bin/python benchmarks/routed_lm_cost.py DIR --zoo ZOO
 """
@@ -34,6 +35,8 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=128, help="generated tokens (default 128)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--candidates", nargs="+", type=lambda v: None if v == "all" else int(v), default=[None],
+                    help="the likelihood router's candidates per prompt, one row each ('all': every eligible)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,9 +59,12 @@ def main() -> int:
         gen = timed(lambda: lm.generate(ids, mask, tasks=tasks, max_new_tokens=args.new, min_new_tokens=args.new,
                                         do_sample=False), args.repeat)
         for router in lm.routers:
-            t = timed(lambda: lm.route(ids, mask, router), args.repeat)
-            rows.append({"batch": batch, "router": router, "route_s": t, "generate_s": gen,
-                         "share": f"{100 * t / gen:.1f}%"})
+            for m in (args.candidates if router == "likelihood" else [None]):
+                lm.likelihood_candidates = m
+                t = timed(lambda: lm.route(ids, mask, router), args.repeat)
+                name = router if router != "likelihood" or m is None else f"likelihood, {m} candidates"
+                rows.append({"batch": batch, "router": name, "route_s": t, "generate_s": gen,
+                             "share": f"{100 * t / gen:.1f}%"})
     gains = lm.gains.tolist() if lm.gains is not None else None
     print(f"{args.dir.name}: {len(lm.tasks)} tasks, routers {', '.join(lm.routers)}; prompts of {args.prompt} "
           f"tokens, {args.new} generated, {args.threads} thread(s)"

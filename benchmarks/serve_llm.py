@@ -18,7 +18,8 @@ tokens/s over all clients, and the mean decoding batch size the replica saw (GET
     .venv/bin/python benchmarks/serve_llm.py --dir out/routed-lm --zoo ZOO   # prompts from the LM zoo's test items
 
 With --zoo the prompts are the zoo's own test items, so `auto` routes real domain text and
-`mixed` names the adapters in turn.
+`mixed` names the adapters in turn. `--routers prototype likelihood:2` gives one `routed` row per
+router (each its own replica, measured in turn).
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--requests", type=int, default=16, help="requests per (model, concurrency)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the replica")
+    ap.add_argument("--routers", nargs="+", default=[],
+                    help="routed rows with these routers instead of the directory's default, one replica each: "
+                         "prototype, sim, likelihood or likelihood:M (M candidate adapters per prompt)")
     args = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     if args.tiny:
@@ -128,25 +132,31 @@ def main(argv: list[str] | None = None) -> int:
     from esm_ray.serve.llm_backend import adapter_tasks
     from esm_ray.spec import ServeSpec
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2 + len(args.routers), include_dashboard=False, log_to_driver=False)  # a replica asks 1
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     spec = ServeSpec(num_cpus=1, max_ongoing_requests=64)
     opts = LLMOptions(model_dir=str(model_dir), threads=args.threads, max_batch_size=32, batch_wait_timeout_s=0.01)
     serve.run(build_llm(opts, spec, max_queued_requests=-1), name="lm", route_prefix="/lm")
     url = f"http://127.0.0.1:{port}/lm"
+    routed_urls = {}
+    for i, choice in enumerate(args.routers):  # one more replica per router; idle while the others run
+        router, _, m = choice.partition(":")
+        o = opts.model_copy(update={"router": router, "likelihood_candidates": int(m) if m else None})
+        serve.run(build_llm(o, spec, max_queued_requests=-1), name=f"lm{i}", route_prefix=f"/lm{i}")
+        routed_urls[f"routed ({router}" + (f", {m} candidates)" if m else ")")] = f"http://127.0.0.1:{port}/lm{i}"
     tasks = adapter_tasks(model_dir)
     prompts = zoo_prompts(args.zoo, model_dir, args.requests) if args.zoo else None
     rows = {"static": [model_dir.name]}
     if tasks:
         rows |= {"expert": [tasks[0]], "mixed": tasks}
     if (model_dir / "router" / "manifest.json").is_file():
-        rows["routed"] = ["auto"]
+        rows |= {name: ["auto"] for name in routed_urls} if routed_urls else {"routed": ["auto"]}
     print("| model | concurrency | TTFT p50 ms | request p50 ms | tokens/s | mean batch |\n|---|---|---|---|---|---|")
     try:
         for conc in args.concurrency:
             for name, models in rows.items():
-                m = measure(url, models, conc, args.requests, args.max_tokens, prompts)
+                m = measure(routed_urls.get(name, url), models, conc, args.requests, args.max_tokens, prompts)
                 print(f"| {name} | {conc} | {m['ttft_p50_ms']:.0f} | {m['req_p50_ms']:.0f} | {m['tok_s']:.0f} | "
                       f"{m['batch']:.1f} |", flush=True)
     finally:

@@ -203,27 +203,54 @@ def mean_token_loglik(logits: Tensor, input_ids: Tensor, mask: Tensor | None = N
     return (lp * w).sum(1) / w.sum(1).clamp_min(1)
 
 
-def likelihood_route(prototype_scores: Tensor, logliks: Tensor, eligible: Tensor) -> Tensor:
+def likelihood_pairs(prototype_scores: Tensor, eligible: Tensor, m: int | None = None) -> Tensor:
+    """Which (sequence, task) pairs the likelihood router scores with an adapter.
+
+    prototype_scores: (N, T) summed prototype cosines (higher = better)
+    eligible:         (T,) bool, the tasks whose experts model their own task's text better than the base
+    m:                how many eligible tasks to score per sequence: those with the m highest
+                      prototype scores; None (or m ≥ the eligible count) scores every eligible task
+    Returns (N, T) bool: for a sequence whose prototype top-1 is eligible, its m best eligible
+    tasks by prototype score (the top-1 always among them); no task otherwise. Ties between
+    prototype scores go to the lower task index.
+    """
+    if m is not None and m < 1:
+        raise ValueError(f"likelihood candidates must be at least 1 (got {m})")
+    n, t = prototype_scores.shape
+    on = eligible[prototype_scores.argmax(-1)]
+    if m is None or m >= int(eligible.sum()):
+        cand = eligible[None, :].expand(n, t).clone()
+    else:
+        s = prototype_scores.float().masked_fill(~eligible[None, :], float("-inf"))
+        # a stable descending sort: equal scores keep task order, as argmax breaks ties
+        idx = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :m]
+        cand = torch.zeros(n, t, dtype=torch.bool, device=s.device).scatter_(1, idx, True) & eligible[None, :]
+    return cand & on[:, None]
+
+
+def likelihood_route(prototype_scores: Tensor, logliks: Tensor, eligible: Tensor, m: int | None = None) -> Tensor:
     """The likelihood router's scores: the prototype router decides whether a sequence belongs
     to an eligible task (one whose expert models its own task's text better than the base);
-    if so, the eligible task whose expert gives the sequence the highest likelihood wins.
+    if so, of its candidates (`likelihood_pairs`: the m eligible tasks the prototypes rank
+    highest, every eligible task when m is None) the one whose expert gives the sequence the
+    highest likelihood wins.
 
     prototype_scores: (N, T) summed prototype cosines (higher = better)
     logliks:          (N, T) mean token log-likelihood of each sequence under each task's
-                      expert (read only where the sequence's prototype top-1 is eligible, and
-                      there only in eligible columns)
+                      expert (read only at the candidates)
     eligible:         (T,) bool
-    Returns (N, T) scores whose argmax is the route: the log-likelihoods over eligible tasks
-    where the prototype top-1 is eligible; 0 at the prototype top-1 and −inf elsewhere
-    otherwise. A sequence routes as its prototype top-1 when no task is eligible.
+    m:                candidates per sequence, or None for every eligible task
+    Returns (N, T) scores whose argmax is the route: the log-likelihoods at the candidates and
+    −inf elsewhere where the prototype top-1 is eligible; 0 at the prototype top-1 and −inf
+    elsewhere otherwise. A sequence routes as its prototype top-1 when no task is eligible.
     """
     top = prototype_scores.argmax(-1)
+    cand = likelihood_pairs(prototype_scores, eligible, m)
     out = torch.full_like(prototype_scores, float("-inf"))
-    by_ll = eligible[top]
+    by_ll = cand.any(-1)
     rows = by_ll.nonzero().flatten()
     if rows.numel():
-        sub = logliks[rows].float().masked_fill(~eligible[None, :], float("-inf"))
-        out[rows] = sub.to(out.dtype)
+        out[rows] = logliks[rows].float().masked_fill(~cand[rows], float("-inf")).to(out.dtype)
     other = (~by_ll).nonzero().flatten()
     out[other, top[other]] = 0.0
     return out

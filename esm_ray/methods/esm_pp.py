@@ -67,6 +67,10 @@ class RoutedParams(MethodParams):
     likelihood_samples: int = Field(
         16, ge=0, description="causal LMs: rows of each expert's data on which its log-likelihood gain over "
                               "the base is measured, for the likelihood router (0: no likelihood router)")
+    likelihood_candidates: int | None = Field(
+        None, ge=1, description="causal LMs: the likelihood router's adapters per prompt, the eligible tasks the "
+                                "prototypes rank highest (null: every eligible task); stored in the router "
+                                "manifest, `load_routed_lm` may override it")
     residual_of: Literal["auto", "merged", "base"] = Field(
         "auto", description="what each task's routed expert corrects: `merged`, the static merge (the "
                             "routed linears carry the merge, each expert the rank-r residual W_t − W_m); "
@@ -326,7 +330,8 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
                               expert_dtype=p.expert_dtype, layers=layers, routers=routers, sim=sim_meta,
                               heads={}, base_method=p.base_method, base_params=dict(p.base_params),
                               residual_of=self._residual_of(), kept_ranks=self._kept,
-                              likelihood_gains=None if gains is None else dict(zip(self._tasks, gains.tolist())))
+                              likelihood_gains=None if gains is None else dict(zip(self._tasks, gains.tolist())),
+                              likelihood_candidates=p.likelihood_candidates)
         packed = pack_lm(self._tasks, experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man, gains)
         files: dict[str, bytes | BaseWeights] = {rel: v if isinstance(v, bytes) else st_save(v)
                                                  for rel, v in packed.items()}

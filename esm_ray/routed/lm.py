@@ -15,10 +15,11 @@ multi-LoRA engines batch):
   forward of the backbone over the prompt.
 - "likelihood": the prototype pass decides whether the prompt belongs to an *eligible* task, one
   whose adapter models its own task's rows better than the base (a positive gain, measured at
-  merge time); if so, the eligible adapter that gives the prompt the highest mean token
+  merge time); if so, of the `likelihood_candidates` eligible tasks the prototypes rank highest
+  (every eligible task when None), the adapter that gives the prompt the highest mean token
   log-likelihood (its first token included, after the tokenizer's BOS or EOS) wins
   (`core.routing.likelihood_route`). Cost: the prototype pass plus, for such
-  prompts, one prefill of the prompt with each eligible adapter (logits included).
+  prompts, one prefill of the prompt with each candidate adapter (logits included).
 
 Generation runs every sequence with its own adapter in one batch (peft's mixed-adapter batch,
 `adapter_names=`). Prompts are left-padded (attention_mask 0 on the left); position ids of the
@@ -35,7 +36,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from esm_ray.core.routing import cosine_scores, likelihood_route, mean_token_loglik, sim_route, token_mean
+from esm_ray.core.routing import (cosine_scores, likelihood_pairs, likelihood_route, mean_token_loglik,
+                                  sim_route, token_mean)
 from esm_ray.errors import InputError
 from esm_ray.models.hf import base_model
 from esm_ray.routed.format import SIM_BASIS_KEY, SIM_MEAN_KEY, prototype_key
@@ -80,13 +82,18 @@ class RoutedLM:
     router:    the default router ("prototype", "sim" or "likelihood"); `routers` lists those available
     manifest:  router/manifest.json
     gains:     (T,) each task's log-likelihood gain over the base (the likelihood router), or None
+    likelihood_candidates: the likelihood router's adapters per prompt (the eligible tasks the
+               prototypes rank highest), or None for every eligible task
     """
 
     def __init__(self, model: Any, tasks: list[str], adapter_names: dict[str, str], manifest: dict[str, Any],
                  prototypes: dict[str, Tensor], sim: tuple[Tensor, Tensor, bool, bool] | None,
                  backbone: nn.Module | None, tokenizer: Any = None, router: str | None = None,
-                 gains: Tensor | None = None) -> None:
+                 gains: Tensor | None = None, likelihood_candidates: int | None = None) -> None:
+        if likelihood_candidates is not None and likelihood_candidates < 1:
+            raise InputError(f"likelihood_candidates must be at least 1 (got {likelihood_candidates})")
         self.model = model.eval()
+        self.likelihood_candidates = likelihood_candidates
         self.tasks = list(tasks)
         self.adapter_names = dict(adapter_names)
         self.manifest = manifest
@@ -177,16 +184,29 @@ class RoutedLM:
         assert self.gains is not None
         proto = self._prototype_scores(input_ids, mask)
         eligible = (self.gains > 0).to(proto.device)
-        ll = torch.zeros_like(proto)
-        rows = eligible[proto.argmax(-1)].nonzero().flatten()
-        if rows.numel():
-            ids, m = _prefixed(input_ids[rows], mask[rows], self._prefix_token())
-            for t in eligible.nonzero().flatten().tolist():
-                names = [self.adapter_names[self.tasks[t]]] * len(rows)
-                logits = self.model(input_ids=ids, attention_mask=m, position_ids=_positions(m),
+        m = self.likelihood_candidates
+        return likelihood_route(proto, self.logliks(input_ids, mask, likelihood_pairs(proto, eligible, m)),
+                                eligible, m)
+
+    @torch.no_grad()
+    def logliks(self, input_ids: Tensor, mask: Tensor, pairs: Tensor) -> Tensor:
+        """Mean token log-likelihood of each sequence under each task's adapter, its first token
+        scored after the prefix token (`_prefix_token`), where `pairs` (B, T) bool is set; 0
+        elsewhere. The pairs run as mixed-adapter batches of at most B sequences. (B, T) float32."""
+        ll = torch.zeros(pairs.shape, dtype=torch.float32, device=input_ids.device)
+        rows, tasks = pairs.nonzero(as_tuple=True)
+        if not rows.numel():
+            return ll
+        ids, m = _prefixed(input_ids, mask, self._prefix_token())
+        step = input_ids.shape[0]
+        with self._lock:
+            for s in range(0, rows.numel(), step):
+                r, t = rows[s:s + step], tasks[s:s + step]
+                names = [self.adapter_names[self.tasks[i]] for i in t.tolist()]
+                logits = self.model(input_ids=ids[r], attention_mask=m[r], position_ids=_positions(m[r]),
                                     adapter_names=names, use_cache=False).logits
-                ll[rows, t] = mean_token_loglik(logits, ids, m).to(ll.device)
-        return likelihood_route(proto, ll, eligible)
+                ll[r.to(ll.device), t.to(ll.device)] = mean_token_loglik(logits, ids[r], m[r]).to(ll.device)
+        return ll
 
     def _prefix_token(self) -> int:
         """The token a prompt's likelihood is conditioned on (as the zoo's scorer conditions a
@@ -302,9 +322,11 @@ def _check_adapter(d: Path, rel: str, modules: list[str]) -> Path:
 
 
 def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   router: str | None = None, s3=None) -> RoutedLM:
+                   router: str | None = None, likelihood_candidates: int | None = None, s3=None) -> RoutedLM:
     """Load a routed causal-LM directory (local or s3://): the merged base with every adapter
-    (peft), the router state, the SiM backbone when stored, the tokenizer when present."""
+    (peft), the router state, the SiM backbone when stored, the tokenizer when present.
+    likelihood_candidates: the likelihood router's adapters per prompt; None takes the
+    manifest's (`esm_pp`'s `likelihood_candidates` at merge time; absent: every eligible task)."""
     from transformers import AutoModelForCausalLM
 
     from esm_ray.routed.load import local_dir, sim_router
@@ -344,6 +366,7 @@ def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
         tokenizer = AutoTokenizer.from_pretrained(str(d))
     sim_state = (sim.means.to(device), sim.bases.to(device), sim.normalize, sim.relative) if sim is not None else None
     lm = RoutedLM(model.to(device), list(man["tasks"]), names, man, protos, sim_state,
-                  backbone.to(device) if backbone is not None else None, tokenizer, router, gains)
+                  backbone.to(device) if backbone is not None else None, tokenizer, router, gains,
+                  likelihood_candidates if likelihood_candidates is not None else man.get("likelihood_candidates"))
     lm.source_dir = d
     return lm

@@ -42,17 +42,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_input_chars": args.max_input_chars}.items() if v is not None}
     spec = ServeSpec.model_validate({**base.model_dump(), **updates})
     llm = is_causal_lm_dir(args.dir)
+    if args.likelihood_candidates is not None and args.likelihood_candidates < 1:
+        raise SpecError(f"--likelihood-candidates must be at least 1 (got {args.likelihood_candidates})")
     opts: LLMOptions | ServeOptions
     if llm:
-        if args.head or args.router:
-            raise SpecError(f"{args.dir} is a causal LM: --head and --router are for routed encoders "
-                            "(a causal LM's router is its router/ directory, asked with model: auto)")
+        if args.head or args.router in ("oracle", "none"):
+            raise SpecError(f"{args.dir} is a causal LM: --head and --router oracle|none are for routed encoders "
+                            "(a causal LM routes `model: auto` with prototype, sim or likelihood)")
         opts = LLMOptions(model_dir=args.dir, served_name=args.served_name, max_batch_size=spec.max_batch_size,
                           batch_wait_timeout_s=spec.batch_wait_timeout_s,
                           max_waiting=args.max_waiting or 8 * spec.max_batch_size,
                           max_inputs_per_request=spec.max_inputs_per_request, max_body_bytes=spec.max_body_bytes,
-                          max_input_chars=spec.max_input_chars, threads=max(1, int(spec.num_cpus)))
+                          max_input_chars=spec.max_input_chars, threads=max(1, int(spec.num_cpus)),
+                          router=args.router, likelihood_candidates=args.likelihood_candidates)
     else:
+        if args.router == "likelihood" or args.likelihood_candidates is not None:
+            raise SpecError(f"{args.dir} is not a causal LM: the likelihood router is for routed causal LMs")
         opts = ServeOptions(model_dir=args.dir, router=args.router, heads=_heads(args.head or []),
                             max_inputs_per_request=spec.max_inputs_per_request, max_length=args.max_length,
                             max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
@@ -98,7 +103,11 @@ def register(sub) -> None:
                                                        "(default 20000)")
     p.add_argument("--max-length", type=int, default=128,
                    help="tokens per input (longer inputs are truncated; never above the model's position limit)")
-    p.add_argument("--router", choices=["prototype", "sim", "oracle", "none"], help="default router")
+    p.add_argument("--router", choices=["prototype", "sim", "likelihood", "oracle", "none"],
+                   help="default router (causal LM: prototype, sim or likelihood, the router of model: auto)")
+    p.add_argument("--likelihood-candidates", type=int, metavar="M",
+                   help="causal LM, likelihood router: adapters scored per prompt, the M the prototypes rank "
+                        "highest (default: the directory's)")
     p.add_argument("--head", action="append", metavar="TASK=PATH",
                    help="a task head from an expert directory or head file (repeatable)")
     p.add_argument("--served-name", help="causal LM: the merged model's id in the OpenAI API (default: DIR's name)")

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +41,10 @@ class LLMOptions(BaseModel):
     model_dir: str
     served_name: str | None = Field(None, description="the merged model's id (default: the directory's name)")
     router_loader: str = Field("esm_ray.routed.lm:load_routed_lm", description="module:function -> RoutedLM")
+    router: Literal["prototype", "sim", "likelihood"] | None = Field(
+        None, description="the router of `model: auto` (default: the directory's)")
+    likelihood_candidates: int | None = Field(
+        None, ge=1, description="the likelihood router's adapters per prompt (default: the directory's)")
     device: str | None = None
     threads: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1, description="sequences per decoding batch")
@@ -109,7 +113,8 @@ class LLMServer:
         device = self.opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         t0 = time.perf_counter()
         self.backend = LLMBackend(self.opts.model_dir, device=device, served_name=self.opts.served_name,
-                                  router_loader=self.opts.router_loader)
+                                  router_loader=self.opts.router_loader, router=self.opts.router,
+                                  likelihood_candidates=self.opts.likelihood_candidates)
         self.batcher = Batcher(self.backend, max_batch_size=self.opts.max_batch_size,
                                wait_s=self.opts.batch_wait_timeout_s, max_waiting=self.opts.max_waiting,
                                debug_delay_s=self.opts.debug_delay_s, debug_fail_token=self.opts.debug_fail_token)

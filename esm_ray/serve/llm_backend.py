@@ -65,7 +65,16 @@ def _load_router(model_dir: Path, loader: str, **options: Any) -> tuple[Any, str
     import inspect
 
     params = inspect.signature(fn).parameters
+    asked = [k for k in ("router", "likelihood_candidates") if k in options and k not in params]
+    if asked:
+        raise InputError(f"the router loader {loader} takes no {', '.join(asked)}")
     return fn(str(model_dir), **{k: v for k, v in options.items() if k in params}), None
+
+
+def router_choice(router: str | None, likelihood_candidates: int | None) -> dict[str, Any]:
+    """The loader's keyword arguments for a router other than the directory's default."""
+    return {k: v for k, v in {"router": router, "likelihood_candidates": likelihood_candidates}.items()
+            if v is not None}
 
 
 def load_router(model_dir: str | Path, loader: str = DEFAULT_ROUTER_LOADER, **options: Any) -> tuple[Any, str | None]:
@@ -113,7 +122,8 @@ class LLMBackend:
     """Tokenizer, the merged model with every task adapter (peft), the router if any."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", served_name: str | None = None,
-                 router_loader: str = DEFAULT_ROUTER_LOADER, cache: str | Path | None = None) -> None:
+                 router_loader: str = DEFAULT_ROUTER_LOADER, cache: str | Path | None = None,
+                 router: str | None = None, likelihood_candidates: int | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from esm_ray.routed.load import local_dir
@@ -129,7 +139,8 @@ class LLMBackend:
             raise InputError(f"{d}: no usable tokenizer ({err})") from None
         dtype = torch.float32 if device == "cpu" else None  # None: the checkpoint's own dtype
         self.router, self.no_router = _load_router(d, router_loader, device=device,
-                                                   **({"dtype": dtype} if dtype is not None else {}))
+                                                   **({"dtype": dtype} if dtype is not None else {}),
+                                                   **router_choice(router, likelihood_candidates))
         model = _peft_inside(self.router) if self.router is not None else None
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))
         self.adapter_of = adapter_names(self.router, self.tasks)  # task -> the peft adapter's name
@@ -228,4 +239,5 @@ class LLMBackend:
 
 
 __all__ = ["AUTO", "DEFAULT_ROUTER_LOADER", "LLMBackend", "adapter_tasks", "is_causal_lm_dir", "load_router",
+           "router_choice",
            "route_prompts"]

@@ -18,7 +18,7 @@ cluster/serve-llm.yaml.
 
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +41,10 @@ class FrontOptions(BaseModel):
     upstream: str = Field(description="base URL of the engine's OpenAI app, e.g. http://127.0.0.1:8000/llm")
     base_model_id: str = Field(description="the engine's model id for the merged base (LLMConfig model_id)")
     router_loader: str = "esm_ray.routed.lm:load_routed_lm"
+    router: Literal["prototype", "sim", "likelihood"] | None = Field(
+        None, description="the router of `model: auto` (default: the directory's)")
+    likelihood_candidates: int | None = Field(
+        None, ge=1, description="the likelihood router's adapters per prompt (default: the directory's)")
     device: str | None = Field(None, description="where the router runs (default: cuda when the replica has one)")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     timeout_s: float = Field(600.0, gt=0)
@@ -76,7 +80,7 @@ class RouterFront:
         from transformers import AutoTokenizer
 
         from esm_ray.routed.load import local_dir
-        from esm_ray.serve.llm_backend import adapter_names, adapter_tasks, load_router
+        from esm_ray.serve.llm_backend import adapter_names, adapter_tasks, load_router, router_choice
 
         import torch
 
@@ -85,7 +89,8 @@ class RouterFront:
         d = local_dir(self.opts.model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
         self.router, self.no_router = load_router(d, self.opts.router_loader, device=device,
-                                                  **({"dtype": torch.float32} if device == "cpu" else {}))
+                                                  **({"dtype": torch.float32} if device == "cpu" else {}),
+                                                  **router_choice(self.opts.router, self.opts.likelihood_candidates))
         self.device = device
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))
         self.adapter_of = adapter_names(self.router, self.tasks)  # the engine loads adapters/<name>

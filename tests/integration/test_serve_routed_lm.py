@@ -66,3 +66,26 @@ def test_auto_in_one_batch_equals_routed_lm_generate_alone(routed_lm_dir):
         want = want[:next((i for i, x in enumerate(want) if x in backend.eos_ids), len(want))]
         assert (task, tokens) == (want_task, want)
     assert [t for t, _ in got] == [TASKS[t] for t in range(3) for _ in range(3)]  # each domain to its expert
+
+
+def test_the_service_takes_the_likelihood_router_and_its_candidates(routed_lm_dir, tmp_path):
+    """LLMOptions' router and likelihood_candidates reach the loaded router: `auto` prompts
+    route as RoutedLM with the same choice routes them; a loader that cannot take the choice,
+    and a causal LM asked for an encoder-only router, are refused by name."""
+    from esm_ray.cli import main
+    from esm_ray.errors import InputError
+    from esm_ray.routed.lm import load_routed_lm
+    from esm_ray.serve.llm_backend import LLMBackend, route_prompts
+    from tests.methods.test_routed_lm import TASKS, _rows
+
+    backend = LLMBackend(routed_lm_dir, router="likelihood", likelihood_candidates=2)
+    assert (backend.router.router, backend.router.likelihood_candidates) == ("likelihood", 2)
+    rows = [r for t in range(3) for r in _rows(t, 4, seed=300 + t)]
+    lm = load_routed_lm(routed_lm_dir, router="likelihood", likelihood_candidates=2)
+    want = [lm.route(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))[0] for r in rows]
+    assert route_prompts(backend.router, rows, TASKS, pad_id=0) == want
+    with pytest.raises(InputError, match="takes no router"):
+        LLMBackend(routed_lm_dir, router="likelihood",
+                   router_loader="tests.fixtures.lm_dir:load_first_word_router")
+    for bad in (["--router", "oracle"], ["--likelihood-candidates", "0"]):
+        assert main(["serve", str(routed_lm_dir), "--host", "127.0.0.1", *bad]) == 2

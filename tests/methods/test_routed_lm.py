@@ -206,6 +206,22 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
     best = [TASKS[i] for i in ll[:, :2].argmax(1).tolist()]
     assert got == [p if p == "gamma" else b for p, b in zip(proto, best)]
 
+    # two candidates: the two tasks the prototypes rank highest; the adapters' likelihoods of
+    # only those pairs are computed (mixed-adapter batches), and they are the peft models'
+    lm.gains = torch.ones(3)
+    lm.likelihood_candidates = 2
+    scores = lm.scores(ids, mask, "prototype")
+    two = scores.argsort(dim=1, descending=True, stable=True)[:, :2]
+    pairs = torch.zeros(len(rows), 3, dtype=torch.bool).scatter_(1, two, True)
+    got_ll = lm.logliks(ids, mask, pairs)
+    assert torch.allclose(got_ll[pairs], ll[pairs].float(), atol=1e-4)
+    assert (got_ll[~pairs] == 0).all()
+    want = [TASKS[max(c.tolist(), key=lambda t: float(ll[i, t]))] for i, c in enumerate(two)]
+    assert lm.route(ids, mask, "likelihood") == want
+    assert want != [TASKS[i] for i in ll.argmax(1).tolist()]  # the candidates matter on these rows
+    lm.likelihood_candidates = 1  # one candidate is the prototype router
+    assert lm.route(ids, mask, "likelihood") == lm.route(ids, mask, "prototype")
+
 
 def test_generate_holds_the_routed_adapter_for_every_token(lms):
     """Greedy generate equals a step-by-step argmax over forced-task logits of the growing sequence."""

@@ -280,6 +280,36 @@ def test_likelihood_route_keeps_ineligible_prototype_choices():
     assert likelihood_route(proto, ll, torch.zeros(3, dtype=torch.bool)).argmax(-1).tolist() == [0, 1, 2, 1]
 
 
+def test_likelihood_pairs_are_the_prototypes_best_eligible_tasks():
+    from esm_ray.core.routing import likelihood_pairs, likelihood_route
+
+    g = torch.Generator().manual_seed(0)
+    proto = torch.rand(40, 6, generator=g)
+    proto[0] = torch.tensor([0.5, 0.5, 0.5, 0.1, 0.5, 0.0])  # ties go to the lower index
+    ll = -torch.rand(40, 6, generator=g) * 5
+    eligible = torch.tensor([True, False, True, True, True, False])
+    for m in (1, 2, 3, None):
+        cand = likelihood_pairs(proto, eligible, m)
+        got = likelihood_route(proto, ll, eligible, m).argmax(-1).tolist()
+        for i in range(40):
+            top = max(range(6), key=lambda t: (float(proto[i, t]), -t))
+            if not eligible[top]:
+                want_cand, want = [], top
+            else:  # the m eligible tasks ranked highest by prototype score, then the best likelihood
+                ranked = sorted((t for t in range(6) if eligible[t]), key=lambda t: (-float(proto[i, t]), t))
+                want_cand = sorted(ranked if m is None else ranked[:m])
+                want = max(want_cand, key=lambda t: float(ll[i, t]))
+                assert top in want_cand
+            assert cand[i].nonzero().flatten().tolist() == want_cand, (m, i)
+            assert got[i] == want, (m, i)
+    assert likelihood_pairs(proto, eligible, 2)[0].nonzero().flatten().tolist() == [0, 2]
+    # m = 1 is the prototype router; m at least the eligible count is every eligible task
+    assert likelihood_route(proto, ll, eligible, 1).argmax(-1).equal(proto.argmax(-1))
+    assert likelihood_pairs(proto, eligible, 4).equal(likelihood_pairs(proto, eligible, None))
+    with pytest.raises(ValueError, match="at least 1"):
+        likelihood_pairs(proto, eligible, 0)
+
+
 def test_prefixed_puts_the_token_just_before_each_first_real_token():
     from esm_ray.routed.lm import _prefixed
 

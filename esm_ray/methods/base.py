@@ -132,6 +132,8 @@ class SupportInputs:
     base_bytes: the bytes of the base's tensors
     gain:       a causal LM expert's mean next-token log-likelihood gain over the base on its
                 first `support_gain_samples()` rows (nats per token), when the method asks
+    base_means: the pretrained base's mean input of every linear layer over the expert's
+                calibration rows, {module: (d_in,)}, when `support_base_means()` asks
     """
 
     head: bytes | None = None
@@ -140,6 +142,7 @@ class SupportInputs:
     base_uri: str = ""
     base_bytes: int = 0
     gain: float | None = None
+    base_means: dict[str, Tensor] | None = None
 
 
 class BaseWeights:
@@ -481,6 +484,11 @@ class MergeMethod(Parametrised[P]):
         """On a causal LM, how many of each expert's rows the runtime scores under the expert and
         under the base for `SupportInputs.gain` (0: none)."""
         return 0
+
+    def support_base_means(self) -> bool:
+        """Whether the runtime runs the base over each expert's calibration rows for
+        `SupportInputs.base_means` (prototypes in the base's feature space)."""
+        return False
 
     def support_part(self, ctx: ExpertContext, inputs: SupportInputs) -> Any:
         """Expert side: what the coordinator needs from this expert before merging (the task

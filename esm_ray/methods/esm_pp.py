@@ -71,6 +71,12 @@ class RoutedParams(MethodParams):
         None, ge=1, description="causal LMs: the likelihood router's adapters per prompt, the eligible tasks the "
                                 "prototypes rank highest (null: every eligible task); stored in the router "
                                 "manifest, `load_routed_lm` may override it")
+    prototypes: Literal["auto", "expert", "base"] = Field(
+        "auto", description="where each task's router prototypes (mean input per routed layer over its "
+                            "calibration rows) come from: `expert`, its own fine-tuned model (ESM++ as "
+                            "published); `base`, the pretrained base, the model the router pass runs when "
+                            "`residual_of` is base (one more base pass over each expert's rows); `auto`: "
+                            "`base` when `residual_of` settles on base, else `expert`")
     residual_of: Literal["auto", "merged", "base"] = Field(
         "auto", description="what each task's routed expert corrects: `merged`, the static merge (the "
                             "routed linears carry the merge, each expert the rank-r residual W_t − W_m); "
@@ -171,6 +177,14 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         """`residual_of` as settled for this job: 'base' or 'merged'."""
         return "base" if self._on_base else "merged"
 
+    def _prototypes(self) -> str:
+        """`prototypes` as settled for this job: 'base' or 'expert'."""
+        p = self.params.prototypes
+        return p if p != "auto" else ("base" if self._on_base else "expert")
+
+    def support_base_means(self) -> bool:
+        return self._prototypes() == "base"
+
     def _keeps_base(self, info: TensorInfo) -> bool:
         """Whether this tensor is a routed linear that keeps the base's weight (residual_of base)."""
         return self._on_base and self.post_applies(info)
@@ -256,7 +270,14 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         module = info.module
         assert module is not None
         self._experts[module] = [(p.B, p.A) for p in parts]
-        self._protos[module] = torch.stack([p.prototype for p in parts])
+        if self._prototypes() == "base":
+            means = [s.base_means for s in self._support]
+            bad = [t for t, m in zip(self._tasks, means) if m is None or module not in m]
+            if bad:
+                raise RuntimeError(f"{self.name}: no base mean input of layer {module!r} from expert {bad[0]!r}")
+            self._protos[module] = torch.stack([m[module] for m in means if m is not None])
+        else:
+            self._protos[module] = torch.stack([p.prototype for p in parts])
         self._kept[module] = [p.kept for p in parts]
 
     # ---- output --------------------------------------------------------------------------------
@@ -310,7 +331,7 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
                               expert_dtype=p.expert_dtype, layers=layers, routers=self.routers(), sim=sim_meta,
                               heads=heads, base_method=p.base_method,
                               base_params=dict(p.base_params), residual_of=self._residual_of(),
-                              kept_ranks=self._kept, sizes=sizes)
+                              prototypes=self._prototypes(), kept_ranks=self._kept, sizes=sizes)
         files[MANIFEST_FILE] = json.dumps(man, indent=2).encode()
         return files
 
@@ -329,8 +350,8 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
         man = routed_manifest(method=self.name, tasks=self._tasks, router=self.router_kind, rank=rank,
                               expert_dtype=p.expert_dtype, layers=layers, routers=routers, sim=sim_meta,
                               heads={}, base_method=p.base_method, base_params=dict(p.base_params),
-                              residual_of=self._residual_of(), kept_ranks=self._kept,
-                              likelihood_gains=None if gains is None else dict(zip(self._tasks, gains.tolist())),
+                              residual_of=self._residual_of(), prototypes=self._prototypes(),
+                              kept_ranks=self._kept, likelihood_gains=None if gains is None else dict(zip(self._tasks, gains.tolist())),
                               likelihood_candidates=p.likelihood_candidates)
         packed = pack_lm(self._tasks, experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man, gains)
         files: dict[str, bytes | BaseWeights] = {rel: v if isinstance(v, bytes) else st_save(v)

@@ -50,7 +50,8 @@ ROUTING_RULES = {
            "against each task's SiM subspace; top-1 task; held for every generated token",
     "likelihood": "the prototype router's pass; when its top-1 task is one whose adapter models its own "
                   "task's text better than the base (a positive gain measured at merge time), one "
-                  "prefill of the prompt per such adapter and the one giving the prompt the highest "
+                  "prefill of the prompt per such adapter (or per each of the likelihood_candidates such "
+                  "adapters the prototypes rank highest) and the one giving the prompt the highest "
                   "mean token log-likelihood wins; otherwise the prototype top-1; held for every "
                   "generated token",
 }

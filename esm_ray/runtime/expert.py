@@ -310,7 +310,7 @@ class ExpertSide:
         part, from its task head and, when the method asks, pooled backbone features of its rows."""
         from esm_ray.models.heads import read_expert_head
         from esm_ray.models.hf import is_causal_lm
-        from esm_ray.runtime.support import likelihood_gain, support_features
+        from esm_ray.runtime.support import base_input_means, likelihood_gain, support_features
 
         ctx = ExpertContext(self.index, self.expert.name, self.expert.weight, self.expert.density)
         head, labels = read_expert_head(self.model)
@@ -321,8 +321,15 @@ class ExpertSide:
         if gain is not None:
             log.info("expert %s: log-likelihood gain over the base on %d of its rows: %+.3f nats/token",
                      self.expert.name, g, gain)
+        means = None
+        if self.method.support_base_means():
+            t0 = time.perf_counter()
+            means = base_input_means(self.spec, self.index)
+            log.info("expert %s: the base's mean inputs of %d layers on its calibration rows in %.1fs",
+                     self.expert.name, len(means), time.perf_counter() - t0)
         base_bytes = sum(self.base.info(k).nbytes for k in self.base.keys())
-        return self.method.support_part(ctx, SupportInputs(head, labels, feats, self.spec.base, base_bytes, gain))
+        return self.method.support_part(ctx, SupportInputs(head, labels, feats, self.spec.base, base_bytes, gain,
+                                                           means))
 
     # -- search stage (Concrete, AdaMerging): this expert's task entropy and its gradient ---
     def _searcher(self):

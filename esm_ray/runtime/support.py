@@ -1,6 +1,7 @@
 """What the runtime reads on an expert's side for a method's support stage (routed methods): the
-task head, for SiM pooled features of the pretrained backbone on the expert's rows, and for a
-causal LM's likelihood router the expert's log-likelihood gain over the base on them."""
+task head, for SiM pooled features of the pretrained backbone on the expert's rows, for
+prototypes of the base the base's mean layer inputs on them, and for a causal LM's likelihood
+router the expert's log-likelihood gain over the base on them."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from esm_ray.core.routing import mean_token_loglik
 from esm_ray.errors import InputError
 from esm_ray.models.blocks import BlockModel, layerwise_blocks
 from esm_ray.models.features import pooled_features
-from esm_ray.models.hf import StoredModel
-from esm_ray.models.text import encode_rows, make_batches
+from esm_ray.models.hf import StoredModel, base_model
+from esm_ray.models.text import encode_rows, forward_kwargs, make_batches
 from esm_ray.spec import MergeSpec
 from esm_ray.stats.data import load_calibration_rows
 from esm_ray.stats.layerwise import calibrate_layerwise
@@ -63,6 +64,53 @@ def support_features(spec: MergeSpec, index: int, samples: int, batch_size: int 
         return torch.cat(feats).float()
     finally:
         base.close()
+
+
+@torch.no_grad()
+def base_input_means(spec: MergeSpec, index: int, batch_size: int = 8) -> dict[str, Tensor]:
+    """The pretrained base's mean input of every linear layer over expert `index`'s calibration
+    rows (the same draw: `calibration.samples`, seed and max_length), averaged over non-padding
+    token rows as calibration's s1 / n is: {checkpoint module name: (d_in,) float32}. With
+    `residual_of: base` these are the inputs the prototype router's pass sees, so they are the
+    prototypes that match it (ESM++'s `prototypes: base`)."""
+    from esm_ray.stats.calibrate import _checkpoint_names
+    from esm_ray.stats.hooks import in_features, linear_modules
+
+    ids, pad = _support_ids(spec, index, spec.calibration.samples, "the base's prototypes")
+    base = StoredModel(spec.base, spec.s3)
+    try:
+        model = base.load(torch.float32, "cpu")
+        names = _checkpoint_names(model, list(linear_modules(model)), set(base.reader.keys()))
+    finally:
+        base.close()
+    mods = linear_modules(model)
+    s1 = {n: torch.zeros(in_features(m), dtype=torch.float64) for n, m in mods.items()}
+    count = dict.fromkeys(mods, 0)
+    mask: Tensor | None = None
+
+    def hook(name: str):
+        def pre(_mod: torch.nn.Module, args: tuple) -> None:
+            x = args[0].detach().double()
+            if x.ndim == 3 and mask is not None and mask.shape == x.shape[:2]:  # token rows, padding out
+                keep = mask.to(torch.bool)
+                s1[name] += x[keep].sum(0)
+                count[name] += int(keep.sum())
+            else:
+                s1[name] += x.reshape(-1, x.shape[-1]).sum(0)
+                count[name] += x.reshape(-1, x.shape[-1]).shape[0]
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    run = base_model(model) or model  # a causal LM's decoder: its head's input is not a routed layer
+    try:
+        for b_ids, b_mask in make_batches(ids, batch_size, pad):
+            mask = b_mask
+            run(input_ids=b_ids, attention_mask=b_mask, **forward_kwargs(run))
+    finally:
+        for h in handles:
+            h.remove()
+    del model
+    return {names[n]: (s1[n] / max(count[n], 1)).float() for n in mods if count[n]}
 
 
 @torch.no_grad()

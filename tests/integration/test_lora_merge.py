@@ -429,6 +429,55 @@ def test_routed_merge_of_adapters_routes_each_adapter_as_itself(lora_family, tmp
                 assert not d.any(), (i, k)
 
 
+def _mean_inputs(model, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """{routed linear: its mean input over every token of the rows}, each row run alone
+    through the decoder (transformers' model, forward pre-hooks)."""
+    sums: dict[str, torch.Tensor] = {m: 0 for m in ROUTED}
+    count = 0
+    hooks = [model.get_submodule(m).register_forward_pre_hook(
+        lambda _mod, args, m=m: sums.__setitem__(m, sums[m] + args[0][0].double().sum(0))) for m in ROUTED]
+    with torch.no_grad():
+        for r in rows:
+            model.model(input_ids=torch.tensor([r]))
+            count += len(r)
+    for h in hooks:
+        h.remove()
+    return {m: v / count for m, v in sums.items()}
+
+
+def test_routed_prototypes_of_adapters_come_from_the_base(lora_family, tmp_path):
+    """With residual_of base (adapters only) the prototype router's pass runs the base, so each
+    task's prototypes (`prototypes: auto` -> base) are the base's mean inputs of the routed
+    linears over that task's calibration rows; `prototypes: expert` keeps ESM++'s own, the
+    adapted model's mean inputs on them."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from esm_ray.routed.format import prototype_key
+    from esm_ray.spec import CalibrationSpec
+    from esm_ray.stats.data import load_calibration_rows
+    from tests.builders import TEST_CALIBRATION
+
+    ads = [lora_family["lora_0"], lora_family["lora_2"]]
+    spec = _routed_spec(lora_family["base"], ads, tmp_path / "base", tmp_path)
+    _merge(spec)
+    _merge(_routed_spec(lora_family["base"], ads, tmp_path / "expert", tmp_path, prototypes="expert"))
+    settings = CalibrationSpec(**TEST_CALIBRATION)
+    rows = [[r["input_ids"] for r in load_calibration_rows(e["data"], settings.samples, settings.seed)]
+            for e in spec["experts"]]
+    base = LlamaForCausalLM.from_pretrained(lora_family["base"]).eval()
+    for kind in ("base", "expert"):
+        assert json.loads((tmp_path / kind / "router" / "manifest.json").read_text())["prototypes"] == kind
+        state = load_file(tmp_path / kind / "router" / "router.safetensors")
+        for t, ad in enumerate(ads):
+            model = base if kind == "base" else _peft_model(lora_family["base"], [ad]).merge_and_unload().eval()
+            want = _mean_inputs(model, rows[t])
+            for m in ROUTED:
+                assert _rel(state[prototype_key(m)][t].double(), want[m]) < 1e-5, (kind, t, m)
+    a, b = (load_file(tmp_path / k / "router" / "router.safetensors") for k in ("base", "expert"))
+    assert max(_rel(a[prototype_key(m)], b[prototype_key(m)]) for m in ROUTED) > 1e-2  # the choice matters
+
+
 def test_routed_merge_of_mixed_experts(lora_family, tmp_path):
     """A full expert among the adapters: `auto` keeps ESM++'s residuals against the merge (the
     routed linears carry it); `residual_of: base` routes the adapters as themselves and the full

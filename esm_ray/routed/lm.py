@@ -192,9 +192,11 @@ class RoutedLM:
     def logliks(self, input_ids: Tensor, mask: Tensor, pairs: Tensor) -> Tensor:
         """Mean token log-likelihood of each sequence under each task's adapter, its first token
         scored after the prefix token (`_prefix_token`), where `pairs` (B, T) bool is set; 0
-        elsewhere. The pairs run as mixed-adapter batches of at most B sequences. (B, T) float32."""
+        elsewhere. The pairs run task by task in batches of at most B sequences (a batch mixes
+        adapters only where one task's rows end), so each LoRA layer runs few adapters per batch.
+        (B, T) float32."""
         ll = torch.zeros(pairs.shape, dtype=torch.float32, device=input_ids.device)
-        rows, tasks = pairs.nonzero(as_tuple=True)
+        tasks, rows = pairs.T.nonzero(as_tuple=True)
         if not rows.numel():
             return ll
         ids, m = _prefixed(input_ids, mask, self._prefix_token())

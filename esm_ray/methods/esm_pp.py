@@ -68,9 +68,9 @@ class RoutedParams(MethodParams):
         16, ge=0, description="causal LMs: rows of each expert's data on which its log-likelihood gain over "
                               "the base is measured, for the likelihood router (0: no likelihood router)")
     likelihood_candidates: int | None = Field(
-        None, ge=1, description="causal LMs: the likelihood router's adapters per prompt, the eligible tasks the "
-                                "prototypes rank highest (null: every eligible task); stored in the router "
-                                "manifest, `load_routed_lm` may override it")
+        2, ge=1, description="causal LMs: the likelihood router's adapters per prompt, the eligible tasks the "
+                             "prototypes rank highest (null: every eligible task); stored in the router "
+                             "manifest, `load_routed_lm` and `esm-ray serve` may override it")
     prototypes: Literal["auto", "expert", "base"] = Field(
         "auto", description="where each task's router prototypes (mean input per routed layer over its "
                             "calibration rows) come from: `expert`, its own fine-tuned model (ESM++ as "

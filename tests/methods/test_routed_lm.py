@@ -191,6 +191,9 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
         assert abs(man["likelihood_gains"][task] - want) < 1e-4, task
 
     lm = load_routed_lm(out)
+    assert man["likelihood_candidates"] == lm.likelihood_candidates == 2  # the merge's default
+    assert load_routed_lm(out, likelihood_candidates=3).likelihood_candidates == 3
+    lm.likelihood_candidates = None  # every eligible adapter
     lm.gains = torch.ones(3)  # every task eligible: the likelihoods decide every row
     rows, _ = _held_out()
     ids, mask = _left(rows)

@@ -80,10 +80,10 @@ def base_input_means(spec: MergeSpec, index: int, batch_size: int = 8) -> dict[s
     base = StoredModel(spec.base, spec.s3)
     try:
         model = base.load(torch.float32, "cpu")
-        names = _checkpoint_names(model, list(linear_modules(model)), set(base.reader.keys()))
+        mods = linear_modules(model)
+        names = _checkpoint_names(model, list(mods), set(base.reader.keys()))
     finally:
         base.close()
-    mods = linear_modules(model)
     s1 = {n: torch.zeros(in_features(m), dtype=torch.float64) for n, m in mods.items()}
     count = dict.fromkeys(mods, 0)
     mask: Tensor | None = None
@@ -92,12 +92,10 @@ def base_input_means(spec: MergeSpec, index: int, batch_size: int = 8) -> dict[s
         def pre(_mod: torch.nn.Module, args: tuple) -> None:
             x = args[0].detach().double()
             if x.ndim == 3 and mask is not None and mask.shape == x.shape[:2]:  # token rows, padding out
-                keep = mask.to(torch.bool)
-                s1[name] += x[keep].sum(0)
-                count[name] += int(keep.sum())
-            else:
-                s1[name] += x.reshape(-1, x.shape[-1]).sum(0)
-                count[name] += x.reshape(-1, x.shape[-1]).shape[0]
+                x = x[mask.to(torch.bool)]
+            x = x.reshape(-1, x.shape[-1])
+            s1[name] += x.sum(0)
+            count[name] += x.shape[0]
         return pre
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]

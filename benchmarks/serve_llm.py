@@ -9,6 +9,7 @@ fixed length is not possible through the API, so the table reports the tokens ac
   expert   one task's adapter (`model: <task>`)
   routed   the router picks the adapter (`model: auto`; only when the directory has a router)
   mixed    each client thread names a different task: heterogeneous adapters in one batch
+  mixed (peft)  the same, on a replica decoding with peft's mixed-adapter batch (--peft-row)
 
 at each concurrency (default 1 and 8): p50 time to first token, p50 request time, generated
 tokens/s over all clients, and the mean decoding batch size the replica saw (GET /v1/model).
@@ -114,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routers", nargs="+", default=[],
                     help="routed rows with these routers instead of the directory's default, one replica each: "
                          "prototype, sim, likelihood or likelihood:M (M candidate adapters per prompt)")
+    ap.add_argument("--batch-wait-s", type=float, default=0.01,
+                    help="the replica's batch_wait_timeout_s; with wave batching a longer wait (0.25) lets all "
+                         "clients' first requests share the first batch, so rows see the same batch sizes")
+    ap.add_argument("--peft-row", action="store_true",
+                    help="one more `mixed` row on a replica with `adapters: peft` (peft's mixed-adapter batch "
+                         "instead of the stacked adapters)")
     args = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     if args.tiny:
@@ -132,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     from esm_ray.serve.llm_backend import adapter_tasks
     from esm_ray.spec import ServeSpec
 
-    ray.init(num_cpus=2 + len(args.routers), include_dashboard=False, log_to_driver=False)  # a replica asks 1
+    ray.init(num_cpus=2 + len(args.routers) + args.peft_row, include_dashboard=False, log_to_driver=False)  # a replica asks 1
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     spec = ServeSpec(num_cpus=1, max_ongoing_requests=64)
-    opts = LLMOptions(model_dir=str(model_dir), threads=args.threads, max_batch_size=32, batch_wait_timeout_s=0.01)
+    opts = LLMOptions(model_dir=str(model_dir), threads=args.threads, max_batch_size=32,
+                      batch_wait_timeout_s=args.batch_wait_s)
     serve.run(build_llm(opts, spec, max_queued_requests=-1), name="lm", route_prefix="/lm")
     url = f"http://127.0.0.1:{port}/lm"
     routed_urls = {}
@@ -146,12 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(build_llm(o, spec, max_queued_requests=-1), name=f"lm{i}", route_prefix=f"/lm{i}")
         routed_urls[f"routed ({router}" + (f", {m} candidates)" if m else ")")] = f"http://127.0.0.1:{port}/lm{i}"
     tasks = adapter_tasks(model_dir)
+    if args.peft_row and tasks:
+        serve.run(build_llm(opts.model_copy(update={"adapters": "peft"}), spec, max_queued_requests=-1), name="lmp",
+                  route_prefix="/lmp")
+        routed_urls["mixed (peft)"] = f"http://127.0.0.1:{port}/lmp"
     prompts = zoo_prompts(args.zoo, model_dir, args.requests) if args.zoo else None
     rows = {"static": [model_dir.name]}
     if tasks:
         rows |= {"expert": [tasks[0]], "mixed": tasks}
+        rows |= {"mixed (peft)": tasks} if "mixed (peft)" in routed_urls else {}
     if (model_dir / "router" / "manifest.json").is_file():
-        rows |= {name: ["auto"] for name in routed_urls} if routed_urls else {"routed": ["auto"]}
+        routers = [n for n in routed_urls if n.startswith("routed")]
+        rows |= {name: ["auto"] for name in routers} if routers else {"routed": ["auto"]}
     print("| model | concurrency | TTFT p50 ms | request p50 ms | tokens/s | mean batch |\n|---|---|---|---|---|---|")
     try:
         for conc in args.concurrency:

@@ -5,19 +5,20 @@ Routing is per sequence, decided once on the prompt and held for every generated
 one adapter serves a whole request (the KV cache stays consistent, and a request is what
 multi-LoRA engines batch):
 
-- "prototype" (esm_pp): one router pass of the merged base with every adapter disabled and
-  without the LM head; at each routed linear the token mean of its input over the prompt's
-  tokens (padding masked) is scored by cosine against that layer's task prototypes; the scores
-  are summed over the routed layers and the top-1 task wins (ties: the lower task index).
-  Cost: one extra forward of the base over the prompt (no KV cache kept).
+- "prototype" (esm_pp merged without likelihood gains): one router pass of the merged base
+  with every adapter disabled and without the LM head; at each routed linear the token mean of
+  its input over the prompt's tokens (padding masked) is scored by cosine against that layer's
+  task prototypes; the scores are summed over the routed layers and the top-1 task wins (ties:
+  the lower task index). Cost: one extra forward of the base over the prompt (no KV cache kept).
 - "sim": one pass of the pretrained backbone over the prompt; its mean last hidden state is
   scored against the SiM task subspaces (esm_ray.core.routing.sim_route). Cost: one extra
   forward of the backbone over the prompt.
-- "likelihood": the prototype pass decides whether the prompt belongs to an *eligible* task, one
-  whose adapter models its own task's rows better than the base (a positive gain, measured at
-  merge time); if so, of the `likelihood_candidates` eligible tasks the prototypes rank highest
-  (every eligible task when None), the adapter that gives the prompt the highest mean token
-  log-likelihood (its first token included, after the tokenizer's BOS or EOS) wins
+- "likelihood" (esm_pp's default when the merge measured the gains): the prototype pass decides
+  whether the prompt belongs to an *eligible* task, one whose adapter models its own task's rows
+  better than the base (a positive gain, measured at merge time); if so, of the
+  `likelihood_candidates` eligible tasks the prototypes rank highest (every eligible task when
+  None), the adapter that gives the prompt the highest mean token log-likelihood (its first
+  token included, after the tokenizer's BOS or EOS) wins
   (`core.routing.likelihood_route`). Cost: the prototype pass plus, for such
   prompts, one prefill of the prompt with each candidate adapter (logits included).
 
@@ -28,6 +29,7 @@ router pass come from the mask, as in `generate`, so a prompt routes the same al
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,8 +45,11 @@ from esm_ray.models.hf import base_model
 from esm_ray.routed.format import SIM_BASIS_KEY, SIM_MEAN_KEY, prototype_key
 from esm_ray.routed.lm_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, GAIN_KEY, lora_keys, read_lm_manifest,
                                       read_router_state)
+from esm_ray.routed.multi_lora import MultiLoRA
 
 __all__ = ["RoutedLM", "load_routed_lm"]
+
+log = logging.getLogger("esm_ray.routed")
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -84,6 +89,7 @@ class RoutedLM:
     gains:     (T,) each task's log-likelihood gain over the base (the likelihood router), or None
     likelihood_candidates: the likelihood router's adapters per prompt (the eligible tasks the
                prototypes rank highest), or None for every eligible task
+    stacked:   the adapters stacked per layer (MultiLoRA), or None when they cannot be
     """
 
     def __init__(self, model: Any, tasks: list[str], adapter_names: dict[str, str], manifest: dict[str, Any],
@@ -116,6 +122,16 @@ class RoutedLM:
         if not all(hasattr(m, "_disable_adapters") for m in self._adapter_layers):
             raise InputError("this peft version's adapter layers have no `_disable_adapters` flag; "
                              "use peft >= 0.21")
+        # the adapters stacked per layer (esm_ray.routed.multi_lora): the likelihood router's
+        # mixed batches, and the server's decoding; None where peft's own path must run
+        self.stacked, why = MultiLoRA.of(self.model)
+        if why is not None:
+            log.warning("the adapters cannot be stacked (%s): peft's mixed-adapter batch runs them", why)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the router or an adapter choice uses the model's shared modules."""
+        return self._lock
 
     def _has(self, router: str) -> bool:
         if router in ("prototype", "likelihood"):
@@ -194,6 +210,8 @@ class RoutedLM:
         scored after the prefix token (`_prefix_token`), where `pairs` (B, T) bool is set; 0
         elsewhere. The pairs run task by task in batches of at most B sequences (a batch mixes
         adapters only where one task's rows end), so each LoRA layer runs few adapters per batch.
+        With the stacked adapters (`stacked`) a batch mixes adapters at the cost of two batched
+        matmuls per LoRA layer; otherwise peft's mixed-adapter batch runs them.
         (B, T) float32."""
         ll = torch.zeros(pairs.shape, dtype=torch.float32, device=input_ids.device)
         tasks, rows = pairs.T.nonzero(as_tuple=True)
@@ -205,8 +223,12 @@ class RoutedLM:
             for s in range(0, rows.numel(), step):
                 r, t = rows[s:s + step], tasks[s:s + step]
                 names = [self.adapter_names[self.tasks[i]] for i in t.tolist()]
-                logits = self.model(input_ids=ids[r], attention_mask=m[r], position_ids=_positions(m[r]),
-                                    adapter_names=names, use_cache=False).logits
+                inputs = dict(input_ids=ids[r], attention_mask=m[r], position_ids=_positions(m[r]), use_cache=False)
+                if self.stacked is not None:
+                    with self.stacked.rows(names) as model:
+                        logits = model(**inputs).logits
+                else:
+                    logits = self.model(**inputs, adapter_names=names).logits
                 ll[r.to(ll.device), t.to(ll.device)] = mean_token_loglik(logits, ids[r], m[r]).to(ll.device)
         return ll
 

@@ -54,10 +54,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_waiting=args.max_waiting or 8 * spec.max_batch_size,
                           max_inputs_per_request=spec.max_inputs_per_request, max_body_bytes=spec.max_body_bytes,
                           max_input_chars=spec.max_input_chars, threads=max(1, int(spec.num_cpus)),
-                          router=args.router, likelihood_candidates=args.likelihood_candidates)
+                          router=args.router, likelihood_candidates=args.likelihood_candidates,
+                          **({"adapters": args.adapters} if args.adapters else {}))
     else:
         if args.router == "likelihood" or args.likelihood_candidates is not None:
             raise SpecError(f"{args.dir} is not a causal LM: the likelihood router is for routed causal LMs")
+        if args.adapters:
+            raise SpecError(f"{args.dir} is not a causal LM: --adapters is for causal LMs with LoRA adapters")
         opts = ServeOptions(model_dir=args.dir, router=args.router, heads=_heads(args.head or []),
                             max_inputs_per_request=spec.max_inputs_per_request, max_length=args.max_length,
                             max_batch_size=spec.max_batch_size, batch_wait_timeout_s=spec.batch_wait_timeout_s,
@@ -108,6 +111,9 @@ def register(sub) -> None:
     p.add_argument("--likelihood-candidates", type=int, metavar="M",
                    help="causal LM, likelihood router: adapters scored per prompt, the M the prototypes rank "
                         "highest (default: the directory's)")
+    p.add_argument("--adapters", choices=["stacked", "peft"],
+                   help="causal LM: how rows on different adapters share a decoding batch: each LoRA layer's "
+                        "adapters stacked, two batched matmuls per layer (default), or peft's mixed-adapter batch")
     p.add_argument("--head", action="append", metavar="TASK=PATH",
                    help="a task head from an expert directory or head file (repeatable)")
     p.add_argument("--served-name", help="causal LM: the merged model's id in the OpenAI API (default: DIR's name)")

@@ -45,6 +45,9 @@ class LLMOptions(BaseModel):
         None, description="the router of `model: auto` (default: the directory's)")
     likelihood_candidates: int | None = Field(
         None, ge=1, description="the likelihood router's adapters per prompt (default: the directory's)")
+    adapters: Literal["stacked", "peft"] = Field(
+        "stacked", description="how rows on different adapters share a decoding batch: stacked factors "
+                               "(esm_ray.routed.multi_lora) or peft's mixed-adapter batch")
     device: str | None = None
     threads: int | None = Field(None, ge=1)
     max_batch_size: int = Field(32, ge=1, description="sequences per decoding batch")
@@ -114,7 +117,8 @@ class LLMServer:
         t0 = time.perf_counter()
         self.backend = LLMBackend(self.opts.model_dir, device=device, served_name=self.opts.served_name,
                                   router_loader=self.opts.router_loader, router=self.opts.router,
-                                  likelihood_candidates=self.opts.likelihood_candidates)
+                                  likelihood_candidates=self.opts.likelihood_candidates,
+                                  stacked=self.opts.adapters == "stacked")
         self.batcher = Batcher(self.backend, max_batch_size=self.opts.max_batch_size,
                                wait_s=self.opts.batch_wait_timeout_s, max_waiting=self.opts.max_waiting,
                                debug_delay_s=self.opts.debug_delay_s, debug_fail_token=self.opts.debug_fail_token)
@@ -136,6 +140,7 @@ class LLMServer:
     async def model_info(self) -> dict[str, Any]:
         b = self.backend
         return {"model_dir": self.opts.model_dir, "name": b.name, "tasks": b.tasks, "router": b.router is not None,
+                "adapters": "stacked" if b.stacked is not None else ("peft" if b.mixed else None),
                 "max_positions": b.max_positions, "vocab_size": b.vocab_size,
                 "recent_batch_sizes": list(self.batcher.batches), "batches_run": self.batcher.batches_run,
                 "sequences_run": self.batcher.sequences_run, "limits": self.opts.model_dump()}

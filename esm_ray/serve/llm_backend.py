@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 
 from esm_ray.errors import InputError
 from esm_ray.models.hf import is_causal_lm
+from esm_ray.routed.multi_lora import MultiLoRA
 from esm_ray.serve.llm_api import ApiError
 from esm_ray.serve.llm_decode import Row, decode
 
@@ -123,7 +125,8 @@ class LLMBackend:
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", served_name: str | None = None,
                  router_loader: str = DEFAULT_ROUTER_LOADER, cache: str | Path | None = None,
-                 router: str | None = None, likelihood_candidates: int | None = None) -> None:
+                 router: str | None = None, likelihood_candidates: int | None = None,
+                 stacked: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from esm_ray.routed.load import local_dir
@@ -158,6 +161,15 @@ class LLMBackend:
         if self.mixed and missing:
             raise InputError(f"{d}: no adapter for task(s) {', '.join(missing)} (the router names them; "
                              f"{ADAPTERS_DIR}/ has {', '.join(adapter_tasks(d)) or 'none'})")
+        self.stacked: MultiLoRA | None = None  # the adapters stacked per layer: the fast decoding path
+        if self.mixed and stacked:
+            if self.router is not None and getattr(self.router, "stacked", None) is not None:
+                self.stacked, why = self.router.stacked, None  # the router's model: stacked once
+            else:
+                self.stacked, why = MultiLoRA.of(self.model)
+            if why is not None:
+                log.warning("%s: decoding with peft's mixed-adapter batch (the adapters cannot be stacked: %s)",
+                            d.name, why)
         cfg = self.model.config if not self.mixed else self.model.get_base_model().config
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
         self.vocab_size = int(cfg.vocab_size)
@@ -232,10 +244,16 @@ class LLMBackend:
         return route_prompts(self.router, prompts, self.tasks, pad_id=self.pad_id, device=self.device)
 
     def generate(self, rows: list[Row]) -> None:
-        """Decode the rows (their `adapter` is a task name, or None for the merged model)."""
+        """Decode the rows (their `adapter` is a task name, or None for the merged model): with the
+        stacked adapters when they could be built (esm_ray.routed.multi_lora), else with peft's
+        mixed-adapter batch."""
         for r in rows:
             r.adapter = self.adapter_of[r.adapter] if r.adapter is not None else None
-        decode(self.model, rows, pad_id=self.pad_id, eos_ids=self.eos_ids, mixed=self.mixed, device=self.device)
+        if self.stacked is None:
+            decode(self.model, rows, pad_id=self.pad_id, eos_ids=self.eos_ids, mixed=self.mixed, device=self.device)
+            return
+        with getattr(self.router, "lock", None) or nullcontext(), self.stacked.rows([r.adapter for r in rows]) as model:
+            decode(model, rows, pad_id=self.pad_id, eos_ids=self.eos_ids, mixed=False, device=self.device)
 
 
 __all__ = ["AUTO", "DEFAULT_ROUTER_LOADER", "LLMBackend", "adapter_tasks", "is_causal_lm_dir", "load_router",

@@ -3,7 +3,7 @@
 A request's choices (n per prompt) become sequences (`Seq`) on one queue. A single worker
 takes what is waiting (up to max_batch_size, waiting batch_wait_timeout_s for more after the
 first), asks the router for the sequences that name `auto`, and decodes them all in one loop
-(llm_decode.decode: peft's mixed-adapter batch, so different tasks share every forward pass).
+(llm_decode.decode with the stacked adapters, so different tasks share every forward pass).
 Sequences that arrive while a batch decodes wait for the next one (no joining mid-flight).
 
 Each sequence streams events to its request's asyncio queue: ("task", i, name), ("text", i,

@@ -2,8 +2,10 @@
 
 The batch is left-padded and prefilled in one forward pass, then decoded one token per step with
 the KV cache; position ids come from the attention mask, so a padded row sees the positions it
-would see alone. Adapters are chosen per row with peft's mixed-adapter batch (`adapter_names=`,
-"__base__" for the merged model), so requests for different tasks share every forward pass.
+would see alone. Requests for different tasks share every forward pass: the caller passes a
+model that applies each row's adapter itself (esm_ray.routed.multi_lora's stacked adapters), or
+`mixed=True` chooses them per row with peft's mixed-adapter batch (`adapter_names=`, "__base__"
+for the merged model).
 Each row samples with its own temperature, top_p and torch.Generator (seeded per row), so a
 row's tokens do not depend on the other rows in the batch.
 """

@@ -95,6 +95,9 @@ def test_models_lists_merged_adapters_and_auto(lm, plain):
     assert [m.id for m in _client(lm).models.list().data] == ["lm", *TASKS, "auto"]
     got = _client(plain).models.list().data
     assert [m.id for m in got] == ["plain"] and got[0].model_extra["esm_ray"] == {"kind": "merged"}
+    # how rows on different adapters share a batch: the stacked adapters (none without adapters)
+    assert httpx.get(f"{lm}/v1/model", timeout=30).json()["adapters"] == "stacked"
+    assert httpx.get(f"{plain}/v1/model", timeout=30).json()["adapters"] is None
 
 
 @pytest.mark.parametrize("model", ["lm", "alpha", "gamma", "lm:beta"])
@@ -319,11 +322,13 @@ def test_the_router_front_picks_the_adapter_for_an_upstream_engine(ray_serve, lm
         serve.delete("front")
 
 
-def test_cli_refuses_encoder_flags_on_a_causal_lm(plain_dir, capsys):
+def test_cli_refuses_encoder_flags_on_a_causal_lm(plain_dir, tiny_bert, capsys):
     from esm_ray.cli import main
 
     assert main(["serve", str(plain_dir), "--head", "alpha=x"]) == 2
     assert "causal LM" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bert["base"]), "--adapters", "peft"]) == 2  # and the reverse
+    assert "--adapters is for causal LMs" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def test_each_adapter_is_a_standard_peft_lora_with_esm_rays_logits(lm_dirs, lms,
     out = lm_dirs[method]
     man = json.loads((out / "router" / "manifest.json").read_text())
     assert man["format"] == LM_FORMAT and man["tasks"] == TASKS and man["method"] == method
-    assert man["router"] == ("prototype" if method == "esm_pp" else "sim") and len(man["layers"]) == 14
+    assert man["router"] == ("likelihood" if method == "esm_pp" else "sim") and len(man["layers"]) == 14
     assert not (out / "routed").exists() and not (out / "heads").exists()
     modules = [layer["module"] for layer in man["layers"]]
     rows, _ = _held_out()

@@ -22,8 +22,9 @@ multi-LoRA engines batch):
   (`core.routing.likelihood_route`). Cost: the prototype pass plus, for such
   prompts, one prefill of the prompt with each candidate adapter (logits included).
 
-Generation runs every sequence with its own adapter in one batch (peft's mixed-adapter batch,
-`adapter_names=`). Prompts are left-padded (attention_mask 0 on the left); position ids of the
+Generation runs every sequence with its own adapter in one batch: the adapters stacked per
+layer (esm_ray.routed.multi_lora), or peft's mixed-adapter batch (`adapter_names=`) for beam
+search and for adapters that cannot be stacked. Prompts are left-padded (attention_mask 0 on the left); position ids of the
 router pass come from the mask, as in `generate`, so a prompt routes the same alone or batched.
 """
 
@@ -306,8 +307,12 @@ class RoutedLM:
             tasks = list(tasks) if tasks is not None else self.route(input_ids, mask, router)
             names = self._names(tasks, input_ids.shape[0])
             k = int(generate_kwargs.get("num_return_sequences") or 1)
-            if k > 1 and int(generate_kwargs.get("num_beams") or 1) <= 1:  # peft expands for beams only
+            beams = int(generate_kwargs.get("num_beams") or 1) > 1
+            if k > 1 and not beams:  # peft expands for beams only
                 names = [n for n in names for _ in range(k)]
+            if self.stacked is not None and not beams:  # the stacked adapters; beams keep peft's path
+                with self.stacked.rows(names) as model:
+                    return model.generate(input_ids=input_ids, attention_mask=mask, **generate_kwargs)
             return self.model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names,
                                        **generate_kwargs)
 

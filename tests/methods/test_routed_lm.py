@@ -267,6 +267,28 @@ def test_a_mixed_batch_gives_each_sequence_its_tokens_alone(lms, method):
         assert batch[i, -8:].tolist() == alone[0, -8:].tolist()
 
 
+def test_generate_with_the_stacked_adapters_equals_peft_generate(lms):
+    """RoutedLM.generate runs the stacked adapters (esm_ray.routed.multi_lora); with them taken
+    away it runs peft's mixed-adapter batch: the same tokens, greedy and seeded sampling."""
+    lm = lms["esm_pp"]
+    assert lm.stacked is not None
+    rows, _ = _held_out()
+    ids, mask = _left([rows[0], rows[9], rows[17], rows[3]])
+    tasks = ["gamma", "alpha", "beta", "alpha"]
+    kwargs = [dict(max_new_tokens=6, do_sample=False),
+              dict(max_new_tokens=5, do_sample=True, temperature=1.5, num_return_sequences=2)]
+    got, want = [], []
+    for out, stacked in ((got, lm.stacked), (want, None)):
+        lm.stacked, keep = stacked, lm.stacked
+        try:
+            for kw in kwargs:
+                torch.manual_seed(3)
+                out.append(lm.generate(ids, mask, tasks=tasks, **kw))
+        finally:
+            lm.stacked = keep
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_tasks_bypass_the_router(lms):
     lm = lms["esm_pp"]
     rows, _ = _held_out()

@@ -23,10 +23,9 @@ adapter t_i,
 peft's own lora_A / lora_B weights become views into the stacks, so the adapters are held once
 and peft (the router's passes, `adapter_names=`) keeps computing with the same numbers (bit for
 bit when the adapters share one rank; a lower rank's lora_B is a strided view, which may round
-differently in the last place). Only
-vanilla LoRA on nn.Linear is stacked; `MultiLoRA.of` says why not otherwise (DoRA and other
-variants, LoRA biases, embedding or conv adapters, modules_to_save, fan_in_fan_out, merged
-adapters), and callers keep peft's path. Adapters in another dtype than the base (peft keeps
+differently in the last place). Only vanilla LoRA on nn.Linear is stacked; `MultiLoRA.of` says
+why not otherwise (DoRA and other variants, LoRA biases, embedding or conv adapters,
+modules_to_save, fan_in_fan_out, merged adapters), and callers keep peft's path. Adapters in another dtype than the base (peft keeps
 them in float32 on a half-precision base) are applied in their dtype, as peft does.
 """
 
@@ -188,11 +187,10 @@ class MultiLoRA:
         if len(set(slots)) > 1 and self._swaps:
             index = torch.tensor(slots, dtype=torch.long, device=self._swaps[0][3].A.device)
         keep = len(slots) * self.adapter_bytes <= self.cache_bytes
-        for _, _, _, stacked in self._swaps:
-            stacked.select(slots, index, keep)
-        for parent, attr, _, stacked in self._swaps:
-            setattr(parent, attr, stacked)
         try:
+            for parent, attr, _, stacked in self._swaps:
+                stacked.select(slots, index, keep)
+                setattr(parent, attr, stacked)
             yield self.model
         finally:
             for parent, attr, layer, stacked in self._swaps:

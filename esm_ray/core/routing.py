@@ -203,21 +203,30 @@ def mean_token_loglik(logits: Tensor, input_ids: Tensor, mask: Tensor | None = N
     return (lp * w).sum(1) / w.sum(1).clamp_min(1)
 
 
-def likelihood_pairs(prototype_scores: Tensor, eligible: Tensor, m: int | None = None) -> Tensor:
+def likelihood_pairs(prototype_scores: Tensor, eligible: Tensor, m: int | None = None,
+                     margin: float | None = None) -> Tensor:
     """Which (sequence, task) pairs the likelihood router scores with an adapter.
 
     prototype_scores: (N, T) summed prototype cosines (higher = better)
     eligible:         (T,) bool, the tasks whose experts model their own task's text better than the base
     m:                how many eligible tasks to score per sequence: those with the m highest
                       prototype scores; None (or m ≥ the eligible count) scores every eligible task
-    Returns (N, T) bool: for a sequence whose prototype top-1 is eligible, its m best eligible
-    tasks by prototype score (the top-1 always among them); no task otherwise. Ties between
-    prototype scores go to the lower task index.
+    margin:           skip a sequence whose two best eligible prototype scores are at least this
+                      far apart (the prototypes are sure); None never skips
+    Returns (N, T) bool: for a sequence whose prototype top-1 is eligible (and, with a margin,
+    whose best eligible score leads the second by less than it), its m best eligible tasks by
+    prototype score (the top-1 always among them); no task otherwise. Ties between prototype
+    scores go to the lower task index.
     """
     if m is not None and m < 1:
         raise ValueError(f"likelihood candidates must be at least 1 (got {m})")
     n, t = prototype_scores.shape
     on = eligible[prototype_scores.argmax(-1)]
+    if margin is not None and int(eligible.sum()) > 1:
+        best = prototype_scores.float().masked_fill(~eligible[None, :], float("-inf")).topk(2, dim=-1).values
+        on = on & (best[:, 0] - best[:, 1] < margin)
+    elif margin is not None:
+        on = torch.zeros_like(on)  # one eligible task: nothing to compare it with
     if m is None or m >= int(eligible.sum()):
         cand = eligible[None, :].expand(n, t).clone()
     else:
@@ -228,7 +237,8 @@ def likelihood_pairs(prototype_scores: Tensor, eligible: Tensor, m: int | None =
     return cand & on[:, None]
 
 
-def likelihood_route(prototype_scores: Tensor, logliks: Tensor, eligible: Tensor, m: int | None = None) -> Tensor:
+def likelihood_route(prototype_scores: Tensor, logliks: Tensor, eligible: Tensor, m: int | None = None,
+                     margin: float | None = None) -> Tensor:
     """The likelihood router's scores: the prototype router decides whether a sequence belongs
     to an eligible task (one whose expert models its own task's text better than the base);
     if so, of its candidates (`likelihood_pairs`: the m eligible tasks the prototypes rank
@@ -240,12 +250,13 @@ def likelihood_route(prototype_scores: Tensor, logliks: Tensor, eligible: Tensor
                       expert (read only at the candidates)
     eligible:         (T,) bool
     m:                candidates per sequence, or None for every eligible task
+    margin:           sequences the prototypes are sure of route as their top-1 (`likelihood_pairs`)
     Returns (N, T) scores whose argmax is the route: the log-likelihoods at the candidates and
     −inf elsewhere where the prototype top-1 is eligible; 0 at the prototype top-1 and −inf
     elsewhere otherwise. A sequence routes as its prototype top-1 when no task is eligible.
     """
     top = prototype_scores.argmax(-1)
-    cand = likelihood_pairs(prototype_scores, eligible, m)
+    cand = likelihood_pairs(prototype_scores, eligible, m, margin)
     out = torch.full_like(prototype_scores, float("-inf"))
     by_ll = cand.any(-1)
     rows = by_ll.nonzero().flatten()

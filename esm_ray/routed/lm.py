@@ -90,17 +90,21 @@ class RoutedLM:
     gains:     (T,) each task's log-likelihood gain over the base (the likelihood router), or None
     likelihood_candidates: the likelihood router's adapters per prompt (the eligible tasks the
                prototypes rank highest), or None for every eligible task
+    likelihood_margin: skip the likelihood pass for a prompt whose two best eligible prototype
+               scores (summed cosines) are at least this far apart, or None (the default) never
     stacked:   the adapters stacked per layer (MultiLoRA), or None when they cannot be
     """
 
     def __init__(self, model: Any, tasks: list[str], adapter_names: dict[str, str], manifest: dict[str, Any],
                  prototypes: dict[str, Tensor], sim: tuple[Tensor, Tensor, bool, bool] | None,
                  backbone: nn.Module | None, tokenizer: Any = None, router: str | None = None,
-                 gains: Tensor | None = None, likelihood_candidates: int | None = None) -> None:
+                 gains: Tensor | None = None, likelihood_candidates: int | None = None,
+                 likelihood_margin: float | None = None) -> None:
         if likelihood_candidates is not None and likelihood_candidates < 1:
             raise InputError(f"likelihood_candidates must be at least 1 (got {likelihood_candidates})")
         self.model = model.eval()
         self.likelihood_candidates = likelihood_candidates
+        self.likelihood_margin = likelihood_margin
         self.tasks = list(tasks)
         self.adapter_names = dict(adapter_names)
         self.manifest = manifest
@@ -201,9 +205,9 @@ class RoutedLM:
         assert self.gains is not None
         proto = self._prototype_scores(input_ids, mask)
         eligible = (self.gains > 0).to(proto.device)
-        m = self.likelihood_candidates
-        return likelihood_route(proto, self.logliks(input_ids, mask, likelihood_pairs(proto, eligible, m)),
-                                eligible, m)
+        m, gap = self.likelihood_candidates, self.likelihood_margin
+        return likelihood_route(proto, self.logliks(input_ids, mask, likelihood_pairs(proto, eligible, m, gap)),
+                                eligible, m, gap)
 
     @torch.no_grad()
     def logliks(self, input_ids: Tensor, mask: Tensor, pairs: Tensor) -> Tensor:
@@ -351,11 +355,13 @@ def _check_adapter(d: Path, rel: str, modules: list[str]) -> Path:
 
 
 def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   router: str | None = None, likelihood_candidates: int | None = None, s3=None) -> RoutedLM:
+                   router: str | None = None, likelihood_candidates: int | None = None,
+                   likelihood_margin: float | None = None, s3=None) -> RoutedLM:
     """Load a routed causal-LM directory (local or s3://): the merged base with every adapter
     (peft), the router state, the SiM backbone when stored, the tokenizer when present.
     likelihood_candidates: the likelihood router's adapters per prompt; None takes the
-    manifest's (`esm_pp`'s `likelihood_candidates` at merge time; absent: every eligible task)."""
+    manifest's (`esm_pp`'s `likelihood_candidates` at merge time; absent: every eligible task).
+    likelihood_margin: see RoutedLM; None takes the manifest's `likelihood_margin` (absent: off)."""
     from transformers import AutoModelForCausalLM
 
     from esm_ray.routed.load import local_dir, sim_router
@@ -396,6 +402,7 @@ def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
     sim_state = (sim.means.to(device), sim.bases.to(device), sim.normalize, sim.relative) if sim is not None else None
     lm = RoutedLM(model.to(device), list(man["tasks"]), names, man, protos, sim_state,
                   backbone.to(device) if backbone is not None else None, tokenizer, router, gains,
-                  likelihood_candidates if likelihood_candidates is not None else man.get("likelihood_candidates"))
+                  likelihood_candidates if likelihood_candidates is not None else man.get("likelihood_candidates"),
+                  likelihood_margin if likelihood_margin is not None else man.get("likelihood_margin"))
     lm.source_dir = d
     return lm

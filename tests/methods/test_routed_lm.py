@@ -224,6 +224,17 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
     assert want != [TASKS[i] for i in ll.argmax(1).tolist()]  # the candidates matter on these rows
     lm.likelihood_candidates = 1  # one candidate is the prototype router
     assert lm.route(ids, mask, "likelihood") == lm.route(ids, mask, "prototype")
+    # a margin: prompts whose two best prototype scores are that far apart keep the prototypes'
+    # choice; the others route by likelihood as before (the gap taken from these rows)
+    lm.likelihood_candidates = 2
+    gap = (scores.sort(dim=1, descending=True).values[:, :2] @ torch.tensor([1.0, -1.0])).float()
+    assert lm.likelihood_margin is None  # off unless asked for (the manifest has none)
+    lm.likelihood_margin = float(gap.median())
+    proto = lm.route(ids, mask, "prototype")
+    got = lm.route(ids, mask, "likelihood")
+    assert got == [p if g >= lm.likelihood_margin else w for p, g, w in zip(proto, gap.tolist(), want)]
+    assert got != want and got != proto
+    lm.likelihood_margin = None
 
 
 def test_generate_holds_the_routed_adapter_for_every_token(lms):

@@ -310,6 +310,36 @@ def test_likelihood_pairs_are_the_prototypes_best_eligible_tasks():
         likelihood_pairs(proto, eligible, 0)
 
 
+def test_a_likelihood_margin_skips_the_prompts_the_prototypes_are_sure_of():
+    """With a margin, a sequence whose best eligible prototype score leads the second eligible
+    one by at least the margin gets no pairs and routes as its prototype top-1; the others are
+    as without it (checked by brute force)."""
+    from esm_ray.core.routing import likelihood_pairs, likelihood_route
+
+    g = torch.Generator().manual_seed(1)
+    proto = torch.rand(60, 5, generator=g) * 4
+    ll = -torch.rand(60, 5, generator=g) * 5
+    eligible = torch.tensor([True, True, False, True, True])
+    for margin in (0.3, 1.0):
+        for m in (2, None):
+            cand = likelihood_pairs(proto, eligible, m, margin)
+            free = likelihood_pairs(proto, eligible, m)
+            got = likelihood_route(proto, ll, eligible, m, margin).argmax(-1)
+            skipped = 0
+            for i in range(60):
+                best = sorted((float(proto[i, t]) for t in range(5) if eligible[t]), reverse=True)
+                if best[0] - best[1] >= margin:
+                    skipped += bool(free[i].any())
+                    assert not cand[i].any() and int(got[i]) == int(proto[i].argmax())
+                else:
+                    assert cand[i].equal(free[i])
+                    assert int(got[i]) == int(likelihood_route(proto[i:i + 1], ll[i:i + 1], eligible, m).argmax())
+            assert skipped > 0  # the margin changes which sequences are scored
+    assert likelihood_pairs(proto, eligible, 2, float("inf")).equal(likelihood_pairs(proto, eligible, 2))
+    one = torch.tensor([False, False, True, False, False])  # a lone eligible task: nothing to compare
+    assert not likelihood_pairs(proto, one, None, 1.0).any()
+
+
 def test_prefixed_puts_the_token_just_before_each_first_real_token():
     from esm_ray.routed.lm import _prefixed
 

@@ -147,30 +147,31 @@ def main(argv: list[str] | None = None) -> int:
                       batch_wait_timeout_s=args.batch_wait_s)
     serve.run(build_llm(opts, spec, max_queued_requests=-1), name="lm", route_prefix="/lm")
     url = f"http://127.0.0.1:{port}/lm"
-    routed_urls = {}
+    urls: dict[str, str] = {}  # rows measured on a replica of their own (the others: `url`)
+    routed: list[str] = []
     for i, choice in enumerate(args.routers):  # one more replica per router; idle while the others run
         router, _, m = choice.partition(":")
         o = opts.model_copy(update={"router": router, "likelihood_candidates": int(m) if m else None})
         serve.run(build_llm(o, spec, max_queued_requests=-1), name=f"lm{i}", route_prefix=f"/lm{i}")
-        routed_urls[f"routed ({router}" + (f", {m} candidates)" if m else ")")] = f"http://127.0.0.1:{port}/lm{i}"
+        routed.append(f"routed ({router}" + (f", {m} candidates)" if m else ")"))
+        urls[routed[-1]] = f"http://127.0.0.1:{port}/lm{i}"
     tasks = adapter_tasks(model_dir)
     if args.peft_row and tasks:
         serve.run(build_llm(opts.model_copy(update={"adapters": "peft"}), spec, max_queued_requests=-1), name="lmp",
                   route_prefix="/lmp")
-        routed_urls["mixed (peft)"] = f"http://127.0.0.1:{port}/lmp"
+        urls["mixed (peft)"] = f"http://127.0.0.1:{port}/lmp"
     prompts = zoo_prompts(args.zoo, model_dir, args.requests) if args.zoo else None
     rows = {"static": [model_dir.name]}
     if tasks:
         rows |= {"expert": [tasks[0]], "mixed": tasks}
-        rows |= {"mixed (peft)": tasks} if "mixed (peft)" in routed_urls else {}
+        rows |= {"mixed (peft)": tasks} if "mixed (peft)" in urls else {}
     if (model_dir / "router" / "manifest.json").is_file():
-        routers = [n for n in routed_urls if n.startswith("routed")]
-        rows |= {name: ["auto"] for name in routers} if routers else {"routed": ["auto"]}
+        rows |= {name: ["auto"] for name in routed} if routed else {"routed": ["auto"]}
     print("| model | concurrency | TTFT p50 ms | request p50 ms | tokens/s | mean batch |\n|---|---|---|---|---|---|")
     try:
         for conc in args.concurrency:
             for name, models in rows.items():
-                m = measure(routed_urls.get(name, url), models, conc, args.requests, args.max_tokens, prompts)
+                m = measure(urls.get(name, url), models, conc, args.requests, args.max_tokens, prompts)
                 print(f"| {name} | {conc} | {m['ttft_p50_ms']:.0f} | {m['req_p50_ms']:.0f} | {m['tok_s']:.0f} | "
                       f"{m['batch']:.1f} |", flush=True)
     finally:

@@ -221,13 +221,14 @@ def likelihood_pairs(prototype_scores: Tensor, eligible: Tensor, m: int | None =
     if m is not None and m < 1:
         raise ValueError(f"likelihood candidates must be at least 1 (got {m})")
     n, t = prototype_scores.shape
+    n_eligible = int(eligible.sum())
     on = eligible[prototype_scores.argmax(-1)]
-    if margin is not None and int(eligible.sum()) > 1:
+    if margin is not None and n_eligible > 1:
         best = prototype_scores.float().masked_fill(~eligible[None, :], float("-inf")).topk(2, dim=-1).values
         on = on & (best[:, 0] - best[:, 1] < margin)
     elif margin is not None:
         on = torch.zeros_like(on)  # one eligible task: nothing to compare it with
-    if m is None or m >= int(eligible.sum()):
+    if m is None or m >= n_eligible:
         cand = eligible[None, :].expand(n, t).clone()
     else:
         s = prototype_scores.float().masked_fill(~eligible[None, :], float("-inf"))

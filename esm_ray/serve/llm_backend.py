@@ -145,6 +145,7 @@ class LLMBackend:
                                                    **({"dtype": dtype} if dtype is not None else {}),
                                                    **router_choice(router, likelihood_candidates))
         model = _peft_inside(self.router) if self.router is not None else None
+        shared = model is not None  # the router's own model (and its stacked adapters, if it has them)
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))
         self.adapter_of = adapter_names(self.router, self.tasks)  # task -> the peft adapter's name
         if AUTO in self.tasks or self.name in self.tasks:
@@ -163,13 +164,13 @@ class LLMBackend:
                              f"{ADAPTERS_DIR}/ has {', '.join(adapter_tasks(d)) or 'none'})")
         self.stacked: MultiLoRA | None = None  # the adapters stacked per layer: the fast decoding path
         if self.mixed and stacked:
-            if self.router is not None and getattr(self.router, "stacked", None) is not None:
-                self.stacked, why = self.router.stacked, None  # the router's model: stacked once
+            if shared and hasattr(self.router, "stacked"):
+                self.stacked = self.router.stacked  # stacked once, by the router (which says why if it cannot)
             else:
                 self.stacked, why = MultiLoRA.of(self.model)
-            if why is not None:
-                log.warning("%s: decoding with peft's mixed-adapter batch (the adapters cannot be stacked: %s)",
-                            d.name, why)
+                if why is not None:
+                    log.warning("%s: decoding with peft's mixed-adapter batch (the adapters cannot be stacked: %s)",
+                                d.name, why)
         cfg = self.model.config if not self.mixed else self.model.get_base_model().config
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
         self.vocab_size = int(cfg.vocab_size)

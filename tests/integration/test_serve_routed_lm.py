@@ -80,6 +80,7 @@ def test_the_service_takes_the_likelihood_router_and_its_candidates(routed_lm_di
 
     backend = LLMBackend(routed_lm_dir, router="likelihood", likelihood_candidates=2)
     assert (backend.router.router, backend.router.likelihood_candidates) == ("likelihood", 2)
+    assert backend.stacked is not None and backend.stacked is backend.router.stacked  # stacked once
     rows = [r for t in range(3) for r in _rows(t, 4, seed=300 + t)]
     lm = load_routed_lm(routed_lm_dir, router="likelihood", likelihood_candidates=2)
     want = [lm.route(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))[0] for r in rows]

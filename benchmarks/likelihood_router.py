@@ -12,6 +12,11 @@ Each routed item is scored with its adapter as `esm-ray eval` scores a routed LM
 whole-split base and expert scores, with 95% paired bootstrap intervals over items.
 
     .venv/bin/python benchmarks/likelihood_router.py DIR --zoo ZOO [--stride 2] [--candidates 1 2 3 all]
+        [--margins 0.03 0.05]
+
+`--margins` adds, for each m > 1, a row per likelihood margin τ (mean cosine per routed layer):
+prompts whose two best eligible prototype scores differ by at least τ keep the prototype top-1
+and cost no adapter prefill.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ def main() -> int:
     ap.add_argument("--prefix", type=int, default=32, help="also route on the first N tokens (0: off)")
     ap.add_argument("--candidates", nargs="+", default=["1", "2", "3", "all"],
                     help="values of m (1 is the prototype router; 'all': every eligible adapter)")
+    ap.add_argument("--margins", nargs="*", type=float, default=[],
+                    help="likelihood margins per routed layer, each a row for every m > 1")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
@@ -68,6 +75,8 @@ def main() -> int:
     scorer = RoutedLMScorer(lm, zoo, "test", cols, args.batch_size, args.stride)
     eligible = lm.gains > 0
     ms = [parse_m(v) for v in args.candidates]
+    rules = [(m, None) for m in ms] + [(m, tau) for tau in args.margins for m in ms if m != 1]
+    n_layers = len(lm.modules)
 
     def scores(texts: list[str], max_length: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(prototype scores, log-likelihoods under every eligible adapter where the prototype
@@ -95,14 +104,16 @@ def main() -> int:
         got = {c: scores([scorer.routing_text(c, r) for r in scorer.rows[c]], max_length) for c in cols}
         seconds[label] = sum(g[2] for g in got.values())
         print(f"{label}: prototype + every eligible adapter in {seconds[label]:.0f} s", file=sys.stderr)
-        for m in ms:
-            name = f"m={'all' if m is None else m}, {label}"
+        for m, tau in rules:
+            name = f"m={'all' if m is None else m}" + (f", margin {tau:g}" if tau is not None else "") + f", {label}"
+            gap = None if tau is None else tau * n_layers  # per routed layer -> summed cosines
             routes[name] = {}
             pairs = 0
             for c in cols:
                 proto, ll, _ = got[c]
-                pairs += int(likelihood_pairs(proto, eligible, m).sum())
-                routes[name][c] = [lm.tasks[i] for i in likelihood_route(proto, ll, eligible, m).argmax(-1).tolist()]
+                pairs += int(likelihood_pairs(proto, eligible, m, gap).sum())
+                routes[name][c] = [lm.tasks[i] for i in
+                                   likelihood_route(proto, ll, eligible, m, gap).argmax(-1).tolist()]
             prefills[name] = pairs / sum(len(scorer.rows[c]) for c in cols)
     routes["oracle"] = {c: [c] * len(scorer.rows[c]) for c in cols}
     items = {name: {c: scorer.items(c, got[c]) for c in cols} for name, got in routes.items()}

@@ -19,8 +19,9 @@ tokens/s over all clients, and the mean decoding batch size the replica saw (GET
     .venv/bin/python benchmarks/serve_llm.py --dir out/routed-lm --zoo ZOO   # prompts from the LM zoo's test items
 
 With --zoo the prompts are the zoo's own test items, so `auto` routes real domain text and
-`mixed` names the adapters in turn. `--routers prototype likelihood:2` gives one `routed` row per
-router (each its own replica, measured in turn).
+`mixed` names the adapters in turn. `--routers prototype likelihood:2 likelihood:2:0.05` gives one
+`routed` row per router (each its own replica, measured in turn; likelihood:M:TAU also sets the
+likelihood margin, `inf` to always run the likelihood pass).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the replica")
     ap.add_argument("--routers", nargs="+", default=[],
                     help="routed rows with these routers instead of the directory's default, one replica each: "
-                         "prototype, sim, likelihood or likelihood:M (M candidate adapters per prompt)")
+                         "prototype, sim, likelihood, likelihood:M (M candidate adapters per prompt) or "
+                         "likelihood:M:TAU (and the likelihood margin TAU per routed layer; inf: none)")
     ap.add_argument("--batch-wait-s", type=float, default=0.01,
                     help="the replica's batch_wait_timeout_s; with wave batching a longer wait (0.25) lets all "
                          "clients' first requests share the first batch, so rows see the same batch sizes")
@@ -150,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     urls: dict[str, str] = {}  # rows measured on a replica of their own (the others: `url`)
     routed: list[str] = []
     for i, choice in enumerate(args.routers):  # one more replica per router; idle while the others run
-        router, _, m = choice.partition(":")
-        o = opts.model_copy(update={"router": router, "likelihood_candidates": int(m) if m else None})
+        router, _, rest = choice.partition(":")
+        m, _, tau = rest.partition(":")
+        o = opts.model_copy(update={"router": router, "likelihood_candidates": int(m) if m else None,
+                                    "likelihood_margin": float(tau) if tau else None})
         serve.run(build_llm(o, spec, max_queued_requests=-1), name=f"lm{i}", route_prefix=f"/lm{i}")
-        routed.append(f"routed ({router}" + (f", {m} candidates)" if m else ")"))
+        routed.append(f"routed ({router}" + (f", {m} candidates" if m else "") + (f", margin {tau}" if tau else "") + ")")
         urls[routed[-1]] = f"http://127.0.0.1:{port}/lm{i}"
     tasks = adapter_tasks(model_dir)
     if args.peft_row and tasks:

@@ -72,6 +72,12 @@ class RoutedParams(MethodParams):
         2, ge=1, description="causal LMs: the likelihood router's adapters per prompt, the eligible tasks the "
                              "prototypes rank highest (null: every eligible task); stored in the router "
                              "manifest, `load_routed_lm` and `esm-ray serve` may override it")
+    likelihood_margin: float | None = Field(
+        None, ge=0, description="causal LMs: the likelihood router keeps the prototypes' choice, without its "
+                                "pass, for a prompt whose two best eligible prototype scores differ by at "
+                                "least this in mean cosine per routed layer (null: always run the pass); "
+                                "stored in the router manifest, `load_routed_lm` and `esm-ray serve` may "
+                                "override it")
     prototypes: Literal["auto", "expert", "base"] = Field(
         "auto", description="where each task's router prototypes (mean input per routed layer over its "
                             "calibration rows) come from: `expert`, its own fine-tuned model (ESM++ as "
@@ -356,7 +362,7 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
                               heads={}, base_method=p.base_method, base_params=dict(p.base_params),
                               residual_of=self._residual_of(), prototypes=self._prototypes(),
                               kept_ranks=self._kept, likelihood_gains=None if gains is None else dict(zip(self._tasks, gains.tolist())),
-                              likelihood_candidates=p.likelihood_candidates)
+                              likelihood_candidates=p.likelihood_candidates, likelihood_margin=p.likelihood_margin)
         packed = pack_lm(self._tasks, experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man, gains)
         files: dict[str, bytes | BaseWeights] = {rel: v if isinstance(v, bytes) else st_save(v)
                                                  for rel, v in packed.items()}

@@ -19,8 +19,11 @@ multi-LoRA engines batch):
   `likelihood_candidates` eligible tasks the prototypes rank highest (every eligible task when
   None), the adapter that gives the prompt the highest mean token log-likelihood (its first
   token included, after the tokenizer's BOS or EOS) wins
-  (`core.routing.likelihood_route`). Cost: the prototype pass plus, for such
-  prompts, one prefill of the prompt with each candidate adapter (logits included).
+  (`core.routing.likelihood_route`). With `likelihood_margin` τ, a prompt whose two best
+  eligible prototype scores differ by at least τ per routed layer (τ × the number of routed
+  linears in summed cosines) keeps its prototype top-1 without the likelihood pass. Cost: the
+  prototype pass plus, for the other such prompts, one prefill of the prompt with each
+  candidate adapter (logits included).
 
 Generation runs every sequence with its own adapter in one batch: the adapters stacked per
 layer (esm_ray.routed.multi_lora), or peft's mixed-adapter batch (`adapter_names=`) for beam
@@ -91,7 +94,8 @@ class RoutedLM:
     likelihood_candidates: the likelihood router's adapters per prompt (the eligible tasks the
                prototypes rank highest), or None for every eligible task
     likelihood_margin: skip the likelihood pass for a prompt whose two best eligible prototype
-               scores (summed cosines) are at least this far apart, or None (the default) never
+               scores are at least this far apart, in mean cosine per routed layer (the summed
+               scores differ by at least this × len(modules)), or None: never skip
     stacked:   the adapters stacked per layer (MultiLoRA), or None when they cannot be
     """
 
@@ -102,6 +106,8 @@ class RoutedLM:
                  likelihood_margin: float | None = None) -> None:
         if likelihood_candidates is not None and likelihood_candidates < 1:
             raise InputError(f"likelihood_candidates must be at least 1 (got {likelihood_candidates})")
+        if likelihood_margin is not None and not likelihood_margin >= 0:
+            raise InputError(f"likelihood_margin must be at least 0 (got {likelihood_margin})")
         self.model = model.eval()
         self.likelihood_candidates = likelihood_candidates
         self.likelihood_margin = likelihood_margin
@@ -206,6 +212,7 @@ class RoutedLM:
         proto = self._prototype_scores(input_ids, mask)
         eligible = (self.gains > 0).to(proto.device)
         m, gap = self.likelihood_candidates, self.likelihood_margin
+        gap = None if gap is None else gap * len(self.modules)  # per routed layer -> summed cosines
         return likelihood_route(proto, self.logliks(input_ids, mask, likelihood_pairs(proto, eligible, m, gap)),
                                 eligible, m, gap)
 

@@ -52,8 +52,9 @@ ROUTING_RULES = {
                   "task's text better than the base (a positive gain measured at merge time), one "
                   "prefill of the prompt per such adapter (or per each of the likelihood_candidates such "
                   "adapters the prototypes rank highest) and the one giving the prompt the highest "
-                  "mean token log-likelihood wins; otherwise the prototype top-1; held for every "
-                  "generated token",
+                  "mean token log-likelihood wins; otherwise, or when the two best such tasks' "
+                  "prototype scores differ by at least likelihood_margin per routed layer, the "
+                  "prototype top-1; held for every generated token",
 }
 
 

@@ -45,6 +45,10 @@ class LLMOptions(BaseModel):
         None, description="the router of `model: auto` (default: the directory's)")
     likelihood_candidates: int | None = Field(
         None, ge=1, description="the likelihood router's adapters per prompt (default: the directory's)")
+    likelihood_margin: float | None = Field(
+        None, ge=0, description="the likelihood router skips its pass for prompts whose two best prototype "
+                                "scores differ by at least this, per routed layer (default: the directory's; "
+                                "inf: never skip)")
     adapters: Literal["stacked", "peft"] = Field(
         "stacked", description="how rows on different adapters share a decoding batch: stacked factors "
                                "(esm_ray.routed.multi_lora) or peft's mixed-adapter batch")
@@ -118,6 +122,7 @@ class LLMServer:
         self.backend = LLMBackend(self.opts.model_dir, device=device, served_name=self.opts.served_name,
                                   router_loader=self.opts.router_loader, router=self.opts.router,
                                   likelihood_candidates=self.opts.likelihood_candidates,
+                                  likelihood_margin=self.opts.likelihood_margin,
                                   stacked=self.opts.adapters == "stacked")
         self.batcher = Batcher(self.backend, max_batch_size=self.opts.max_batch_size,
                                wait_s=self.opts.batch_wait_timeout_s, max_waiting=self.opts.max_waiting,

@@ -67,15 +67,19 @@ def _load_router(model_dir: Path, loader: str, **options: Any) -> tuple[Any, str
     import inspect
 
     params = inspect.signature(fn).parameters
-    asked = [k for k in ("router", "likelihood_candidates") if k in options and k not in params]
+    asked = [k for k in ROUTER_OPTIONS if k in options and k not in params]
     if asked:
         raise InputError(f"the router loader {loader} takes no {', '.join(asked)}")
     return fn(str(model_dir), **{k: v for k, v in options.items() if k in params}), None
 
 
-def router_choice(router: str | None, likelihood_candidates: int | None) -> dict[str, Any]:
+ROUTER_OPTIONS = ("router", "likelihood_candidates", "likelihood_margin")
+
+
+def router_choice(router: str | None, likelihood_candidates: int | None,
+                  likelihood_margin: float | None = None) -> dict[str, Any]:
     """The loader's keyword arguments for a router other than the directory's default."""
-    return {k: v for k, v in {"router": router, "likelihood_candidates": likelihood_candidates}.items()
+    return {k: v for k, v in zip(ROUTER_OPTIONS, (router, likelihood_candidates, likelihood_margin))
             if v is not None}
 
 
@@ -126,7 +130,7 @@ class LLMBackend:
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", served_name: str | None = None,
                  router_loader: str = DEFAULT_ROUTER_LOADER, cache: str | Path | None = None,
                  router: str | None = None, likelihood_candidates: int | None = None,
-                 stacked: bool = True) -> None:
+                 likelihood_margin: float | None = None, stacked: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from esm_ray.routed.load import local_dir
@@ -143,7 +147,8 @@ class LLMBackend:
         dtype = torch.float32 if device == "cpu" else None  # None: the checkpoint's own dtype
         self.router, self.no_router = _load_router(d, router_loader, device=device,
                                                    **({"dtype": dtype} if dtype is not None else {}),
-                                                   **router_choice(router, likelihood_candidates))
+                                                   **router_choice(router, likelihood_candidates,
+                                                                   likelihood_margin))
         model = _peft_inside(self.router) if self.router is not None else None
         shared = model is not None  # the router's own model (and its stacked adapters, if it has them)
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))

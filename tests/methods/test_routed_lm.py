@@ -193,6 +193,10 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
     lm = load_routed_lm(out)
     assert man["likelihood_candidates"] == lm.likelihood_candidates == 2  # the merge's default
     assert load_routed_lm(out, likelihood_candidates=3).likelihood_candidates == 3
+    assert man["likelihood_margin"] == lm.likelihood_margin  # the merge's default, stored
+    assert load_routed_lm(out, likelihood_margin=0.25).likelihood_margin == 0.25
+    with pytest.raises(InputError, match="likelihood_margin"):
+        load_routed_lm(out, likelihood_margin=-1.0)
     lm.likelihood_candidates = None  # every eligible adapter
     lm.gains = torch.ones(3)  # every task eligible: the likelihoods decide every row
     rows, _ = _held_out()
@@ -229,10 +233,11 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
     lm.likelihood_candidates = 2
     gap = (scores.sort(dim=1, descending=True).values[:, :2] @ torch.tensor([1.0, -1.0])).float()
     assert lm.likelihood_margin is None  # off unless asked for (the manifest has none)
-    lm.likelihood_margin = float(gap.median())
+    summed = float(gap.median())
+    lm.likelihood_margin = summed / len(lm.modules)  # the margin is per routed layer
     proto = lm.route(ids, mask, "prototype")
     got = lm.route(ids, mask, "likelihood")
-    assert got == [p if g >= lm.likelihood_margin else w for p, g, w in zip(proto, gap.tolist(), want)]
+    assert got == [p if g >= summed else w for p, g, w in zip(proto, gap.tolist(), want)]
     assert got != want and got != proto
     lm.likelihood_margin = None
 

@@ -111,7 +111,8 @@ def main() -> int:
             pairs = 0
             for c in cols:
                 proto, ll, _ = got[c]
-                pairs += int(likelihood_pairs(proto, eligible, m, gap).sum())
+                cand = likelihood_pairs(proto, eligible, m, gap)
+                pairs += int(cand[cand.sum(-1) > 1].sum())  # one candidate needs no prefill (RoutedLM)
                 routes[name][c] = [lm.tasks[i] for i in
                                    likelihood_route(proto, ll, eligible, m, gap).argmax(-1).tolist()]
             prefills[name] = pairs / sum(len(scorer.rows[c]) for c in cols)

@@ -73,7 +73,7 @@ class RoutedParams(MethodParams):
                              "prototypes rank highest (null: every eligible task); stored in the router "
                              "manifest, `load_routed_lm` and `esm-ray serve` may override it")
     likelihood_margin: float | None = Field(
-        None, ge=0, description="causal LMs: the likelihood router keeps the prototypes' choice, without its "
+        0.05, ge=0, description="causal LMs: the likelihood router keeps the prototypes' choice, without its "
                                 "pass, for a prompt whose two best eligible prototype scores differ by at "
                                 "least this in mean cosine per routed layer (null: always run the pass); "
                                 "stored in the router manifest, `load_routed_lm` and `esm-ray serve` may "

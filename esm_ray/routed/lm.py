@@ -213,8 +213,9 @@ class RoutedLM:
         eligible = (self.gains > 0).to(proto.device)
         m, gap = self.likelihood_candidates, self.likelihood_margin
         gap = None if gap is None else gap * len(self.modules)  # per routed layer -> summed cosines
-        return likelihood_route(proto, self.logliks(input_ids, mask, likelihood_pairs(proto, eligible, m, gap)),
-                                eligible, m, gap)
+        pairs = likelihood_pairs(proto, eligible, m, gap)
+        pairs &= (pairs.sum(-1) > 1)[:, None]  # one candidate wins without a prefill
+        return likelihood_route(proto, self.logliks(input_ids, mask, pairs), eligible, m, gap)
 
     @torch.no_grad()
     def logliks(self, input_ids: Tensor, mask: Tensor, pairs: Tensor) -> Tensor:

@@ -198,6 +198,7 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
     with pytest.raises(InputError, match="likelihood_margin"):
         load_routed_lm(out, likelihood_margin=-1.0)
     lm.likelihood_candidates = None  # every eligible adapter
+    lm.likelihood_margin = None  # and no margin: the likelihoods decide (the margin: below)
     lm.gains = torch.ones(3)  # every task eligible: the likelihoods decide every row
     rows, _ = _held_out()
     ids, mask = _left(rows)
@@ -226,13 +227,17 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
     want = [TASKS[max(c.tolist(), key=lambda t: float(ll[i, t]))] for i, c in enumerate(two)]
     assert lm.route(ids, mask, "likelihood") == want
     assert want != [TASKS[i] for i in ll.argmax(1).tolist()]  # the candidates matter on these rows
-    lm.likelihood_candidates = 1  # one candidate is the prototype router
+    lm.likelihood_candidates = 1  # one candidate is the prototype router, and costs no prefill
+    scored = []
+    logliks = lm.logliks
+    lm.logliks = lambda i, m, pairs: scored.append(int(pairs.sum())) or logliks(i, m, pairs)
     assert lm.route(ids, mask, "likelihood") == lm.route(ids, mask, "prototype")
+    assert scored == [0]
+    del lm.logliks
     # a margin: prompts whose two best prototype scores are that far apart keep the prototypes'
     # choice; the others route by likelihood as before (the gap taken from these rows)
     lm.likelihood_candidates = 2
     gap = (scores.sort(dim=1, descending=True).values[:, :2] @ torch.tensor([1.0, -1.0])).float()
-    assert lm.likelihood_margin is None  # off unless asked for (the manifest has none)
     summed = float(gap.median())
     lm.likelihood_margin = summed / len(lm.modules)  # the margin is per routed layer
     proto = lm.route(ids, mask, "prototype")

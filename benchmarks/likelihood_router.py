@@ -16,7 +16,8 @@ whole-split base and expert scores, with 95% paired bootstrap intervals over ite
 
 `--margins` adds, for each m > 1, a row per likelihood margin τ (mean cosine per routed layer):
 prompts whose two best eligible prototype scores differ by at least τ keep the prototype top-1
-and cost no adapter prefill.
+and cost no adapter prefill. `--depths` repeats every row with the prototype scores of a router
+pass over the first N decoder blocks (`router_depth`); the likelihoods are the same numbers.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main() -> int:
                     help="values of m (1 is the prototype router; 'all': every eligible adapter)")
     ap.add_argument("--margins", nargs="*", type=float, default=[],
                     help="likelihood margins per routed layer, each a row for every m > 1")
+    ap.add_argument("--depths", nargs="*", type=int, default=[],
+                    help="router depths (decoder blocks of the router pass), each a repeat of every row")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
@@ -76,24 +79,30 @@ def main() -> int:
     eligible = lm.gains > 0
     ms = [parse_m(v) for v in args.candidates]
     rules = [(m, None) for m in ms] + [(m, tau) for tau in args.margins for m in ms if m != 1]
-    n_layers = len(lm.modules)
 
-    def scores(texts: list[str], max_length: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(prototype scores, log-likelihoods under every eligible adapter where the prototype
-        top-1 is eligible, seconds) of the texts, each decided on its own tokens."""
+    depths = [None, *args.depths]
+
+    def scores(texts: list[str], max_length: int | None) -> tuple[dict, torch.Tensor, float]:
+        """({depth: prototype scores}, log-likelihoods under every eligible adapter where a
+        prototype top-1 is eligible, seconds) of the texts, each decided on its own tokens."""
         tok = lm.tokenizer
         tok.truncation_side = "right"
         lengths = [len(tok(t)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        proto = torch.zeros(len(texts), len(lm.tasks))
+        proto = {d: torch.zeros(len(texts), len(lm.tasks)) for d in depths}
         ll = torch.zeros(len(texts), len(lm.tasks))
         t0 = time.perf_counter()
         for s in range(0, len(order), args.batch_size):
             chunk = order[s:s + args.batch_size]
             ids, mask = lm.encode([texts[i] for i in chunk], max_length=max_length)
-            p = lm.scores(ids, mask, "prototype")
-            proto[chunk] = p.float().cpu()
-            ll[chunk] = lm.logliks(ids, mask, likelihood_pairs(p, eligible.to(p.device), None)).cpu()
+            pairs = torch.zeros(len(chunk), len(lm.tasks), dtype=torch.bool)
+            for d in depths:
+                lm.router_depth = d
+                p = lm.scores(ids, mask, "prototype")
+                proto[d][chunk] = p.float().cpu()
+                pairs |= likelihood_pairs(p, eligible.to(p.device), None).cpu()
+            ll[chunk] = lm.logliks(ids, mask, pairs).cpu()
+        lm.router_depth = None
         return proto, ll, time.perf_counter() - t0
 
     variants = [("whole", None)] + ([(f"first {args.prefix}", args.prefix)] if args.prefix else [])
@@ -104,18 +113,22 @@ def main() -> int:
         got = {c: scores([scorer.routing_text(c, r) for r in scorer.rows[c]], max_length) for c in cols}
         seconds[label] = sum(g[2] for g in got.values())
         print(f"{label}: prototype + every eligible adapter in {seconds[label]:.0f} s", file=sys.stderr)
-        for m, tau in rules:
-            name = f"m={'all' if m is None else m}" + (f", margin {tau:g}" if tau is not None else "") + f", {label}"
-            gap = None if tau is None else tau * n_layers  # per routed layer -> summed cosines
+        for (m, tau), d in [(r, d) for d in depths for r in rules]:
+            name = (f"m={'all' if m is None else m}" + (f", margin {tau:g}" if tau is not None else "")
+                    + (f", depth {d}" if d is not None else "") + f", {label}")
+            lm.router_depth = d
+            gap = None if tau is None else tau * len(lm.scored_modules)  # per routed layer -> summed cosines
             routes[name] = {}
             pairs = 0
             for c in cols:
-                proto, ll, _ = got[c]
+                protos, ll, _ = got[c]
+                proto = protos[d]
                 cand = likelihood_pairs(proto, eligible, m, gap)
                 pairs += int(cand[cand.sum(-1) > 1].sum())  # one candidate needs no prefill (RoutedLM)
                 routes[name][c] = [lm.tasks[i] for i in
                                    likelihood_route(proto, ll, eligible, m, gap).argmax(-1).tolist()]
             prefills[name] = pairs / sum(len(scorer.rows[c]) for c in cols)
+    lm.router_depth = None
     routes["oracle"] = {c: [c] * len(scorer.rows[c]) for c in cols}
     items = {name: {c: scorer.items(c, got[c]) for c in cols} for name, got in routes.items()}
     compared = paired_comparisons(zoo, items, "test")

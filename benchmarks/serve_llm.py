@@ -19,9 +19,11 @@ tokens/s over all clients, and the mean decoding batch size the replica saw (GET
     .venv/bin/python benchmarks/serve_llm.py --dir out/routed-lm --zoo ZOO   # prompts from the LM zoo's test items
 
 With --zoo the prompts are the zoo's own test items, so `auto` routes real domain text and
-`mixed` names the adapters in turn. `--routers prototype likelihood:2 likelihood:2:0.05` gives one
-`routed` row per router (each its own replica, measured in turn; likelihood:M:TAU also sets the
-likelihood margin, `inf` to always run the likelihood pass).
+`mixed` names the adapters in turn. `--routers prototype likelihood,m=2,margin=inf depth=12` gives
+one `routed` row per router choice (each its own replica, measured in turn): a router name and/or
+its options, m (likelihood candidates), margin (likelihood margin per routed layer; inf: always
+the likelihood pass) and depth (decoder blocks of the router pass); what is not named is the
+directory's.
 """
 
 from __future__ import annotations
@@ -58,6 +60,21 @@ def one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, float,
             n = ch.usage.completion_tokens
     total = time.perf_counter() - t0
     return (first if first is not None else total), total, n
+
+
+def router_options(choice: str) -> dict[str, object]:
+    """LLMOptions fields of a --routers choice: ROUTER[,m=M][,margin=TAU][,depth=N]."""
+    keys = {"m": ("likelihood_candidates", int), "margin": ("likelihood_margin", float), "depth": ("router_depth", int)}
+    out: dict[str, object] = {}
+    for part in choice.split(","):
+        k, eq, v = part.partition("=")
+        if not eq:
+            out["router"] = k
+        elif k in keys:
+            out[keys[k][0]] = keys[k][1](v)
+        else:
+            raise SystemExit(f"--routers {choice}: unknown option {k!r} (have: {', '.join(keys)})")
+    return out
 
 
 def zoo_prompts(zoo_dir: str, model_dir: Path, n: int, tokens: int = 32) -> list[str]:
@@ -114,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=16, help="requests per (model, concurrency)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the replica")
     ap.add_argument("--routers", nargs="+", default=[],
-                    help="routed rows with these routers instead of the directory's default, one replica each: "
-                         "prototype, sim, likelihood, likelihood:M (M candidate adapters per prompt) or "
-                         "likelihood:M:TAU (and the likelihood margin TAU per routed layer; inf: none)")
+                    help="routed rows, one replica each: ROUTER[,m=M][,margin=TAU][,depth=N] or options alone "
+                         "(e.g. likelihood,m=2,margin=0.05 or depth=12); unnamed: the directory's")
     ap.add_argument("--batch-wait-s", type=float, default=0.01,
                     help="the replica's batch_wait_timeout_s; with wave batching a longer wait (0.25) lets all "
                          "clients' first requests share the first batch, so rows see the same batch sizes")
@@ -152,12 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     urls: dict[str, str] = {}  # rows measured on a replica of their own (the others: `url`)
     routed: list[str] = []
     for i, choice in enumerate(args.routers):  # one more replica per router; idle while the others run
-        router, _, rest = choice.partition(":")
-        m, _, tau = rest.partition(":")
-        o = opts.model_copy(update={"router": router, "likelihood_candidates": int(m) if m else None,
-                                    "likelihood_margin": float(tau) if tau else None})
+        o = opts.model_copy(update=router_options(choice))
         serve.run(build_llm(o, spec, max_queued_requests=-1), name=f"lm{i}", route_prefix=f"/lm{i}")
-        routed.append(f"routed ({router}" + (f", {m} candidates" if m else "") + (f", margin {tau}" if tau else "") + ")")
+        routed.append(f"routed ({choice})")
         urls[routed[-1]] = f"http://127.0.0.1:{port}/lm{i}"
     tasks = adapter_tasks(model_dir)
     if args.peft_row and tasks:
@@ -176,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         for conc in args.concurrency:
             for name, models in rows.items():
                 m = measure(urls.get(name, url), models, conc, args.requests, args.max_tokens, prompts)
-                print(f"| {name} | {conc} | {m['ttft_p50_ms']:.0f} | {m['req_p50_ms']:.0f} | {m['tok_s']:.0f} | "
+                print(f"| {name} | {conc} | {m['ttft_p50_ms']:.0f} | {m['req_p50_ms']:.0f} | {m['tok_s']:.1f} | "
                       f"{m['batch']:.1f} |", flush=True)
     finally:
         serve.shutdown()

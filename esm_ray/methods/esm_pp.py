@@ -78,6 +78,10 @@ class RoutedParams(MethodParams):
                                 "least this in mean cosine per routed layer (null: always run the pass); "
                                 "stored in the router manifest, `load_routed_lm` and `esm-ray serve` may "
                                 "override it")
+    router_depth: int | None = Field(
+        None, ge=1, description="causal LMs: the router pass (prototype and likelihood routers) runs the first N "
+                                "decoder blocks only and scores the routed linears in them (null: every block); "
+                                "stored in the router manifest, `load_routed_lm` and `esm-ray serve` may override it")
     prototypes: Literal["auto", "expert", "base"] = Field(
         "auto", description="where each task's router prototypes (mean input per routed layer over its "
                             "calibration rows) come from: `expert`, its own fine-tuned model (ESM++ as "
@@ -362,7 +366,8 @@ class ESMPlusPlus(MergeMethod[RP], Generic[RP]):
                               heads={}, base_method=p.base_method, base_params=dict(p.base_params),
                               residual_of=self._residual_of(), prototypes=self._prototypes(),
                               kept_ranks=self._kept, likelihood_gains=None if gains is None else dict(zip(self._tasks, gains.tolist())),
-                              likelihood_candidates=p.likelihood_candidates, likelihood_margin=p.likelihood_margin)
+                              likelihood_candidates=p.likelihood_candidates, likelihood_margin=p.likelihood_margin,
+                              router_depth=p.router_depth)
         packed = pack_lm(self._tasks, experts, self._protos, means, bases, _DTYPES[p.expert_dtype], man, gains)
         files: dict[str, bytes | BaseWeights] = {rel: v if isinstance(v, bytes) else st_save(v)
                                                  for rel, v in packed.items()}

@@ -68,6 +68,19 @@ def _positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _block(module: str) -> int:
+    """The decoder block a routed linear sits in: the first numeric part of its name
+    (model.layers.3.mlp.up_proj -> 3; transformer.h.3.mlp.c_fc -> 3)."""
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    raise InputError(f"routed linear {module!r}: no decoder block index in its name")
+
+
+class _RouterDone(Exception):
+    """Raised by the prototype pass after its deepest block: the blocks above it do not run."""
+
+
 def _prefixed(input_ids: Tensor, mask: Tensor, token: int) -> tuple[Tensor, Tensor]:
     """Each sequence with `token` just before its first real token (one column longer): the
     first token is then scored too, as lm-eval's rolling log-likelihood scores it after its
@@ -93,6 +106,9 @@ class RoutedLM:
     gains:     (T,) each task's log-likelihood gain over the base (the likelihood router), or None
     likelihood_candidates: the likelihood router's adapters per prompt (the eligible tasks the
                prototypes rank highest), or None for every eligible task
+    router_depth: the prototype pass runs the first `router_depth` decoder blocks only and scores
+               the routed linears in them (None: every block); the likelihood router's
+               candidates and margin come from these scores too
     likelihood_margin: skip the likelihood pass for a prompt whose two best eligible prototype
                scores are at least this far apart, in mean cosine per routed layer (the summed
                scores differ by at least this × len(modules)), or None: never skip
@@ -103,7 +119,7 @@ class RoutedLM:
                  prototypes: dict[str, Tensor], sim: tuple[Tensor, Tensor, bool, bool] | None,
                  backbone: nn.Module | None, tokenizer: Any = None, router: str | None = None,
                  gains: Tensor | None = None, likelihood_candidates: int | None = None,
-                 likelihood_margin: float | None = None) -> None:
+                 likelihood_margin: float | None = None, router_depth: int | None = None) -> None:
         if likelihood_candidates is not None and likelihood_candidates < 1:
             raise InputError(f"likelihood_candidates must be at least 1 (got {likelihood_candidates})")
         if likelihood_margin is not None and not likelihood_margin >= 0:
@@ -111,6 +127,9 @@ class RoutedLM:
         self.model = model.eval()
         self.likelihood_candidates = likelihood_candidates
         self.likelihood_margin = likelihood_margin
+        if router_depth is not None and router_depth < 1:
+            raise InputError(f"router_depth must be at least 1 (got {router_depth})")
+        self.router_depth = router_depth
         self.tasks = list(tasks)
         self.adapter_names = dict(adapter_names)
         self.manifest = manifest
@@ -187,6 +206,8 @@ class RoutedLM:
         total = torch.zeros(input_ids.shape[0], len(self.tasks), dtype=torch.float32, device=input_ids.device)
         handles = []
 
+        scored = self.scored_modules
+
         def hook(module_name: str):
             def pre(_mod: nn.Module, args: tuple) -> None:
                 nonlocal total
@@ -196,23 +217,43 @@ class RoutedLM:
                 total = total + cosine_scores(token_mean(x.float(), m), proto).to(total.device, torch.float32)
             return pre
 
+        def done(*_: Any) -> None:
+            raise _RouterDone
+
         try:
-            for module in self.modules:
+            for module in scored:
                 handles.append(inner.get_submodule(module).register_forward_pre_hook(hook(module)))
+            if self.router_depth is not None:  # stop after the deepest block scored
+                parts = scored[-1].split(".")
+                block = ".".join(parts[:parts.index(str(_block(scored[-1]))) + 1])
+                handles.append(inner.get_submodule(block).register_forward_hook(done))
             with self._base_only():
                 _decoder(inner)(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask),
                                 use_cache=False)
+        except _RouterDone:
+            pass
         finally:
             for h in handles:
                 h.remove()
         return total
+
+    @property
+    def scored_modules(self) -> list[str]:
+        """The routed linears the prototype pass scores (those of the first router_depth blocks)."""
+        if self.router_depth is None:
+            return self.modules
+        got = [m for m in self.modules if _block(m) < self.router_depth]
+        if not got:
+            raise InputError(f"router_depth {self.router_depth}: no routed linear in the first "
+                             f"{self.router_depth} decoder blocks")
+        return got
 
     def _likelihood_scores(self, input_ids: Tensor, mask: Tensor) -> Tensor:
         assert self.gains is not None
         proto = self._prototype_scores(input_ids, mask)
         eligible = (self.gains > 0).to(proto.device)
         m, gap = self.likelihood_candidates, self.likelihood_margin
-        gap = None if gap is None else gap * len(self.modules)  # per routed layer -> summed cosines
+        gap = None if gap is None else gap * len(self.scored_modules)  # per routed layer -> summed cosines
         pairs = likelihood_pairs(proto, eligible, m, gap)
         pairs &= (pairs.sum(-1) > 1)[:, None]  # one candidate wins without a prefill
         return likelihood_route(proto, self.logliks(input_ids, mask, pairs), eligible, m, gap)
@@ -236,13 +277,15 @@ class RoutedLM:
             for s in range(0, rows.numel(), step):
                 r, t = rows[s:s + step], tasks[s:s + step]
                 names = [self.adapter_names[self.tasks[i]] for i in t.tolist()]
-                inputs = dict(input_ids=ids[r], attention_mask=m[r], position_ids=_positions(m[r]), use_cache=False)
+                live = m[r].any(0).nonzero().flatten()  # drop the columns that pad every row here
+                ids_r, m_r = ids[r, int(live[0]):int(live[-1]) + 1], m[r, int(live[0]):int(live[-1]) + 1]
+                inputs = dict(input_ids=ids_r, attention_mask=m_r, position_ids=_positions(m_r), use_cache=False)
                 if self.stacked is not None:
                     with self.stacked.rows(names) as model:
                         logits = model(**inputs).logits
                 else:
                     logits = self.model(**inputs, adapter_names=names).logits
-                ll[r.to(ll.device), t.to(ll.device)] = mean_token_loglik(logits, ids[r], m[r]).to(ll.device)
+                ll[r.to(ll.device), t.to(ll.device)] = mean_token_loglik(logits, ids_r, m_r).to(ll.device)
         return ll
 
     def _prefix_token(self) -> int:
@@ -364,12 +407,13 @@ def _check_adapter(d: Path, rel: str, modules: list[str]) -> Path:
 
 def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                    router: str | None = None, likelihood_candidates: int | None = None,
-                   likelihood_margin: float | None = None, s3=None) -> RoutedLM:
+                   likelihood_margin: float | None = None, router_depth: int | None = None, s3=None) -> RoutedLM:
     """Load a routed causal-LM directory (local or s3://): the merged base with every adapter
     (peft), the router state, the SiM backbone when stored, the tokenizer when present.
     likelihood_candidates: the likelihood router's adapters per prompt; None takes the
     manifest's (`esm_pp`'s `likelihood_candidates` at merge time; absent: every eligible task).
-    likelihood_margin: see RoutedLM; None takes the manifest's `likelihood_margin` (absent: off)."""
+    likelihood_margin, router_depth: see RoutedLM; None takes the manifest's `likelihood_margin` /
+    `router_depth` (absent: off, every block)."""
     from transformers import AutoModelForCausalLM
 
     from esm_ray.routed.load import local_dir, sim_router
@@ -411,6 +455,7 @@ def load_routed_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
     lm = RoutedLM(model.to(device), list(man["tasks"]), names, man, protos, sim_state,
                   backbone.to(device) if backbone is not None else None, tokenizer, router, gains,
                   likelihood_candidates if likelihood_candidates is not None else man.get("likelihood_candidates"),
-                  likelihood_margin if likelihood_margin is not None else man.get("likelihood_margin"))
+                  likelihood_margin if likelihood_margin is not None else man.get("likelihood_margin"),
+                  router_depth if router_depth is not None else man.get("router_depth"))
     lm.source_dir = d
     return lm

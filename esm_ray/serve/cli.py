@@ -46,6 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SpecError(f"--likelihood-candidates must be at least 1 (got {args.likelihood_candidates})")
     if args.likelihood_margin is not None and not args.likelihood_margin >= 0:
         raise SpecError(f"--likelihood-margin must be at least 0 (got {args.likelihood_margin})")
+    if args.router_depth is not None and args.router_depth < 1:
+        raise SpecError(f"--router-depth must be at least 1 (got {args.router_depth})")
     opts: LLMOptions | ServeOptions
     if llm:
         if args.head or args.router in ("oracle", "none"):
@@ -57,11 +59,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_inputs_per_request=spec.max_inputs_per_request, max_body_bytes=spec.max_body_bytes,
                           max_input_chars=spec.max_input_chars, threads=max(1, int(spec.num_cpus)),
                           router=args.router, likelihood_candidates=args.likelihood_candidates,
-                          likelihood_margin=args.likelihood_margin,
+                          likelihood_margin=args.likelihood_margin, router_depth=args.router_depth,
                           **({"adapters": args.adapters} if args.adapters else {}))
     else:
         if args.router == "likelihood" or args.likelihood_candidates is not None or args.likelihood_margin is not None:
             raise SpecError(f"{args.dir} is not a causal LM: the likelihood router is for routed causal LMs")
+        if args.router_depth is not None:
+            raise SpecError(f"{args.dir} is not a causal LM: --router-depth is for routed causal LMs")
         if args.adapters:
             raise SpecError(f"{args.dir} is not a causal LM: --adapters is for causal LMs with LoRA adapters")
         opts = ServeOptions(model_dir=args.dir, router=args.router, heads=_heads(args.head or []),
@@ -118,6 +122,9 @@ def register(sub) -> None:
                    help="causal LM, likelihood router: keep the prototypes' choice without the likelihood pass "
                         "when their two best scores differ by at least TAU per routed layer (default: the "
                         "directory's; inf: always run the pass)")
+    p.add_argument("--router-depth", type=int, metavar="N",
+                   help="causal LM, prototype and likelihood routers: the router pass runs the first N decoder "
+                        "blocks only (default: the directory's; all)")
     p.add_argument("--adapters", choices=["stacked", "peft"],
                    help="causal LM: how rows on different adapters share a decoding batch: each LoRA layer's "
                         "adapters stacked, two batched matmuls per layer (default), or peft's mixed-adapter batch")

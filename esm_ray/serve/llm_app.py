@@ -49,6 +49,9 @@ class LLMOptions(BaseModel):
         None, ge=0, description="the likelihood router skips its pass for prompts whose two best prototype "
                                 "scores differ by at least this, per routed layer (default: the directory's; "
                                 "inf: never skip)")
+    router_depth: int | None = Field(
+        None, ge=1, description="the prototype pass runs only the first N decoder blocks and scores the routed "
+                                "linears in them (default: the directory's; all blocks)")
     adapters: Literal["stacked", "peft"] = Field(
         "stacked", description="how rows on different adapters share a decoding batch: stacked factors "
                                "(esm_ray.routed.multi_lora) or peft's mixed-adapter batch")
@@ -123,6 +126,7 @@ class LLMServer:
                                   router_loader=self.opts.router_loader, router=self.opts.router,
                                   likelihood_candidates=self.opts.likelihood_candidates,
                                   likelihood_margin=self.opts.likelihood_margin,
+                                  router_depth=self.opts.router_depth,
                                   stacked=self.opts.adapters == "stacked")
         self.batcher = Batcher(self.backend, max_batch_size=self.opts.max_batch_size,
                                wait_s=self.opts.batch_wait_timeout_s, max_waiting=self.opts.max_waiting,

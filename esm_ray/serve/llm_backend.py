@@ -73,13 +73,13 @@ def _load_router(model_dir: Path, loader: str, **options: Any) -> tuple[Any, str
     return fn(str(model_dir), **{k: v for k, v in options.items() if k in params}), None
 
 
-ROUTER_OPTIONS = ("router", "likelihood_candidates", "likelihood_margin")
+ROUTER_OPTIONS = ("router", "likelihood_candidates", "likelihood_margin", "router_depth")
 
 
 def router_choice(router: str | None, likelihood_candidates: int | None,
-                  likelihood_margin: float | None = None) -> dict[str, Any]:
+                  likelihood_margin: float | None = None, router_depth: int | None = None) -> dict[str, Any]:
     """The loader's keyword arguments for a router other than the directory's default."""
-    return {k: v for k, v in zip(ROUTER_OPTIONS, (router, likelihood_candidates, likelihood_margin))
+    return {k: v for k, v in zip(ROUTER_OPTIONS, (router, likelihood_candidates, likelihood_margin, router_depth))
             if v is not None}
 
 
@@ -130,7 +130,8 @@ class LLMBackend:
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", served_name: str | None = None,
                  router_loader: str = DEFAULT_ROUTER_LOADER, cache: str | Path | None = None,
                  router: str | None = None, likelihood_candidates: int | None = None,
-                 likelihood_margin: float | None = None, stacked: bool = True) -> None:
+                 likelihood_margin: float | None = None, router_depth: int | None = None,
+                 stacked: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from esm_ray.routed.load import local_dir
@@ -148,7 +149,7 @@ class LLMBackend:
         self.router, self.no_router = _load_router(d, router_loader, device=device,
                                                    **({"dtype": dtype} if dtype is not None else {}),
                                                    **router_choice(router, likelihood_candidates,
-                                                                   likelihood_margin))
+                                                                   likelihood_margin, router_depth))
         model = _peft_inside(self.router) if self.router is not None else None
         shared = model is not None  # the router's own model (and its stacked adapters, if it has them)
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))

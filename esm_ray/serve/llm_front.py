@@ -49,6 +49,9 @@ class FrontOptions(BaseModel):
         None, ge=0, description="the likelihood router skips its pass for prompts whose two best prototype "
                                 "scores differ by at least this, per routed layer (default: the directory's; "
                                 "inf: never skip)")
+    router_depth: int | None = Field(
+        None, ge=1, description="the prototype pass runs only the first N decoder blocks and scores the routed "
+                                "linears in them (default: the directory's; all blocks)")
     device: str | None = Field(None, description="where the router runs (default: cuda when the replica has one)")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     timeout_s: float = Field(600.0, gt=0)
@@ -95,7 +98,7 @@ class RouterFront:
         self.router, self.no_router = load_router(d, self.opts.router_loader, device=device,
                                                   **({"dtype": torch.float32} if device == "cpu" else {}),
                                                   **router_choice(self.opts.router, self.opts.likelihood_candidates,
-                                                                self.opts.likelihood_margin))
+                                                                self.opts.likelihood_margin, self.opts.router_depth))
         self.device = device
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))
         self.adapter_of = adapter_names(self.router, self.tasks)  # the engine loads adapters/<name>

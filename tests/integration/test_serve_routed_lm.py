@@ -69,7 +69,7 @@ def test_auto_in_one_batch_equals_routed_lm_generate_alone(routed_lm_dir):
 
 
 def test_the_service_takes_the_likelihood_router_and_its_candidates(routed_lm_dir, tmp_path):
-    """LLMOptions' router, likelihood_candidates and likelihood_margin reach the loaded router: `auto` prompts
+    """LLMOptions' router, likelihood_candidates, likelihood_margin and router_depth reach the loaded router: `auto` prompts
     route as RoutedLM with the same choice routes them; a loader that cannot take the choice,
     and a causal LM asked for an encoder-only router, are refused by name."""
     from esm_ray.cli import main
@@ -78,17 +78,20 @@ def test_the_service_takes_the_likelihood_router_and_its_candidates(routed_lm_di
     from esm_ray.serve.llm_backend import LLMBackend, route_prompts
     from tests.methods.test_routed_lm import TASKS, _rows
 
-    backend = LLMBackend(routed_lm_dir, router="likelihood", likelihood_candidates=2, likelihood_margin=0.5)
+    backend = LLMBackend(routed_lm_dir, router="likelihood", likelihood_candidates=2, likelihood_margin=0.5,
+                         router_depth=1)
     assert (backend.router.router, backend.router.likelihood_candidates) == ("likelihood", 2)
-    assert backend.router.likelihood_margin == 0.5
+    assert (backend.router.likelihood_margin, backend.router.router_depth) == (0.5, 1)
     assert backend.stacked is not None and backend.stacked is backend.router.stacked  # stacked once
     rows = [r for t in range(3) for r in _rows(t, 4, seed=300 + t)]
     lm = load_routed_lm(routed_lm_dir, router="likelihood", likelihood_candidates=2)
     backend.router.likelihood_margin = lm.likelihood_margin  # below: the same rule as `lm`
+    backend.router.router_depth = lm.router_depth
     want = [lm.route(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))[0] for r in rows]
     assert route_prompts(backend.router, rows, TASKS, pad_id=0) == want
     with pytest.raises(InputError, match="takes no router"):
         LLMBackend(routed_lm_dir, router="likelihood",
                    router_loader="tests.fixtures.lm_dir:load_first_word_router")
-    for bad in (["--router", "oracle"], ["--likelihood-candidates", "0"], ["--likelihood-margin", "-1"]):
+    for bad in (["--router", "oracle"], ["--likelihood-candidates", "0"], ["--likelihood-margin", "-1"],
+                ["--router-depth", "0"]):
         assert main(["serve", str(routed_lm_dir), "--host", "127.0.0.1", *bad]) == 2

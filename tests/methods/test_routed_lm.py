@@ -161,6 +161,51 @@ def test_route_picks_each_calibration_domain_alone_or_batched(lms, method, route
     assert lm.route(*_right(rows), router) == got  # the mask, not the padding side, decides
 
 
+def test_router_depth_scores_the_first_blocks_and_runs_no_more(lm_dirs):
+    """router_depth k: the prototype scores are the cosines of the routed linears in the first k
+    decoder blocks only, summed (an independent pass: transformers' merged base with hooks on
+    every routed linear), and the blocks from k on do not run; depth 0 is refused."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load_routed_lm(lm_dirs["esm_pp"])
+    rows, _ = _held_out()
+    ids, mask = _left(rows)
+    base = AutoModelForCausalLM.from_pretrained(str(lm_dirs["esm_pp"])).eval()
+    cos: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def pre(_m, args):
+            x = args[0].double()
+            w = mask[..., None].double()
+            mean = (x * w).sum(1) / w.sum(1)
+            cos[name] = torch.nn.functional.cosine_similarity(
+                mean[:, None, :], lm.prototypes[name].double()[None], dim=-1)
+        return pre
+
+    hooks = [base.get_submodule(m).register_forward_pre_hook(keep(m)) for m in lm.modules]
+    with torch.no_grad():
+        base(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    for h in hooks:
+        h.remove()
+    blocks = lm.model.get_base_model().model.layers
+    assert len(blocks) == 2 and all(".layers." in m for m in lm.modules)
+    ran = []
+    watch = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    full = lm.scores(ids, mask, "prototype")
+    lm.router_depth = 1
+    got = lm.scores(ids, mask, "prototype")
+    for w in watch:
+        w.remove()
+    assert ran == [0, 1, 0]  # the full pass, then block 0 alone
+    want = sum(c for m, c in cos.items() if ".layers.0." in m)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(full.double(), sum(cos.values()), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got.double(), full.double(), atol=1e-2)
+    assert lm.scored_modules == [m for m in lm.modules if ".layers.0." in m]
+    with pytest.raises(InputError, match="router_depth"):
+        load_routed_lm(lm_dirs["esm_pp"], router_depth=0)
+
+
 def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dirs):
     """The merge records each expert's gain: its first 16 calibration rows' mean token
     log-likelihood under the expert minus under the base (transformers' models, cross-entropy,
@@ -194,6 +239,7 @@ def test_likelihood_router_gains_and_routes_equal_independent_likelihoods(lm_dir
     assert man["likelihood_candidates"] == lm.likelihood_candidates == 2  # the merge's default
     assert load_routed_lm(out, likelihood_candidates=3).likelihood_candidates == 3
     assert man["likelihood_margin"] == lm.likelihood_margin  # the merge's default, stored
+    assert man["router_depth"] is None and lm.router_depth is None  # every block by default
     assert load_routed_lm(out, likelihood_margin=0.25).likelihood_margin == 0.25
     with pytest.raises(InputError, match="likelihood_margin"):
         load_routed_lm(out, likelihood_margin=-1.0)

@@ -120,5 +120,29 @@ class ChatRequest(Sampling):
         return out
 
 
-__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Message", "Sampling", "error_body",
+class RouterOptions(BaseModel):
+    """How `model: auto` is routed: the router loader and its choices (None: the directory's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    router_loader: str = Field("esm_ray.routed.lm:load_routed_lm", description="module:function -> RoutedLM")
+    router: Literal["prototype", "sim", "likelihood"] | None = Field(
+        None, description="the router of `model: auto` (default: the directory's)")
+    likelihood_candidates: int | None = Field(
+        None, ge=1, description="the likelihood router's adapters per prompt (default: the directory's)")
+    likelihood_margin: float | None = Field(
+        None, ge=0, description="the likelihood router skips its pass for prompts whose two best prototype "
+                                "scores differ by at least this, per routed layer (default: the directory's; "
+                                "inf: never skip)")
+    router_depth: int | None = Field(
+        None, ge=1, description="the router pass runs only the first N decoder blocks and scores the routed "
+                                "linears in them (default: the directory's; all blocks)")
+
+    def router_choice(self) -> dict[str, Any]:
+        """The loader's keyword arguments for the choices made here."""
+        fields = ("router", "likelihood_candidates", "likelihood_margin", "router_depth")
+        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+
+
+__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Message", "RouterOptions", "Sampling", "error_body",
            "validation_error"]

@@ -24,34 +24,23 @@ from typing import Any, Literal
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from ray import serve
 
 from esm_ray.serve.guard import parse_body, read_body
-from esm_ray.serve.llm_api import ApiError, ChatRequest, CompletionRequest, error_body, validation_error
+from esm_ray.serve.llm_api import (ApiError, ChatRequest, CompletionRequest, RouterOptions, error_body,
+                                   validation_error)
 
 log = logging.getLogger("esm_ray.serve")
 
 
-class LLMOptions(BaseModel):
+class LLMOptions(RouterOptions):
     """What a causal-LM replica needs besides its resources."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_dir: str
     served_name: str | None = Field(None, description="the merged model's id (default: the directory's name)")
-    router_loader: str = Field("esm_ray.routed.lm:load_routed_lm", description="module:function -> RoutedLM")
-    router: Literal["prototype", "sim", "likelihood"] | None = Field(
-        None, description="the router of `model: auto` (default: the directory's)")
-    likelihood_candidates: int | None = Field(
-        None, ge=1, description="the likelihood router's adapters per prompt (default: the directory's)")
-    likelihood_margin: float | None = Field(
-        None, ge=0, description="the likelihood router skips its pass for prompts whose two best prototype "
-                                "scores differ by at least this, per routed layer (default: the directory's; "
-                                "inf: never skip)")
-    router_depth: int | None = Field(
-        None, ge=1, description="the prototype pass runs only the first N decoder blocks and scores the routed "
-                                "linears in them (default: the directory's; all blocks)")
     adapters: Literal["stacked", "peft"] = Field(
         "stacked", description="how rows on different adapters share a decoding batch: stacked factors "
                                "(esm_ray.routed.multi_lora) or peft's mixed-adapter batch")
@@ -123,10 +112,7 @@ class LLMServer:
         device = self.opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         t0 = time.perf_counter()
         self.backend = LLMBackend(self.opts.model_dir, device=device, served_name=self.opts.served_name,
-                                  router_loader=self.opts.router_loader, router=self.opts.router,
-                                  likelihood_candidates=self.opts.likelihood_candidates,
-                                  likelihood_margin=self.opts.likelihood_margin,
-                                  router_depth=self.opts.router_depth,
+                                  router_loader=self.opts.router_loader, **self.opts.router_choice(),
                                   stacked=self.opts.adapters == "stacked")
         self.batcher = Batcher(self.backend, max_batch_size=self.opts.max_batch_size,
                                wait_s=self.opts.batch_wait_timeout_s, max_waiting=self.opts.max_waiting,

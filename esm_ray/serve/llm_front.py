@@ -18,21 +18,21 @@ cluster/serve-llm.yaml.
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from ray import serve
 
 from esm_ray.serve.guard import read_body
-from esm_ray.serve.llm_api import ApiError, error_body, validation_error
+from esm_ray.serve.llm_api import ApiError, RouterOptions, error_body, validation_error
 
 log = logging.getLogger("esm_ray.serve")
 
 
-class FrontOptions(BaseModel):
+class FrontOptions(RouterOptions):
     """Where the router and the engine are."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,18 +40,6 @@ class FrontOptions(BaseModel):
     model_dir: str = Field(description="the routed LM directory (local or s3://): tokenizer, adapters/, router/")
     upstream: str = Field(description="base URL of the engine's OpenAI app, e.g. http://127.0.0.1:8000/llm")
     base_model_id: str = Field(description="the engine's model id for the merged base (LLMConfig model_id)")
-    router_loader: str = "esm_ray.routed.lm:load_routed_lm"
-    router: Literal["prototype", "sim", "likelihood"] | None = Field(
-        None, description="the router of `model: auto` (default: the directory's)")
-    likelihood_candidates: int | None = Field(
-        None, ge=1, description="the likelihood router's adapters per prompt (default: the directory's)")
-    likelihood_margin: float | None = Field(
-        None, ge=0, description="the likelihood router skips its pass for prompts whose two best prototype "
-                                "scores differ by at least this, per routed layer (default: the directory's; "
-                                "inf: never skip)")
-    router_depth: int | None = Field(
-        None, ge=1, description="the prototype pass runs only the first N decoder blocks and scores the routed "
-                                "linears in them (default: the directory's; all blocks)")
     device: str | None = Field(None, description="where the router runs (default: cuda when the replica has one)")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     timeout_s: float = Field(600.0, gt=0)
@@ -87,7 +75,7 @@ class RouterFront:
         from transformers import AutoTokenizer
 
         from esm_ray.routed.load import local_dir
-        from esm_ray.serve.llm_backend import adapter_names, adapter_tasks, load_router, router_choice
+        from esm_ray.serve.llm_backend import adapter_names, adapter_tasks, load_router
 
         import torch
 
@@ -97,8 +85,7 @@ class RouterFront:
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
         self.router, self.no_router = load_router(d, self.opts.router_loader, device=device,
                                                   **({"dtype": torch.float32} if device == "cpu" else {}),
-                                                  **router_choice(self.opts.router, self.opts.likelihood_candidates,
-                                                                self.opts.likelihood_margin, self.opts.router_depth))
+                                                  **self.opts.router_choice())
         self.device = device
         self.tasks = list(getattr(self.router, "tasks", None) or adapter_tasks(d))
         self.adapter_of = adapter_names(self.router, self.tasks)  # the engine loads adapters/<name>

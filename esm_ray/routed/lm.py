@@ -9,7 +9,8 @@ multi-LoRA engines batch):
   with every adapter disabled and without the LM head; at each routed linear the token mean of
   its input over the prompt's tokens (padding masked) is scored by cosine against that layer's
   task prototypes; the scores are summed over the routed layers and the top-1 task wins (ties:
-  the lower task index). Cost: one extra forward of the base over the prompt (no KV cache kept).
+  the lower task index). Cost: one extra forward of the base over the prompt (no KV cache kept);
+  with `router_depth` N, of its first N decoder blocks only, scoring the routed linears in them.
 - "sim": one pass of the pretrained backbone over the prompt; its mean last hidden state is
   scored against the SiM task subspaces (esm_ray.core.routing.sim_route). Cost: one extra
   forward of the backbone over the prompt.
@@ -106,12 +107,12 @@ class RoutedLM:
     gains:     (T,) each task's log-likelihood gain over the base (the likelihood router), or None
     likelihood_candidates: the likelihood router's adapters per prompt (the eligible tasks the
                prototypes rank highest), or None for every eligible task
+    likelihood_margin: skip the likelihood pass for a prompt whose two best eligible prototype
+               scores are at least this far apart, in mean cosine per scored linear (the summed
+               scores differ by at least this × len(scored_modules)), or None: never skip
     router_depth: the prototype pass runs the first `router_depth` decoder blocks only and scores
                the routed linears in them (None: every block); the likelihood router's
                candidates and margin come from these scores too
-    likelihood_margin: skip the likelihood pass for a prompt whose two best eligible prototype
-               scores are at least this far apart, in mean cosine per routed layer (the summed
-               scores differ by at least this × len(modules)), or None: never skip
     stacked:   the adapters stacked per layer (MultiLoRA), or None when they cannot be
     """
 
@@ -126,9 +127,9 @@ class RoutedLM:
             raise InputError(f"likelihood_margin must be at least 0 (got {likelihood_margin})")
         self.model = model.eval()
         self.likelihood_candidates = likelihood_candidates
-        self.likelihood_margin = likelihood_margin
         if router_depth is not None and router_depth < 1:
             raise InputError(f"router_depth must be at least 1 (got {router_depth})")
+        self.likelihood_margin = likelihood_margin
         self.router_depth = router_depth
         self.tasks = list(tasks)
         self.adapter_names = dict(adapter_names)
@@ -205,7 +206,6 @@ class RoutedLM:
         inner = self.model.get_base_model()
         total = torch.zeros(input_ids.shape[0], len(self.tasks), dtype=torch.float32, device=input_ids.device)
         handles = []
-
         scored = self.scored_modules
 
         def hook(module_name: str):

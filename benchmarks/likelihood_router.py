@@ -59,7 +59,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from esm_ray.core.routing import likelihood_pairs, likelihood_route
+    from esm_ray.core.routing import likelihood_pairs, likelihood_route, prefilled_pairs
     import numpy as np
 
     from esm_ray.eval.lm_report import interval, normalized, normalized_resamples, units
@@ -123,8 +123,7 @@ def main() -> int:
             for c in cols:
                 protos, ll, _ = got[c]
                 proto = protos[d]
-                cand = likelihood_pairs(proto, eligible, m, gap)
-                pairs += int(cand[cand.sum(-1) > 1].sum())  # one candidate needs no prefill (RoutedLM)
+                pairs += int(prefilled_pairs(likelihood_pairs(proto, eligible, m, gap)).sum())
                 routes[name][c] = [lm.tasks[i] for i in
                                    likelihood_route(proto, ll, eligible, m, gap).argmax(-1).tolist()]
             prefills[name] = pairs / sum(len(scorer.rows[c]) for c in cols)

@@ -238,6 +238,13 @@ def likelihood_pairs(prototype_scores: Tensor, eligible: Tensor, m: int | None =
     return cand & on[:, None]
 
 
+def prefilled_pairs(pairs: Tensor) -> Tensor:
+    """The pairs of `likelihood_pairs` that need an adapter prefill: those of sequences with at
+    least two candidates (a sole candidate is the prototype top-1, and wins unscored).
+    pairs: (N, T) bool -> (N, T) bool"""
+    return pairs & (pairs.sum(-1) > 1)[:, None]
+
+
 def likelihood_route(prototype_scores: Tensor, logliks: Tensor, eligible: Tensor, m: int | None = None,
                      margin: float | None = None) -> Tensor:
     """The likelihood router's scores: the prototype router decides whether a sequence belongs

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from esm_ray.core.routing import (cosine_scores, likelihood_pairs, likelihood_route, mean_token_loglik,
-                                  sim_route, token_mean)
+                                  prefilled_pairs, sim_route, token_mean)
 from esm_ray.errors import InputError
 from esm_ray.models.hf import base_model
 from esm_ray.routed.format import SIM_BASIS_KEY, SIM_MEAN_KEY, prototype_key
@@ -254,8 +254,7 @@ class RoutedLM:
         eligible = (self.gains > 0).to(proto.device)
         m, gap = self.likelihood_candidates, self.likelihood_margin
         gap = None if gap is None else gap * len(self.scored_modules)  # per routed layer -> summed cosines
-        pairs = likelihood_pairs(proto, eligible, m, gap)
-        pairs &= (pairs.sum(-1) > 1)[:, None]  # one candidate wins without a prefill
+        pairs = prefilled_pairs(likelihood_pairs(proto, eligible, m, gap))
         return likelihood_route(proto, self.logliks(input_ids, mask, pairs), eligible, m, gap)
 
     @torch.no_grad()
@@ -278,7 +277,8 @@ class RoutedLM:
                 r, t = rows[s:s + step], tasks[s:s + step]
                 names = [self.adapter_names[self.tasks[i]] for i in t.tolist()]
                 live = m[r].any(0).nonzero().flatten()  # drop the columns that pad every row here
-                ids_r, m_r = ids[r, int(live[0]):int(live[-1]) + 1], m[r, int(live[0]):int(live[-1]) + 1]
+                cols = slice(int(live[0]), int(live[-1]) + 1)
+                ids_r, m_r = ids[r, cols], m[r, cols]
                 inputs = dict(input_ids=ids_r, attention_mask=m_r, position_ids=_positions(m_r), use_cache=False)
                 if self.stacked is not None:
                     with self.stacked.rows(names) as model:

@@ -25,8 +25,9 @@ and peft (the router's passes, `adapter_names=`) keeps computing with the same n
 bit when the adapters share one rank; a lower rank's lora_B is a strided view, which may round
 differently in the last place). Only vanilla LoRA on nn.Linear is stacked; `MultiLoRA.of` says
 why not otherwise (DoRA and other variants, LoRA biases, embedding or conv adapters,
-modules_to_save, fan_in_fan_out, merged adapters), and callers keep peft's path. Adapters in another dtype than the base (peft keeps
-them in float32 on a half-precision base) are applied in their dtype, as peft does.
+modules_to_save, fan_in_fan_out, merged adapters), and callers keep peft's path. Adapters in
+another dtype than the base (peft keeps them in float32 on a half-precision base) are applied in
+their dtype, as peft does.
 """
 
 from __future__ import annotations

@@ -120,6 +120,10 @@ class ChatRequest(Sampling):
         return out
 
 
+# the routed-LM loader's router choices (RouterOptions' fields of the same names)
+ROUTER_CHOICES = ("router", "likelihood_candidates", "likelihood_margin", "router_depth")
+
+
 class RouterOptions(BaseModel):
     """How `model: auto` is routed: the router loader and its choices (None: the directory's)."""
 
@@ -140,9 +144,8 @@ class RouterOptions(BaseModel):
 
     def router_choice(self) -> dict[str, Any]:
         """The loader's keyword arguments for the choices made here."""
-        fields = ("router", "likelihood_candidates", "likelihood_margin", "router_depth")
-        return {k: getattr(self, k) for k in fields if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ROUTER_CHOICES if getattr(self, k) is not None}
 
 
-__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Message", "RouterOptions", "Sampling", "error_body",
-           "validation_error"]
+__all__ = ["ApiError", "ChatRequest", "CompletionRequest", "Message", "ROUTER_CHOICES", "RouterOptions", "Sampling",
+           "error_body", "validation_error"]

@@ -26,7 +26,7 @@ import torch
 from esm_ray.errors import InputError
 from esm_ray.models.hf import is_causal_lm
 from esm_ray.routed.multi_lora import MultiLoRA
-from esm_ray.serve.llm_api import ApiError
+from esm_ray.serve.llm_api import ROUTER_CHOICES, ApiError
 from esm_ray.serve.llm_decode import Row, decode
 
 log = logging.getLogger("esm_ray.serve")
@@ -67,19 +67,16 @@ def _load_router(model_dir: Path, loader: str, **options: Any) -> tuple[Any, str
     import inspect
 
     params = inspect.signature(fn).parameters
-    asked = [k for k in ROUTER_OPTIONS if k in options and k not in params]
+    asked = [k for k in ROUTER_CHOICES if k in options and k not in params]
     if asked:
         raise InputError(f"the router loader {loader} takes no {', '.join(asked)}")
     return fn(str(model_dir), **{k: v for k, v in options.items() if k in params}), None
 
 
-ROUTER_OPTIONS = ("router", "likelihood_candidates", "likelihood_margin", "router_depth")
-
-
 def router_choice(router: str | None, likelihood_candidates: int | None,
                   likelihood_margin: float | None = None, router_depth: int | None = None) -> dict[str, Any]:
     """The loader's keyword arguments for a router other than the directory's default."""
-    return {k: v for k, v in zip(ROUTER_OPTIONS, (router, likelihood_candidates, likelihood_margin, router_depth))
+    return {k: v for k, v in zip(ROUTER_CHOICES, (router, likelihood_candidates, likelihood_margin, router_depth))
             if v is not None}
 
 

@@ -340,6 +340,28 @@ def test_a_likelihood_margin_skips_the_prompts_the_prototypes_are_sure_of():
     assert not likelihood_pairs(proto, one, None, 1.0).any()
 
 
+def test_only_sequences_with_two_candidates_need_a_prefill_and_the_routes_stay():
+    """prefilled_pairs keeps the pairs of sequences with at least two candidates; scoring only
+    those (0 elsewhere) routes every sequence as scoring all of likelihood_pairs does."""
+    from esm_ray.core.routing import likelihood_pairs, likelihood_route, prefilled_pairs
+
+    g = torch.Generator().manual_seed(2)
+    proto = torch.rand(60, 5, generator=g) * 4
+    ll = -torch.rand(60, 5, generator=g) * 5
+    eligible = torch.tensor([True, True, False, True, True])
+    assert not prefilled_pairs(likelihood_pairs(proto, eligible, 1)).any()  # m = 1: no prefill at all
+    for m in (1, 2, None):
+        full = likelihood_pairs(proto, eligible, m)
+        kept = prefilled_pairs(full)
+        assert kept.equal(full & (full.sum(-1) >= 2)[:, None])
+        assert kept.equal(full) == (m != 1)
+        only = torch.where(kept, ll, torch.zeros_like(ll))
+        assert likelihood_route(proto, only, eligible, m).argmax(-1).equal(
+            likelihood_route(proto, ll, eligible, m).argmax(-1))
+    one = torch.tensor([False, False, True, False, False])
+    assert not prefilled_pairs(likelihood_pairs(proto, one, 2)).any()
+
+
 def test_prefixed_puts_the_token_just_before_each_first_real_token():
     from esm_ray.routed.lm import _prefixed
 
